@@ -1,0 +1,95 @@
+//! [`append`]: the producer's one call, inside its own transaction.
+
+use sqlx::{types::Json, PgExecutor};
+use uuid::Uuid;
+
+use crate::{NewEvent, Payload};
+
+/// Why an event could not be appended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    /// A field breaks the contract; nothing was written. Fix the event.
+    #[error("invalid outbox event: {field} {reason}")]
+    Invalid {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The payload could not be serialized to JSON.
+    #[error("outbox event payload is not serializable to JSON: {0}")]
+    Serialize(#[source] serde_json::Error),
+    /// An event with this id is already in the outbox.
+    #[error("an outbox event with id {0} already exists")]
+    DuplicateEventId(Uuid),
+    /// The database refused the insert (for example the outbox table is
+    /// missing: run `outbox-relay migrate`).
+    #[error("could not insert the outbox row: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+/// What [`append`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The row's `id` (its position in the outbox sequence).
+    pub id: i64,
+    /// The event id.
+    pub event_id: Uuid,
+}
+
+/// Appends `event` to the `outbox` table through `executor`.
+///
+/// Pass the transaction that makes the domain change (`&mut *tx`), so the
+/// event is committed if and only if the change is. The event is validated
+/// first ([`NewEvent::validate`]); an invalid event writes nothing.
+///
+/// For per-aggregate order, append *after* the statement that locks or
+/// updates the aggregate's row: see the ordering section of
+/// `docs/architecture.md`.
+pub async fn append<'e, E: PgExecutor<'e>>(
+    executor: E,
+    event: &NewEvent,
+) -> Result<Appended, AppendError> {
+    event.validate()?;
+    let (json, bytes) = match &event.payload {
+        Payload::Json(v) => (Some(Json(v)), None),
+        Payload::Bytes(b) => (None, Some(b.as_slice())),
+        Payload::Empty => (None, None),
+    };
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, event_version, \
+             topic, payload, payload_bytes, content_type, headers, correlation_id, causation_id, \
+             traceparent, tracestate, source, occurred_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+         RETURNING id",
+    )
+    .bind(event.event_id)
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .bind(&event.event_type)
+    .bind(event.event_version)
+    .bind(&event.topic)
+    .bind(json)
+    .bind(bytes)
+    .bind(&event.content_type)
+    .bind(Json(&event.headers))
+    .bind(&event.correlation_id)
+    .bind(&event.causation_id)
+    .bind(&event.traceparent)
+    .bind(&event.tracestate)
+    .bind(&event.source)
+    .bind(event.occurred_at)
+    .fetch_one(executor)
+    .await
+    .map_err(|e| match &e {
+        sqlx::Error::Database(db) if db.constraint() == Some("outbox_event_id_key") => {
+            AppendError::DuplicateEventId(event.event_id)
+        }
+        _ => AppendError::Database(e),
+    })?;
+    Ok(Appended {
+        id,
+        event_id: event.event_id,
+    })
+}

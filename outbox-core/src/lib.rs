@@ -1,0 +1,41 @@
+//! The outbox contract, shared by producers, the relay and consumers.
+//!
+//! This crate has no Kafka dependency, so a producer service links only sqlx.
+//! It holds:
+//!
+//! - [`NewEvent`]: what a producer writes, with [`append`] to add it to the
+//!   outbox **inside the caller's transaction**;
+//! - [`headers`]: the Kafka header names the relay writes and consumers read
+//!   (the CloudEvents Kafka binary binding plus W3C trace context);
+//! - [`migrate`]: the SQL migrations (outbox set and consumer set), run with
+//!   refinery over an sqlx pool.
+//!
+//! # Quick start (producer)
+//!
+//! ```no_run
+//! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox_core::{append, NewEvent};
+//!
+//! let mut tx = pool.begin().await?;
+//! sqlx::query("UPDATE orders SET status = 'paid' WHERE id = $1")
+//!     .bind(42_i64)
+//!     .execute(&mut *tx)
+//!     .await?;
+//! let event = NewEvent::new("order", "42", "order.paid")
+//!     .json_payload(&serde_json::json!({ "order_id": 42 }))?
+//!     .correlation_id("req-7f3a");
+//! append(&mut *tx, &event).await?;
+//! tx.commit().await?; // the event exists if and only if the order change does
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod append;
+pub mod event;
+pub mod headers;
+pub mod migrate;
+pub mod topic;
+
+pub use append::{append, AppendError, Appended};
+pub use event::{NewEvent, Payload};
+pub use migrate::{MigrateError, MigrationReport, MigrationSet};

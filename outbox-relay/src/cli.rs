@@ -1,0 +1,201 @@
+//! Command-line interface: flags and environment variables, mapped onto the
+//! library's typed configuration.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use outbox_relay::{AfterPublish, PoisonPolicy, RelayConfig};
+use uuid::Uuid;
+
+/// Publishes committed PostgreSQL outbox rows to Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay", version, about)]
+pub struct Cli {
+    /// PostgreSQL connection URL of the database holding the outbox table.
+    /// TLS options (sslmode, sslrootcert, ...) go in the URL. Never logged.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay until SIGINT or SIGTERM.
+    Run(Box<RunArgs>),
+    /// Apply the outbox migrations (idempotent).
+    Migrate,
+    /// Print the backlog: pending rows, oldest pending age, failed rows.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and act on rows that failed permanently.
+    #[command(subcommand)]
+    Failed(FailedCommand),
+}
+
+/// `failed` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum FailedCommand {
+    /// List failed rows, oldest first.
+    List {
+        /// Most rows to show.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put failed rows back to pending, to be published again in order.
+    Retry(#[command(flatten)] SelectArgs),
+    /// Delete failed rows for good (unblocks their keys).
+    Discard(#[command(flatten)] SelectArgs),
+}
+
+/// Which failed rows to act on.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct SelectArgs {
+    /// Row ids (the `id` column), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub id: Vec<i64>,
+    /// Event ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub event_id: Vec<Uuid>,
+    /// Every failed row.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `run` flags. Defaults match [`RelayConfig::default`].
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+
+    /// Extra librdkafka producer property, `key=value` (repeatable; TLS and
+    /// SASL settings go here, e.g. security.protocol=SASL_SSL). The env var
+    /// takes a comma-separated list. Values are never logged.
+    #[arg(long = "kafka-property", env = "RELAY_KAFKA_PROPERTIES", value_delimiter = ',', value_parser = parse_property, hide_env_values = true)]
+    pub kafka_properties: Vec<(String, String)>,
+
+    /// Most rows claimed and published per batch.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: usize,
+
+    /// Polling fallback interval (e.g. 500ms, 2s).
+    #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+
+    /// Do not LISTEN for the outbox trigger's notifications; poll only.
+    #[arg(long, env = "RELAY_NO_LISTEN")]
+    pub no_listen: bool,
+
+    /// Topic for rows without an explicit topic; `{aggregate_type}` is replaced.
+    #[arg(long, env = "RELAY_TOPIC_TEMPLATE", default_value = "{aggregate_type}")]
+    pub topic_template: String,
+
+    /// CloudEvents source for rows that do not set one.
+    #[arg(long, env = "RELAY_SOURCE", default_value = "outbox-relay")]
+    pub source: String,
+
+    /// What to do with a row once Kafka acknowledged it.
+    #[arg(long, env = "RELAY_AFTER_PUBLISH", value_enum, default_value_t = AfterPublishArg::Delete)]
+    pub after_publish: AfterPublishArg,
+
+    /// With `--after-publish mark`: how long published rows are kept.
+    #[arg(long, env = "RELAY_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+
+    /// What a permanently failed row does to later rows of its key.
+    #[arg(long, env = "RELAY_POISON_POLICY", value_enum, default_value_t = PoisonArg::BlockKey)]
+    pub poison_policy: PoisonArg,
+
+    /// How long a batch waits for delivery reports (message.timeout.ms).
+    #[arg(long, env = "RELAY_PUBLISH_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub publish_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long to let the batch in flight finish and flush.
+    #[arg(long, env = "RELAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "RELAY_HTTP_ADDR", default_value = "127.0.0.1:9464")]
+    pub http_addr: SocketAddr,
+
+    /// Apply the outbox migrations before starting.
+    #[arg(long, env = "RELAY_MIGRATE")]
+    pub migrate: bool,
+}
+
+/// `--after-publish` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AfterPublishArg {
+    /// Delete the row (default).
+    Delete,
+    /// Keep it as published for `--retention`.
+    Mark,
+}
+
+/// `--poison-policy` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PoisonArg {
+    /// Later rows of the key wait behind the failed row (keeps order).
+    BlockKey,
+    /// Later rows of the key flow on (gives up order for that key).
+    SkipRow,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+impl RunArgs {
+    /// The library configuration these flags describe.
+    pub fn to_config(&self) -> RelayConfig {
+        RelayConfig {
+            brokers: self.kafka_brokers.clone(),
+            kafka_properties: self.kafka_properties.iter().cloned().collect(),
+            batch_size: self.batch_size,
+            poll_interval: self.poll_interval,
+            listen: !self.no_listen,
+            topic_template: self.topic_template.clone(),
+            default_source: self.source.clone(),
+            after_publish: match self.after_publish {
+                AfterPublishArg::Delete => AfterPublish::Delete,
+                AfterPublishArg::Mark => AfterPublish::Mark {
+                    retention: self.retention,
+                },
+            },
+            poison_policy: match self.poison_policy {
+                PoisonArg::BlockKey => PoisonPolicy::BlockKey,
+                PoisonArg::SkipRow => PoisonPolicy::SkipRow,
+            },
+            publish_timeout: self.publish_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            ..RelayConfig::default()
+        }
+    }
+}

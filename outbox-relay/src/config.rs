@@ -1,0 +1,140 @@
+//! [`RelayConfig`]: everything the relay needs, with documented defaults.
+//!
+//! The library never reads the environment; the binary maps flags and
+//! environment variables onto this struct (see `outbox-relay run --help`).
+
+use std::{collections::BTreeMap, time::Duration};
+
+/// What happens to an outbox row once Kafka acknowledged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterPublish {
+    /// Delete the row in the claiming statement (`DELETE … RETURNING`). The
+    /// default: the table stays small and nothing needs cleaning.
+    #[default]
+    Delete,
+    /// Keep the row with `status = 'published'` and `published_at`, and delete
+    /// it after the given retention period.
+    Mark {
+        /// How long published rows are kept.
+        retention: Duration,
+    },
+}
+
+/// What a permanently failed row does to later rows of the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoisonPolicy {
+    /// Later rows of the key wait until the failed row is retried or
+    /// discarded (`outbox-relay failed retry|discard`). Keeps per-key order.
+    /// The default.
+    #[default]
+    BlockKey,
+    /// Later rows of the key flow on; the failed row is parked. Gives up
+    /// per-key order for that key in exchange for availability.
+    SkipRow,
+}
+
+/// Relay settings. [`RelayConfig::default`] gives the documented defaults;
+/// only the Kafka brokers have no useful default outside development.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Kafka bootstrap servers (`bootstrap.servers`). Default `127.0.0.1:9092`.
+    pub brokers: String,
+    /// Extra librdkafka producer properties (TLS, SASL, tuning). Applied after
+    /// the relay's own settings, so they win. Default empty.
+    pub kafka_properties: BTreeMap<String, String>,
+    /// Most rows claimed and published per batch. Default 1000.
+    pub batch_size: usize,
+    /// Polling fallback: how often the relay looks for rows when no
+    /// notification arrives. Default 500 ms.
+    pub poll_interval: Duration,
+    /// Whether to LISTEN for the outbox trigger's notifications. Default true.
+    pub listen: bool,
+    /// The notification channel. Default `outbox`.
+    pub channel: String,
+    /// Topic for rows whose `topic` column is null: a template where
+    /// `{aggregate_type}` is replaced by the row's aggregate type. Default
+    /// `{aggregate_type}`.
+    pub topic_template: String,
+    /// CloudEvents `source` for rows that do not set one. Default `outbox-relay`.
+    pub default_source: String,
+    /// Delete or mark rows after publishing. Default [`AfterPublish::Delete`].
+    pub after_publish: AfterPublish,
+    /// Poison-row policy. Default [`PoisonPolicy::BlockKey`].
+    pub poison_policy: PoisonPolicy,
+    /// How long one batch may wait for its delivery reports before its
+    /// unacknowledged rows count as failed transiently (librdkafka's
+    /// `message.timeout.ms`). Default 30 s.
+    pub publish_timeout: Duration,
+    /// First retry delay after a transient failure (broker or database
+    /// unavailable); doubles up to [`RelayConfig::max_backoff`]. Default 200 ms.
+    pub min_backoff: Duration,
+    /// Longest retry delay. Default 30 s.
+    pub max_backoff: Duration,
+    /// On shutdown, how long to wait for the batch in flight and the producer
+    /// flush. Default 10 s.
+    pub shutdown_timeout: Duration,
+    /// How often the backlog gauges (pending rows, oldest pending age,
+    /// failed rows) are refreshed. Default 5 s.
+    pub stats_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            kafka_properties: BTreeMap::new(),
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(500),
+            listen: true,
+            channel: "outbox".into(),
+            topic_template: "{aggregate_type}".into(),
+            default_source: "outbox-relay".into(),
+            after_publish: AfterPublish::Delete,
+            poison_policy: PoisonPolicy::BlockKey,
+            publish_timeout: Duration::from_secs(30),
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
+            stats_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A configuration value the relay cannot work with.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid relay configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl RelayConfig {
+    /// Checks the values against each other; [`crate::Relay::new`] calls it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        if self.brokers.trim().is_empty() {
+            return bad("no Kafka brokers given (KAFKA_BROKERS / --kafka-brokers)".into());
+        }
+        if self.batch_size == 0 || self.batch_size > 100_000 {
+            return bad(format!(
+                "batch size must be between 1 and 100000, got {}",
+                self.batch_size
+            ));
+        }
+        if self.poll_interval.is_zero() {
+            return bad("poll interval must be greater than zero".into());
+        }
+        if !self.topic_template.contains("{aggregate_type}") {
+            // A fixed topic is allowed, but it must be a legal name.
+            outbox_core::topic::validate_topic(&self.topic_template)
+                .map_err(|r| ConfigError(format!("topic template: {r}")))?;
+        }
+        if self.publish_timeout < Duration::from_secs(1) {
+            return bad("publish timeout must be at least 1s".into());
+        }
+        if self.min_backoff.is_zero() || self.max_backoff < self.min_backoff {
+            return bad("backoff: need 0 < min backoff <= max backoff".into());
+        }
+        if self.channel.is_empty() || self.channel.len() > 63 {
+            return bad("notification channel must be 1 to 63 characters".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,38 @@
+//! outbox-relay: publishes committed PostgreSQL outbox rows to Kafka.
+//!
+//! Most users run the `outbox-relay` binary as a sidecar. The library is
+//! what the binary is built from, and what tests and benchmarks embed.
+//!
+//! Where to look:
+//!
+//! - [`store`]: every SQL statement, including the claim query;
+//! - [`relay`]: the publish loop, leadership, wake-ups and shutdown;
+//! - [`publisher`]: pipelined sends and error classification;
+//! - [`record`]: the row-to-record mapping (topic routing, headers);
+//! - [`config`]: settings and their defaults;
+//! - [`telemetry`]: metric names.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox_relay::{Relay, RelayConfig};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let connect: sqlx::postgres::PgConnectOptions = "postgres://localhost/app".parse()?;
+//! let relay = Relay::new(RelayConfig { brokers: "localhost:9092".into(), ..Default::default() }, connect)?;
+//! let shutdown = CancellationToken::new();
+//! relay.run(shutdown.clone()).await; // returns after shutdown.cancel()
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod health;
+pub mod http;
+pub mod publisher;
+pub mod record;
+pub mod relay;
+pub mod store;
+pub mod telemetry;
+
+pub use config::{AfterPublish, PoisonPolicy, RelayConfig};
+pub use relay::{Relay, RelayError};

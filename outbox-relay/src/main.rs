@@ -1,0 +1,282 @@
+//! The `outbox-relay` binary: parse flags, set up logs and metrics, run.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 bad flags or configuration.
+
+mod cli;
+
+use std::{process::ExitCode, sync::Arc};
+
+use anyhow::Context;
+use clap::Parser;
+use cli::{Cli, Command, FailedCommand, LogFormat};
+use outbox_core::{migrate, MigrationSet};
+use outbox_relay::{
+    http,
+    store::{self, Selection},
+    telemetry, Relay,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// A configuration problem: reported with exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse(); // exits 2 on bad flags
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn,refinery_core=warn"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn connect_options(cli: &Cli) -> anyhow::Result<PgConnectOptions> {
+    let url = cli.database_url.as_deref().ok_or_else(|| {
+        UsageError(
+            "no database given: set DATABASE_URL or pass --database-url postgres://...".into(),
+        )
+    })?;
+    // sqlx's parse error does not echo the URL, so no secret leaks here.
+    let opts: PgConnectOptions = url
+        .parse()
+        .map_err(|e| UsageError(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?;
+    Ok(opts.application_name("outbox-relay"))
+}
+
+/// `host:port/db`, for messages (no user, no password).
+fn describe(opts: &PgConnectOptions) -> String {
+    format!(
+        "{}:{}/{}",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or("(default)")
+    )
+}
+
+async fn pool(opts: &PgConnectOptions) -> anyhow::Result<sqlx::PgPool> {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect_with(opts.clone())
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", describe(opts)))
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let opts = connect_options(&cli)?;
+    match cli.command {
+        Command::Migrate => {
+            let pool = pool(&opts).await?;
+            let report = migrate::run(&pool, MigrationSet::Outbox).await?;
+            if report.applied.is_empty() {
+                println!(
+                    "outbox schema is current (V{})",
+                    report.current_version.unwrap_or(0)
+                );
+            } else {
+                println!(
+                    "applied {}; outbox schema now V{}",
+                    report.applied.join(", "),
+                    report.current_version.unwrap_or(0)
+                );
+            }
+            Ok(())
+        }
+        Command::Status { json } => {
+            let pool = pool(&opts).await?;
+            require_schema(&pool).await?;
+            let s = store::stats(&pool).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("outbox at {}", describe(&opts));
+                println!("  pending:            {}", s.pending);
+                println!("  oldest pending age: {:.1}s", s.oldest_pending_age_seconds);
+                println!("  failed:             {}", s.failed);
+                println!("  published (kept):   {}", s.published_kept);
+            }
+            Ok(())
+        }
+        Command::Failed(cmd) => failed(&opts, cmd).await,
+        Command::Run(args) => run(opts, *args).await,
+    }
+}
+
+async fn require_schema(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    if migrate::current_version(pool, MigrationSet::Outbox)
+        .await?
+        .is_none()
+    {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('outbox') IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
+        if !exists {
+            anyhow::bail!(
+                "there is no outbox table in this database: run `outbox-relay migrate` first"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn failed(opts: &PgConnectOptions, cmd: FailedCommand) -> anyhow::Result<()> {
+    let pool = pool(opts).await?;
+    require_schema(&pool).await?;
+    let selection = |s: cli::SelectArgs| {
+        if s.all {
+            Selection::All
+        } else if !s.id.is_empty() {
+            Selection::Ids(s.id)
+        } else {
+            Selection::EventIds(s.event_id)
+        }
+    };
+    match cmd {
+        FailedCommand::List { limit, json } => {
+            let rows = store::failed_list(&pool, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no failed rows");
+            } else {
+                for r in rows {
+                    println!(
+                        "id={} event_id={} key={}/{} type={} attempts={} failed_at={} reason: {}",
+                        r.id,
+                        r.event_id,
+                        r.aggregate_type,
+                        r.aggregate_id,
+                        r.event_type,
+                        r.attempts,
+                        r.failed_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                        r.last_error.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        FailedCommand::Retry(s) => {
+            let n = store::failed_retry(&pool, &selection(s)).await?;
+            println!("{n} failed rows put back to pending");
+        }
+        FailedCommand::Discard(s) => {
+            let n = store::failed_discard(&pool, &selection(s)).await?;
+            println!("{n} failed rows discarded");
+        }
+    }
+    Ok(())
+}
+
+async fn run(opts: PgConnectOptions, args: cli::RunArgs) -> anyhow::Result<()> {
+    let cfg = args.to_config();
+    cfg.validate().map_err(|e| UsageError(e.to_string()))?;
+    if args.migrate {
+        let pool = pool(&opts).await?;
+        let report = migrate::run(&pool, MigrationSet::Outbox).await?;
+        info!(applied = ?report.applied, version = ?report.current_version, "outbox migrations checked");
+        pool.close().await;
+    }
+    let metrics = install_metrics()?;
+    let relay = Relay::new(cfg.clone(), opts.clone()).map_err(|e| UsageError(e.to_string()))?;
+    let health = relay.health();
+    let listener = http::bind(args.http_addr)
+        .await
+        .map_err(|e| UsageError(e.to_string()))?;
+
+    let shutdown = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        metrics,
+        Arc::clone(&health),
+        shutdown.clone(),
+    ));
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            info!("shutdown signal received; finishing the batch in flight");
+            shutdown.cancel();
+        }
+    });
+    info!(
+        database = %describe(&opts),
+        brokers = %cfg.brokers,
+        batch_size = cfg.batch_size,
+        poll_interval = ?cfg.poll_interval,
+        listen = cfg.listen,
+        http = %args.http_addr,
+        "outbox-relay starting"
+    );
+    relay.run(shutdown.clone()).await;
+    shutdown.cancel();
+    if let Ok(Err(e)) = http_task.await {
+        error!(error = %e, "http server failed");
+    }
+    info!("outbox-relay stopped");
+    Ok(())
+}
+
+fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(telemetry::COMMIT_TO_ACK.into()),
+            telemetry::LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(telemetry::BATCH_DURATION.into()),
+            telemetry::LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(telemetry::BATCH_SIZE.into()),
+            telemetry::BATCH_BUCKETS,
+        )?
+        .install_recorder()
+        .context("cannot install the Prometheus recorder")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let ctrl_c = tokio::signal::ctrl_c();
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}

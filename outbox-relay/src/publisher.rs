@@ -1,0 +1,270 @@
+//! [`Publisher`]: sends a whole batch pipelined, then collects every
+//! delivery report, and classifies failures as permanent or transient.
+//!
+//! Never one send awaited before the next: all records of a batch are handed
+//! to librdkafka first, then the delivery futures are awaited together. The
+//! producer is idempotent with `acks=all`, so librdkafka's own retries keep
+//! per-partition order and add no duplicates.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use rdkafka::{
+    config::ClientConfig,
+    error::{KafkaError, RDKafkaErrorCode},
+    producer::{FutureProducer, FutureRecord, Producer},
+    types::RDKafkaRespErr,
+};
+
+use crate::{config::RelayConfig, record::Record};
+
+/// How long a topic seen in the broker's metadata is trusted without asking again.
+const TOPIC_CACHE_TTL: Duration = Duration::from_secs(300);
+
+/// The outcome of one record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Kafka acknowledged it (`acks=all`).
+    Delivered,
+    /// It can never be published as it is; the reason says why.
+    Permanent(String),
+    /// It may succeed later (broker unavailable, timeout).
+    Transient(String),
+}
+
+/// Why a publisher could not be created.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot create the Kafka producer: {0}")]
+pub struct PublisherError(String);
+
+/// A topic's state in the broker's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TopicState {
+    /// The topic exists.
+    Exists,
+    /// The broker answered that the topic does not exist.
+    Missing,
+    /// The broker could not be asked.
+    Unknown(String),
+}
+
+/// The Kafka side of the relay.
+pub struct Publisher {
+    producer: FutureProducer,
+    timeout: Duration,
+    known_topics: Mutex<HashMap<String, Instant>>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// Creates the producer: idempotent, `acks=all`, delivery timeout from
+    /// [`RelayConfig::publish_timeout`], then the configured librdkafka
+    /// properties (which override these).
+    pub fn new(cfg: &RelayConfig) -> Result<Self, PublisherError> {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &cfg.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set(
+                "queue.buffering.max.messages",
+                (cfg.batch_size * 4).max(100_000).to_string(),
+            )
+            .set(
+                "message.timeout.ms",
+                cfg.publish_timeout.as_millis().to_string(),
+            )
+            .set("client.id", "outbox-relay");
+        for (k, v) in &cfg.kafka_properties {
+            cc.set(k, v);
+        }
+        let producer: FutureProducer = cc.create().map_err(|e| PublisherError(e.to_string()))?;
+        Ok(Self {
+            producer,
+            timeout: cfg.publish_timeout,
+            known_topics: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Asks the broker whether `topic` exists (cached for known topics).
+    pub async fn topic_state(&self, topic: &str) -> TopicState {
+        if let Some(seen) = self.known_topics.lock().expect("topic cache").get(topic) {
+            if seen.elapsed() < TOPIC_CACHE_TTL {
+                return TopicState::Exists;
+            }
+        }
+        let producer = self.producer.clone();
+        let name = topic.to_string();
+        let state = tokio::task::spawn_blocking(move || {
+            match producer
+                .client()
+                .fetch_metadata(Some(&name), Duration::from_secs(5))
+            {
+                Ok(md) => match md.topics().iter().find(|t| t.name() == name) {
+                    Some(t) => match t.error() {
+                        None if !t.partitions().is_empty() => TopicState::Exists,
+                        None => TopicState::Missing,
+                        Some(e) if is_missing_topic(e) => TopicState::Missing,
+                        Some(e) => TopicState::Unknown(format!("metadata error {e:?}")),
+                    },
+                    None => TopicState::Missing,
+                },
+                Err(e) => TopicState::Unknown(e.to_string()),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| TopicState::Unknown(e.to_string()));
+        if state == TopicState::Exists {
+            self.known_topics
+                .lock()
+                .expect("topic cache")
+                .insert(topic.to_string(), Instant::now());
+        }
+        state
+    }
+
+    /// Forgets what is known about `topic` (after a delivery error on it).
+    pub fn forget_topic(&self, topic: &str) {
+        self.known_topics.lock().expect("topic cache").remove(topic);
+    }
+
+    /// Checks that the broker answers, for readiness.
+    pub async fn ping(&self) -> Result<(), String> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(5))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Publishes `records` pipelined and returns one outcome per record, in
+    /// order. A `None` entry is skipped (its outcome is `Delivered`-neutral:
+    /// the caller decided not to send it and ignores the slot).
+    pub async fn publish(&self, records: Vec<Option<Record>>) -> Vec<Option<Outcome>> {
+        let mut pending = Vec::with_capacity(records.len());
+        for record in records {
+            let Some(rec) = record else {
+                pending.push(Slot::Skipped);
+                continue;
+            };
+            pending.push(self.enqueue(rec).await);
+        }
+        // Every record is in librdkafka's queue now; collect the reports.
+        let waits = pending.into_iter().map(|slot| async move {
+            match slot {
+                Slot::Skipped => None,
+                Slot::Done(outcome) => Some(outcome),
+                Slot::InFlight(fut) => Some(match fut.await {
+                    Ok(Ok(_)) => Outcome::Delivered,
+                    Ok(Err((err, _))) => classify(&err),
+                    Err(_) => Outcome::Transient("producer dropped the delivery report".into()),
+                }),
+            }
+        });
+        let deadline = self.timeout + Duration::from_secs(5);
+        match tokio::time::timeout(deadline, futures::future::join_all(waits)).await {
+            Ok(outcomes) => outcomes,
+            // librdkafka reports every message by message.timeout.ms; this is
+            // a safety net only.
+            Err(_) => vec![Some(Outcome::Transient(
+                "no delivery report in time".into(),
+            ))],
+        }
+    }
+
+    async fn enqueue(&self, rec: Record) -> Slot {
+        let Record {
+            topic,
+            key,
+            value,
+            headers,
+        } = rec;
+        let mut fr = FutureRecord::to(&topic)
+            .key(key.as_bytes())
+            .headers(headers);
+        if let Some(v) = value.as_deref() {
+            fr = fr.payload(v);
+        }
+        loop {
+            match self.producer.send_result(fr) {
+                Ok(fut) => return Slot::InFlight(fut),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // Local queue full: wait for deliveries to drain it.
+                    fr = back;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((err, _)) => return Slot::Done(classify(&err)),
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for queued records to be delivered.
+    pub fn flush(&self, timeout: Duration) -> Result<(), String> {
+        self.producer.flush(timeout).map_err(|e| e.to_string())
+    }
+}
+
+enum Slot {
+    Skipped,
+    Done(Outcome),
+    InFlight(rdkafka::producer::DeliveryFuture),
+}
+
+fn is_missing_topic(e: RDKafkaRespErr) -> bool {
+    matches!(
+        RDKafkaErrorCode::from(e),
+        RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
+    )
+}
+
+/// Sorts a producer error into permanent (the record itself is the problem,
+/// or the relay is not allowed to write it) or transient (anything else).
+pub fn classify(err: &KafkaError) -> Outcome {
+    use RDKafkaErrorCode as C;
+    match err.rdkafka_error_code() {
+        Some(
+            code @ (C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::UnknownTopic
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed),
+        ) => Outcome::Permanent(format!("{code:?}: {err}")),
+        _ => Outcome::Transient(err.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_problems_are_permanent_and_broker_problems_transient() {
+        let too_big = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert!(matches!(classify(&too_big), Outcome::Permanent(_)));
+        let auth = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
+        assert!(matches!(classify(&auth), Outcome::Permanent(_)));
+        let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert!(matches!(classify(&timeout), Outcome::Transient(_)));
+        let down = KafkaError::MessageProduction(RDKafkaErrorCode::AllBrokersDown);
+        assert!(matches!(classify(&down), Outcome::Transient(_)));
+    }
+}

@@ -1,0 +1,527 @@
+//! [`Relay`]: the publish loop.
+//!
+//! One relay at a time claims rows: the *leader* holds a PostgreSQL advisory
+//! lock on a dedicated connection and runs every claim on that same
+//! connection, so if it loses the connection it loses the lock and its open
+//! claim together (the claim rolls back; nothing is lost). Other relays wait
+//! on standby and take over when the lock frees.
+//!
+//! The loop, per batch ([`Relay::relay_batch`]):
+//!
+//! 1. `BEGIN`; claim the oldest pending rows with one `DELETE … RETURNING`
+//!    (or `UPDATE … RETURNING` in mark mode), see [`crate::store::claim`];
+//! 2. build the records; rows that can never be sent (malformed, bad or
+//!    missing topic) are set aside, and later rows of their key are held back;
+//! 3. send all records pipelined and wait for every delivery report;
+//! 4. all acknowledged: `COMMIT`. Otherwise `ROLLBACK` and record per row:
+//!    acknowledged rows are deleted, permanent failures move to `failed`,
+//!    transient ones stay pending with their attempt count, and the relay
+//!    backs off.
+//!
+//! The loop wakes on `NOTIFY` from the outbox trigger, on a poll timer as a
+//! fallback, and at once after a full batch.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use chrono::Utc;
+use sqlx::{
+    postgres::{PgConnectOptions, PgListener, PgPoolOptions},
+    Connection, PgConnection, PgPool,
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    config::{AfterPublish, ConfigError, PoisonPolicy, RelayConfig},
+    health::{Health, State},
+    publisher::{Outcome, Publisher, PublisherError, TopicState},
+    record::{self, Record, TopicRouter},
+    store::{self, Resolution},
+    telemetry,
+};
+
+/// The advisory lock that makes one relay the leader ("outbox" in ASCII).
+pub const LEADER_LOCK_KEY: i64 = 0x6f75_7462_6f78;
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// A configuration value is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The Kafka producer could not be created (usually a bad
+    /// `--kafka-property`).
+    #[error(transparent)]
+    Publisher(#[from] PublisherError),
+}
+
+/// Why one batch did not complete.
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("kafka: {0}")]
+    Broker(String),
+}
+
+/// The relay. Build it with [`Relay::new`], run it with [`Relay::run`].
+#[derive(Debug)]
+pub struct Relay {
+    cfg: RelayConfig,
+    connect: PgConnectOptions,
+    pool: PgPool,
+    publisher: Arc<Publisher>,
+    router: TopicRouter,
+    claim_sql: String,
+    health: Arc<Health>,
+}
+
+impl Relay {
+    /// Validates `cfg` and creates the producer. Does not connect to the
+    /// database yet: [`Relay::run`] does, and retries until it can.
+    pub fn new(cfg: RelayConfig, connect: PgConnectOptions) -> Result<Self, RelayError> {
+        cfg.validate()?;
+        let publisher = Arc::new(Publisher::new(&cfg)?);
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(connect.clone());
+        Ok(Self {
+            router: TopicRouter::new(cfg.topic_template.clone()),
+            claim_sql: store::claim_sql(cfg.after_publish, cfg.poison_policy),
+            cfg,
+            connect,
+            pool,
+            publisher,
+            health: Arc::new(Health::default()),
+        })
+    }
+
+    /// The health state, for `/readyz`.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled. Then stops claiming, lets the
+    /// batch in flight finish for up to [`RelayConfig::shutdown_timeout`]
+    /// (else rolls it back: its rows stay pending), flushes the producer and
+    /// returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let wake = Arc::new(Notify::new());
+        let background = shutdown.child_token();
+        let mut tasks = tokio::task::JoinSet::new();
+        if self.cfg.listen {
+            tasks.spawn(listen(
+                self.pool.clone(),
+                self.cfg.channel.clone(),
+                wake.clone(),
+                background.clone(),
+            ));
+        }
+        tasks.spawn(report_stats(
+            self.pool.clone(),
+            self.cfg.stats_interval,
+            background.clone(),
+        ));
+        if let AfterPublish::Mark { retention } = self.cfg.after_publish {
+            tasks.spawn(clean_published(
+                self.pool.clone(),
+                retention,
+                background.clone(),
+            ));
+        }
+
+        self.lead(&wake, &shutdown).await;
+
+        self.health.set(State::Stopping, "shutting down");
+        background.cancel();
+        while tasks.join_next().await.is_some() {}
+        let publisher = self.publisher.clone();
+        let timeout = self.cfg.shutdown_timeout;
+        match tokio::task::spawn_blocking(move || publisher.flush(timeout)).await {
+            Ok(Ok(())) => info!("producer flushed"),
+            Ok(Err(e)) => warn!(error = %e, "producer flush incomplete"),
+            Err(e) => warn!(error = %e, "producer flush task failed"),
+        }
+        self.pool.close().await;
+    }
+
+    /// Connects, becomes leader, and runs batches until shutdown.
+    async fn lead(&self, wake: &Notify, shutdown: &CancellationToken) {
+        let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
+        'connect: while !shutdown.is_cancelled() {
+            let mut conn = match PgConnection::connect_with(&self.connect).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.degraded(format!("database unreachable: {e}"));
+                    backoff.sleep(shutdown).await;
+                    continue;
+                }
+            };
+            // Become leader, or wait on standby.
+            loop {
+                match sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+                    .bind(LEADER_LOCK_KEY)
+                    .fetch_one(&mut conn)
+                    .await
+                {
+                    Ok(true) => break,
+                    Ok(false) => {
+                        if self.health.state() != State::Standby {
+                            info!("another relay holds the claim lock; waiting on standby");
+                        }
+                        self.health
+                            .set(State::Standby, "standby: another relay is the leader");
+                        if sleep_or_cancel(self.cfg.poll_interval, shutdown).await {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        self.degraded(format!("database: {e}"));
+                        backoff.sleep(shutdown).await;
+                        continue 'connect;
+                    }
+                }
+            }
+            info!("claim lock acquired; publishing");
+            self.health.set(State::Active, "active");
+            backoff.reset();
+
+            loop {
+                if shutdown.is_cancelled() {
+                    let _ = conn.close().await;
+                    return;
+                }
+                let batch = self.relay_batch(&mut conn);
+                tokio::pin!(batch);
+                let result = tokio::select! {
+                    r = &mut batch => r,
+                    _ = shutdown.cancelled() => {
+                        match tokio::time::timeout(self.cfg.shutdown_timeout, &mut batch).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                warn!("the batch in flight did not finish within the shutdown timeout; \
+                                       it was rolled back and its rows stay pending");
+                                return; // dropping the connection rolls the claim back
+                            }
+                        }
+                    }
+                };
+                match result {
+                    Ok(n) => {
+                        if self.health.state() != State::Active {
+                            info!("recovered; publishing again");
+                            self.health.set(State::Active, "active");
+                        }
+                        backoff.reset();
+                        if n < self.cfg.batch_size {
+                            tokio::select! {
+                                _ = wake.notified() => {}
+                                _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                                _ = shutdown.cancelled() => {}
+                            }
+                        }
+                    }
+                    Err(BatchError::Database(e)) => {
+                        self.degraded(format!("database: {e}"));
+                        backoff.sleep(shutdown).await;
+                        continue 'connect; // reconnect; the lock is re-taken
+                    }
+                    Err(BatchError::Broker(e)) => {
+                        self.degraded(format!("kafka: {e}"));
+                        backoff.sleep(shutdown).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn degraded(&self, reason: String) {
+        warn!(reason = %reason, "relay degraded; retrying with backoff");
+        self.health.set(State::Degraded, reason);
+    }
+
+    /// Claims, publishes and settles one batch. Returns the rows claimed.
+    #[tracing::instrument(name = "relay_batch", skip_all, fields(batch.size))]
+    async fn relay_batch(&self, conn: &mut PgConnection) -> Result<usize, BatchError> {
+        let started = Instant::now();
+        let mut tx = conn.begin().await?;
+        let rows = store::claim(&mut tx, &self.claim_sql, self.cfg.batch_size).await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        tracing::Span::current().record("batch.size", rows.len());
+
+        // Build records. `early` holds outcomes decided before sending.
+        let mut records: Vec<Option<Record>> = Vec::with_capacity(rows.len());
+        let mut early: Vec<Option<Outcome>> = Vec::with_capacity(rows.len());
+        let mut topics: HashMap<String, TopicState> = HashMap::new();
+        let mut held_keys: HashSet<(&str, &str)> = HashSet::new();
+        for row in &rows {
+            let key = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
+            if held_keys.contains(&key) {
+                records.push(None);
+                early.push(None); // held: stays pending, untouched
+                continue;
+            }
+            let outcome = match record::build(row, &self.router, &self.cfg.default_source) {
+                Err(reason) => Some(Outcome::Permanent(format!("malformed row: {reason}"))),
+                Ok(rec) => {
+                    let state = match topics.get(&rec.topic) {
+                        Some(s) => s.clone(),
+                        None => {
+                            let s = self.publisher.topic_state(&rec.topic).await;
+                            topics.insert(rec.topic.clone(), s.clone());
+                            s
+                        }
+                    };
+                    match state {
+                        TopicState::Exists => {
+                            records.push(Some(rec));
+                            early.push(None);
+                            continue;
+                        }
+                        TopicState::Missing => Some(Outcome::Permanent(format!(
+                            "topic {:?} does not exist; create it (the relay never creates topics), \
+                             then run `outbox-relay failed retry`",
+                            rec.topic
+                        ))),
+                        TopicState::Unknown(e) => Some(Outcome::Transient(format!("cannot read topic metadata: {e}"))),
+                    }
+                }
+            };
+            // Not sent: later rows of this key must not overtake it, unless
+            // the policy skips permanently failed rows.
+            let holds = match &outcome {
+                Some(Outcome::Transient(_)) => true,
+                Some(Outcome::Permanent(_)) => self.cfg.poison_policy == PoisonPolicy::BlockKey,
+                _ => false,
+            };
+            if holds {
+                held_keys.insert(key);
+            }
+            records.push(None);
+            early.push(outcome);
+        }
+
+        let sent = records.iter().filter(|r| r.is_some()).count();
+        let mut outcomes = if sent > 0 {
+            self.publisher.publish(records).await
+        } else {
+            vec![None; rows.len()]
+        };
+        if outcomes.len() != rows.len() {
+            // The delivery safety net fired: treat everything as transient.
+            outcomes =
+                vec![Some(Outcome::Transient("no delivery report in time".into())); rows.len()];
+        }
+        for (slot, pre) in outcomes.iter_mut().zip(early) {
+            if pre.is_some() {
+                *slot = pre;
+            }
+        }
+
+        let all_delivered = outcomes.iter().all(|o| o == &Some(Outcome::Delivered));
+        let now = Utc::now();
+        let mut per_topic: HashMap<String, u64> = HashMap::new();
+        let mut note_delivered = |row: &store::OutboxRow| {
+            telemetry::commit_to_ack((now - row.created_at).as_seconds_f64());
+            let topic = self.router.topic_for(row).unwrap_or_default();
+            *per_topic.entry(topic).or_default() += 1;
+            debug!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref().unwrap_or(""),
+                   event.r#type = %row.event_type, "published");
+        };
+
+        if all_delivered {
+            if let Err(e) = tx.commit().await {
+                error!(error = %e, rows = rows.len(),
+                       "commit after publishing failed; the batch will be published again (duplicates)");
+                return Err(e.into());
+            }
+            rows.iter().for_each(&mut note_delivered);
+            for (topic, n) in per_topic {
+                telemetry::published(&topic, n);
+            }
+            telemetry::batch(rows.len(), started.elapsed());
+            return Ok(rows.len());
+        }
+
+        tx.rollback().await?;
+        let mut res = Resolution::default();
+        for (row, outcome) in rows.iter().zip(&outcomes) {
+            match outcome {
+                Some(Outcome::Delivered) => {
+                    res.delivered.push(row.id);
+                    note_delivered(row);
+                }
+                Some(Outcome::Permanent(reason)) => {
+                    warn!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref().unwrap_or(""),
+                          row.id = row.id, reason = %reason, "outbox row failed permanently; moved to failed");
+                    res.failed.push((row.id, reason.clone()));
+                }
+                Some(Outcome::Transient(reason)) => res.retry.push((row.id, reason.clone())),
+                None => {} // held behind an earlier row of its key
+            }
+        }
+        store::resolve(conn, self.cfg.after_publish, &res).await?;
+        for (topic, n) in per_topic {
+            telemetry::published(&topic, n);
+        }
+        telemetry::publish_errors("permanent", res.failed.len() as u64);
+        telemetry::publish_errors("transient", res.retry.len() as u64);
+        telemetry::batch(rows.len(), started.elapsed());
+        if let Some((_, reason)) = res.retry.first() {
+            for (topic, state) in &topics {
+                if *state == TopicState::Exists {
+                    self.publisher.forget_topic(topic);
+                }
+            }
+            return Err(BatchError::Broker(format!(
+                "{} rows not acknowledged: {reason}",
+                res.retry.len()
+            )));
+        }
+        Ok(rows.len())
+    }
+}
+
+/// Wakes the relay on every notification; wakes it too whenever the
+/// listening connection was lost (notifications may have been missed).
+async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    while !shutdown.is_cancelled() {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "cannot open the LISTEN connection; polling meanwhile");
+                backoff.sleep(&shutdown).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(&channel).await {
+            warn!(error = %e, "LISTEN failed; polling meanwhile");
+            backoff.sleep(&shutdown).await;
+            continue;
+        }
+        backoff.reset();
+        wake.notify_one();
+        loop {
+            tokio::select! {
+                r = listener.try_recv() => match r {
+                    Ok(Some(_)) => wake.notify_one(),
+                    Ok(None) => {
+                        debug!("LISTEN connection lost; it reconnects on the next receive");
+                        wake.notify_one();
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "LISTEN connection failed; reconnecting");
+                        wake.notify_one();
+                        break;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+async fn report_stats(pool: PgPool, every: Duration, shutdown: CancellationToken) {
+    loop {
+        match store::stats(&pool).await {
+            Ok(s) => telemetry::backlog(&s),
+            Err(e) => debug!(error = %e, "backlog stats unavailable"),
+        }
+        if sleep_or_cancel(every, &shutdown).await {
+            return;
+        }
+    }
+}
+
+async fn clean_published(pool: PgPool, retention: Duration, shutdown: CancellationToken) {
+    const CHUNK: i64 = 5000;
+    loop {
+        loop {
+            match store::delete_expired(&pool, retention, CHUNK).await {
+                Ok(n) if n as i64 == CHUNK && !shutdown.is_cancelled() => continue,
+                Ok(n) => {
+                    if n > 0 {
+                        debug!(rows = n, "deleted published rows past retention");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    debug!(error = %e, "retention cleanup failed; will retry");
+                    break;
+                }
+            }
+        }
+        if sleep_or_cancel(Duration::from_secs(60), &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Sleeps for `d`; returns true if `shutdown` fired first.
+async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = shutdown.cancelled() => true,
+    }
+}
+
+/// Exponential backoff with full jitter.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    fn delay(&mut self) -> Duration {
+        let upper = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter: f64 = rand::random_range(0.5..=1.0);
+        upper.mul_f64(jitter)
+    }
+
+    async fn sleep(&mut self, shutdown: &CancellationToken) {
+        let d = self.delay();
+        sleep_or_cancel(d, shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_max_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let delays: Vec<_> = (0..6).map(|_| b.delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100) && delays[0] >= Duration::from_millis(50));
+        assert!(delays[3] <= Duration::from_millis(800) && delays[3] >= Duration::from_millis(400));
+        assert!(delays[5] <= Duration::from_millis(800));
+        b.reset();
+        assert!(b.delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,348 @@
+//! Every SQL statement the relay runs, in one place.
+//!
+//! The claim is the heart of the relay ([`claim`]): in one statement it
+//! takes the oldest pending rows, in `id` order, and deletes them (or marks
+//! them published), *inside a transaction that stays open while the batch
+//! is published*. If Kafka acknowledges every row the transaction commits;
+//! otherwise it rolls back and [`resolve`] records what happened row by row.
+//! A crash at any point rolls the claim back, so a committed row is never
+//! lost; at worst the batch in flight is published again.
+
+use chrono::{DateTime, Utc};
+use sqlx::{postgres::PgRow, PgConnection, PgExecutor, Row};
+use uuid::Uuid;
+
+use crate::config::{AfterPublish, PoisonPolicy};
+
+/// The columns the relay reads, shared by the claim statements.
+const COLUMNS: &str = "o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, \
+    o.event_version, o.topic, o.payload::text AS payload, o.payload_bytes, o.content_type, \
+    o.headers::text AS headers, o.correlation_id, o.causation_id, o.traceparent, o.tracestate, \
+    o.source, o.occurred_at, o.created_at, o.attempts";
+
+/// One claimed outbox row, as stored.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Position in the outbox sequence.
+    pub id: i64,
+    /// The event id (idempotency key).
+    pub event_id: Uuid,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id, the record key.
+    pub aggregate_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Schema version.
+    pub event_version: i32,
+    /// Explicit topic, if any.
+    pub topic: Option<String>,
+    /// JSON payload as text (PostgreSQL's jsonb rendering).
+    pub payload: Option<String>,
+    /// Binary payload.
+    pub payload_bytes: Option<Vec<u8>>,
+    /// Payload media type.
+    pub content_type: String,
+    /// Extra headers as JSON text; validated when the record is built.
+    pub headers: String,
+    /// Correlation id.
+    pub correlation_id: Option<String>,
+    /// Causation id.
+    pub causation_id: Option<String>,
+    /// W3C traceparent.
+    pub traceparent: Option<String>,
+    /// W3C tracestate.
+    pub tracestate: Option<String>,
+    /// CloudEvents source.
+    pub source: Option<String>,
+    /// When the event occurred.
+    pub occurred_at: DateTime<Utc>,
+    /// When the row was inserted (the commit-to-ack clock starts here).
+    pub created_at: DateTime<Utc>,
+    /// Earlier publish attempts.
+    pub attempts: i32,
+}
+
+impl OutboxRow {
+    fn from_row(r: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.try_get("id")?,
+            event_id: r.try_get("event_id")?,
+            aggregate_type: r.try_get("aggregate_type")?,
+            aggregate_id: r.try_get("aggregate_id")?,
+            event_type: r.try_get("event_type")?,
+            event_version: r.try_get("event_version")?,
+            topic: r.try_get("topic")?,
+            payload: r.try_get("payload")?,
+            payload_bytes: r.try_get("payload_bytes")?,
+            content_type: r.try_get("content_type")?,
+            headers: r.try_get("headers")?,
+            correlation_id: r.try_get("correlation_id")?,
+            causation_id: r.try_get("causation_id")?,
+            traceparent: r.try_get("traceparent")?,
+            tracestate: r.try_get("tracestate")?,
+            source: r.try_get("source")?,
+            occurred_at: r.try_get("occurred_at")?,
+            created_at: r.try_get("created_at")?,
+            attempts: r.try_get("attempts")?,
+        })
+    }
+}
+
+fn pending_subquery(policy: PoisonPolicy) -> String {
+    let blocked = match policy {
+        PoisonPolicy::BlockKey => {
+            " AND NOT EXISTS (SELECT 1 FROM outbox f WHERE f.status = 'failed' \
+               AND f.aggregate_type = p.aggregate_type AND f.aggregate_id = p.aggregate_id)"
+        }
+        PoisonPolicy::SkipRow => "",
+    };
+    format!(
+        "SELECT p.id FROM outbox p WHERE p.status = 'pending'{blocked} \
+         ORDER BY p.id LIMIT $1 FOR UPDATE SKIP LOCKED"
+    )
+}
+
+/// The claim statement for a mode and policy (built once per relay).
+pub fn claim_sql(after: AfterPublish, policy: PoisonPolicy) -> String {
+    let pending = pending_subquery(policy);
+    match after {
+        AfterPublish::Delete => {
+            format!("DELETE FROM outbox o WHERE o.id IN ({pending}) RETURNING {COLUMNS}")
+        }
+        AfterPublish::Mark { .. } => format!(
+            "UPDATE outbox o SET status = 'published', published_at = now(), attempts = o.attempts + 1 \
+             WHERE o.id IN ({pending}) RETURNING {COLUMNS}"
+        ),
+    }
+}
+
+/// Claims up to `limit` of the oldest pending rows inside the caller's open
+/// transaction, in `id` order. The rows are already deleted (or marked) in
+/// that transaction: commit only once Kafka acknowledged all of them.
+pub async fn claim(
+    conn: &mut PgConnection,
+    sql: &str,
+    limit: usize,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let rows = sqlx::query(sql).bind(limit as i64).fetch_all(conn).await?;
+    let mut rows = rows
+        .iter()
+        .map(OutboxRow::from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    // RETURNING gives no order guarantee.
+    rows.sort_unstable_by_key(|r| r.id);
+    Ok(rows)
+}
+
+/// What happened to the rows of a batch that was rolled back.
+#[derive(Debug, Default)]
+pub struct Resolution {
+    /// Rows Kafka acknowledged: delete or mark them.
+    pub delivered: Vec<i64>,
+    /// Rows that can never be published as they are, with the reason.
+    pub failed: Vec<(i64, String)>,
+    /// Rows to try again later (transient errors), with the reason.
+    pub retry: Vec<(i64, String)>,
+}
+
+/// Records the outcome of a rolled-back batch in one transaction.
+pub async fn resolve(
+    conn: &mut PgConnection,
+    after: AfterPublish,
+    res: &Resolution,
+) -> Result<(), sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    if !res.delivered.is_empty() {
+        let sql = match after {
+            AfterPublish::Delete => "DELETE FROM outbox WHERE id = ANY($1)",
+            AfterPublish::Mark { .. } => {
+                "UPDATE outbox SET status = 'published', published_at = now(), attempts = attempts + 1 \
+                 WHERE id = ANY($1)"
+            }
+        };
+        sqlx::query(sql)
+            .bind(&res.delivered)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for (list, status) in [(&res.failed, "failed"), (&res.retry, "pending")] {
+        if list.is_empty() {
+            continue;
+        }
+        let (ids, reasons): (Vec<i64>, Vec<String>) = list.iter().cloned().unzip();
+        sqlx::query(
+            "UPDATE outbox SET status = $3, attempts = attempts + 1, last_error = r.reason, \
+                 failed_at = CASE WHEN $3 = 'failed' THEN now() END \
+             FROM unnest($1::bigint[], $2::text[]) AS r(id, reason) WHERE outbox.id = r.id",
+        )
+        .bind(&ids)
+        .bind(&reasons)
+        .bind(status)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// Deletes up to `limit` published rows older than `retention` (mark mode).
+/// Returns how many were deleted.
+pub async fn delete_expired<'e>(
+    db: impl PgExecutor<'e>,
+    retention: std::time::Duration,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE status = 'published' \
+           AND published_at < now() - make_interval(secs => $1) ORDER BY published_at LIMIT $2)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(limit)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Backlog figures for `status`, the gauges and `/readyz`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Stats {
+    /// Rows waiting to be published.
+    pub pending: i64,
+    /// Age of the oldest pending row, in seconds (0 when none).
+    pub oldest_pending_age_seconds: f64,
+    /// Rows in the failed state.
+    pub failed: i64,
+    /// Published rows kept for retention (mark mode).
+    pub published_kept: i64,
+}
+
+/// Reads the backlog figures (index scans on the partial indexes).
+pub async fn stats<'e>(db: impl PgExecutor<'e>) -> Result<Stats, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT (SELECT count(*) FROM outbox WHERE status = 'pending') AS pending, \
+                (SELECT count(*) FROM outbox WHERE status = 'failed') AS failed, \
+                (SELECT count(*) FROM outbox WHERE status = 'published') AS published_kept, \
+                COALESCE((SELECT EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 FROM outbox \
+                          WHERE status = 'pending' ORDER BY id LIMIT 1), 0) AS oldest",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(Stats {
+        pending: row.try_get("pending")?,
+        failed: row.try_get("failed")?,
+        published_kept: row.try_get("published_kept")?,
+        oldest_pending_age_seconds: row.try_get::<f64, _>("oldest")?.max(0.0),
+    })
+}
+
+/// A failed row, for `outbox-relay failed list`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailedRow {
+    /// Row id.
+    pub id: i64,
+    /// Event id.
+    pub event_id: Uuid,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Explicit topic, if any.
+    pub topic: Option<String>,
+    /// Publish attempts so far.
+    pub attempts: i32,
+    /// Why it failed.
+    pub last_error: Option<String>,
+    /// When it failed.
+    pub failed_at: Option<DateTime<Utc>>,
+}
+
+/// Which failed rows an operator command acts on.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// Every failed row.
+    All,
+    /// Rows with these ids.
+    Ids(Vec<i64>),
+    /// Rows with these event ids.
+    EventIds(Vec<Uuid>),
+}
+
+impl Selection {
+    fn filter(&self) -> &'static str {
+        match self {
+            Selection::All => "TRUE",
+            Selection::Ids(_) => "id = ANY($1)",
+            Selection::EventIds(_) => "event_id = ANY($1)",
+        }
+    }
+}
+
+/// Lists failed rows, oldest first.
+pub async fn failed_list<'e>(
+    db: impl PgExecutor<'e>,
+    limit: i64,
+) -> Result<Vec<FailedRow>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, event_id, aggregate_type, aggregate_id, event_type, topic, attempts, last_error, failed_at \
+         FROM outbox WHERE status = 'failed' ORDER BY id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(FailedRow {
+                id: r.try_get("id")?,
+                event_id: r.try_get("event_id")?,
+                aggregate_type: r.try_get("aggregate_type")?,
+                aggregate_id: r.try_get("aggregate_id")?,
+                event_type: r.try_get("event_type")?,
+                topic: r.try_get("topic")?,
+                attempts: r.try_get("attempts")?,
+                last_error: r.try_get("last_error")?,
+                failed_at: r.try_get("failed_at")?,
+            })
+        })
+        .collect()
+}
+
+async fn act_on_failed<'e>(
+    db: impl PgExecutor<'e>,
+    action: &str,
+    sel: &Selection,
+) -> Result<u64, sqlx::Error> {
+    let sql = format!("{action} WHERE status = 'failed' AND {}", sel.filter());
+    let q = sqlx::query(&sql);
+    let q = match sel {
+        Selection::All => q,
+        Selection::Ids(ids) => q.bind(ids.clone()),
+        Selection::EventIds(ids) => q.bind(ids.clone()),
+    };
+    Ok(q.execute(db).await?.rows_affected())
+}
+
+/// Puts failed rows back to pending so the relay publishes them again (in
+/// their original `id` order, ahead of later rows of their key). Returns the
+/// number of rows moved.
+pub async fn failed_retry<'e>(
+    db: impl PgExecutor<'e>,
+    sel: &Selection,
+) -> Result<u64, sqlx::Error> {
+    act_on_failed(
+        db,
+        "UPDATE outbox SET status = 'pending', failed_at = NULL",
+        sel,
+    )
+    .await
+}
+
+/// Deletes failed rows for good, unblocking their keys. Returns the number
+/// of rows deleted.
+pub async fn failed_discard<'e>(
+    db: impl PgExecutor<'e>,
+    sel: &Selection,
+) -> Result<u64, sqlx::Error> {
+    act_on_failed(db, "DELETE FROM outbox", sel).await
+}

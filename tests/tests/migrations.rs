@@ -1,0 +1,179 @@
+//! The SQL migrations against the real PostgreSQL.
+
+use outbox_core::{migrate, MigrateError, MigrationSet};
+use sqlx::PgPool;
+
+async fn columns(pool: &PgPool, table: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position",
+    )
+    .bind(table)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn indexes(pool: &PgPool, table: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE tablename = $1 ORDER BY 1")
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrations = false)]
+async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: PgPool) {
+    let first = migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    assert_eq!(first.applied, vec!["V1__create_outbox"]);
+    assert_eq!(first.current_version, Some(1));
+
+    assert_eq!(
+        columns(&pool, "outbox").await,
+        [
+            "id",
+            "event_id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "event_version",
+            "topic",
+            "payload",
+            "payload_bytes",
+            "content_type",
+            "headers",
+            "correlation_id",
+            "causation_id",
+            "traceparent",
+            "tracestate",
+            "source",
+            "occurred_at",
+            "created_at",
+            "status",
+            "attempts",
+            "last_error",
+            "published_at",
+            "failed_at"
+        ]
+    );
+    assert_eq!(
+        indexes(&pool, "outbox").await,
+        [
+            "outbox_event_id_key",
+            "outbox_failed_key_idx",
+            "outbox_pending_idx",
+            "outbox_pkey",
+            "outbox_published_at_idx"
+        ]
+    );
+    let trigger: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgname = 'outbox_notify' AND NOT tgisinternal",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(trigger, 1);
+
+    let again = migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    assert!(
+        again.applied.is_empty(),
+        "re-run applied {:?}",
+        again.applied
+    );
+    let history: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_schema_history")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(history, 1);
+    // The consumer set is separate: nothing of it exists yet.
+    assert!(columns(&pool, "processed_events").await.is_empty());
+}
+
+#[sqlx::test(migrations = false)]
+async fn consumer_set_has_its_own_history(pool: PgPool) {
+    let report = consumer_kit::migrate(&pool).await.unwrap();
+    assert_eq!(report.applied, vec!["V1__create_processed_events"]);
+    assert_eq!(
+        columns(&pool, "processed_events").await,
+        [
+            "consumer_group",
+            "event_id",
+            "processed_at",
+            "topic",
+            "kafka_partition",
+            "kafka_offset"
+        ]
+    );
+    assert_eq!(
+        indexes(&pool, "processed_events").await,
+        ["processed_events_pkey", "processed_events_processed_at_idx"]
+    );
+    assert!(consumer_kit::migrate(&pool)
+        .await
+        .unwrap()
+        .applied
+        .is_empty());
+    let outbox_history: bool =
+        sqlx::query_scalar("SELECT to_regclass('outbox_schema_history') IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        outbox_history,
+        "the consumer set must not touch the outbox history"
+    );
+    // Both sets can live in one database.
+    migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    assert_eq!(
+        migrate::current_version(&pool, MigrationSet::Consumer)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_changed_applied_migration_is_a_clear_error(pool: PgPool) {
+    migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    // Simulate an edited file: the recorded checksum no longer matches.
+    sqlx::query("UPDATE outbox_schema_history SET checksum = '1' WHERE version = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = migrate::run(&pool, MigrationSet::Outbox).await.unwrap_err();
+    assert!(
+        matches!(err, MigrateError::Changed { version: 1, .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("V1__create_outbox") && msg.contains("forward-only"),
+        "{msg}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_unknown_applied_migration_is_a_clear_error(pool: PgPool) {
+    migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox_schema_history (version, name, applied_on, checksum) \
+         VALUES (99, 'from_the_future', '2026-01-01T00:00:00Z', '42')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let err = migrate::run(&pool, MigrationSet::Outbox).await.unwrap_err();
+    assert!(err.to_string().contains("newer release"), "{err}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
+    let runs = (0..4).map(|_| {
+        let pool = pool.clone();
+        tokio::spawn(async move { migrate::run(&pool, MigrationSet::Outbox).await })
+    });
+    let mut applied = 0;
+    for r in futures::future::join_all(runs).await {
+        applied += r.unwrap().unwrap().applied.len();
+    }
+    assert_eq!(applied, 1);
+}
