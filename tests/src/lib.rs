@@ -189,3 +189,84 @@ pub async fn pending(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
             .await?,
     )
 }
+
+/// Applies the outbox migrations and creates a fresh topic with
+/// `partitions` partitions; returns the topic.
+pub async fn outbox_with_topic(
+    pool: &sqlx::PgPool,
+    prefix: &str,
+    partitions: i32,
+) -> anyhow::Result<String> {
+    outbox_core::migrate::run(pool, outbox_core::MigrationSet::Outbox).await?;
+    let topic = unique(prefix);
+    create_topic(&topic, partitions).await?;
+    Ok(topic)
+}
+
+/// Appends `n` events to `topic`, `keys` distinct aggregate ids round-robin,
+/// each with `{"seq": i}` as payload, one transaction each. Returns their ids.
+pub async fn append_events(
+    pool: &sqlx::PgPool,
+    topic: &str,
+    n: usize,
+    keys: usize,
+) -> anyhow::Result<Vec<uuid::Uuid>> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let e = outbox_core::NewEvent::new("thing", format!("key-{}", i % keys), "thing.happened")
+            .topic(topic)
+            .json_payload(&serde_json::json!({ "seq": i }))?;
+        outbox_core::append(pool, &e).await?;
+        ids.push(e.event_id);
+    }
+    Ok(ids)
+}
+
+/// The `outbox-relay` binary, built (or confirmed fresh) by cargo on first use.
+pub fn relay_bin() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+            let status = std::process::Command::new(cargo)
+                .args(["build", "-q", "-p", "outbox-relay", "--bin", "outbox-relay"])
+                .current_dir(root)
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building outbox-relay failed");
+            let exe = std::env::current_exe().expect("test exe path");
+            // target/debug/deps/<test> -> target/debug/outbox-relay
+            exe.parent()
+                .and_then(|p| p.parent())
+                .expect("target dir")
+                .join("outbox-relay")
+        })
+        .clone()
+}
+
+/// The database URL of `pool`'s (per-test) database.
+pub fn database_url(pool: &sqlx::PgPool) -> String {
+    let opts = pool.connect_options();
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let mut url = url_without_db(&base);
+    url.push('/');
+    url.push_str(opts.get_database().expect("test database name"));
+    url
+}
+
+fn url_without_db(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("scheme");
+    let rest = rest.split('?').next().unwrap_or(rest);
+    let host = rest.split('/').next().unwrap_or(rest);
+    format!("{scheme}://{host}")
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,0 +1,410 @@
+//! The relay in-process against the real PostgreSQL and broker.
+
+use std::{collections::HashMap, time::Duration};
+
+use integration_tests::{
+    append_events, consume, create_topic, eventually, outbox_with_topic, pending, unique,
+    RunningRelay,
+};
+use outbox_core::{append, headers as h, NewEvent};
+use outbox_relay::{AfterPublish, PoisonPolicy, RelayConfig};
+use sqlx::PgPool;
+
+const WAIT: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_millis(1500);
+
+fn cfg() -> RelayConfig {
+    RelayConfig {
+        poll_interval: Duration::from_millis(200),
+        batch_size: 100,
+        ..RelayConfig::default()
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn every_committed_row_arrives_once_with_key_headers_and_payload(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-basic", 3).await?;
+    let mut expected = HashMap::new();
+    for i in 0..250 {
+        let e = NewEvent::new("order", format!("o-{}", i % 10), "order.created")
+            .topic(&topic)
+            .version(3)
+            .json_payload(&serde_json::json!({ "i": i }))?
+            .correlation_id(format!("corr-{i}"))
+            .causation_id("cmd-1")
+            .trace_context(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                Some("k=v".into()),
+            )
+            .source("orders-svc")
+            .header("tenant", "acme");
+        append(&pool, &e).await?;
+        expected.insert(e.event_id.to_string(), (i, e));
+    }
+    let relay = RunningRelay::start(&pool, cfg())?;
+    let got = consume(&topic, 250, WAIT, SETTLE).await?;
+    relay.stop().await?;
+
+    assert_eq!(got.len(), 250, "each row exactly once");
+    for r in &got {
+        let (i, e) = &expected[r.header(h::CE_ID).expect("ce_id")];
+        assert_eq!(r.key.as_deref(), Some(e.aggregate_id.as_str()));
+        assert_eq!(r.json(), serde_json::json!({ "i": i }));
+        assert_eq!(r.header(h::CE_TYPE), Some("order.created"));
+        assert_eq!(r.header(h::CE_SPECVERSION), Some("1.0"));
+        assert_eq!(r.header(h::CE_EVENT_VERSION), Some("3"));
+        assert_eq!(r.header(h::CE_SOURCE), Some("orders-svc"));
+        assert_eq!(r.header(h::CE_SUBJECT), Some(e.aggregate_id.as_str()));
+        assert_eq!(r.header(h::CE_AGGREGATE_TYPE), Some("order"));
+        assert_eq!(
+            r.header(h::CE_CORRELATION_ID),
+            Some(format!("corr-{i}").as_str())
+        );
+        assert_eq!(r.header(h::CE_CAUSATION_ID), Some("cmd-1"));
+        assert_eq!(r.header(h::TRACEPARENT), e.traceparent.as_deref());
+        assert_eq!(r.header(h::TRACESTATE), Some("k=v"));
+        assert_eq!(r.header(h::CONTENT_TYPE), Some("application/json"));
+        assert_eq!(r.header("tenant"), Some("acme"));
+        assert!(r.header(h::CE_TIME).is_some());
+    }
+    assert_eq!(pending(&pool).await?, 0);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(left, 0, "delete mode removes published rows");
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_rolled_back_transaction_publishes_nothing(pool: PgPool) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-rollback", 1).await?;
+    let relay = RunningRelay::start(&pool, cfg())?;
+    let mut tx = pool.begin().await?;
+    let ghost = NewEvent::new("order", "1", "order.ghost").topic(&topic);
+    append(&mut *tx, &ghost).await?;
+    tx.rollback().await?;
+    let real = NewEvent::new("order", "1", "order.real").topic(&topic);
+    append(&pool, &real).await?;
+    let got = consume(&topic, 1, WAIT, SETTLE).await?;
+    relay.stop().await?;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].header(h::CE_TYPE), Some("order.real"));
+    Ok(())
+}
+
+/// Producers that serialize on an aggregate row (the documented pattern:
+/// lock or update the aggregate, then append) see their events in Kafka in
+/// commit order, per key.
+#[sqlx::test(migrations = false)]
+async fn per_key_order_holds_with_concurrent_producers(pool: PgPool) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-order", 4).await?;
+    sqlx::query("CREATE TABLE counters (key text PRIMARY KEY, seq int NOT NULL)")
+        .execute(&pool)
+        .await?;
+    sqlx::query("INSERT INTO counters SELECT 'k' || g, 0 FROM generate_series(0, 19) g")
+        .execute(&pool)
+        .await?;
+    let relay = RunningRelay::start(&pool, cfg())?;
+    let producers = (0..8).map(|p| {
+        let pool = pool.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            for i in 0..60 {
+                let key = format!("k{}", (p * 7 + i * 3) % 20);
+                let mut tx = pool.begin().await?;
+                let seq: i32 = sqlx::query_scalar(
+                    "UPDATE counters SET seq = seq + 1 WHERE key = $1 RETURNING seq",
+                )
+                .bind(&key)
+                .fetch_one(&mut *tx)
+                .await?;
+                let e = NewEvent::new("counter", &key, "counter.incremented")
+                    .topic(&topic)
+                    .json_payload(&serde_json::json!({ "seq": seq }))?;
+                append(&mut *tx, &e).await?;
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        })
+    });
+    for p in futures::future::join_all(producers).await {
+        p??;
+    }
+    let got = consume(&topic, 480, WAIT, SETTLE).await?;
+    relay.stop().await?;
+    assert_eq!(got.len(), 480);
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for r in &got {
+        let key = r.key.clone().unwrap();
+        let seq = r.json()["seq"].as_i64().unwrap();
+        let prev = last.insert(key.clone(), seq).unwrap_or(0);
+        assert_eq!(seq, prev + 1, "key {key}: seq {seq} after {prev}");
+    }
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn notify_wakes_the_relay_long_before_the_poll_interval(pool: PgPool) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-notify", 1).await?;
+    let relay = RunningRelay::start(
+        &pool,
+        RelayConfig {
+            poll_interval: Duration::from_secs(120),
+            ..cfg()
+        },
+    )?;
+    tokio::time::sleep(Duration::from_millis(500)).await; // first poll done, LISTEN open
+    let started = std::time::Instant::now();
+    append_events(&pool, &topic, 5, 5).await?;
+    let got = consume(
+        &topic,
+        5,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    )
+    .await?;
+    let took = started.elapsed();
+    relay.stop().await?;
+    assert_eq!(got.len(), 5);
+    assert!(
+        took < Duration::from_secs(30),
+        "took {took:?}; the poll interval is 120s"
+    );
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn polling_delivers_without_notify_and_after_the_listener_is_killed(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-poll", 1).await?;
+    sqlx::query("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
+        .execute(&pool)
+        .await?;
+    let relay = RunningRelay::start(&pool, cfg())?;
+    append_events(&pool, &topic, 3, 3).await?;
+    eventually(WAIT, "polled rows published", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
+
+    // Re-enable NOTIFY, then kill the relay's LISTEN connection.
+    sqlx::query("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
+        .execute(&pool)
+        .await?;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert!(!killed.is_empty(), "the relay had a LISTEN connection");
+    append_events(&pool, &topic, 3, 3).await?;
+    let got = consume(&topic, 6, WAIT, SETTLE).await?;
+    relay.stop().await?;
+    assert_eq!(got.len(), 6);
+    Ok(())
+}
+
+async fn failed_rows(pool: &PgPool) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT aggregate_id, last_error FROM outbox WHERE status = 'failed' ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+#[sqlx::test(migrations = false)]
+async fn poison_rows_fail_with_a_reason_while_other_keys_flow(pool: PgPool) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-poison", 2).await?;
+    let missing = unique("never-created");
+    // Key "bad-topic": its first row targets a topic that does not exist.
+    append(&pool, &NewEvent::new("t", "bad-topic", "x").topic(&missing)).await?;
+    append(
+        &pool,
+        &NewEvent::new("t", "bad-topic", "after-poison").topic(&topic),
+    )
+    .await?;
+    // Key "bad-headers": a nested header value cannot become a Kafka header.
+    sqlx::query(
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, headers) \
+         VALUES (gen_random_uuid(), 't', 'bad-headers', 'x', $1, '{\"h\": {\"nested\": 1}}')",
+    )
+    .bind(&topic)
+    .execute(&pool)
+    .await?;
+    // Key "bad-name": an explicit topic Kafka would refuse, written by a
+    // non-Rust producer (the CHECK only forbids empty names).
+    sqlx::query(
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic) \
+         VALUES (gen_random_uuid(), 't', 'bad-name', 'x', 'no spaces allowed')",
+    )
+    .execute(&pool)
+    .await?;
+    append_events(&pool, &topic, 30, 5).await?;
+
+    let relay = RunningRelay::start(&pool, cfg())?;
+    let got = consume(&topic, 30, WAIT, SETTLE).await?;
+    eventually(WAIT, "three failed rows", || async {
+        Ok(failed_rows(&pool).await?.len() == 3)
+    })
+    .await?;
+    relay.stop().await?;
+
+    assert_eq!(got.len(), 30, "the healthy keys flowed");
+    assert!(
+        got.iter()
+            .all(|r| r.header(h::CE_TYPE) != Some("after-poison")),
+        "block-key: later row waited"
+    );
+    let failed = failed_rows(&pool).await?;
+    let reason = |k: &str| {
+        failed
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, r)| r.clone())
+            .unwrap()
+    };
+    assert!(reason("bad-topic").contains("does not exist"), "{failed:?}");
+    assert!(reason("bad-headers").contains("header"), "{failed:?}");
+    assert!(reason("bad-name").contains("invalid topic"), "{failed:?}");
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE status = 'pending' AND aggregate_id = 'bad-topic'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(waiting, 1, "the row behind the poison stays pending");
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn skip_row_policy_lets_later_rows_of_the_key_flow(pool: PgPool) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-skip", 1).await?;
+    append(
+        &pool,
+        &NewEvent::new("t", "k", "poison").topic(unique("never-created")),
+    )
+    .await?;
+    append(
+        &pool,
+        &NewEvent::new("t", "k", "after-poison").topic(&topic),
+    )
+    .await?;
+    let relay = RunningRelay::start(
+        &pool,
+        RelayConfig {
+            poison_policy: PoisonPolicy::SkipRow,
+            ..cfg()
+        },
+    )?;
+    let got = consume(&topic, 1, WAIT, SETTLE).await?;
+    relay.stop().await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].header(h::CE_TYPE), Some("after-poison"));
+    assert_eq!(failed_rows(&pool).await?.len(), 1);
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_record_too_large_for_kafka_fails_without_blocking_others(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-large", 1).await?;
+    let big = NewEvent::new("t", "big", "big")
+        .topic(&topic)
+        .bytes_payload(vec![7u8; 2_000_000], "application/octet-stream");
+    append(&pool, &big).await?;
+    append_events(&pool, &topic, 10, 10).await?;
+    let relay = RunningRelay::start(&pool, cfg())?;
+    let got = consume(&topic, 10, WAIT, SETTLE).await?;
+    eventually(WAIT, "large row failed", || async {
+        Ok(failed_rows(&pool).await?.len() == 1)
+    })
+    .await?;
+    relay.stop().await?;
+    assert_eq!(got.len(), 10);
+    let failed = failed_rows(&pool).await?;
+    assert!(failed[0].1.contains("MessageSizeTooLarge"), "{failed:?}");
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn mark_mode_keeps_published_rows_for_retention(pool: PgPool) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-mark", 1).await?;
+    append_events(&pool, &topic, 20, 4).await?;
+    let relay = RunningRelay::start(
+        &pool,
+        RelayConfig {
+            after_publish: AfterPublish::Mark {
+                retention: Duration::from_secs(3600),
+            },
+            ..cfg()
+        },
+    )?;
+    let got = consume(&topic, 20, WAIT, SETTLE).await?;
+    relay.stop().await?;
+    assert_eq!(got.len(), 20);
+    let (published, with_time): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'published'), count(published_at) FROM outbox",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!((published, with_time), (20, 20));
+    // Past retention, cleanup removes them in bounded batches.
+    sqlx::query("UPDATE outbox SET published_at = now() - interval '2 hours'")
+        .execute(&pool)
+        .await?;
+    let deleted = outbox_relay::store::delete_expired(&pool, Duration::from_secs(3600), 8).await?;
+    assert_eq!(deleted, 8, "bounded by the limit");
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_second_relay_waits_on_standby_and_takes_over(pool: PgPool) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-standby", 2).await?;
+    let first = RunningRelay::start(&pool, cfg())?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = RunningRelay::start(&pool, cfg())?;
+    append_events(&pool, &topic, 50, 5).await?;
+    eventually(WAIT, "first batch published", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
+    first.stop().await?;
+    append_events(&pool, &topic, 50, 5).await?;
+    let got = consume(&topic, 100, WAIT, SETTLE).await?;
+    second.stop().await?;
+    assert_eq!(
+        got.len(),
+        100,
+        "no loss, no duplicates across the hand-over"
+    );
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn missing_topic_then_failed_retry_republishes(pool: PgPool) -> anyhow::Result<()> {
+    let topic_later = unique("created-later");
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    append(
+        &pool,
+        &NewEvent::new("t", "k", "waits-for-topic").topic(&topic_later),
+    )
+    .await?;
+    let relay = RunningRelay::start(&pool, cfg())?;
+    eventually(WAIT, "row failed", || async {
+        Ok(failed_rows(&pool).await?.len() == 1)
+    })
+    .await?;
+    create_topic(&topic_later, 1).await?;
+    let moved =
+        outbox_relay::store::failed_retry(&pool, &outbox_relay::store::Selection::All).await?;
+    assert_eq!(moved, 1);
+    let got = consume(&topic_later, 1, WAIT, SETTLE).await?;
+    relay.stop().await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].header(h::CE_TYPE), Some("waits-for-topic"));
+    Ok(())
+}
