@@ -106,7 +106,6 @@ async fn per_key_order_holds_with_concurrent_producers(pool: PgPool) -> anyhow::
     sqlx::query("INSERT INTO counters SELECT 'k' || g, 0 FROM generate_series(0, 19) g")
         .execute(&pool)
         .await?;
-    let relay = RunningRelay::start(&pool, cfg())?;
     let producers = (0..8).map(|p| {
         let pool = pool.clone();
         let topic = topic.clone();
@@ -128,7 +127,12 @@ async fn per_key_order_holds_with_concurrent_producers(pool: PgPool) -> anyhow::
             }
             anyhow::Ok(())
         })
-    });
+    })
+    .collect::<Vec<_>>();
+    // Start mid-run with small batches, so claims see a backlog of many
+    // rows per key and span several batches.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let relay = RunningRelay::start(&pool, RelayConfig { batch_size: 16, ..cfg() })?;
     for p in futures::future::join_all(producers).await {
         p??;
     }
