@@ -1,4 +1,4 @@
-//! [`append`]: the producer's one call, inside its own transaction.
+//! [`append()`]: the producer's one call, inside its own transaction.
 
 use sqlx::{types::Json, PgExecutor};
 use uuid::Uuid;
@@ -29,7 +29,7 @@ pub enum AppendError {
     Database(#[source] sqlx::Error),
 }
 
-/// What [`append`] wrote.
+/// What [`append()`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
     /// The row's `id` (its position in the outbox sequence).

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::{headers, topic::validate_topic, AppendError};
 
-/// Largest payload [`crate::append`] accepts by default check: 10 MiB.
+/// Largest payload [`crate::append()`] accepts: 10 MiB.
 ///
 /// Kafka's own default record limit is about 1 MiB (`message.max.bytes`);
 /// the relay fails rows its producer cannot send, with the reason. This
@@ -30,7 +30,7 @@ pub enum Payload {
 ///
 /// Build it with [`NewEvent::new`] and the chained setters; every field is
 /// public for callers that prefer struct syntax. [`NewEvent::validate`] (run
-/// by [`crate::append`]) checks it against the contract.
+/// by [`crate::append()`]) checks it against the contract.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
     /// The event id, the consumers' idempotency key. Defaults to a new
@@ -172,7 +172,7 @@ impl NewEvent {
         self
     }
 
-    /// Checks the event against the contract; [`crate::append`] calls this.
+    /// Checks the event against the contract; [`crate::append()`] calls this.
     pub fn validate(&self) -> Result<(), AppendError> {
         let invalid =
             |field: &'static str, reason: String| Err(AppendError::Invalid { field, reason });

@@ -3,7 +3,7 @@
 //! This crate has no Kafka dependency, so a producer service links only sqlx.
 //! It holds:
 //!
-//! - [`NewEvent`]: what a producer writes, with [`append`] to add it to the
+//! - [`NewEvent`]: what a producer writes, with [`append()`] to add it to the
 //!   outbox **inside the caller's transaction**;
 //! - [`headers`]: the Kafka header names the relay writes and consumers read
 //!   (the CloudEvents Kafka binary binding plus W3C trace context);

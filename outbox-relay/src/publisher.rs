@@ -53,7 +53,8 @@ pub enum TopicState {
 
 /// The Kafka side of the relay.
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: std::sync::RwLock<FutureProducer>,
+    client_config: ClientConfig,
     timeout: Duration,
     known_topics: Mutex<HashMap<String, Instant>>,
 }
@@ -91,10 +92,39 @@ impl Publisher {
         }
         let producer: FutureProducer = cc.create().map_err(|e| PublisherError(e.to_string()))?;
         Ok(Self {
-            producer,
+            producer: std::sync::RwLock::new(producer),
+            client_config: cc,
             timeout: cfg.publish_timeout,
             known_topics: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer.read().expect("producer lock").clone()
+    }
+
+    /// The producer's fatal error, if it has one: it can then never send
+    /// again and must be replaced ([`Publisher::rebuild`]).
+    pub fn fatal_error(&self) -> Option<String> {
+        self.producer()
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code:?}: {reason}"))
+    }
+
+    /// Replaces the producer with a new instance (new producer id). Used
+    /// after a fatal error, and after repeated failures, when the broker
+    /// may have lost the old producer's idempotence state. Records still
+    /// queued in the old instance are abandoned; their rows were rolled back
+    /// and are claimed again.
+    pub fn rebuild(&self) -> Result<(), PublisherError> {
+        let fresh: FutureProducer = self
+            .client_config
+            .create()
+            .map_err(|e| PublisherError(e.to_string()))?;
+        *self.producer.write().expect("producer lock") = fresh;
+        self.known_topics.lock().expect("topic cache").clear();
+        Ok(())
     }
 
     /// Asks the broker whether `topic` exists (cached for known topics).
@@ -104,7 +134,7 @@ impl Publisher {
                 return TopicState::Exists;
             }
         }
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let name = topic.to_string();
         let state = tokio::task::spawn_blocking(move || {
             match producer
@@ -141,7 +171,7 @@ impl Publisher {
 
     /// Checks that the broker answers, for readiness.
     pub async fn ping(&self) -> Result<(), String> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
@@ -157,13 +187,14 @@ impl Publisher {
     /// order. A `None` entry is skipped (its outcome is `Delivered`-neutral:
     /// the caller decided not to send it and ignores the slot).
     pub async fn publish(&self, records: Vec<Option<Record>>) -> Vec<Option<Outcome>> {
+        let producer = self.producer();
         let mut pending = Vec::with_capacity(records.len());
         for record in records {
             let Some(rec) = record else {
                 pending.push(Slot::Skipped);
                 continue;
             };
-            pending.push(self.enqueue(rec).await);
+            pending.push(enqueue(&producer, rec).await);
         }
         // Every record is in librdkafka's queue now; collect the reports.
         let waits = pending.into_iter().map(|slot| async move {
@@ -188,35 +219,35 @@ impl Publisher {
         }
     }
 
-    async fn enqueue(&self, rec: Record) -> Slot {
-        let Record {
-            topic,
-            key,
-            value,
-            headers,
-        } = rec;
-        let mut fr = FutureRecord::to(&topic)
-            .key(key.as_bytes())
-            .headers(headers);
-        if let Some(v) = value.as_deref() {
-            fr = fr.payload(v);
-        }
-        loop {
-            match self.producer.send_result(fr) {
-                Ok(fut) => return Slot::InFlight(fut),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // Local queue full: wait for deliveries to drain it.
-                    fr = back;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                Err((err, _)) => return Slot::Done(classify(&err)),
-            }
-        }
-    }
-
     /// Waits up to `timeout` for queued records to be delivered.
     pub fn flush(&self, timeout: Duration) -> Result<(), String> {
-        self.producer.flush(timeout).map_err(|e| e.to_string())
+        self.producer().flush(timeout).map_err(|e| e.to_string())
+    }
+}
+
+async fn enqueue(producer: &FutureProducer, rec: Record) -> Slot {
+    let Record {
+        topic,
+        key,
+        value,
+        headers,
+    } = rec;
+    let mut fr = FutureRecord::to(&topic)
+        .key(key.as_bytes())
+        .headers(headers);
+    if let Some(v) = value.as_deref() {
+        fr = fr.payload(v);
+    }
+    loop {
+        match producer.send_result(fr) {
+            Ok(fut) => return Slot::InFlight(fut),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                // Local queue full: wait for deliveries to drain it.
+                fr = back;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((err, _)) => return Slot::Done(classify(&err)),
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! claim together (the claim rolls back; nothing is lost). Other relays wait
 //! on standby and take over when the lock frees.
 //!
-//! The loop, per batch ([`Relay::relay_batch`]):
+//! The loop, per batch (`Relay::relay_batch`):
 //!
 //! 1. `BEGIN`; claim the oldest pending rows with one `DELETE … RETURNING`
 //!    (or `UPDATE … RETURNING` in mark mode), see [`crate::store::claim`];
@@ -47,6 +47,9 @@ use crate::{
 
 /// The advisory lock that makes one relay the leader ("outbox" in ASCII).
 pub const LEADER_LOCK_KEY: i64 = 0x6f75_7462_6f78;
+
+/// After this many consecutive failed batches the producer is replaced.
+const REBUILD_AFTER_FAILURES: u32 = 3;
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +195,7 @@ impl Relay {
             info!("claim lock acquired; publishing");
             self.health.set(State::Active, "active");
             backoff.reset();
+            let mut broker_failures = 0u32;
 
             loop {
                 if shutdown.is_cancelled() {
@@ -215,6 +219,7 @@ impl Relay {
                 };
                 match result {
                     Ok(n) => {
+                        broker_failures = 0;
                         if self.health.state() != State::Active {
                             info!("recovered; publishing again");
                             self.health.set(State::Active, "active");
@@ -235,10 +240,26 @@ impl Relay {
                     }
                     Err(BatchError::Broker(e)) => {
                         self.degraded(format!("kafka: {e}"));
+                        broker_failures += 1;
+                        self.maybe_rebuild_producer(broker_failures);
                         backoff.sleep(shutdown).await;
                     }
                 }
             }
+        }
+    }
+
+    /// A producer with a fatal error never recovers; one that failed batch
+    /// after batch may hold idempotence state the broker lost (a broker
+    /// restarted without it). Either way, start a fresh producer.
+    fn maybe_rebuild_producer(&self, consecutive_failures: u32) {
+        let fatal = self.publisher.fatal_error();
+        if fatal.is_none() && consecutive_failures % REBUILD_AFTER_FAILURES != 0 {
+            return;
+        }
+        match self.publisher.rebuild() {
+            Ok(()) => warn!(fatal = ?fatal, consecutive_failures, "replaced the Kafka producer"),
+            Err(e) => error!(error = %e, "could not replace the Kafka producer"),
         }
     }
 

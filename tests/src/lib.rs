@@ -26,8 +26,13 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates `topic` with `partitions` partitions (replication 1).
 pub async fn create_topic(topic: &str, partitions: i32) -> anyhow::Result<()> {
+    create_topic_on(&brokers(), topic, partitions).await
+}
+
+/// [`create_topic`] on a given broker list.
+pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .context("admin client")?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
@@ -107,8 +112,19 @@ pub async fn consume(
     timeout: Duration,
     settle: Duration,
 ) -> anyhow::Result<Vec<Received>> {
+    consume_from(&brokers(), topic, expected, timeout, settle).await
+}
+
+/// [`consume`] from a given broker list.
+pub async fn consume_from(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> anyhow::Result<Vec<Received>> {
     let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique("test-reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -157,6 +173,8 @@ where
 
 /// A relay running in-process, stopped by [`RunningRelay::stop`].
 pub struct RunningRelay {
+    /// The relay's health, as `/readyz` reports it.
+    pub health: std::sync::Arc<outbox_relay::health::Health>,
     shutdown: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -165,10 +183,30 @@ impl RunningRelay {
     /// Starts a relay on `pool`'s database with `cfg` (brokers filled in).
     pub fn start(pool: &sqlx::PgPool, mut cfg: outbox_relay::RelayConfig) -> anyhow::Result<Self> {
         cfg.brokers = brokers();
+        Self::start_exactly(pool, cfg)
+    }
+
+    /// Starts a relay with `cfg` as given (its own broker list).
+    pub fn start_exactly(
+        pool: &sqlx::PgPool,
+        cfg: outbox_relay::RelayConfig,
+    ) -> anyhow::Result<Self> {
+        // TEST_LOG=debug shows the relay's logs in test output.
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let relay = outbox_relay::Relay::new(cfg, (*pool.connect_options()).clone())?;
+        let health = relay.health();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(relay.run(shutdown.clone()));
-        Ok(Self { shutdown, task })
+        Ok(Self {
+            health,
+            shutdown,
+            task,
+        })
     }
 
     /// Signals shutdown and waits for the relay to return.
@@ -269,4 +307,224 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Inserts `n` rows with plain SQL (as a non-Rust producer would), over
+/// `keys` aggregate ids, payload `{"seq": g}` with g = 1..=n in id order.
+pub async fn insert_sql_rows(
+    pool: &sqlx::PgPool,
+    topic: &str,
+    n: i64,
+    keys: i64,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, payload) \
+         SELECT gen_random_uuid(), 'load', 'k' || (g % $3), 'load.row', $1, jsonb_build_object('seq', g) \
+         FROM generate_series(1, $2) g ORDER BY g",
+    )
+    .bind(topic)
+    .bind(n)
+    .bind(keys)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Checks delivery of `n` SQL-inserted rows: every seq arrived, and per key
+/// the first deliveries come in seq order. Returns the number of duplicates.
+pub fn check_delivery(got: &[Received], n: i64) -> anyhow::Result<usize> {
+    let mut seen = std::collections::HashSet::new();
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for r in got {
+        let seq = r.json()["seq"].as_i64().context("seq")?;
+        if !seen.insert(seq) {
+            continue; // a duplicate: allowed around crashes
+        }
+        let key = r.key.clone().unwrap_or_default();
+        if let Some(prev) = last.insert(key.clone(), seq) {
+            anyhow::ensure!(
+                seq > prev,
+                "key {key}: first delivery of seq {seq} came after {prev}"
+            );
+        }
+    }
+    let missing: Vec<i64> = (1..=n).filter(|s| !seen.contains(s)).take(10).collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "lost rows, first missing seqs: {missing:?}"
+    );
+    Ok(got.len() - seen.len())
+}
+
+/// A child process killed when dropped (so a failing test leaves nothing behind).
+pub struct Child(pub std::process::Child);
+
+impl Child {
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+    }
+
+    /// Waits up to `timeout` for the exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(status.code());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "process did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `outbox-relay run` on `pool`'s database with extra `args`; its
+/// output goes to a log file named after `name` in the temp dir.
+pub fn spawn_relay(pool: &sqlx::PgPool, name: &str, args: &[&str]) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{name}.log")))?;
+    let child = std::process::Command::new(relay_bin())
+        .arg("run")
+        .args(args)
+        .env("DATABASE_URL", database_url(pool))
+        .env("KAFKA_BROKERS", brokers())
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    Ok(Child(child))
+}
+
+/// A minimal HTTP GET against 127.0.0.1:`port`: (status code, body).
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .context("status line")?
+        .parse()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// The cached tansu binary (`TANSU_BIN`, set by `./dev`, or the default cache path).
+pub fn tansu_bin() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return p.into();
+    }
+    let cache = std::env::var("OUTBOX_CACHE_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/outbox-toolkit",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    std::path::PathBuf::from(cache).join("tansu-0.6.0/bin/tansu")
+}
+
+/// A private tansu broker on its own port, for outage tests that must not
+/// disturb the shared broker.
+pub struct PrivateBroker {
+    /// `127.0.0.1:<port>`.
+    pub address: String,
+    storage: String,
+    dir: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateBroker {
+    /// Starts a broker with in-memory storage (it forgets everything when
+    /// killed) and waits until it accepts connections.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with_storage("memory://tansu/")
+    }
+
+    /// Starts a broker with the given tansu storage URL; a relative
+    /// `sqlite://` path lands in the broker's own temporary folder.
+    pub fn start_with_storage(storage: &str) -> anyhow::Result<Self> {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("tansu"));
+        std::fs::create_dir_all(&dir)?;
+        let mut b = Self {
+            address: format!("127.0.0.1:{port}"),
+            storage: storage.into(),
+            dir,
+            child: None,
+        };
+        b.restart()?;
+        Ok(b)
+    }
+
+    /// Kills the broker (SIGKILL).
+    pub fn kill(&mut self) {
+        self.child = None; // Drop kills it
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let bin = tansu_bin();
+        anyhow::ensure!(
+            bin.exists(),
+            "tansu is not built at {}: run ./dev up",
+            bin.display()
+        );
+        let url = format!("tcp://{}", self.address);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))?;
+        let child = std::process::Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+            ])
+            .arg(&self.storage)
+            .current_dir(&self.dir)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(Child(child));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.address).is_err() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "private tansu did not start; see {}",
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.child = None;
+        if std::env::var_os("KEEP_TANSU").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }

@@ -106,33 +106,40 @@ async fn per_key_order_holds_with_concurrent_producers(pool: PgPool) -> anyhow::
     sqlx::query("INSERT INTO counters SELECT 'k' || g, 0 FROM generate_series(0, 19) g")
         .execute(&pool)
         .await?;
-    let producers = (0..8).map(|p| {
-        let pool = pool.clone();
-        let topic = topic.clone();
-        tokio::spawn(async move {
-            for i in 0..60 {
-                let key = format!("k{}", (p * 7 + i * 3) % 20);
-                let mut tx = pool.begin().await?;
-                let seq: i32 = sqlx::query_scalar(
-                    "UPDATE counters SET seq = seq + 1 WHERE key = $1 RETURNING seq",
-                )
-                .bind(&key)
-                .fetch_one(&mut *tx)
-                .await?;
-                let e = NewEvent::new("counter", &key, "counter.incremented")
-                    .topic(&topic)
-                    .json_payload(&serde_json::json!({ "seq": seq }))?;
-                append(&mut *tx, &e).await?;
-                tx.commit().await?;
-            }
-            anyhow::Ok(())
+    let producers = (0..8)
+        .map(|p| {
+            let pool = pool.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                for i in 0..60 {
+                    let key = format!("k{}", (p * 7 + i * 3) % 20);
+                    let mut tx = pool.begin().await?;
+                    let seq: i32 = sqlx::query_scalar(
+                        "UPDATE counters SET seq = seq + 1 WHERE key = $1 RETURNING seq",
+                    )
+                    .bind(&key)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let e = NewEvent::new("counter", &key, "counter.incremented")
+                        .topic(&topic)
+                        .json_payload(&serde_json::json!({ "seq": seq }))?;
+                    append(&mut *tx, &e).await?;
+                    tx.commit().await?;
+                }
+                anyhow::Ok(())
+            })
         })
-    })
-    .collect::<Vec<_>>();
+        .collect::<Vec<_>>();
     // Start mid-run with small batches, so claims see a backlog of many
     // rows per key and span several batches.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let relay = RunningRelay::start(&pool, RelayConfig { batch_size: 16, ..cfg() })?;
+    let relay = RunningRelay::start(
+        &pool,
+        RelayConfig {
+            batch_size: 16,
+            ..cfg()
+        },
+    )?;
     for p in futures::future::join_all(producers).await {
         p??;
     }
