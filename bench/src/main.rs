@@ -1,0 +1,530 @@
+//! `outbox-bench`: the relay and the producer path measured side by side
+//! with raw baselines in one run, printed as ratios. The method is written
+//! down in `BENCHMARKS.md`.
+//!
+//! Run with `./dev bench` (release build, services up), or
+//! `cargo run --release -p outbox-bench -- --help`.
+
+mod samples;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outbox_core::{append, NewEvent};
+use outbox_relay::{Relay, RelayConfig};
+use rdkafka::{
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    ClientConfig,
+};
+use sqlx::{postgres::PgPoolOptions, Executor, PgPool};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks the outbox relay against raw baselines, as ratios from one run")]
+struct Args {
+    /// Server URL; the benchmark creates and drops its own database on it.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    /// Repetitions; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Which benchmark.
+    #[command(subcommand)]
+    which: Which,
+}
+
+#[derive(Debug, Subcommand)]
+enum Which {
+    /// Drain a backlog: relay vs raw DELETE…RETURNING drain vs raw producer.
+    Drain {
+        /// Backlog size.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: i64,
+        /// Relay batch size.
+        #[arg(long, default_value_t = 5000)]
+        batch_size: usize,
+    },
+    /// Commit-to-ack latency at a fixed offered load.
+    Latency {
+        /// Offered load, events per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Seconds of load per run.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// Producer transaction with the outbox row vs without it.
+    Producer {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// All three, with their defaults.
+    All,
+}
+
+const KEYS: i64 = 1000;
+const PARTITIONS: i32 = 6;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let recorder = samples::install();
+    let env = Env::new(&args).await?;
+    match args.which {
+        Which::Drain { rows, batch_size } => drain(&env, args.runs, rows, batch_size).await?,
+        Which::Latency { rate, seconds } => {
+            latency(&env, &recorder, args.runs, rate, seconds).await?
+        }
+        Which::Producer { seconds } => producer(&env, args.runs, seconds).await?,
+        Which::All => {
+            drain(&env, args.runs, 1_000_000, 5000).await?;
+            latency(&env, &recorder, args.runs, 2000, 20).await?;
+            producer(&env, args.runs, 5).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A private database with the outbox schema, and the broker.
+struct Env {
+    pool: PgPool,
+    brokers: String,
+}
+
+impl Env {
+    async fn new(args: &Args) -> anyhow::Result<Self> {
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&args.database_url)
+            .await
+            .context("connect")?;
+        admin
+            .execute("DROP DATABASE IF EXISTS outbox_bench WITH (FORCE)")
+            .await?;
+        admin.execute("CREATE DATABASE outbox_bench").await?;
+        admin.close().await;
+        let opts: sqlx::postgres::PgConnectOptions = args.database_url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect_with(opts.database("outbox_bench"))
+            .await?;
+        outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+        Ok(Self {
+            pool,
+            brokers: args.kafka_brokers.clone(),
+        })
+    }
+
+    async fn topic(&self, name: &str) -> anyhow::Result<String> {
+        let topic = format!("bench-{name}-{}", uuid::Uuid::new_v4().simple());
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()?;
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for r in admin
+            .create_topics(
+                [&NewTopic::new(
+                    &topic,
+                    PARTITIONS,
+                    TopicReplication::Fixed(1),
+                )],
+                &opts,
+            )
+            .await?
+        {
+            r.map_err(|(t, e)| anyhow::anyhow!("create topic {t}: {e:?}"))?;
+        }
+        Ok(topic)
+    }
+
+    async fn drop_topic(&self, topic: &str) {
+        // Keeps the in-memory broker small between runs; failures are harmless.
+        if let Ok(admin) = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create::<AdminClient<DefaultClientContext>>()
+        {
+            let _ = admin.delete_topics(&[topic], &AdminOptions::new()).await;
+        }
+    }
+
+    fn relay(&self, cfg: RelayConfig) -> anyhow::Result<Relay> {
+        Ok(Relay::new(
+            RelayConfig {
+                brokers: self.brokers.clone(),
+                ..cfg
+            },
+            (*self.pool.connect_options()).clone(),
+        )?)
+    }
+
+    /// `rows` outbox rows with ~200-byte JSON payloads over [`KEYS`] keys.
+    async fn fill(&self, topic: &str, rows: i64) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, payload, correlation_id) \
+             SELECT gen_random_uuid(), 'bench', 'k' || (g % $3), 'bench.row', $1, \
+                    jsonb_build_object('seq', g, 'pad', repeat('x', 170)), 'corr-' || g \
+             FROM generate_series(1, $2) g ORDER BY g",
+        )
+        .bind(topic)
+        .bind(rows)
+        .bind(KEYS)
+        .execute(&self.pool)
+        .await?;
+        self.pool.execute("VACUUM ANALYZE outbox").await?;
+        Ok(())
+    }
+
+    async fn pending(&self) -> anyhow::Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'pending'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+// ---------------------------------------------------------------- drain
+
+async fn drain(env: &Env, runs: usize, rows: i64, batch_size: usize) -> anyhow::Result<()> {
+    println!("== drain: {rows} rows backlog, ~200-byte payloads, {KEYS} keys, {PARTITIONS} partitions, relay batch {batch_size}");
+    let (mut raw_db, mut raw_kafka, mut relay) = (vec![], vec![], vec![]);
+    for run in 1..=runs {
+        // Raw PostgreSQL drain: DELETE … LIMIT 1000 … RETURNING, one connection.
+        let topic = env.topic("drain-db").await?;
+        env.fill(&topic, rows).await?;
+        let started = Instant::now();
+        let mut conn = env.pool.acquire().await?;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM outbox o WHERE o.id IN (SELECT id FROM outbox WHERE status = 'pending' ORDER BY id LIMIT 1000) \
+                 RETURNING o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, o.event_version, o.topic, \
+                 o.payload::text, o.payload_bytes, o.content_type, o.headers::text, o.correlation_id, o.causation_id, \
+                 o.traceparent, o.tracestate, o.source, o.occurred_at, o.created_at, o.attempts",
+            )
+            .fetch_all(&mut *conn)
+            .await?
+            .len();
+            if n == 0 {
+                break;
+            }
+        }
+        drop(conn);
+        let db_rate = rows as f64 / started.elapsed().as_secs_f64();
+        env.drop_topic(&topic).await;
+
+        // Raw producer: the same records, pipelined, same producer settings.
+        let topic = env.topic("drain-kafka").await?;
+        let kafka_rate = raw_produce(env, &topic, rows as usize).await?;
+        env.drop_topic(&topic).await;
+
+        // The relay draining the same backlog.
+        let topic = env.topic("drain-relay").await?;
+        env.fill(&topic, rows).await?;
+        let shutdown = CancellationToken::new();
+        let r = env.relay(RelayConfig {
+            batch_size,
+            ..RelayConfig::default()
+        })?;
+        let started = Instant::now();
+        let task = tokio::spawn(r.run(shutdown.clone()));
+        while env.pending().await? > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let relay_rate = rows as f64 / started.elapsed().as_secs_f64();
+        shutdown.cancel();
+        task.await?;
+        env.drop_topic(&topic).await;
+
+        println!(
+            "run {run}: raw drain {db_rate:>9.0}/s  raw producer {kafka_rate:>9.0}/s  relay {relay_rate:>9.0}/s  \
+             relay/drain {:.2}  relay/producer {:.2}",
+            relay_rate / db_rate,
+            relay_rate / kafka_rate
+        );
+        raw_db.push(db_rate);
+        raw_kafka.push(kafka_rate);
+        relay.push(relay_rate);
+    }
+    let ratios_db: Vec<f64> = relay.iter().zip(&raw_db).map(|(r, d)| r / d).collect();
+    let ratios_k: Vec<f64> = relay.iter().zip(&raw_kafka).map(|(r, k)| r / k).collect();
+    let ratios_slow: Vec<f64> = relay
+        .iter()
+        .zip(raw_db.iter().zip(&raw_kafka))
+        .map(|(r, (d, k))| r / d.min(*k))
+        .collect();
+    println!(
+        "median: raw drain {:.0}/s  raw producer {:.0}/s  relay {:.0}/s  relay/drain {:.2}  relay/producer {:.2}  \
+         relay/slower-baseline {:.2} (target >= 0.5)",
+        median(raw_db),
+        median(raw_kafka),
+        median(relay),
+        median(ratios_db),
+        median(ratios_k),
+        median(ratios_slow)
+    );
+    Ok(())
+}
+
+/// Produces `n` records shaped like the relay's (key, ~200-byte JSON value,
+/// the envelope's headers) with the relay's producer settings, pipelined in
+/// windows of 10,000. Returns records per second.
+async fn raw_produce(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "100000")
+        .create()?;
+    let payload = format!("{{\"seq\": 1, \"pad\": \"{}\"}}", "x".repeat(170));
+    let id = uuid::Uuid::new_v4().to_string();
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let window = (n - sent).min(10_000);
+        let mut futs = Vec::with_capacity(window);
+        for i in sent..sent + window {
+            let key = format!("k{}", i as i64 % KEYS);
+            let mut headers = OwnedHeaders::new_with_capacity(10);
+            for (k, v) in [
+                ("ce_specversion", "1.0"),
+                ("ce_id", id.as_str()),
+                ("ce_type", "bench.row"),
+                ("ce_source", "outbox-relay"),
+                ("ce_time", "2026-11-23T00:00:00.000000Z"),
+                ("ce_subject", key.as_str()),
+                ("ce_aggregatetype", "bench"),
+                ("ce_eventversion", "1"),
+                ("content-type", "application/json"),
+                ("ce_correlationid", "corr-1"),
+            ] {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let mut record = FutureRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(payload.as_bytes())
+                .headers(headers);
+            loop {
+                match producer.send_result(record) {
+                    Ok(f) => {
+                        futs.push(f);
+                        break;
+                    }
+                    Err((_, back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        }
+        for r in futures::future::join_all(futs).await {
+            r?.map_err(|(e, _)| e)?;
+        }
+        sent += window;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+// ---------------------------------------------------------------- latency
+
+async fn latency(
+    env: &Env,
+    recorder: &samples::Samples,
+    runs: usize,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    const PRODUCERS: u64 = 8;
+    println!(
+        "== latency: {rate} events/s offered for {seconds}s by {PRODUCERS} producers (one event per transaction), \
+         relay defaults (LISTEN/NOTIFY, batch 1000)"
+    );
+    let (mut p50s, mut p99s, mut p999s) = (vec![], vec![], vec![]);
+    for run in 1..=runs {
+        let topic = env.topic("latency").await?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(env.relay(RelayConfig::default())?.run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        recorder.clear();
+        let per_producer = Duration::from_secs_f64(PRODUCERS as f64 / rate as f64);
+        let total = rate * seconds;
+        let started = Instant::now();
+        let producers = (0..PRODUCERS).map(|p| {
+            let pool = env.pool.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(per_producer);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                for i in 0..total / PRODUCERS {
+                    tick.tick().await;
+                    let e = NewEvent::new(
+                        "bench",
+                        format!("k{}", (i * PRODUCERS + p) % KEYS as u64),
+                        "bench.latency",
+                    )
+                    .topic(&topic)
+                    .json_payload(&serde_json::json!({ "i": i }))?;
+                    append(&pool, &e).await?;
+                }
+                anyhow::Ok(())
+            })
+        });
+        for p in futures::future::join_all(producers).await {
+            p??;
+        }
+        let offered = total as f64 / started.elapsed().as_secs_f64();
+        while env.pending().await? > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        shutdown.cancel();
+        task.await?;
+        env.drop_topic(&topic).await;
+        let mut v = recorder.take();
+        anyhow::ensure!(
+            v.len() as u64 >= total,
+            "only {} latency samples for {total} events",
+            v.len()
+        );
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| v[((v.len() as f64 * p).ceil() as usize).min(v.len()) - 1] * 1000.0;
+        let (p50, p99, p999) = (q(0.50), q(0.99), q(0.999));
+        println!(
+            "run {run}: achieved {offered:.0} events/s, {} samples: p50 {p50:.1} ms  p99 {p99:.1} ms  p99.9 {p999:.1} ms  max {:.1} ms",
+            v.len(),
+            v[v.len() - 1] * 1000.0
+        );
+        p50s.push(p50);
+        p99s.push(p99);
+        p999s.push(p999);
+    }
+    println!(
+        "median: p50 {:.1} ms  p99 {:.1} ms (target <= 20)  p99.9 {:.1} ms",
+        median(p50s),
+        median(p99s),
+        median(p999s)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- producer
+
+async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
+    println!(
+        "== producer: a transaction inserting one order row, with and without an outbox row, {seconds}s each, \
+         a LISTEN session open, no relay running"
+    );
+    env.pool
+        .execute("CREATE TABLE IF NOT EXISTS bench_orders (id bigserial PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
+        .await?;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&env.pool).await?;
+    listener.listen("outbox").await?;
+    let drain = tokio::spawn(async move { while listener.recv().await.is_ok() {} });
+    for clients in [1usize, 8] {
+        let (mut with_notify, mut without_notify) = (vec![], vec![]);
+        for run in 1..=runs {
+            let base = tps(env, clients, seconds, Variant::OrderOnly).await?;
+            env.pool
+                .execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
+                .await?;
+            let notify = tps(env, clients, seconds, Variant::WithOutbox).await?;
+            env.pool
+                .execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
+                .await?;
+            let quiet = tps(env, clients, seconds, Variant::WithOutbox).await?;
+            env.pool
+                .execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
+                .await?;
+            env.pool.execute("TRUNCATE outbox, bench_orders").await?;
+            println!(
+                "{clients} client(s) run {run}: order only {base:.0} tx/s  +outbox+notify {notify:.0} tx/s  \
+                 +outbox (trigger off) {quiet:.0} tx/s  cost {:.2} / {:.2}",
+                base / notify,
+                base / quiet
+            );
+            with_notify.push(base / notify);
+            without_notify.push(base / quiet);
+        }
+        println!(
+            "median, {clients} client(s): cost with outbox+NOTIFY {:.2}  with outbox, NOTIFY off {:.2} (target <= 1.25)",
+            median(with_notify),
+            median(without_notify)
+        );
+    }
+    drain.abort();
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Variant {
+    OrderOnly,
+    WithOutbox,
+}
+
+/// Transactions per second for `clients` concurrent clients over `seconds`.
+async fn tps(env: &Env, clients: usize, seconds: u64, variant: Variant) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tasks = (0..clients).map(|c| {
+        let pool = env.pool.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let mut tx = pool.begin().await?;
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO bench_orders (customer, total) VALUES ($1, $2) RETURNING id",
+                )
+                .bind(format!("c{c}"))
+                .bind(i as f64 * 1.5)
+                .fetch_one(&mut *tx)
+                .await?;
+                if let Variant::WithOutbox = variant {
+                    let e = NewEvent::new("order", id.to_string(), "order.created")
+                        .topic("bench-orders")
+                        .json_payload(
+                            &serde_json::json!({ "id": id, "customer": format!("c{c}") }),
+                        )?;
+                    append(&mut *tx, &e).await?;
+                }
+                tx.commit().await?;
+                i += 1;
+            }
+            done.fetch_add(i, std::sync::atomic::Ordering::Relaxed);
+            anyhow::Ok(())
+        })
+    });
+    let started = Instant::now();
+    for t in futures::future::join_all(tasks).await {
+        t??;
+    }
+    Ok(done.load(std::sync::atomic::Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
