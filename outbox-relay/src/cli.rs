@@ -50,6 +50,31 @@ pub enum Command {
     /// Inspect and act on rows that failed permanently.
     #[command(subcommand)]
     Failed(FailedCommand),
+    /// Kafka topic helpers (the relay never creates topics by itself).
+    #[command(subcommand)]
+    Topic(TopicCommand),
+}
+
+/// `topic` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic (succeeds if it already exists).
+    Create {
+        /// Topic name.
+        name: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        /// Replication factor.
+        #[arg(long, default_value_t = 1)]
+        replication: i32,
+        /// Kafka bootstrap servers, comma-separated.
+        #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+        kafka_brokers: String,
+        /// Extra librdkafka property, `key=value` (repeatable).
+        #[arg(long = "kafka-property", env = "RELAY_KAFKA_PROPERTIES", value_delimiter = ',', value_parser = parse_property, hide_env_values = true)]
+        kafka_properties: Vec<(String, String)>,
+    },
 }
 
 /// `failed` subcommands.

@@ -8,7 +8,7 @@ use std::{process::ExitCode, sync::Arc};
 
 use anyhow::Context;
 use clap::Parser;
-use cli::{Cli, Command, FailedCommand, LogFormat};
+use cli::{Cli, Command, FailedCommand, LogFormat, TopicCommand};
 use outbox_core::{migrate, MigrationSet};
 use outbox_relay::{
     http,
@@ -94,6 +94,9 @@ async fn pool(opts: &PgConnectOptions) -> anyhow::Result<sqlx::PgPool> {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Topic(cmd) = cli.command {
+        return topic(cmd).await;
+    }
     let opts = connect_options(&cli)?;
     match cli.command {
         Command::Migrate => {
@@ -130,7 +133,46 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Failed(cmd) => failed(&opts, cmd).await,
         Command::Run(args) => run(opts, *args).await,
+        Command::Topic(_) => unreachable!("handled above"),
     }
+}
+
+async fn topic(cmd: TopicCommand) -> anyhow::Result<()> {
+    use rdkafka::{
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+        types::RDKafkaErrorCode,
+        ClientConfig,
+    };
+    let TopicCommand::Create {
+        name,
+        partitions,
+        replication,
+        kafka_brokers,
+        kafka_properties,
+    } = cmd;
+    outbox_core::topic::validate_topic(&name).map_err(UsageError)?;
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &kafka_brokers);
+    for (k, v) in &kafka_properties {
+        cc.set(k, v);
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        cc.create().map_err(|e| UsageError(e.to_string()))?;
+    let opts = AdminOptions::new().request_timeout(Some(std::time::Duration::from_secs(15)));
+    let new = NewTopic::new(&name, partitions, TopicReplication::Fixed(replication));
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .with_context(|| format!("cannot reach the Kafka brokers at {kafka_brokers}"))?;
+    for r in results {
+        match r {
+            Ok(t) => println!("created topic {t} ({partitions} partitions)"),
+            Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => println!("topic {t} already exists"),
+            Err((t, code)) => anyhow::bail!("creating topic {t} failed: {code:?}"),
+        }
+    }
+    Ok(())
 }
 
 async fn require_schema(pool: &sqlx::PgPool) -> anyhow::Result<()> {
