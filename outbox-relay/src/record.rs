@@ -63,14 +63,15 @@ impl TopicRouter {
 
 /// Builds the record for `row`, or the reason it is malformed.
 pub fn build(
-    row: &OutboxRow,
+    row: &mut OutboxRow,
     router: &TopicRouter,
     default_source: &str,
 ) -> Result<Record, String> {
     let topic = router.topic_for(row)?;
-    let value = match (&row.payload, &row.payload_bytes) {
-        (Some(json), None) => Some(json.clone().into_bytes()),
-        (None, Some(bytes)) => Some(bytes.clone()),
+    // The payload moves into the record; the row keeps none.
+    let value = match (row.payload.take(), row.payload_bytes.take()) {
+        (Some(json), None) => Some(json.into_bytes()),
+        (None, Some(bytes)) => Some(bytes),
         (None, None) => None,
         (Some(_), Some(_)) => return Err("both payload and payload_bytes are set".into()),
     };
@@ -177,8 +178,8 @@ mod tests {
 
     #[test]
     fn maps_row_to_cloudevents_record() {
-        let r = row();
-        let rec = build(&r, &TopicRouter::new("events.{aggregate_type}"), "svc").unwrap();
+        let mut r = row();
+        let rec = build(&mut r, &TopicRouter::new("events.{aggregate_type}"), "svc").unwrap();
         assert_eq!(rec.topic, "events.order");
         assert_eq!(rec.key, "42");
         assert_eq!(rec.value.as_deref(), Some(br#"{"a": 1}"#.as_slice()));
@@ -198,11 +199,11 @@ mod tests {
         let mut r = row();
         r.topic = Some("custom".into());
         assert_eq!(
-            build(&r, &TopicRouter::new("x"), "s").unwrap().topic,
+            build(&mut r, &TopicRouter::new("x"), "s").unwrap().topic,
             "custom"
         );
         r.topic = Some("bad topic".into());
-        let err = build(&r, &TopicRouter::new("x"), "s").unwrap_err();
+        let err = build(&mut r, &TopicRouter::new("x"), "s").unwrap_err();
         assert!(err.contains("invalid topic column"), "{err}");
     }
 
@@ -210,15 +211,15 @@ mod tests {
     fn malformed_headers_are_reasons_not_panics() {
         let mut r = row();
         r.headers = "[1]".into();
-        assert!(build(&r, &TopicRouter::new("t"), "s")
+        assert!(build(&mut r, &TopicRouter::new("t"), "s")
             .unwrap_err()
             .contains("JSON object"));
         r.headers = r#"{"ce_id": "x"}"#.into();
-        assert!(build(&r, &TopicRouter::new("t"), "s")
+        assert!(build(&mut r, &TopicRouter::new("t"), "s")
             .unwrap_err()
             .contains("reserved"));
         r.headers = r#"{"nested": {"a": 1}}"#.into();
-        assert!(build(&r, &TopicRouter::new("t"), "s")
+        assert!(build(&mut r, &TopicRouter::new("t"), "s")
             .unwrap_err()
             .contains("nested"));
     }
@@ -227,7 +228,7 @@ mod tests {
     fn derived_topic_from_bad_aggregate_type_is_a_reason() {
         let mut r = row();
         r.aggregate_type = "has space".into();
-        let err = build(&r, &TopicRouter::new("{aggregate_type}"), "s").unwrap_err();
+        let err = build(&mut r, &TopicRouter::new("{aggregate_type}"), "s").unwrap_err();
         assert!(err.contains("aggregate type"), "{err}");
     }
 }

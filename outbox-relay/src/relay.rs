@@ -273,7 +273,7 @@ impl Relay {
     async fn relay_batch(&self, conn: &mut PgConnection) -> Result<usize, BatchError> {
         let started = Instant::now();
         let mut tx = conn.begin().await?;
-        let rows = store::claim(&mut tx, &self.claim_sql, self.cfg.batch_size).await?;
+        let mut rows = store::claim(&mut tx, &self.claim_sql, self.cfg.batch_size).await?;
         if rows.is_empty() {
             tx.commit().await?;
             return Ok(0);
@@ -284,9 +284,11 @@ impl Relay {
         let mut records: Vec<Option<Record>> = Vec::with_capacity(rows.len());
         let mut early: Vec<Option<Outcome>> = Vec::with_capacity(rows.len());
         let mut topics: HashMap<String, TopicState> = HashMap::new();
-        let mut held_keys: HashSet<(&str, &str)> = HashSet::new();
-        for row in &rows {
-            let key = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
+        let mut row_topics: Vec<Option<String>> = Vec::with_capacity(rows.len());
+        let mut held_keys: HashSet<(String, String)> = HashSet::new();
+        for row in &mut rows {
+            row_topics.push(None);
+            let key = (row.aggregate_type.clone(), row.aggregate_id.clone());
             if held_keys.contains(&key) {
                 records.push(None);
                 early.push(None); // held: stays pending, untouched
@@ -305,6 +307,7 @@ impl Relay {
                     };
                     match state {
                         TopicState::Exists => {
+                            *row_topics.last_mut().expect("pushed above") = Some(rec.topic.clone());
                             records.push(Some(rec));
                             early.push(None);
                             continue;
@@ -352,10 +355,15 @@ impl Relay {
         let all_delivered = outcomes.iter().all(|o| o == &Some(Outcome::Delivered));
         let now = Utc::now();
         let mut per_topic: HashMap<String, u64> = HashMap::new();
-        let mut note_delivered = |row: &store::OutboxRow| {
+        let mut note_delivered = |row: &store::OutboxRow, topic: &Option<String>| {
             telemetry::commit_to_ack((now - row.created_at).as_seconds_f64());
-            let topic = self.router.topic_for(row).unwrap_or_default();
-            *per_topic.entry(topic).or_default() += 1;
+            let topic = topic.as_deref().unwrap_or_default();
+            match per_topic.get_mut(topic) {
+                Some(n) => *n += 1,
+                None => {
+                    per_topic.insert(topic.to_string(), 1);
+                }
+            }
             debug!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref().unwrap_or(""),
                    event.r#type = %row.event_type, "published");
         };
@@ -366,7 +374,9 @@ impl Relay {
                        "commit after publishing failed; the batch will be published again (duplicates)");
                 return Err(e.into());
             }
-            rows.iter().for_each(&mut note_delivered);
+            rows.iter()
+                .zip(&row_topics)
+                .for_each(|(row, topic)| note_delivered(row, topic));
             for (topic, n) in per_topic {
                 telemetry::published(&topic, n);
             }
@@ -376,11 +386,11 @@ impl Relay {
 
         tx.rollback().await?;
         let mut res = Resolution::default();
-        for (row, outcome) in rows.iter().zip(&outcomes) {
+        for ((row, outcome), topic) in rows.iter().zip(&outcomes).zip(&row_topics) {
             match outcome {
                 Some(Outcome::Delivered) => {
                     res.delivered.push(row.id);
-                    note_delivered(row);
+                    note_delivered(row, topic);
                 }
                 Some(Outcome::Permanent(reason)) => {
                     warn!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref().unwrap_or(""),
