@@ -18,6 +18,11 @@ impl Samples {
         self.0.lock().expect("samples").clear();
     }
 
+    /// How many samples so far.
+    pub fn len(&self) -> usize {
+        self.0.lock().expect("samples").len()
+    }
+
     /// Takes every sample so far.
     pub fn take(&self) -> Vec<f64> {
         std::mem::take(&mut *self.0.lock().expect("samples"))

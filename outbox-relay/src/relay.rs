@@ -30,7 +30,7 @@ use std::{
 use chrono::Utc;
 use sqlx::{
     postgres::{PgConnectOptions, PgListener, PgPoolOptions},
-    Connection, PgConnection, PgPool,
+    Connection, PgConnection, PgPool, Postgres, Transaction,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +47,10 @@ use crate::{
 
 /// The advisory lock that makes one relay the leader ("outbox" in ASCII).
 pub const LEADER_LOCK_KEY: i64 = 0x6f75_7462_6f78;
+
+/// Held in shared mode by every claim transaction; a new leader takes it
+/// exclusively once, to wait until the previous leader's claims ended.
+pub const CLAIM_LOCK_KEY: i64 = 0x6f75_7462_6f79;
 
 /// After this many consecutive failed batches the producer is replaced.
 const REBUILD_AFTER_FAILURES: u32 = 3;
@@ -73,12 +77,23 @@ enum BatchError {
     Broker(String),
 }
 
+impl BatchError {
+    /// Claims fail only on the database side.
+    fn into_database(self) -> sqlx::Error {
+        match self {
+            BatchError::Database(e) => e,
+            BatchError::Broker(e) => sqlx::Error::Protocol(e),
+        }
+    }
+}
+
 /// The relay. Build it with [`Relay::new`], run it with [`Relay::run`].
 #[derive(Debug)]
 pub struct Relay {
     cfg: RelayConfig,
     connect: PgConnectOptions,
     pool: PgPool,
+    claim_pool: PgPool,
     publisher: Arc<Publisher>,
     router: TopicRouter,
     claim_sql: String,
@@ -95,7 +110,13 @@ impl Relay {
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(connect.clone());
+        // Two claim connections: one batch in flight, the next one claimed.
+        let claim_pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(connect.clone());
         Ok(Self {
+            claim_pool,
             router: TopicRouter::new(cfg.topic_template.clone()),
             claim_sql: store::claim_sql(cfg.after_publish, cfg.poison_policy),
             cfg,
@@ -153,97 +174,151 @@ impl Relay {
             Err(e) => warn!(error = %e, "producer flush task failed"),
         }
         self.pool.close().await;
+        self.claim_pool.close().await;
     }
 
     /// Connects, becomes leader, and runs batches until shutdown.
+    /// Connects, becomes leader, and runs batches until shutdown.
     async fn lead(&self, wake: &Notify, shutdown: &CancellationToken) {
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
-        'connect: while !shutdown.is_cancelled() {
-            let mut conn = match PgConnection::connect_with(&self.connect).await {
-                Ok(c) => c,
+        while !shutdown.is_cancelled() {
+            let leader = match self.become_leader(shutdown).await {
+                Ok(Some(l)) => l,
+                Ok(None) => return, // shutdown while on standby
                 Err(e) => {
-                    self.degraded(format!("database unreachable: {e}"));
+                    self.degraded(format!("database: {e}"));
                     backoff.sleep(shutdown).await;
                     continue;
                 }
             };
-            // Become leader, or wait on standby.
-            loop {
-                match sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-                    .bind(LEADER_LOCK_KEY)
-                    .fetch_one(&mut conn)
-                    .await
-                {
-                    Ok(true) => break,
-                    Ok(false) => {
-                        if self.health.state() != State::Standby {
-                            info!("another relay holds the claim lock; waiting on standby");
-                        }
-                        self.health
-                            .set(State::Standby, "standby: another relay is the leader");
-                        if sleep_or_cancel(self.cfg.poll_interval, shutdown).await {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        self.degraded(format!("database: {e}"));
-                        backoff.sleep(shutdown).await;
-                        continue 'connect;
-                    }
-                }
-            }
             info!("claim lock acquired; publishing");
             self.health.set(State::Active, "active");
             backoff.reset();
-            let mut broker_failures = 0u32;
-
-            loop {
-                if shutdown.is_cancelled() {
-                    let _ = conn.close().await;
-                    return;
+            let result = self
+                .publish_while_leader(&leader, wake, shutdown, &mut backoff)
+                .await;
+            let _ = leader.conn.close().await; // releases the leader lock
+            match result {
+                Ok(()) => return, // shutdown
+                Err(e) => {
+                    self.degraded(format!("database: {e}"));
+                    backoff.sleep(shutdown).await;
                 }
-                let batch = self.relay_batch(&mut conn);
-                tokio::pin!(batch);
-                let result = tokio::select! {
-                    r = &mut batch => r,
-                    _ = shutdown.cancelled() => {
-                        match tokio::time::timeout(self.cfg.shutdown_timeout, &mut batch).await {
-                            Ok(r) => r,
-                            Err(_) => {
-                                warn!("the batch in flight did not finish within the shutdown timeout; \
-                                       it was rolled back and its rows stay pending");
-                                return; // dropping the connection rolls the claim back
-                            }
+            }
+        }
+    }
+
+    /// Waits (on standby) for the leader lock, then for every claim of a
+    /// previous leader to end. `None` if shutdown came first.
+    async fn become_leader(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Leader>, sqlx::Error> {
+        let mut conn = PgConnection::connect_with(&self.connect).await?;
+        loop {
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(LEADER_LOCK_KEY)
+                .fetch_one(&mut conn)
+                .await?;
+            if locked {
+                break;
+            }
+            if self.health.state() != State::Standby {
+                info!("another relay holds the claim lock; waiting on standby");
+            }
+            self.health
+                .set(State::Standby, "standby: another relay is the leader");
+            if sleep_or_cancel(self.cfg.poll_interval, shutdown).await {
+                return Ok(None);
+            }
+        }
+        // Fencing barrier: a previous leader's claims hold CLAIM_LOCK_KEY in
+        // shared mode until they commit or roll back. Taking it exclusively
+        // once waits for all of them; later ones fail their leader check.
+        let barrier = sqlx::query("SELECT pg_advisory_lock($1), pg_advisory_unlock($1)")
+            .bind(CLAIM_LOCK_KEY)
+            .execute(&mut conn);
+        // The previous leader's claims end within its publish timeout; give
+        // up (and retry later, dropping this connection) if they do not.
+        let bound = self.cfg.publish_timeout * 2 + Duration::from_secs(10);
+        match tokio::time::timeout(bound, barrier).await {
+            Ok(r) => {
+                r?;
+            }
+            Err(_) => {
+                return Err(sqlx::Error::Protocol(format!(
+                    "claims of the previous leader did not end within {bound:?}"
+                )))
+            }
+        }
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await?;
+        Ok(Some(Leader { conn, pid }))
+    }
+
+    /// Claims and publishes batches until shutdown (`Ok`) or a database
+    /// error, including losing the leader lock (`Err`).
+    async fn publish_while_leader(
+        &self,
+        leader: &Leader,
+        wake: &Notify,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<(), sqlx::Error> {
+        let mut broker_failures = 0u32;
+        let mut prefetched: Option<Claim> = None;
+        loop {
+            if shutdown.is_cancelled() {
+                if let Some(next) = prefetched.take() {
+                    let _ = next.tx.rollback().await;
+                }
+                return Ok(());
+            }
+            let current = match prefetched.take() {
+                Some(c) => c,
+                None => self
+                    .claim(leader.pid)
+                    .await
+                    .map_err(BatchError::into_database)?,
+            };
+            let claimed = current.rows.len();
+            let batch = self.relay_batch(current, leader.pid);
+            tokio::pin!(batch);
+            let result = tokio::select! {
+                r = &mut batch => r,
+                _ = shutdown.cancelled() => match tokio::time::timeout(self.cfg.shutdown_timeout, &mut batch).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        warn!("the batch in flight did not finish within the shutdown timeout; \
+                               it was rolled back and its rows stay pending");
+                        return Ok(()); // dropping the claim rolls it back
+                    }
+                },
+            };
+            match result {
+                Ok(next) => {
+                    broker_failures = 0;
+                    if self.health.state() != State::Active {
+                        info!("recovered; publishing again");
+                        self.health.set(State::Active, "active");
+                    }
+                    backoff.reset();
+                    prefetched = next;
+                    if prefetched.is_none() && claimed < self.cfg.batch_size {
+                        tokio::select! {
+                            _ = wake.notified() => {}
+                            _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                            _ = shutdown.cancelled() => {}
                         }
                     }
-                };
-                match result {
-                    Ok(n) => {
-                        broker_failures = 0;
-                        if self.health.state() != State::Active {
-                            info!("recovered; publishing again");
-                            self.health.set(State::Active, "active");
-                        }
-                        backoff.reset();
-                        if n < self.cfg.batch_size {
-                            tokio::select! {
-                                _ = wake.notified() => {}
-                                _ = tokio::time::sleep(self.cfg.poll_interval) => {}
-                                _ = shutdown.cancelled() => {}
-                            }
-                        }
-                    }
-                    Err(BatchError::Database(e)) => {
-                        self.degraded(format!("database: {e}"));
-                        backoff.sleep(shutdown).await;
-                        continue 'connect; // reconnect; the lock is re-taken
-                    }
-                    Err(BatchError::Broker(e)) => {
-                        self.degraded(format!("kafka: {e}"));
-                        broker_failures += 1;
-                        self.maybe_rebuild_producer(broker_failures);
-                        backoff.sleep(shutdown).await;
-                    }
+                }
+                Err(BatchError::Database(e)) => return Err(e),
+                Err(BatchError::Broker(e)) => {
+                    self.degraded(format!("kafka: {e}"));
+                    broker_failures += 1;
+                    self.maybe_rebuild_producer(broker_failures);
+                    backoff.sleep(shutdown).await;
                 }
             }
         }
@@ -268,17 +343,53 @@ impl Relay {
         self.health.set(State::Degraded, reason);
     }
 
-    /// Claims, publishes and settles one batch. Returns the rows claimed.
-    #[tracing::instrument(name = "relay_batch", skip_all, fields(batch.size))]
-    async fn relay_batch(&self, conn: &mut PgConnection) -> Result<usize, BatchError> {
+    /// Opens a claim transaction, checks this relay still leads (fencing),
+    /// and claims the oldest pending rows, see [`store::claim`].
+    async fn claim(&self, leader_pid: i32) -> Result<Claim, BatchError> {
+        let mut tx = self.claim_pool.begin().await?;
+        // Roll back explicitly on every error: a dropped transaction only
+        // queues its rollback, and would keep the shared claim lock that a
+        // new leader's barrier waits for.
+        let fenced = match store::fence(&mut tx, CLAIM_LOCK_KEY, LEADER_LOCK_KEY, leader_pid).await
+        {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e.into());
+            }
+        };
+        if !fenced {
+            let _ = tx.rollback().await;
+            return Err(BatchError::Database(sqlx::Error::Protocol(
+                "this relay lost the leader lock (its leader connection was closed)".into(),
+            )));
+        }
+        match store::claim(&mut tx, &self.claim_sql, self.cfg.batch_size).await {
+            Ok(rows) => Ok(Claim { tx, rows }),
+            Err(e) => {
+                let _ = tx.rollback().await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Publishes and settles one claimed batch. While its delivery reports
+    /// are awaited, the next batch is claimed on another connection (only if
+    /// this one was full); it is returned, unsent, when this batch committed,
+    /// and rolled back otherwise, so no row ever overtakes an earlier row of
+    /// its key.
+    #[tracing::instrument(name = "relay_batch", skip_all, fields(batch.size = current.rows.len()))]
+    async fn relay_batch(
+        &self,
+        current: Claim,
+        leader_pid: i32,
+    ) -> Result<Option<Claim>, BatchError> {
         let started = Instant::now();
-        let mut tx = conn.begin().await?;
-        let mut rows = store::claim(&mut tx, &self.claim_sql, self.cfg.batch_size).await?;
+        let Claim { tx, mut rows } = current;
         if rows.is_empty() {
             tx.commit().await?;
-            return Ok(0);
+            return Ok(None);
         }
-        tracing::Span::current().record("batch.size", rows.len());
 
         // Build records. `early` holds outcomes decided before sending.
         let mut records: Vec<Option<Record>> = Vec::with_capacity(rows.len());
@@ -317,7 +428,9 @@ impl Relay {
                              then run `outbox-relay failed retry`",
                             rec.topic
                         ))),
-                        TopicState::Unknown(e) => Some(Outcome::Transient(format!("cannot read topic metadata: {e}"))),
+                        TopicState::Unknown(e) => {
+                            Some(Outcome::Transient(format!("cannot read topic metadata: {e}")))
+                        }
                     }
                 }
             };
@@ -336,10 +449,17 @@ impl Relay {
         }
 
         let sent = records.iter().filter(|r| r.is_some()).count();
-        let mut outcomes = if sent > 0 {
-            self.publisher.publish(records).await
-        } else {
-            vec![None; rows.len()]
+        let full = rows.len() == self.cfg.batch_size;
+        let (mut outcomes, next) = match (sent > 0, full) {
+            (true, true) => {
+                let (outcomes, next) =
+                    tokio::join!(self.publisher.publish(records), self.claim(leader_pid));
+                // A failed prefetch is not this batch's problem; the next
+                // claim will meet the error again.
+                (outcomes, next.ok())
+            }
+            (true, false) => (self.publisher.publish(records).await, None),
+            (false, _) => (vec![None; rows.len()], None),
         };
         if outcomes.len() != rows.len() {
             // The delivery safety net fired: treat everything as transient.
@@ -372,6 +492,9 @@ impl Relay {
             if let Err(e) = tx.commit().await {
                 error!(error = %e, rows = rows.len(),
                        "commit after publishing failed; the batch will be published again (duplicates)");
+                if let Some(next) = next {
+                    let _ = next.tx.rollback().await;
+                }
                 return Err(e.into());
             }
             rows.iter()
@@ -381,9 +504,14 @@ impl Relay {
                 telemetry::published(&topic, n);
             }
             telemetry::batch(rows.len(), started.elapsed());
-            return Ok(rows.len());
+            return Ok(next);
         }
 
+        // Something was not acknowledged: the prefetched batch may hold later
+        // rows of an affected key, so it goes back unsent.
+        if let Some(next) = next {
+            next.tx.rollback().await?;
+        }
         tx.rollback().await?;
         let mut res = Resolution::default();
         for ((row, outcome), topic) in rows.iter().zip(&outcomes).zip(&row_topics) {
@@ -401,7 +529,8 @@ impl Relay {
                 None => {} // held behind an earlier row of its key
             }
         }
-        store::resolve(conn, self.cfg.after_publish, &res).await?;
+        let mut conn = self.claim_pool.acquire().await?;
+        store::resolve(&mut conn, self.cfg.after_publish, &res).await?;
         for (topic, n) in per_topic {
             telemetry::published(&topic, n);
         }
@@ -419,8 +548,20 @@ impl Relay {
                 res.retry.len()
             )));
         }
-        Ok(rows.len())
+        Ok(None)
     }
+}
+
+/// The leader's connection: it holds [`LEADER_LOCK_KEY`] for as long as it lives.
+struct Leader {
+    conn: PgConnection,
+    pid: i32,
+}
+
+/// An open claim transaction and the rows it claimed.
+struct Claim {
+    tx: Transaction<'static, Postgres>,
+    rows: Vec<store::OutboxRow>,
 }
 
 /// Wakes the relay on every notification; wakes it too whenever the

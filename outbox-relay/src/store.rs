@@ -135,6 +135,32 @@ pub async fn claim(
     Ok(rows)
 }
 
+/// Fencing, run first in every claim transaction: takes `claim_key` in
+/// shared mode for the rest of the transaction, then checks that the backend
+/// `leader_pid` still holds the session lock `leader_key`. Returns false if it
+/// does not (the leader connection died, so another relay may lead now).
+pub async fn fence(
+    conn: &mut PgConnection,
+    claim_key: i64,
+    leader_key: i64,
+    leader_pid: i32,
+) -> Result<bool, sqlx::Error> {
+    // MATERIALIZED makes the lock come first; a bigint key shows in pg_locks
+    // as classid (high half), objid (low half), objsubid 1.
+    sqlx::query_scalar(
+        "WITH claim_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($1)) \
+         SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                          AND classid = ($2 >> 32)::oid AND objid = ($2 & 4294967295)::oid \
+                          AND objsubid = 1 AND pid = $3 AND mode = 'ExclusiveLock') \
+         FROM claim_lock",
+    )
+    .bind(claim_key)
+    .bind(leader_key)
+    .bind(leader_pid)
+    .fetch_one(conn)
+    .await
+}
+
 /// What happened to the rows of a batch that was rolled back.
 #[derive(Debug, Default)]
 pub struct Resolution {

@@ -419,3 +419,91 @@ async fn missing_topic_then_failed_retry_republishes(pool: PgPool) -> anyhow::Re
     assert_eq!(got[0].header(h::CE_TYPE), Some("waits-for-topic"));
     Ok(())
 }
+
+/// Fencing: a claim only goes ahead while the relay's leader connection
+/// still holds the leader lock.
+#[sqlx::test(migrations = false)]
+async fn claims_are_fenced_by_the_leader_connection(pool: PgPool) -> anyhow::Result<()> {
+    use outbox_relay::relay::{CLAIM_LOCK_KEY, LEADER_LOCK_KEY};
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    let mut leader = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(LEADER_LOCK_KEY)
+        .execute(&mut *leader)
+        .await?;
+    let leader_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *leader)
+        .await?;
+
+    let mut claim = pool.begin().await?;
+    assert!(
+        outbox_relay::store::fence(&mut claim, CLAIM_LOCK_KEY, LEADER_LOCK_KEY, leader_pid).await?
+    );
+    // While the claim is open, a new leader's barrier (an exclusive
+    // CLAIM_LOCK_KEY) must wait for it.
+    let mut other = pool.acquire().await?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(CLAIM_LOCK_KEY)
+        .fetch_one(&mut *other)
+        .await?;
+    assert!(!got, "the barrier must wait for open claims");
+    claim.rollback().await?;
+
+    // Once the leader connection is gone, claims are refused.
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(leader_pid)
+        .execute(&pool)
+        .await?;
+    eventually(WAIT, "leader backend gone", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(leader_pid)
+            .fetch_one(&pool)
+            .await?;
+        Ok(n == 0)
+    })
+    .await?;
+    let mut claim = pool.begin().await?;
+    assert!(
+        !outbox_relay::store::fence(&mut claim, CLAIM_LOCK_KEY, LEADER_LOCK_KEY, leader_pid)
+            .await?
+    );
+    drop(leader);
+    Ok(())
+}
+
+/// Killing the leader's lock connection mid-drain: the relay steps down,
+/// takes the lock again and finishes without loss or reordering.
+#[sqlx::test(migrations = false)]
+async fn losing_the_leader_connection_mid_drain_loses_nothing(pool: PgPool) -> anyhow::Result<()> {
+    const N: i64 = 5000;
+    let topic = outbox_with_topic(&pool, "relay-fence", 3).await?;
+    integration_tests::insert_sql_rows(&pool, &topic, N, 50).await?;
+    let relay = RunningRelay::start(
+        &pool,
+        RelayConfig {
+            batch_size: 200,
+            ..cfg()
+        },
+    )?;
+    eventually(WAIT, "draining started", || async {
+        Ok(pending(&pool).await? < N)
+    })
+    .await?;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND objid = ($1 & 4294967295)::oid AND classid = ($1 >> 32)::oid AND objsubid = 1",
+    )
+    .bind(outbox_relay::relay::LEADER_LOCK_KEY)
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(killed.len(), 1, "exactly one leader connection");
+    eventually(WAIT, "drained", || async { Ok(pending(&pool).await? == 0) }).await?;
+    relay.stop().await?;
+    let got = consume(&topic, N as usize, WAIT, SETTLE).await?;
+    let dups = integration_tests::check_delivery(&got, N)?;
+    assert!(
+        dups <= 400,
+        "{dups} duplicates; at most the two batches in flight"
+    );
+    Ok(())
+}
