@@ -62,6 +62,12 @@ enum Which {
         /// Seconds of load per run.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        /// Turn the NOTIFY trigger off and let the relay poll only.
+        #[arg(long)]
+        no_notify: bool,
+        /// The relay's poll interval.
+        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        poll_interval: Duration,
     },
     /// Producer transaction with the outbox row vs without it.
     Producer {
@@ -74,6 +80,16 @@ enum Which {
 }
 
 const KEYS: i64 = 1000;
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        _ => Err(format!("bad duration unit in {s:?}; use ms or s")),
+    }
+}
 const PARTITIONS: i32 = 6;
 
 #[tokio::main]
@@ -85,13 +101,36 @@ async fn main() -> anyhow::Result<()> {
         Which::Drain { rows, batch_size } => {
             drain(&env, &recorder, args.runs, rows, batch_size).await?
         }
-        Which::Latency { rate, seconds } => {
-            latency(&env, &recorder, args.runs, rate, seconds).await?
+        Which::Latency {
+            rate,
+            seconds,
+            no_notify,
+            poll_interval,
+        } => {
+            latency(
+                &env,
+                &recorder,
+                args.runs,
+                rate,
+                seconds,
+                !no_notify,
+                poll_interval,
+            )
+            .await?
         }
         Which::Producer { seconds } => producer(&env, args.runs, seconds).await?,
         Which::All => {
             drain(&env, &recorder, args.runs, 1_000_000, 5000).await?;
-            latency(&env, &recorder, args.runs, 2000, 20).await?;
+            latency(
+                &env,
+                &recorder,
+                args.runs,
+                2000,
+                20,
+                true,
+                Duration::from_millis(500),
+            )
+            .await?;
             producer(&env, args.runs, 5).await?;
         }
     }
@@ -308,7 +347,7 @@ async fn raw_produce(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
         .set("bootstrap.servers", &env.brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        .set("linger.ms", "0")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "100000")
         .create()?;
@@ -372,17 +411,29 @@ async fn latency(
     runs: usize,
     rate: u64,
     seconds: u64,
+    notify: bool,
+    poll_interval: Duration,
 ) -> anyhow::Result<()> {
     const PRODUCERS: u64 = 8;
     println!(
         "== latency: {rate} events/s offered for {seconds}s by {PRODUCERS} producers (one event per transaction), \
-         relay defaults (LISTEN/NOTIFY, batch 1000)"
+         relay defaults but {} and poll interval {poll_interval:?}",
+        if notify { "LISTEN/NOTIFY on" } else { "NOTIFY trigger off (polling only)" }
     );
+    let trigger = if notify { "ENABLE" } else { "DISABLE" };
+    env.pool
+        .execute(format!("ALTER TABLE outbox {trigger} TRIGGER outbox_notify").as_str())
+        .await?;
+    let relay_cfg = RelayConfig {
+        listen: notify,
+        poll_interval,
+        ..RelayConfig::default()
+    };
     let (mut p50s, mut p99s, mut p999s) = (vec![], vec![], vec![]);
     for run in 1..=runs {
         let topic = env.topic("latency").await?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(env.relay(RelayConfig::default())?.run(shutdown.clone()));
+        let task = tokio::spawn(env.relay(relay_cfg.clone())?.run(shutdown.clone()));
         tokio::time::sleep(Duration::from_secs(1)).await;
         recorder.clear();
         let per_producer = Duration::from_secs_f64(PRODUCERS as f64 / rate as f64);
@@ -443,6 +494,9 @@ async fn latency(
         median(p99s),
         median(p999s)
     );
+    env.pool
+        .execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
+        .await?;
     Ok(())
 }
 

@@ -167,6 +167,12 @@ pub struct RunArgs {
     #[arg(long, env = "RELAY_HTTP_ADDR", default_value = "127.0.0.1:9464")]
     pub http_addr: SocketAddr,
 
+    /// Make each claim's commit wait for its WAL flush. By default it does
+    /// not: a PostgreSQL crash may then republish the last ~600 ms of
+    /// batches (duplicates, never loss).
+    #[arg(long, env = "RELAY_SYNC_COMMIT")]
+    pub sync_commit: bool,
+
     /// Apply the outbox migrations before starting.
     #[arg(long, env = "RELAY_MIGRATE")]
     pub migrate: bool,
@@ -220,6 +226,7 @@ impl RunArgs {
             },
             publish_timeout: self.publish_timeout,
             shutdown_timeout: self.shutdown_timeout,
+            synchronous_commit: self.sync_commit,
             ..RelayConfig::default()
         }
     }

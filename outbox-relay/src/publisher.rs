@@ -76,7 +76,7 @@ impl Publisher {
         cc.set("bootstrap.servers", &cfg.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
+            .set("linger.ms", "0")
             .set("batch.num.messages", "10000")
             .set(
                 "queue.buffering.max.messages",

@@ -1,22 +1,26 @@
 //! [`Relay`]: the publish loop.
 //!
 //! One relay at a time claims rows: the *leader* holds a PostgreSQL advisory
-//! lock on a dedicated connection and runs every claim on that same
-//! connection, so if it loses the connection it loses the lock and its open
-//! claim together (the claim rolls back; nothing is lost). Other relays wait
-//! on standby and take over when the lock frees.
+//! lock ([`LEADER_LOCK_KEY`]) on a dedicated connection. Claims run in
+//! transactions on two other connections and are *fenced*: each first takes
+//! [`CLAIM_LOCK_KEY`] in shared mode and checks that the leader connection
+//! still holds the leader lock ([`crate::store::fence`]). A new leader waits
+//! once for [`CLAIM_LOCK_KEY`] exclusively, so the previous leader's claims
+//! have all ended before it claims. Other relays wait on standby.
 //!
 //! The loop, per batch (`Relay::relay_batch`):
 //!
-//! 1. `BEGIN`; claim the oldest pending rows with one `DELETE … RETURNING`
-//!    (or `UPDATE … RETURNING` in mark mode), see [`crate::store::claim`];
+//! 1. `BEGIN`; fence; claim the oldest pending rows with one
+//!    `DELETE … RETURNING` (or `UPDATE … RETURNING` in mark mode), see
+//!    [`crate::store::claim`];
 //! 2. build the records; rows that can never be sent (malformed, bad or
 //!    missing topic) are set aside, and later rows of their key are held back;
-//! 3. send all records pipelined and wait for every delivery report;
-//! 4. all acknowledged: `COMMIT`. Otherwise `ROLLBACK` and record per row:
-//!    acknowledged rows are deleted, permanent failures move to `failed`,
-//!    transient ones stay pending with their attempt count, and the relay
-//!    backs off.
+//! 3. send all records pipelined; while their delivery reports come in,
+//!    claim the next batch on the other connection (not sent yet);
+//! 4. all acknowledged: `COMMIT`, and the next batch becomes current.
+//!    Otherwise `ROLLBACK` both, and record per row: acknowledged rows are
+//!    deleted, permanent failures move to `failed`, transient ones stay
+//!    pending with their attempt count, and the relay backs off.
 //!
 //! The loop wakes on `NOTIFY` from the outbox trigger, on a poll timer as a
 //! fallback, and at once after a full batch.
@@ -350,7 +354,14 @@ impl Relay {
         // Roll back explicitly on every error: a dropped transaction only
         // queues its rollback, and would keep the shared claim lock that a
         // new leader's barrier waits for.
-        let fenced = match store::fence(&mut tx, CLAIM_LOCK_KEY, LEADER_LOCK_KEY, leader_pid).await
+        let fenced = match store::fence(
+            &mut tx,
+            CLAIM_LOCK_KEY,
+            LEADER_LOCK_KEY,
+            leader_pid,
+            self.cfg.synchronous_commit,
+        )
+        .await
         {
             Ok(f) => f,
             Err(e) => {

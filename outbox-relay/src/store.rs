@@ -139,16 +139,22 @@ pub async fn claim(
 /// shared mode for the rest of the transaction, then checks that the backend
 /// `leader_pid` still holds the session lock `leader_key`. Returns false if it
 /// does not (the leader connection died, so another relay may lead now).
+///
+/// With `sync_commit` false it also sets `synchronous_commit = off` for the
+/// transaction, see [`crate::RelayConfig::synchronous_commit`].
 pub async fn fence(
     conn: &mut PgConnection,
     claim_key: i64,
     leader_key: i64,
     leader_pid: i32,
+    sync_commit: bool,
 ) -> Result<bool, sqlx::Error> {
     // MATERIALIZED makes the lock come first; a bigint key shows in pg_locks
     // as classid (high half), objid (low half), objsubid 1.
     sqlx::query_scalar(
-        "WITH claim_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($1)) \
+        "WITH claim_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($1), \
+             set_config('synchronous_commit', \
+                        CASE WHEN $4 THEN current_setting('synchronous_commit') ELSE 'off' END, true)) \
          SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
                           AND classid = ($2 >> 32)::oid AND objid = ($2 & 4294967295)::oid \
                           AND objsubid = 1 AND pid = $3 AND mode = 'ExclusiveLock') \
@@ -157,6 +163,7 @@ pub async fn fence(
     .bind(claim_key)
     .bind(leader_key)
     .bind(leader_pid)
+    .bind(sync_commit)
     .fetch_one(conn)
     .await
 }

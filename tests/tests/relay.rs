@@ -437,7 +437,14 @@ async fn claims_are_fenced_by_the_leader_connection(pool: PgPool) -> anyhow::Res
 
     let mut claim = pool.begin().await?;
     assert!(
-        outbox_relay::store::fence(&mut claim, CLAIM_LOCK_KEY, LEADER_LOCK_KEY, leader_pid).await?
+        outbox_relay::store::fence(
+            &mut claim,
+            CLAIM_LOCK_KEY,
+            LEADER_LOCK_KEY,
+            leader_pid,
+            true
+        )
+        .await?
     );
     // While the claim is open, a new leader's barrier (an exclusive
     // CLAIM_LOCK_KEY) must wait for it.
@@ -464,8 +471,14 @@ async fn claims_are_fenced_by_the_leader_connection(pool: PgPool) -> anyhow::Res
     .await?;
     let mut claim = pool.begin().await?;
     assert!(
-        !outbox_relay::store::fence(&mut claim, CLAIM_LOCK_KEY, LEADER_LOCK_KEY, leader_pid)
-            .await?
+        !outbox_relay::store::fence(
+            &mut claim,
+            CLAIM_LOCK_KEY,
+            LEADER_LOCK_KEY,
+            leader_pid,
+            false
+        )
+        .await?
     );
     drop(leader);
     Ok(())
@@ -491,6 +504,7 @@ async fn losing_the_leader_connection_mid_drain_loses_nothing(pool: PgPool) -> a
     .await?;
     let killed: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
          AND objid = ($1 & 4294967295)::oid AND classid = ($1 >> 32)::oid AND objsubid = 1",
     )
     .bind(outbox_relay::relay::LEADER_LOCK_KEY)
