@@ -184,8 +184,7 @@ impl Publisher {
     }
 
     /// Publishes `records` pipelined and returns one outcome per record, in
-    /// order. A `None` entry is skipped (its outcome is `Delivered`-neutral:
-    /// the caller decided not to send it and ignores the slot).
+    /// order. A `None` entry is not sent, and its outcome is `None`.
     pub async fn publish(&self, records: Vec<Option<Record>>) -> Vec<Option<Outcome>> {
         let producer = self.producer();
         let mut pending = Vec::with_capacity(records.len());

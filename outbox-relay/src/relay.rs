@@ -79,16 +79,9 @@ enum BatchError {
     Database(#[from] sqlx::Error),
     #[error("kafka: {0}")]
     Broker(String),
-}
-
-impl BatchError {
-    /// Claims fail only on the database side.
-    fn into_database(self) -> sqlx::Error {
-        match self {
-            BatchError::Database(e) => e,
-            BatchError::Broker(e) => sqlx::Error::Protocol(e),
-        }
-    }
+    /// Leadership was lost or could not be taken over; compete again.
+    #[error("leadership: {0}")]
+    Leadership(String),
 }
 
 /// The relay. Build it with [`Relay::new`], run it with [`Relay::run`].
@@ -190,7 +183,7 @@ impl Relay {
                 Ok(Some(l)) => l,
                 Ok(None) => return, // shutdown while on standby
                 Err(e) => {
-                    self.degraded(format!("database: {e}"));
+                    self.degraded(e.to_string());
                     backoff.sleep(shutdown).await;
                     continue;
                 }
@@ -205,7 +198,7 @@ impl Relay {
             match result {
                 Ok(()) => return, // shutdown
                 Err(e) => {
-                    self.degraded(format!("database: {e}"));
+                    self.degraded(e.to_string());
                     backoff.sleep(shutdown).await;
                 }
             }
@@ -217,7 +210,7 @@ impl Relay {
     async fn become_leader(
         &self,
         shutdown: &CancellationToken,
-    ) -> Result<Option<Leader>, sqlx::Error> {
+    ) -> Result<Option<Leader>, BatchError> {
         let mut conn = PgConnection::connect_with(&self.connect).await?;
         loop {
             let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -250,7 +243,7 @@ impl Relay {
                 r?;
             }
             Err(_) => {
-                return Err(sqlx::Error::Protocol(format!(
+                return Err(BatchError::Leadership(format!(
                     "claims of the previous leader did not end within {bound:?}"
                 )))
             }
@@ -269,7 +262,7 @@ impl Relay {
         wake: &Notify,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), BatchError> {
         let mut broker_failures = 0u32;
         let mut prefetched: Option<Claim> = None;
         loop {
@@ -281,10 +274,7 @@ impl Relay {
             }
             let current = match prefetched.take() {
                 Some(c) => c,
-                None => self
-                    .claim(leader.pid)
-                    .await
-                    .map_err(BatchError::into_database)?,
+                None => self.claim(leader.pid).await?,
             };
             let claimed = current.rows.len();
             let batch = self.relay_batch(current, leader.pid);
@@ -317,7 +307,7 @@ impl Relay {
                         }
                     }
                 }
-                Err(BatchError::Database(e)) => return Err(e),
+                Err(e @ (BatchError::Database(_) | BatchError::Leadership(_))) => return Err(e),
                 Err(BatchError::Broker(e)) => {
                     self.degraded(format!("kafka: {e}"));
                     broker_failures += 1;
@@ -371,9 +361,9 @@ impl Relay {
         };
         if !fenced {
             let _ = tx.rollback().await;
-            return Err(BatchError::Database(sqlx::Error::Protocol(
+            return Err(BatchError::Leadership(
                 "this relay lost the leader lock (its leader connection was closed)".into(),
-            )));
+            ));
         }
         match store::claim(&mut tx, &self.claim_sql, self.cfg.batch_size).await {
             Ok(rows) => Ok(Claim { tx, rows }),
