@@ -400,8 +400,9 @@ impl Relay {
         let mut held_keys: HashSet<(String, String)> = HashSet::new();
         for row in &mut rows {
             row_topics.push(None);
-            let key = (row.aggregate_type.clone(), row.aggregate_id.clone());
-            if held_keys.contains(&key) {
+            let is_held = !held_keys.is_empty()
+                && held_keys.contains(&(row.aggregate_type.clone(), row.aggregate_id.clone()));
+            if is_held {
                 records.push(None);
                 early.push(None); // held: stays pending, untouched
                 continue;
@@ -443,7 +444,7 @@ impl Relay {
                 _ => false,
             };
             if holds {
-                held_keys.insert(key);
+                held_keys.insert((row.aggregate_type.clone(), row.aggregate_id.clone()));
             }
             records.push(None);
             early.push(outcome);

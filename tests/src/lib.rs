@@ -528,3 +528,17 @@ impl Drop for PrivateBroker {
         }
     }
 }
+
+/// Terminates the backend holding the relay's leader lock in `pool`'s
+/// database; returns how many were terminated.
+pub async fn kill_leader_connection(pool: &sqlx::PgPool) -> anyhow::Result<usize> {
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND objid = ($1 & 4294967295)::oid AND classid = ($1 >> 32)::oid AND objsubid = 1",
+    )
+    .bind(outbox_relay::relay::LEADER_LOCK_KEY)
+    .fetch_all(pool)
+    .await?;
+    Ok(killed.len())
+}

@@ -502,15 +502,8 @@ async fn losing_the_leader_connection_mid_drain_loses_nothing(pool: PgPool) -> a
         Ok(pending(&pool).await? < N)
     })
     .await?;
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND objid = ($1 & 4294967295)::oid AND classid = ($1 >> 32)::oid AND objsubid = 1",
-    )
-    .bind(outbox_relay::relay::LEADER_LOCK_KEY)
-    .fetch_all(&pool)
-    .await?;
-    assert_eq!(killed.len(), 1, "exactly one leader connection");
+    let killed = integration_tests::kill_leader_connection(&pool).await?;
+    assert_eq!(killed, 1, "exactly one leader connection");
     eventually(WAIT, "drained", || async { Ok(pending(&pool).await? == 0) }).await?;
     relay.stop().await?;
     let got = consume(&topic, N as usize, WAIT, SETTLE).await?;

@@ -174,15 +174,8 @@ async fn a_broker_outage_loses_nothing_and_reports_not_ready(pool: PgPool) -> an
     );
     // Lose the leader connection too, mid-outage: the relay must step down
     // and lead again once it can.
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND objid = ($1 & 4294967295)::oid AND classid = ($1 >> 32)::oid AND objsubid = 1",
-    )
-    .bind(outbox_relay::relay::LEADER_LOCK_KEY)
-    .fetch_all(&pool)
-    .await?;
-    assert_eq!(killed.len(), 1, "one leader connection");
+    let killed = integration_tests::kill_leader_connection(&pool).await?;
+    assert_eq!(killed, 1, "one leader connection");
 
     // The private broker keeps its data in memory, so it comes back empty:
     // recreate the topic. (tansu 0.6.0's durable SQLite engine panics when
