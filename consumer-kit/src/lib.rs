@@ -1,12 +1,81 @@
 //! consumer-kit: consume outbox events from Kafka with exactly-once effects
-//! per consumer group, by recording each event id in `processed_events` in the
-//! same PostgreSQL transaction as the handler's side effects.
+//! per consumer group.
 //!
-//! This release ships the consumer schema and its migration call; the
-//! consumer loop follows.
+//! For each record: `BEGIN`; insert (group, event id) into
+//! `processed_events`, where a conflict means the group already applied the
+//! event, so the handler is skipped; run the handler with the open
+//! transaction; `COMMIT`; then store the Kafka offset. Redeliveries,
+//! rebalances, crashes between the commit and the offset commit, and
+//! deliberate replays therefore change nothing twice.
+//!
+//! Where to look:
+//!
+//! - [`handler`]: the [`Handler`] trait and [`HandlerError`] (retryable or
+//!   permanent);
+//! - `process.rs`: one message's life (dedupe transaction,
+//!   retries, dead letter);
+//! - [`dedupe`]: every SQL statement on `processed_events`;
+//! - [`consumer`]: the Kafka loop, partition workers, offsets, rebalances;
+//! - [`dead_letter`]: dead-letter headers, reading and replaying them;
+//! - [`cleanup`]: the TTL cleanup and the retention check;
+//! - [`config`]: every setting with its default;
+//! - [`telemetry`]: metric names.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use consumer_kit::{Consumer, ConsumerConfig, Envelope, Handler, HandlerError};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct OrderCreated { order_id: i64 }
+//!
+//! struct ReserveStock;
+//!
+//! #[async_trait::async_trait]
+//! impl Handler for ReserveStock {
+//!     type Payload = OrderCreated;
+//!     async fn handle(
+//!         &self,
+//!         event: &Envelope<OrderCreated>,
+//!         tx: &mut sqlx::PgTransaction<'static>,
+//!     ) -> Result<(), HandlerError> {
+//!         sqlx::query("INSERT INTO reservations (order_id) VALUES ($1)")
+//!             .bind(event.payload.order_id)
+//!             .execute(&mut **tx)
+//!             .await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! consumer_kit::migrate(&pool).await?;
+//! let consumer = Consumer::builder(ConsumerConfig::new("inventory", ["order"]), pool)
+//!     .handler("order.created", ReserveStock)
+//!     .build()?;
+//! let shutdown = CancellationToken::new();
+//! consumer.run(shutdown.clone()).await?; // returns after shutdown.cancel()
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 
+pub mod cleanup;
+pub mod config;
+pub mod consumer;
+pub mod dead_letter;
+pub mod dedupe;
+pub mod envelope;
+pub mod handler;
+pub(crate) mod process;
+pub mod telemetry;
+
+pub use config::{ConsumerConfig, UnknownEventType};
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerError};
+pub use dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterKind};
+pub use envelope::{DecodeError, Envelope, Position, RawEnvelope};
+pub use handler::{BoxError, Handler, HandlerError};
 pub use outbox_core::{MigrateError, MigrationReport};
+pub use telemetry::{ConsumerStats, StatsSnapshot};
 
 /// Applies consumer-kit's migrations (the `processed_events` table) to the
 /// consumer's database, recording them in `consumer_kit_schema_history`.

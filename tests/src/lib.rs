@@ -542,3 +542,5 @@ pub async fn kill_leader_connection(pool: &sqlx::PgPool) -> anyhow::Result<usize
     .await?;
     Ok(killed.len())
 }
+
+pub mod consumer;

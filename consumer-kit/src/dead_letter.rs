@@ -1,0 +1,534 @@
+//! The dead-letter topic: what a dead letter carries, how the consumer
+//! publishes one, and how an operator reads and replays them.
+//!
+//! A dead letter is the original record (same key, value and headers) sent
+//! to the dead-letter topic (default `<topic>.dlq`) with these headers added:
+//!
+//! | header | value |
+//! |---|---|
+//! | `dlq_reason` | why it was dead-lettered, in words |
+//! | `dlq_kind` | `undecodable`, `unknown_event_type`, `permanent` or `retries_exhausted` |
+//! | `dlq_attempts` | handler tries made (0 when the handler never ran) |
+//! | `dlq_original_topic` | the topic it was read from |
+//! | `dlq_original_partition` | the partition it was read from |
+//! | `dlq_original_offset` | the offset it was read at |
+//! | `dlq_consumer_group` | the consumer group that gave up on it |
+//! | `dlq_time` | when it was dead-lettered (RFC 3339, UTC) |
+//!
+//! [`replay`] sends dead letters back to their original topic with the
+//! original key, value and headers (the `dlq_*` ones removed), so the event
+//! keeps its `ce_id` and dedupes as usual: a replayed event that some group
+//! already applied is skipped there.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use outbox_core::headers as h;
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    error::KafkaError,
+    message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
+    producer::{FutureProducer, FutureRecord},
+    ClientConfig, Offset, TopicPartitionList,
+};
+use uuid::Uuid;
+
+/// `dlq_reason`: why the message was dead-lettered.
+pub const REASON: &str = "dlq_reason";
+/// `dlq_kind`: the [`DeadLetterKind`].
+pub const KIND: &str = "dlq_kind";
+/// `dlq_attempts`: handler tries made.
+pub const ATTEMPTS: &str = "dlq_attempts";
+/// `dlq_original_topic`.
+pub const ORIGINAL_TOPIC: &str = "dlq_original_topic";
+/// `dlq_original_partition`.
+pub const ORIGINAL_PARTITION: &str = "dlq_original_partition";
+/// `dlq_original_offset`.
+pub const ORIGINAL_OFFSET: &str = "dlq_original_offset";
+/// `dlq_consumer_group`.
+pub const CONSUMER_GROUP: &str = "dlq_consumer_group";
+/// `dlq_time`: when it was dead-lettered (RFC 3339).
+pub const TIME: &str = "dlq_time";
+
+/// Every header a dead letter adds; [`replay`] removes them.
+pub const DLQ_HEADERS: &[&str] = &[
+    REASON,
+    KIND,
+    ATTEMPTS,
+    ORIGINAL_TOPIC,
+    ORIGINAL_PARTITION,
+    ORIGINAL_OFFSET,
+    CONSUMER_GROUP,
+    TIME,
+];
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterKind {
+    /// Not an outbox event: a required header is missing or invalid, or the
+    /// payload does not decode into the handler's type.
+    Undecodable,
+    /// No handler is registered for its event type.
+    UnknownEventType,
+    /// The handler returned a permanent error (or panicked).
+    Permanent,
+    /// The handler kept returning retryable errors until the last try.
+    RetriesExhausted,
+}
+
+impl DeadLetterKind {
+    /// The `dlq_kind` header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Undecodable => "undecodable",
+            Self::UnknownEventType => "unknown_event_type",
+            Self::Permanent => "permanent",
+            Self::RetriesExhausted => "retries_exhausted",
+        }
+    }
+}
+
+/// Builds librdkafka client settings: bootstrap servers, then `properties`.
+pub(crate) fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", brokers);
+    for (k, v) in properties {
+        cc.set(k, v);
+    }
+    cc
+}
+
+/// An idempotent, `acks=all` producer for dead letters and replays.
+pub(crate) fn producer(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    timeout: Duration,
+) -> Result<FutureProducer, KafkaError> {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", timeout.as_millis().to_string())
+        .set("client.id", "consumer-kit");
+    for (k, v) in properties {
+        // Consumer-only settings would make the producer refuse to start.
+        if !is_consumer_only(k) {
+            cc.set(k, v);
+        }
+    }
+    cc.create()
+}
+
+fn is_consumer_only(key: &str) -> bool {
+    key.starts_with("enable.auto.")
+        || key.starts_with("auto.")
+        || key.starts_with("session.")
+        || key.starts_with("heartbeat.")
+        || key.starts_with("max.poll.")
+        || key.starts_with("fetch.")
+        || key.starts_with("group.")
+        || key.starts_with("partition.assignment")
+        || key == "isolation.level"
+        || key.starts_with("queued.")
+}
+
+/// Sends `msg` to `dlq_topic` with the dead-letter headers and waits for
+/// Kafka's acknowledgement.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn publish(
+    producer: &FutureProducer,
+    msg: &OwnedMessage,
+    dlq_topic: &str,
+    kind: DeadLetterKind,
+    reason: &str,
+    attempts: u32,
+    group: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut headers = OwnedHeaders::new_with_capacity(DLQ_HEADERS.len() + 16);
+    if let Some(original) = msg.headers() {
+        for header in original.iter() {
+            if !DLQ_HEADERS.contains(&header.key) {
+                headers = headers.insert(header);
+            }
+        }
+    }
+    let partition = msg.partition().to_string();
+    let offset = msg.offset().to_string();
+    let attempts = attempts.to_string();
+    let time = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    for (key, value) in [
+        (REASON, reason),
+        (KIND, kind.as_str()),
+        (ATTEMPTS, &attempts),
+        (ORIGINAL_TOPIC, msg.topic()),
+        (ORIGINAL_PARTITION, &partition),
+        (ORIGINAL_OFFSET, &offset),
+        (CONSUMER_GROUP, group),
+        (TIME, &time),
+    ] {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    let mut record = FutureRecord::to(dlq_topic).headers(headers);
+    if let Some(key) = msg.key() {
+        record = record.key(key);
+    }
+    if let Some(value) = msg.payload() {
+        record = record.payload(value);
+    }
+    producer
+        .send(record, timeout)
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| format!("dead-letter publish to {dlq_topic} failed: {e}"))
+}
+
+/// One record of a dead-letter topic, decoded for operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// The dead-letter topic it sits in.
+    pub dlq_topic: String,
+    /// Its partition in the dead-letter topic.
+    pub dlq_partition: i32,
+    /// Its offset in the dead-letter topic.
+    pub dlq_offset: i64,
+    /// `ce_id` of the original, when it had a valid one.
+    pub event_id: Option<Uuid>,
+    /// `ce_type` of the original, when it had one.
+    pub event_type: Option<String>,
+    /// `dlq_kind`.
+    pub kind: Option<String>,
+    /// `dlq_reason`.
+    pub reason: Option<String>,
+    /// `dlq_attempts`.
+    pub attempts: Option<u32>,
+    /// `dlq_original_topic`: where [`replay`] sends it.
+    pub original_topic: Option<String>,
+    /// `dlq_original_partition`.
+    pub original_partition: Option<i32>,
+    /// `dlq_original_offset`.
+    pub original_offset: Option<i64>,
+    /// `dlq_consumer_group`.
+    pub consumer_group: Option<String>,
+    /// `dlq_time`.
+    pub dead_lettered_at: Option<DateTime<Utc>>,
+    /// The original key.
+    pub key: Option<Vec<u8>>,
+    /// The original value.
+    pub payload: Option<Vec<u8>>,
+    /// The original headers, without the `dlq_*` ones, in order.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl DeadLetter {
+    /// Decodes a record read from a dead-letter topic.
+    pub fn from_message(msg: &OwnedMessage) -> Self {
+        let mut dlq = BTreeMap::new();
+        let mut headers = Vec::new();
+        let mut ce_id = None;
+        let mut ce_type = None;
+        if let Some(hs) = msg.headers() {
+            for header in hs.iter() {
+                let text = || {
+                    header
+                        .value
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default()
+                };
+                if DLQ_HEADERS.contains(&header.key) {
+                    dlq.insert(header.key.to_string(), text());
+                    continue;
+                }
+                if header.key == h::CE_ID {
+                    ce_id = Uuid::parse_str(text().trim()).ok();
+                } else if header.key == h::CE_TYPE {
+                    ce_type = Some(text());
+                }
+                headers.push((header.key.to_string(), header.value.map(<[u8]>::to_vec)));
+            }
+        }
+        let mut take = |name: &str| dlq.remove(name);
+        Self {
+            dlq_topic: msg.topic().to_string(),
+            dlq_partition: msg.partition(),
+            dlq_offset: msg.offset(),
+            event_id: ce_id,
+            event_type: ce_type,
+            kind: take(KIND),
+            reason: take(REASON),
+            attempts: take(ATTEMPTS).and_then(|v| v.parse().ok()),
+            original_topic: take(ORIGINAL_TOPIC),
+            original_partition: take(ORIGINAL_PARTITION).and_then(|v| v.parse().ok()),
+            original_offset: take(ORIGINAL_OFFSET).and_then(|v| v.parse().ok()),
+            consumer_group: take(CONSUMER_GROUP),
+            dead_lettered_at: take(TIME)
+                .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+                .map(|t| t.with_timezone(&Utc)),
+            key: msg.key().map(<[u8]>::to_vec),
+            payload: msg.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+}
+
+/// Which dead letters to list or replay. Empty fields match everything.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeadLetterFilter {
+    /// Only this event type (`ce_type`).
+    pub event_type: Option<String>,
+    /// Only this event id (`ce_id`).
+    pub event_id: Option<Uuid>,
+    /// Only dead-lettered at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only dead-lettered before this time.
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl DeadLetterFilter {
+    /// Whether `letter` passes the filter.
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        if let Some(t) = &self.event_type {
+            if letter.event_type.as_deref() != Some(t.as_str()) {
+                return false;
+            }
+        }
+        if let Some(id) = self.event_id {
+            if letter.event_id != Some(id) {
+                return false;
+            }
+        }
+        if self.since.is_some() || self.until.is_some() {
+            let Some(at) = letter.dead_lettered_at else {
+                return false;
+            };
+            if self.since.is_some_and(|s| at < s) || self.until.is_some_and(|u| at >= u) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Why dead letters could not be read or replayed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeadLetterError {
+    /// The Kafka client could not be created or the broker did not answer.
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The dead-letter topic does not exist.
+    #[error("topic {0} does not exist on the broker; check the name (the default is <topic>.dlq)")]
+    MissingTopic(String),
+    /// Reading stopped before the end of the topic.
+    #[error("reading dead letters stopped: {0}")]
+    Interrupted(String),
+    /// A dead letter lacks `dlq_original_topic`, so it cannot be replayed.
+    #[error("dead letter {topic}/{partition}@{offset} has no {ORIGINAL_TOPIC} header; it was not written by consumer-kit")]
+    NoOriginalTopic {
+        /// Its dead-letter topic.
+        topic: String,
+        /// Its partition.
+        partition: i32,
+        /// Its offset.
+        offset: i64,
+    },
+}
+
+/// Reads every record of `dlq_topic` present when the call starts (up to
+/// the high watermarks, so it ends) and returns those `filter` matches, in
+/// partition then offset order. It uses no consumer group and commits
+/// nothing, so it can run any number of times.
+pub async fn read(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    dlq_topic: &str,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<DeadLetter>, DeadLetterError> {
+    let brokers = brokers.to_string();
+    let properties = properties.clone();
+    let topic = dlq_topic.to_string();
+    let filter = filter.clone();
+    tokio::task::spawn_blocking(move || read_blocking(&brokers, &properties, &topic, &filter))
+        .await
+        .map_err(|e| DeadLetterError::Interrupted(format!("the reader task failed: {e}")))?
+}
+
+fn read_blocking(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<DeadLetter>, DeadLetterError> {
+    let mut cc = client_config(brokers, properties);
+    cc.set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("group.id", "consumer-kit-dlq-reader");
+    let consumer: BaseConsumer = cc.create()?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if partitions.is_empty() {
+        return Err(DeadLetterError::MissingTopic(topic.to_string()));
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = BTreeMap::new();
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+            remaining.insert(p, high);
+        }
+    }
+    let mut out = Vec::new();
+    if remaining.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !remaining.is_empty() {
+        if std::time::Instant::now() > deadline {
+            return Err(DeadLetterError::Interrupted(format!(
+                "reading {topic} did not reach its end within 60 s; is the broker answering?"
+            )));
+        }
+        let Some(result) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let msg = result?.detach();
+        let p = msg.partition();
+        if let Some(high) = remaining.get(&p).copied() {
+            if msg.offset() + 1 >= high {
+                remaining.remove(&p);
+            }
+            if msg.offset() < high {
+                let letter = DeadLetter::from_message(&msg);
+                if filter.matches(&letter) {
+                    out.push(letter);
+                }
+            }
+        }
+    }
+    out.sort_by_key(|l| (l.dlq_partition, l.dlq_offset));
+    Ok(out)
+}
+
+/// What [`replay`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Dead letters sent back to their original topic.
+    pub replayed: usize,
+}
+
+/// Sends each dead letter back to its original topic, with its original
+/// key, value and headers, and waits for every acknowledgement. Letters are
+/// sent in the order given (per original partition, that is the order they
+/// were dead-lettered in when they come from [`read`]).
+pub async fn replay(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    letters: &[DeadLetter],
+) -> Result<ReplayReport, DeadLetterError> {
+    for l in letters {
+        if l.original_topic.is_none() {
+            return Err(DeadLetterError::NoOriginalTopic {
+                topic: l.dlq_topic.clone(),
+                partition: l.dlq_partition,
+                offset: l.dlq_offset,
+            });
+        }
+    }
+    let producer = producer(brokers, properties, Duration::from_secs(30))?;
+    let mut sends = Vec::with_capacity(letters.len());
+    for l in letters {
+        let mut headers = OwnedHeaders::new_with_capacity(l.headers.len());
+        for (key, value) in &l.headers {
+            headers = headers.insert(Header {
+                key: key.as_str(),
+                value: value.as_deref(),
+            });
+        }
+        let topic = l.original_topic.as_deref().unwrap_or_default();
+        let mut record = FutureRecord::to(topic).headers(headers);
+        if let Some(key) = &l.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &l.payload {
+            record = record.payload(value.as_slice());
+        }
+        // Enqueue all, then await all: one round of acknowledgements.
+        sends.push(producer.send(record, Duration::from_secs(30)));
+    }
+    for result in futures::future::join_all(sends).await {
+        result.map_err(|(e, _)| DeadLetterError::Kafka(e))?;
+    }
+    Ok(ReplayReport {
+        replayed: letters.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(event_type: &str, at: &str) -> DeadLetter {
+        DeadLetter {
+            dlq_topic: "t.dlq".into(),
+            dlq_partition: 0,
+            dlq_offset: 0,
+            event_id: Some(Uuid::nil()),
+            event_type: Some(event_type.into()),
+            kind: None,
+            reason: None,
+            attempts: None,
+            original_topic: Some("t".into()),
+            original_partition: None,
+            original_offset: None,
+            consumer_group: None,
+            dead_lettered_at: Some(at.parse().unwrap()),
+            key: None,
+            payload: None,
+            headers: vec![],
+        }
+    }
+
+    #[test]
+    fn filter_by_type_id_and_time() {
+        let l = letter("order.paid", "2026-11-23T10:00:00Z");
+        assert!(DeadLetterFilter::default().matches(&l));
+        let by_type = DeadLetterFilter {
+            event_type: Some("order.paid".into()),
+            ..Default::default()
+        };
+        assert!(by_type.matches(&l));
+        let other_type = DeadLetterFilter {
+            event_type: Some("order.created".into()),
+            ..Default::default()
+        };
+        assert!(!other_type.matches(&l));
+        let other_id = DeadLetterFilter {
+            event_id: Some(Uuid::max()),
+            ..Default::default()
+        };
+        assert!(!other_id.matches(&l));
+        let window = DeadLetterFilter {
+            since: Some("2026-11-23T09:00:00Z".parse().unwrap()),
+            until: Some("2026-11-23T10:00:00Z".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(!window.matches(&l), "until is exclusive");
+        let window = DeadLetterFilter {
+            since: Some("2026-11-23T10:00:00Z".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(window.matches(&l), "since is inclusive");
+    }
+}

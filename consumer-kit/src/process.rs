@@ -1,0 +1,340 @@
+//! One message's life: decode, the dedupe transaction around the handler,
+//! retries with backoff, and the dead-letter topic.
+//!
+//! ```text
+//! decode ──bad──────────────────────────────────────────────▶ dead letter
+//!   │ no handler ───────────────────────────────────────────▶ dead letter (or skip)
+//!   ▼
+//! BEGIN; INSERT processed_events … ON CONFLICT DO NOTHING
+//!   │ conflict ─▶ ROLLBACK, count a duplicate ───────────────▶ done
+//!   ▼
+//! handler(envelope, tx) ─retryable─▶ ROLLBACK, backoff, again (up to max_attempts)
+//!   │                    ─permanent / last try ─▶ ROLLBACK ──▶ dead letter
+//!   ▼
+//! COMMIT ──────────────────────────────────────────────────▶ done
+//! ```
+//!
+//! "Done" lets the caller store the offset. A database that fails (begin,
+//! dedupe insert, commit) is retried with backoff for as long as it takes,
+//! without using up the handler's tries; so is a dead-letter publish that
+//! fails. A message is never acknowledged before it was applied, found
+//! duplicate, or dead-lettered.
+
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration, time::Instant};
+
+use futures::FutureExt;
+use rdkafka::message::{Message, OwnedMessage};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info_span, warn, Instrument};
+
+use crate::{
+    config::{ConsumerConfig, UnknownEventType},
+    dead_letter::{self, DeadLetterKind},
+    dedupe,
+    envelope::RawEnvelope,
+    handler::{HandlerError, Prepared, Route},
+    telemetry::{self, ConsumerStats, StatField},
+};
+
+/// What the partition worker does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Done {
+    /// Applied, duplicate, skipped or dead-lettered: store the offset.
+    Completed,
+    /// Stopped (shutdown or revoke) before the message was settled: do not
+    /// store its offset; it is redelivered later.
+    Abandoned,
+}
+
+/// Everything the workers share.
+pub(crate) struct Shared {
+    pub(crate) cfg: ConsumerConfig,
+    pub(crate) pool: sqlx::PgPool,
+    pub(crate) routes: std::collections::HashMap<String, Arc<dyn Route>>,
+    pub(crate) producer: rdkafka::producer::FutureProducer,
+    pub(crate) stats: Arc<ConsumerStats>,
+    pub(crate) permits: tokio::sync::Semaphore,
+}
+
+enum Applied {
+    New,
+    Duplicate,
+}
+
+enum Failure {
+    /// The database itself failed: retry without counting a handler try.
+    Infrastructure(sqlx::Error),
+    Handler(HandlerError),
+}
+
+/// Settles `msg`. Only sleeps are cut short by `stop`; a transaction in
+/// progress always runs to its end.
+pub(crate) async fn process(shared: &Shared, msg: &OwnedMessage, stop: &CancellationToken) -> Done {
+    let raw = match RawEnvelope::decode(msg) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let span = info_span!("consume", position = %position_of(msg));
+            return dead_letter(
+                shared,
+                msg,
+                DeadLetterKind::Undecodable,
+                &e.to_string(),
+                0,
+                stop,
+            )
+            .instrument(span)
+            .await;
+        }
+    };
+    let span = info_span!(
+        "consume",
+        event_id = %raw.event_id,
+        correlation_id = raw.correlation_id.as_deref().unwrap_or(""),
+        event_type = %raw.event_type,
+        position = %raw.position,
+        traceparent = raw.traceparent.as_deref().unwrap_or(""),
+    );
+    settle(shared, msg, &raw, stop).instrument(span).await
+}
+
+async fn settle(
+    shared: &Shared,
+    msg: &OwnedMessage,
+    raw: &RawEnvelope,
+    stop: &CancellationToken,
+) -> Done {
+    let cfg = &shared.cfg;
+    let Some(route) = shared.routes.get(&raw.event_type) else {
+        return match cfg.unknown_event_type {
+            UnknownEventType::Skip => {
+                debug!("no handler for this event type; skipped");
+                shared.stats.add(StatField::Skipped);
+                telemetry::skipped(&cfg.group_id, msg.topic());
+                Done::Completed
+            }
+            UnknownEventType::DeadLetter => {
+                let reason = format!(
+                    "no handler for event type {:?} in consumer group {:?}",
+                    raw.event_type, cfg.group_id
+                );
+                dead_letter(
+                    shared,
+                    msg,
+                    DeadLetterKind::UnknownEventType,
+                    &reason,
+                    0,
+                    stop,
+                )
+                .await
+            }
+        };
+    };
+    let prepared = match route.prepare(raw) {
+        Ok(p) => p,
+        Err(e) => {
+            return dead_letter(
+                shared,
+                msg,
+                DeadLetterKind::Undecodable,
+                &e.to_string(),
+                0,
+                stop,
+            )
+            .await
+        }
+    };
+    let mut attempt = 0;
+    let mut outages = 0;
+    loop {
+        attempt += 1;
+        let started = Instant::now();
+        match apply_once(shared, raw, prepared.as_ref()).await {
+            Ok(Applied::New) => {
+                debug!(attempt, "applied");
+                shared.stats.add(StatField::Processed);
+                telemetry::processed(
+                    &cfg.group_id,
+                    msg.topic(),
+                    &raw.event_type,
+                    started.elapsed(),
+                );
+                return Done::Completed;
+            }
+            Ok(Applied::Duplicate) => {
+                debug!("already applied by this group; skipped as a duplicate");
+                shared.stats.add(StatField::Duplicate);
+                telemetry::duplicate(&cfg.group_id, msg.topic());
+                return Done::Completed;
+            }
+            Err(Failure::Infrastructure(e)) => {
+                attempt -= 1;
+                outages += 1;
+                warn!(error = %e, "database failed; retrying the message with backoff");
+                telemetry::infra_error(&cfg.group_id, "database");
+                if !sleep_or_stop(backoff(outages, cfg), stop).await {
+                    return Done::Abandoned;
+                }
+            }
+            Err(Failure::Handler(HandlerError::Retryable(e))) if attempt < cfg.max_attempts => {
+                warn!(attempt, max_attempts = cfg.max_attempts, error = %e, "handler failed; retrying with backoff");
+                shared.stats.add(StatField::Retry);
+                telemetry::retry(&cfg.group_id, msg.topic());
+                if !sleep_or_stop(backoff(attempt, cfg), stop).await {
+                    return Done::Abandoned;
+                }
+            }
+            Err(Failure::Handler(HandlerError::Retryable(e))) => {
+                let reason = format!("still failing after {attempt} tries: {e}");
+                return dead_letter(
+                    shared,
+                    msg,
+                    DeadLetterKind::RetriesExhausted,
+                    &reason,
+                    attempt,
+                    stop,
+                )
+                .await;
+            }
+            Err(Failure::Handler(HandlerError::Permanent(e))) => {
+                let reason = format!("permanent error: {e}");
+                return dead_letter(
+                    shared,
+                    msg,
+                    DeadLetterKind::Permanent,
+                    &reason,
+                    attempt,
+                    stop,
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// The dedupe transaction: one attempt.
+async fn apply_once(
+    shared: &Shared,
+    raw: &RawEnvelope,
+    prepared: &dyn Prepared,
+) -> Result<Applied, Failure> {
+    let mut tx = shared.pool.begin().await.map_err(Failure::Infrastructure)?;
+    let new = dedupe::record(&mut tx, &shared.cfg.group_id, raw.event_id, &raw.position)
+        .await
+        .map_err(Failure::Infrastructure)?;
+    if !new {
+        // Nothing was written; ending the transaction is all that is left.
+        let _ = tx.rollback().await;
+        return Ok(Applied::Duplicate);
+    }
+    match AssertUnwindSafe(prepared.apply(&mut tx))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(())) => {
+            tx.commit().await.map_err(Failure::Infrastructure)?;
+            Ok(Applied::New)
+        }
+        Ok(Err(e)) => {
+            let _ = tx.rollback().await;
+            Err(Failure::Handler(e))
+        }
+        Err(panic) => {
+            // The transaction is dropped, which rolls it back.
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-text panic".into());
+            Err(Failure::Handler(HandlerError::permanent(format!(
+                "handler panicked: {what}"
+            ))))
+        }
+    }
+}
+
+/// Publishes `msg` to its dead-letter topic, retrying with backoff until
+/// Kafka acknowledges it (or the worker is stopped: then the message is not
+/// acknowledged, and is redelivered).
+async fn dead_letter(
+    shared: &Shared,
+    msg: &OwnedMessage,
+    kind: DeadLetterKind,
+    reason: &str,
+    attempts: u32,
+    stop: &CancellationToken,
+) -> Done {
+    let cfg = &shared.cfg;
+    let topic = cfg.dead_letter_topic_for(msg.topic());
+    error!(kind = kind.as_str(), reason, dead_letter_topic = %topic, "dead-lettering message");
+    let mut failures = 0;
+    loop {
+        match dead_letter::publish(
+            &shared.producer,
+            msg,
+            &topic,
+            kind,
+            reason,
+            attempts,
+            &cfg.group_id,
+            cfg.dead_letter_timeout,
+        )
+        .await
+        {
+            Ok(()) => {
+                shared.stats.add(StatField::DeadLettered);
+                telemetry::dead_lettered(&cfg.group_id, msg.topic(), kind.as_str());
+                return Done::Completed;
+            }
+            Err(e) => {
+                failures += 1;
+                telemetry::infra_error(&cfg.group_id, "dead_letter");
+                error!(error = %e, "dead-letter publish failed; the message is held (its partition waits) and retried");
+                if !sleep_or_stop(backoff(failures, cfg), stop).await {
+                    return Done::Abandoned;
+                }
+            }
+        }
+    }
+}
+
+fn position_of(msg: &OwnedMessage) -> String {
+    format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset())
+}
+
+/// Exponential backoff with jitter: `min_backoff × 2^(n-1)`, capped at
+/// `max_backoff`, then scaled by a random factor in [0.5, 1].
+pub(crate) fn backoff(n: u32, cfg: &ConsumerConfig) -> Duration {
+    let exp = cfg
+        .min_backoff
+        .saturating_mul(2u32.saturating_pow(n.saturating_sub(1).min(30)));
+    exp.min(cfg.max_backoff)
+        .mul_f64(rand::random_range(0.5..=1.0))
+}
+
+/// Sleeps `d`; false when `stop` fired first.
+async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let cfg = ConsumerConfig {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1000),
+            ..ConsumerConfig::new("g", ["t"])
+        };
+        let b1 = backoff(1, &cfg);
+        assert!(b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(100));
+        let b3 = backoff(3, &cfg);
+        assert!(b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(400));
+        let b40 = backoff(40, &cfg);
+        assert!(b40 <= Duration::from_millis(1000) && b40 >= Duration::from_millis(500));
+    }
+}

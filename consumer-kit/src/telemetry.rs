@@ -1,0 +1,134 @@
+//! Metric names and their recording helpers: every metric consumer-kit
+//! emits is defined here, once, through the `metrics` facade. Install any
+//! recorder (for example `metrics-exporter-prometheus`) to export them.
+//!
+//! Every metric carries a `group` label (the consumer group).
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+
+/// Events applied (handler committed), by `group`, `topic`, `event_type`.
+pub const PROCESSED: &str = "consumer_kit_processed_total";
+/// Redelivered events skipped by dedupe, by `group`, `topic`.
+pub const DUPLICATES: &str = "consumer_kit_duplicates_total";
+/// Handler retries after a retryable error, by `group`, `topic`.
+pub const RETRIES: &str = "consumer_kit_retries_total";
+/// Messages sent to the dead-letter topic, by `group`, `topic`, `kind`
+/// (`undecodable`, `unknown_event_type`, `permanent`, `retries_exhausted`).
+pub const DEAD_LETTERED: &str = "consumer_kit_dead_lettered_total";
+/// Messages skipped because no handler takes their event type (with
+/// [`crate::UnknownEventType::Skip`]), by `group`, `topic`.
+pub const SKIPPED: &str = "consumer_kit_skipped_total";
+/// Failures of the database or of the dead-letter publish, retried with
+/// backoff, by `group`, `kind` (`database`, `dead_letter`).
+pub const INFRA_ERRORS: &str = "consumer_kit_infrastructure_errors_total";
+/// Time in the handler's transaction (dedupe insert, handler, commit), by
+/// `group`, `event_type`.
+pub const HANDLER_DURATION: &str = "consumer_kit_handler_duration_seconds";
+/// Messages not yet consumed, per `group`, `topic`, `partition` (high
+/// watermark minus the consumer's position, from librdkafka statistics).
+pub const LAG: &str = "consumer_kit_lag";
+/// `processed_events` rows deleted by the TTL cleanup, by `group`.
+pub const CLEANED: &str = "consumer_kit_cleanup_deleted_total";
+
+pub(crate) fn processed(group: &str, topic: &str, event_type: &str, took: Duration) {
+    counter!(PROCESSED, "group" => group.to_string(), "topic" => topic.to_string(), "event_type" => event_type.to_string())
+        .increment(1);
+    histogram!(HANDLER_DURATION, "group" => group.to_string(), "event_type" => event_type.to_string())
+        .record(took.as_secs_f64());
+}
+
+pub(crate) fn duplicate(group: &str, topic: &str) {
+    counter!(DUPLICATES, "group" => group.to_string(), "topic" => topic.to_string()).increment(1);
+}
+
+pub(crate) fn retry(group: &str, topic: &str) {
+    counter!(RETRIES, "group" => group.to_string(), "topic" => topic.to_string()).increment(1);
+}
+
+pub(crate) fn dead_lettered(group: &str, topic: &str, kind: &'static str) {
+    counter!(DEAD_LETTERED, "group" => group.to_string(), "topic" => topic.to_string(), "kind" => kind)
+        .increment(1);
+}
+
+pub(crate) fn skipped(group: &str, topic: &str) {
+    counter!(SKIPPED, "group" => group.to_string(), "topic" => topic.to_string()).increment(1);
+}
+
+pub(crate) fn infra_error(group: &str, kind: &'static str) {
+    counter!(INFRA_ERRORS, "group" => group.to_string(), "kind" => kind).increment(1);
+}
+
+pub(crate) fn lag(group: &str, topic: &str, partition: i32, lag: i64) {
+    gauge!(LAG, "group" => group.to_string(), "topic" => topic.to_string(), "partition" => partition.to_string())
+        .set(lag as f64);
+}
+
+pub(crate) fn cleaned(group: &str, n: u64) {
+    if n > 0 {
+        counter!(CLEANED, "group" => group.to_string()).increment(n);
+    }
+}
+
+/// Running totals of one consumer, readable in-process (for tests, demos and
+/// health endpoints) through [`crate::Consumer::stats`]. The same events
+/// are counted in the metrics above.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    processed: std::sync::atomic::AtomicU64,
+    duplicates: std::sync::atomic::AtomicU64,
+    retries: std::sync::atomic::AtomicU64,
+    dead_lettered: std::sync::atomic::AtomicU64,
+    skipped: std::sync::atomic::AtomicU64,
+}
+
+/// A copy of [`ConsumerStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Events applied.
+    pub processed: u64,
+    /// Redelivered events skipped by dedupe.
+    pub duplicates: u64,
+    /// Handler retries.
+    pub retries: u64,
+    /// Messages sent to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Messages skipped for want of a handler.
+    pub skipped: u64,
+}
+
+impl ConsumerStats {
+    /// The totals now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        StatsSnapshot {
+            processed: self.processed.load(Relaxed),
+            duplicates: self.duplicates.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
+            skipped: self.skipped.load(Relaxed),
+        }
+    }
+
+    pub(crate) fn add(&self, field: StatField) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counter = match field {
+            StatField::Processed => &self.processed,
+            StatField::Duplicate => &self.duplicates,
+            StatField::Retry => &self.retries,
+            StatField::DeadLettered => &self.dead_lettered,
+            StatField::Skipped => &self.skipped,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StatField {
+    Processed,
+    Duplicate,
+    Retry,
+    DeadLettered,
+    Skipped,
+}

@@ -1,0 +1,689 @@
+//! consumer-kit against the real PostgreSQL and broker.
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use consumer_kit::{
+    dead_letter::{self, DeadLetterFilter},
+    dedupe, ConsumerError, UnknownEventType,
+};
+use integration_tests::{
+    consume,
+    consumer::{
+        consumer_cfg, consumer_db, effect_counts, event, events, produce, reset_group_offsets,
+        Effects, RunningConsumer, TestRecord,
+    },
+    create_topic, eventually, unique,
+};
+use outbox_core::headers as h;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn topic(prefix: &str, partitions: i32) -> anyhow::Result<String> {
+    let t = unique(prefix);
+    create_topic(&t, partitions).await?;
+    Ok(t)
+}
+
+async fn processed_rows(pool: &PgPool, group: &str) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM processed_events WHERE consumer_group = $1")
+            .bind(group)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_duplicate_delivery_and_a_whole_replay_change_state_once(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-dup", 3).await?;
+    let group = unique("g");
+    let (mut records, _) = events(200, 20, "item.added");
+    // The same event delivered twice (as a relay crash would).
+    records.push(records[7].clone());
+    produce(&topic, &records).await?;
+
+    let c = RunningConsumer::start(
+        &pool,
+        consumer_cfg(&group, &topic),
+        "item.added",
+        Effects::default(),
+    )?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "201 records settled", || async {
+        let s = stats.snapshot();
+        Ok(s.processed + s.duplicates == 201)
+    })
+    .await?;
+    c.stop().await?;
+    let s = stats.snapshot();
+    assert_eq!((s.processed, s.duplicates), (200, 1));
+    assert_eq!(effect_counts(&pool).await?, (200, 200));
+
+    // Replay the whole topic from offset 0 for the same group.
+    reset_group_offsets(&group, &topic, 3, 0).await?;
+    let c = RunningConsumer::start(
+        &pool,
+        consumer_cfg(&group, &topic),
+        "item.added",
+        Effects::default(),
+    )?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "the replay settled", || async {
+        Ok(stats.snapshot().duplicates == 201)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(stats.snapshot().processed, 0, "a replay applies nothing");
+    assert_eq!(effect_counts(&pool).await?, (200, 200));
+    assert_eq!(processed_rows(&pool, &group).await?, 200);
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn offsets_are_committed_on_shutdown(pool: PgPool) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-commit", 2).await?;
+    let group = unique("g");
+    produce(&topic, &events(50, 5, "item.added").0).await?;
+    // No periodic commit within the test: only the shutdown commit counts.
+    let cfg = || consumer_kit::ConsumerConfig {
+        commit_interval: Duration::from_secs(3600),
+        ..consumer_cfg(&group, &topic)
+    };
+    let c = RunningConsumer::start(&pool, cfg(), "item.added", Effects::default())?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "50 processed", || async {
+        Ok(stats.snapshot().processed == 50)
+    })
+    .await?;
+    c.stop().await?;
+
+    let c = RunningConsumer::start(&pool, cfg(), "item.added", Effects::default())?;
+    let stats = c.stats.clone();
+    produce(&topic, &events(10, 5, "item.added").0).await?;
+    eventually(WAIT, "10 new processed", || async {
+        Ok(stats.snapshot().processed == 10)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(
+        stats.snapshot().duplicates,
+        0,
+        "nothing before the shutdown was redelivered"
+    );
+    assert_eq!(effect_counts(&pool).await?, (60, 60));
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_retryable_error_then_success_applies_once(pool: PgPool) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-retry", 1).await?;
+    let group = unique("g");
+    let id = Uuid::new_v4();
+    produce(
+        &topic,
+        &[event(
+            "k",
+            id,
+            "item.added",
+            serde_json::json!({ "seq": 1, "fail_times": 2 }),
+        )],
+    )
+    .await?;
+    let handler = Effects::default();
+    let calls = handler.calls.clone();
+    let c = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "processed", || async {
+        Ok(stats.snapshot().processed == 1)
+    })
+    .await?;
+    c.stop().await?;
+    let s = stats.snapshot();
+    assert_eq!(calls.lock().unwrap()[&id], 3, "two failures, then success");
+    assert_eq!((s.retries, s.dead_lettered), (2, 0));
+    assert_eq!(
+        effect_counts(&pool).await?,
+        (1, 1),
+        "failed tries were rolled back"
+    );
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn poison_and_exhausted_messages_land_in_the_dead_letter_topic_while_later_ones_flow(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-dlq", 1).await?;
+    let group = unique("g");
+    let good: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    let poison = Uuid::new_v4();
+    let flaky = Uuid::new_v4();
+    let not_json = Uuid::new_v4();
+    let unknown = Uuid::new_v4();
+    let mut no_id = event(
+        "k",
+        Uuid::new_v4(),
+        "item.added",
+        serde_json::json!({ "seq": 0 }),
+    );
+    no_id.headers.retain(|(k, _)| k != h::CE_ID);
+    let mut bad_value = event("k", not_json, "item.added", serde_json::json!({}));
+    bad_value.value = Some(b"{not json".to_vec());
+    let records: Vec<TestRecord> = vec![
+        event("k", good[0], "item.added", serde_json::json!({ "seq": 0 })),
+        event(
+            "k",
+            poison,
+            "item.added",
+            serde_json::json!({ "seq": 1, "poison": true }),
+        ),
+        event(
+            "k",
+            flaky,
+            "item.added",
+            serde_json::json!({ "seq": 2, "fail_times": u32::MAX }),
+        ),
+        bad_value,
+        no_id,
+        event(
+            "k",
+            unknown,
+            "item.unknown",
+            serde_json::json!({ "seq": 5 }),
+        ),
+        event("k", good[1], "item.added", serde_json::json!({ "seq": 6 })),
+        event("k", good[2], "item.added", serde_json::json!({ "seq": 7 })),
+        event("k", good[3], "item.added", serde_json::json!({ "seq": 8 })),
+        event("k", good[4], "item.added", serde_json::json!({ "seq": 9 })),
+    ];
+    produce(&topic, &records).await?;
+    let c = RunningConsumer::start(
+        &pool,
+        consumer_cfg(&group, &topic),
+        "item.added",
+        Effects::default(),
+    )?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "all settled", || async {
+        let s = stats.snapshot();
+        Ok(s.processed + s.dead_lettered == 10)
+    })
+    .await?;
+    c.stop().await?;
+    let s = stats.snapshot();
+    assert_eq!((s.processed, s.dead_lettered, s.retries), (5, 5, 2));
+    let applied: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM effects ORDER BY seq")
+        .fetch_all(&pool)
+        .await?;
+    assert_eq!(
+        applied, good,
+        "good events applied once, in order, past the bad ones"
+    );
+
+    let dlq = consume(&format!("{topic}.dlq"), 5, WAIT, Duration::from_secs(1)).await?;
+    assert_eq!(dlq.len(), 5);
+    let kinds: Vec<(&str, &str, &str)> = dlq
+        .iter()
+        .map(|r| {
+            (
+                r.header("dlq_kind").unwrap(),
+                r.header("dlq_attempts").unwrap(),
+                r.header("dlq_original_offset").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("permanent", "1", "1"),
+            ("retries_exhausted", "3", "2"),
+            ("undecodable", "0", "3"),
+            ("undecodable", "0", "4"),
+            ("unknown_event_type", "0", "5"),
+        ]
+    );
+    for (r, original) in dlq.iter().zip(&records[1..6]) {
+        assert_eq!(r.key.as_deref(), Some("k"), "original key kept");
+        assert_eq!(r.value, original.value, "original value kept");
+        assert_eq!(r.header("tenant"), Some("acme"), "original headers kept");
+        assert_eq!(r.header("dlq_original_topic"), Some(topic.as_str()));
+        assert_eq!(r.header("dlq_original_partition"), Some("0"));
+        assert_eq!(r.header("dlq_consumer_group"), Some(group.as_str()));
+        assert!(r.header("dlq_time").is_some_and(|t| t.ends_with('Z')));
+        assert!(!r.header("dlq_reason").unwrap_or_default().is_empty());
+    }
+    assert!(dlq[0]
+        .header("dlq_reason")
+        .unwrap()
+        .contains("seq 1 is poisoned"));
+    assert!(dlq[3]
+        .header("dlq_reason")
+        .unwrap()
+        .contains("ce_id is missing"));
+    assert!(dlq[4]
+        .header("dlq_reason")
+        .unwrap()
+        .contains("item.unknown"));
+    assert_eq!(dlq[0].header(h::CE_ID), Some(poison.to_string().as_str()));
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn unknown_event_types_can_be_skipped(pool: PgPool) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-skip", 1).await?;
+    let group = unique("g");
+    produce(
+        &topic,
+        &[
+            event(
+                "k",
+                Uuid::new_v4(),
+                "other.thing",
+                serde_json::json!({ "seq": 0 }),
+            ),
+            event(
+                "k",
+                Uuid::new_v4(),
+                "item.added",
+                serde_json::json!({ "seq": 1 }),
+            ),
+        ],
+    )
+    .await?;
+    let cfg = consumer_kit::ConsumerConfig {
+        unknown_event_type: UnknownEventType::Skip,
+        ..consumer_cfg(&group, &topic)
+    };
+    let c = RunningConsumer::start(&pool, cfg, "item.added", Effects::default())?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "settled", || async {
+        let s = stats.snapshot();
+        Ok(s.processed + s.skipped == 2)
+    })
+    .await?;
+    c.stop().await?;
+    let s = stats.snapshot();
+    assert_eq!((s.processed, s.skipped, s.dead_lettered), (1, 1, 0));
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_failing_dead_letter_publish_holds_the_message_until_it_succeeds(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-dlqdown", 1).await?;
+    let group = unique("g");
+    let poison = Uuid::new_v4();
+    let after = Uuid::new_v4();
+    produce(
+        &topic,
+        &[
+            event(
+                "k",
+                poison,
+                "item.added",
+                serde_json::json!({ "seq": 0, "poison": true }),
+            ),
+            event("k", after, "item.added", serde_json::json!({ "seq": 1 })),
+        ],
+    )
+    .await?;
+    // The dead-letter topic does not exist and is not created.
+    let cfg = consumer_kit::ConsumerConfig {
+        create_dead_letter_topics: false,
+        dead_letter_timeout: Duration::from_secs(1),
+        ..consumer_cfg(&group, &topic)
+    };
+    let c = RunningConsumer::start(&pool, cfg, "item.added", Effects::default())?;
+    let stats = c.stats.clone();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let s = stats.snapshot();
+    assert_eq!(
+        (s.processed, s.dead_lettered),
+        (0, 0),
+        "the poison message is held, and the next one of its partition waits behind it"
+    );
+    create_topic(&format!("{topic}.dlq"), 1).await?;
+    eventually(WAIT, "dead-lettered, then the next one applied", || async {
+        let s = stats.snapshot();
+        Ok(s.dead_lettered == 1 && s.processed == 1)
+    })
+    .await?;
+    c.stop().await?;
+    let dlq = consume(&format!("{topic}.dlq"), 1, WAIT, Duration::from_millis(500)).await?;
+    assert_eq!(dlq[0].header(h::CE_ID), Some(poison.to_string().as_str()));
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_fixed_event_replayed_from_the_dead_letter_topic_applies_once(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-replay", 2).await?;
+    let group = unique("g");
+    let poison = Uuid::new_v4();
+    let other_poison = Uuid::new_v4();
+    produce(
+        &topic,
+        &[
+            event(
+                "a",
+                poison,
+                "item.added",
+                serde_json::json!({ "seq": 1, "poison": true }),
+            ),
+            event(
+                "b",
+                other_poison,
+                "item.other",
+                serde_json::json!({ "seq": 2 }),
+            ),
+        ],
+    )
+    .await?;
+    let handler = Effects::default();
+    let fixed = handler.fixed.clone();
+    let c = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "both dead-lettered", || async {
+        Ok(stats.snapshot().dead_lettered == 2)
+    })
+    .await?;
+    assert_eq!(effect_counts(&pool).await?, (0, 0));
+
+    // The operator lists the dead letters, fixes the handler, and replays
+    // only the event type that is fixed.
+    let dlq_topic = format!("{topic}.dlq");
+    let brokers = integration_tests::brokers();
+    let all = dead_letter::read(
+        &brokers,
+        &Default::default(),
+        &dlq_topic,
+        &DeadLetterFilter::default(),
+    )
+    .await?;
+    assert_eq!(all.len(), 2);
+    let filter = DeadLetterFilter {
+        event_type: Some("item.added".into()),
+        ..Default::default()
+    };
+    let chosen = dead_letter::read(&brokers, &Default::default(), &dlq_topic, &filter).await?;
+    assert_eq!(chosen.len(), 1);
+    assert_eq!(chosen[0].event_id, Some(poison));
+    assert_eq!(chosen[0].kind.as_deref(), Some("permanent"));
+    assert_eq!(chosen[0].original_topic.as_deref(), Some(topic.as_str()));
+    assert!(chosen[0]
+        .headers
+        .iter()
+        .all(|(k, _)| !k.starts_with("dlq_")));
+    fixed.store(true, Ordering::SeqCst);
+    let report = dead_letter::replay(&brokers, &Default::default(), &chosen).await?;
+    assert_eq!(report.replayed, 1);
+    eventually(WAIT, "the replayed event applied", || async {
+        Ok(stats.snapshot().processed == 1)
+    })
+    .await?;
+    // Replaying it again is harmless: it dedupes.
+    dead_letter::replay(&brokers, &Default::default(), &chosen).await?;
+    eventually(WAIT, "the second replay deduped", || async {
+        Ok(stats.snapshot().duplicates == 1)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(effect_counts(&pool).await?, (1, 1));
+    assert!(dedupe::is_processed(&pool, &group, poison).await?);
+    assert!(!dedupe::is_processed(&pool, &group, other_poison).await?);
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn two_members_split_the_partitions_and_rebalances_cause_no_double_effect(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-rebalance", 4).await?;
+    let group = unique("g");
+    let n = 3000;
+    produce(&topic, &events(n, 200, "item.added").0).await?;
+    let slow = |member: &str| Effects {
+        member: member.into(),
+        sleep: Duration::from_millis(2),
+        ..Effects::default()
+    };
+    let a = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", slow("a"))?;
+    let a_stats = a.stats.clone();
+    eventually(WAIT, "a is under way", || async {
+        Ok(a_stats.snapshot().processed >= 300)
+    })
+    .await?;
+    // B joins mid-stream: a rebalance.
+    let b = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", slow("b"))?;
+    let b_stats = b.stats.clone();
+    eventually(WAIT, "b takes partitions", || async {
+        Ok(b_stats.snapshot().processed >= 200)
+    })
+    .await?;
+    // A leaves mid-stream: another rebalance.
+    a.stop().await?;
+    eventually(Duration::from_secs(120), "everything applied", || async {
+        Ok(effect_counts(&pool).await?.1 == n as i64)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.stop().await?;
+    let (a_s, b_s) = (a_stats.snapshot(), b_stats.snapshot());
+    assert!(
+        a_s.processed > 0 && b_s.processed > 0,
+        "both members worked: {a_s:?} {b_s:?}"
+    );
+    assert_eq!(
+        a_s.processed + b_s.processed,
+        n as u64,
+        "each event applied by exactly one member"
+    );
+    assert_eq!(
+        effect_counts(&pool).await?,
+        (n as i64, n as i64),
+        "no double effect"
+    );
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_crash_after_the_database_commit_and_before_the_offset_commit_causes_no_double_effect(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-crash", 2).await?;
+    let group = unique("g");
+    let n = 1000;
+    produce(&topic, &events(n, 50, "item.added").0).await?;
+    // A consumer process that commits offsets only every hour, killed -9
+    // mid-stream: everything it applied is committed in PostgreSQL and
+    // not in Kafka.
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{group}.log")))?;
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_consumer-fixture"))
+        .env("DATABASE_URL", integration_tests::database_url(&pool))
+        .env("KAFKA_BROKERS", integration_tests::brokers())
+        .env("TOPIC", &topic)
+        .env("GROUP", &group)
+        .env("COMMIT_INTERVAL_MS", "3600000")
+        .env("SLEEP_MS", "2")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let mut child = integration_tests::Child(child);
+    eventually(WAIT, "the process applied 300", || async {
+        Ok(effect_counts(&pool).await?.0 >= 300)
+    })
+    .await?;
+    child.0.kill()?; // SIGKILL
+    child.0.wait()?;
+    let applied_before = effect_counts(&pool).await?.0;
+    assert!(applied_before < n as i64, "killed mid-stream");
+
+    let c = RunningConsumer::start(
+        &pool,
+        consumer_cfg(&group, &topic),
+        "item.added",
+        Effects::default(),
+    )?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "everything applied", || async {
+        Ok(effect_counts(&pool).await?.1 == n as i64)
+    })
+    .await?;
+    c.stop().await?;
+    let s = stats.snapshot();
+    assert!(
+        s.duplicates >= applied_before as u64,
+        "what the killed process applied was redelivered ({} duplicates, {applied_before} applied before)",
+        s.duplicates
+    );
+    assert_eq!(
+        effect_counts(&pool).await?,
+        (n as i64, n as i64),
+        "no double effect"
+    );
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn cleanup_removes_only_expired_rows_of_its_group(pool: PgPool) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let group = unique("g");
+    // 35 expired and 5 fresh rows of this group, 7 expired rows of another.
+    sqlx::query(
+        "INSERT INTO processed_events (consumer_group, event_id, processed_at) \
+         SELECT $1, gen_random_uuid(), now() - interval '2 days' - g * interval '1 minute' FROM generate_series(1, 35) g \
+         UNION ALL SELECT $1, gen_random_uuid(), now() - interval '1 hour' FROM generate_series(1, 5) \
+         UNION ALL SELECT 'other', gen_random_uuid(), now() - interval '9 days' FROM generate_series(1, 7)",
+    )
+    .bind(&group)
+    .execute(&pool)
+    .await?;
+    let ttl = Duration::from_secs(24 * 3600);
+    assert_eq!(
+        dedupe::delete_expired_batch(&pool, &group, ttl, 10).await?,
+        10,
+        "one bounded batch"
+    );
+    assert_eq!(
+        dedupe::delete_expired(&pool, &group, ttl, 10).await?,
+        25,
+        "the rest, in batches"
+    );
+    assert_eq!(processed_rows(&pool, &group).await?, 5, "fresh rows stay");
+    assert_eq!(
+        processed_rows(&pool, "other").await?,
+        7,
+        "other groups are not touched"
+    );
+
+    // The consumer's background task does the same.
+    sqlx::query(
+        "INSERT INTO processed_events (consumer_group, event_id, processed_at) \
+         SELECT $1, gen_random_uuid(), now() - interval '3 days' FROM generate_series(1, 12)",
+    )
+    .bind(&group)
+    .execute(&pool)
+    .await?;
+    let topic = topic("ck-cleanup", 1).await?;
+    let cfg = consumer_kit::ConsumerConfig {
+        processed_ttl: ttl,
+        cleanup_interval: Some(Duration::from_millis(200)),
+        cleanup_batch_size: 5,
+        ..consumer_cfg(&group, &topic)
+    };
+    let c = RunningConsumer::start(&pool, cfg, "item.added", Effects::default())?;
+    eventually(WAIT, "background cleanup", || async {
+        Ok(processed_rows(&pool, &group).await? == 5)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(processed_rows(&pool, "other").await?, 7);
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn start_up_problems_are_clear_errors(pool: PgPool) -> anyhow::Result<()> {
+    let topic = topic("ck-startup", 1).await?;
+    // No processed_events table yet.
+    let c = RunningConsumer::start(
+        &pool,
+        consumer_cfg("g", &topic),
+        "item.added",
+        Effects::default(),
+    )?;
+    let err = c.stop().await.unwrap_err().to_string();
+    assert!(
+        err.contains("processed_events") && err.contains("migrate"),
+        "{err}"
+    );
+
+    consumer_db(&pool).await?;
+    let missing = unique("ck-missing");
+    let c = RunningConsumer::start(
+        &pool,
+        consumer_cfg("g", &missing),
+        "item.added",
+        Effects::default(),
+    )?;
+    let err = c.stop().await.unwrap_err().to_string();
+    assert!(
+        err.contains(&missing) && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let no_handlers =
+        consumer_kit::Consumer::builder(consumer_cfg("g", &topic), pool.clone()).build();
+    assert!(matches!(no_handlers, Err(ConsumerError::Config(m)) if m.contains("no handlers")));
+    let bad = consumer_kit::ConsumerConfig {
+        dead_letter_topic: "{topic}".into(),
+        ..consumer_cfg("g", &topic)
+    };
+    let err = consumer_kit::Consumer::builder(bad, pool.clone())
+        .handler("x", Effects::default())
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dead_letter_topic"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_retention_check_flags_a_ttl_shorter_than_retention() -> anyhow::Result<()> {
+    let topic = topic("ck-retention", 1).await?;
+    let brokers = integration_tests::brokers();
+    let topics = vec![topic.clone()];
+    let short = consumer_kit::cleanup::retention_check(
+        &brokers,
+        &Default::default(),
+        &topics,
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert_eq!(short.len(), 1);
+    assert!(!short[0].covered, "{short:?}");
+    assert!(short[0].warning(Duration::from_secs(60)).contains(&topic));
+    let long = consumer_kit::cleanup::retention_check(
+        &brokers,
+        &Default::default(),
+        &topics,
+        Duration::from_secs(3650 * 24 * 3600),
+    )
+    .await?;
+    assert_eq!(long[0].covered, long[0].retention.is_some(), "{long:?}");
+    Ok(())
+}
