@@ -1,0 +1,283 @@
+//! `outbox-dlq`: list, inspect and replay the dead letters consumer-kit
+//! wrote. Build it with `cargo build -p consumer-kit --features cli`.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 bad flags.
+
+use std::{collections::BTreeMap, process::ExitCode};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use consumer_kit::dead_letter::{self, DeadLetter, DeadLetterFilter};
+use uuid::Uuid;
+
+/// List, inspect and replay dead letters written by consumer-kit.
+///
+/// Reading never commits anything and uses no consumer group, so it can be
+/// run at any time. Replayed events keep their event id: a consumer group
+/// that already applied one skips it.
+#[derive(Debug, Parser)]
+#[command(name = "outbox-dlq", version)]
+struct Cli {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
+    kafka_brokers: String,
+    /// A librdkafka property, `key=value` (TLS, SASL, ...); repeatable.
+    /// Values are never printed.
+    #[arg(long = "kafka-property", env = "DLQ_KAFKA_PROPERTIES", value_delimiter = ',', global = true, value_parser = parse_property)]
+    kafka_properties: Vec<(String, String)>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// One line per dead letter: position, event, kind, reason.
+    List {
+        /// The dead-letter topic, such as `orders.dlq`.
+        topic: String,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything about the matching dead letters: headers and payload.
+    Show {
+        /// The dead-letter topic.
+        topic: String,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Send the matching dead letters back to their original topic.
+    Replay {
+        /// The dead-letter topic.
+        topic: String,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Replay every dead letter of the topic (required when no filter is given).
+        #[arg(long)]
+        all: bool,
+        /// Only print what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct FilterArgs {
+    /// Only this event type (`ce_type`).
+    #[arg(long)]
+    event_type: Option<String>,
+    /// Only this event id (`ce_id`).
+    #[arg(long)]
+    event_id: Option<Uuid>,
+    /// Only dead-lettered at or after this time: RFC 3339 (`2026-11-23T10:00:00Z`) or an age (`2h`, `3d`).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<DateTime<Utc>>,
+    /// Only dead-lettered before this time: RFC 3339 or an age.
+    #[arg(long, value_parser = parse_time)]
+    until: Option<DateTime<Utc>>,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> DeadLetterFilter {
+        DeadLetterFilter {
+            event_type: self.event_type.clone(),
+            event_id: self.event_id,
+            since: self.since,
+            until: self.until,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.filter() == DeadLetterFilter::default()
+    }
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!(
+            "expected key=value, got {:?}",
+            s.split('=').next().unwrap_or("")
+        )),
+    }
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let age = humantime::parse_duration(s).map_err(|_| {
+        format!("{s:?} is neither an RFC 3339 time (2026-11-23T10:00:00Z) nor an age (90m, 2h, 3d)")
+    })?;
+    let age = chrono::Duration::from_std(age).map_err(|e| e.to_string())?;
+    Ok(Utc::now() - age)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse(); // exits 2 on bad flags
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Command::Replay { filter, all, .. } = &cli.command {
+        if filter.is_empty() && !all {
+            eprintln!("error: replay needs a filter (--event-type, --event-id, --since, --until) or --all");
+            return ExitCode::from(2);
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let props: BTreeMap<String, String> = cli.kafka_properties.into_iter().collect();
+    let brokers = cli.kafka_brokers;
+    match cli.command {
+        Command::List {
+            topic,
+            filter,
+            json,
+        } => {
+            let letters = read(&brokers, &props, &topic, &filter).await?;
+            for l in &letters {
+                if json {
+                    println!("{}", serde_json::to_string(&summary(l))?);
+                } else {
+                    println!(
+                        "{}/{}@{}  {}  {}  {}  {}  {}",
+                        l.dlq_topic,
+                        l.dlq_partition,
+                        l.dlq_offset,
+                        l.dead_lettered_at
+                            .map(|t| t.to_rfc3339())
+                            .unwrap_or_else(|| "-".into()),
+                        l.event_id
+                            .map(|i| i.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        l.event_type.as_deref().unwrap_or("-"),
+                        l.kind.as_deref().unwrap_or("-"),
+                        l.reason.as_deref().unwrap_or("-"),
+                    );
+                }
+            }
+            if !json {
+                eprintln!("{} dead letter(s) in {topic}", letters.len());
+            }
+        }
+        Command::Show { topic, filter } => {
+            let letters = read(&brokers, &props, &topic, &filter).await?;
+            for l in &letters {
+                let mut v = summary(l);
+                let headers: BTreeMap<&str, String> = l
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_deref().map(text).unwrap_or_default()))
+                    .collect();
+                v["headers"] = serde_json::to_value(headers)?;
+                v["key"] = l.key.as_deref().map(text).into();
+                v["payload"] = match l.payload.as_deref() {
+                    None => serde_json::Value::Null,
+                    Some(p) => serde_json::from_slice(p).unwrap_or_else(|_| text(p).into()),
+                };
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            eprintln!("{} dead letter(s) matched in {topic}", letters.len());
+        }
+        Command::Replay {
+            topic,
+            filter,
+            dry_run,
+            ..
+        } => {
+            let letters = read(&brokers, &props, &topic, &filter).await?;
+            for l in &letters {
+                println!(
+                    "{} {}/{}@{} -> {} ({})",
+                    if dry_run { "would replay" } else { "replaying" },
+                    l.dlq_topic,
+                    l.dlq_partition,
+                    l.dlq_offset,
+                    l.original_topic.as_deref().unwrap_or("?"),
+                    l.event_id
+                        .map(|i| i.to_string())
+                        .unwrap_or_else(|| "no event id".into()),
+                );
+            }
+            if dry_run {
+                eprintln!(
+                    "dry run: {} dead letter(s) would be replayed",
+                    letters.len()
+                );
+            } else {
+                let report = dead_letter::replay(&brokers, &props, &letters)
+                    .await
+                    .context(
+                        "replay failed; nothing is lost: the dead letters stay in their topic",
+                    )?;
+                eprintln!(
+                    "replayed {} dead letter(s) to their original topics",
+                    report.replayed
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn read(
+    brokers: &str,
+    props: &BTreeMap<String, String>,
+    topic: &str,
+    filter: &FilterArgs,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    dead_letter::read(brokers, props, topic, &filter.filter())
+        .await
+        .with_context(|| format!("cannot read dead letters from {topic} at {brokers}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn summary(l: &DeadLetter) -> serde_json::Value {
+    serde_json::json!({
+        "dlq_topic": l.dlq_topic,
+        "dlq_partition": l.dlq_partition,
+        "dlq_offset": l.dlq_offset,
+        "event_id": l.event_id,
+        "event_type": l.event_type,
+        "kind": l.kind,
+        "reason": l.reason,
+        "attempts": l.attempts,
+        "original_topic": l.original_topic,
+        "original_partition": l.original_partition,
+        "original_offset": l.original_offset,
+        "consumer_group": l.consumer_group,
+        "dead_lettered_at": l.dead_lettered_at,
+    })
+}
