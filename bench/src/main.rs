@@ -5,6 +5,7 @@
 //! Run with `./dev bench` (release build, services up), or
 //! `cargo run --release -p outbox-bench -- --help`.
 
+mod consumer;
 mod samples;
 
 use std::{
@@ -75,7 +76,17 @@ enum Which {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
-    /// All three, with their defaults.
+    /// consumer-kit (dedupe, one insert per event) vs a raw rdkafka consumer
+    /// doing the same insert without dedupe.
+    Consumer {
+        /// Distinct events per run.
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        /// Produce every event twice (50% duplicates).
+        #[arg(long)]
+        duplicates: bool,
+    },
+    /// Everything, with the defaults (the consumer with and without duplicates).
     All,
 }
 
@@ -119,6 +130,9 @@ async fn main() -> anyhow::Result<()> {
             .await?
         }
         Which::Producer { seconds } => producer(&env, args.runs, seconds).await?,
+        Which::Consumer { events, duplicates } => {
+            consumer::consumer(&env, args.runs, events, duplicates).await?
+        }
         Which::All => {
             drain(&env, &recorder, args.runs, 1_000_000, 5000).await?;
             latency(
@@ -132,6 +146,8 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             producer(&env, args.runs, 5).await?;
+            consumer::consumer(&env, args.runs, 20_000, false).await?;
+            consumer::consumer(&env, args.runs, 20_000, true).await?;
         }
     }
     Ok(())
