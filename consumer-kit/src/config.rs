@@ -74,10 +74,6 @@ pub struct ConsumerConfig {
     /// one at a time, in offset order. Default 8; keep it at or below the
     /// pool's connection count.
     pub max_concurrency: usize,
-    /// Messages buffered per partition before that partition is paused, so a
-    /// slow or retrying partition holds memory in check without stopping the
-    /// others. Default 256.
-    pub partition_buffer: usize,
     /// How long a partition revoke (rebalance) or a shutdown waits for the
     /// messages being handled to finish before it goes on without them.
     /// Unfinished messages are redelivered later and dedupe as usual.
@@ -121,7 +117,6 @@ impl ConsumerConfig {
             dead_letter_timeout: Duration::from_secs(30),
             unknown_event_type: UnknownEventType::DeadLetter,
             max_concurrency: 8,
-            partition_buffer: 256,
             drain_timeout: Duration::from_secs(10),
             processed_ttl: Duration::from_secs(7 * 24 * 3600),
             cleanup_interval: Some(Duration::from_secs(300)),
@@ -179,9 +174,6 @@ impl ConsumerConfig {
             return Err(
                 "max_concurrency is 0: at least one message must be handled at a time".into(),
             );
-        }
-        if self.partition_buffer == 0 {
-            return Err("partition_buffer is 0: buffer at least one message per partition".into());
         }
         if self.cleanup_batch_size <= 0 {
             return Err("cleanup_batch_size must be positive".into());

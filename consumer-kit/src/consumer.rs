@@ -1,19 +1,21 @@
-//! [`Consumer`]: the Kafka loop. One thread polls the consumer and hands
-//! each record to its partition's worker task; workers settle records in
-//! offset order ([`crate::process`]) and store each offset only after its
-//! database commit. Offsets are committed every
-//! [`ConsumerConfig::commit_interval`], when partitions are revoked, and on
-//! shutdown.
+//! [`Consumer`]: the Kafka loop.
+//!
+//! Each assigned partition gets its own librdkafka queue and a worker task
+//! that reads it and settles records in offset order (`process.rs`),
+//! storing each offset only after its database commit. Offsets are committed
+//! every [`ConsumerConfig::commit_interval`], when partitions are revoked,
+//! and on shutdown. One thread polls the consumer's main queue for
+//! rebalances, statistics and errors, so the member stays in the group
+//! (`max.poll.interval.ms`) however long a handler or a retry takes.
 //!
 //! Partitions run concurrently, up to [`ConsumerConfig::max_concurrency`]
 //! messages at once. A partition whose worker falls behind (slow handler,
-//! retries, an unreachable dead-letter topic) is paused once
-//! [`ConsumerConfig::partition_buffer`] messages wait, and resumed when its
-//! worker catches up; the poll thread never blocks on it, so the member keeps
-//! polling and stays in the group (`max.poll.interval.ms`).
+//! retries, an unreachable dead-letter topic) holds back only itself:
+//! librdkafka stops prefetching it once its queue is full
+//! (`queued.max.messages.kbytes`), and the other partitions flow on.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -21,7 +23,10 @@ use std::{
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::{ClientContext, DefaultClientContext},
-    consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance},
+    consumer::{
+        base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer as _, ConsumerContext,
+        Rebalance,
+    },
     error::{KafkaError, RDKafkaErrorCode},
     message::{Message, OwnedMessage},
     statistics::Statistics,
@@ -94,7 +99,7 @@ impl ConsumerBuilder {
                 "no handlers: register at least one with .handler(\"event.type\", handler)".into(),
             ));
         }
-        let producer = dead_letter::producer(
+        let producer = dead_letter::DeadLetterProducer::new(
             &self.cfg.brokers,
             &self.cfg.kafka_properties,
             self.cfg.dead_letter_timeout,
@@ -182,17 +187,19 @@ impl Consumer {
             workers: Arc::clone(&workers),
             group: cfg.group_id.clone(),
             drain_timeout: cfg.drain_timeout,
+            consumer: std::sync::OnceLock::new(),
         };
         let consumer: BaseConsumer<KitContext> =
             consumer_config(cfg).create_with_context(context)?;
-        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
-        info!(group = %cfg.group_id, topics = ?cfg.topics, "consumer started");
 
         let cleaner = cfg
             .cleanup_interval
             .map(|every| tokio::spawn(cleanup::run(Arc::clone(&shared), every, shutdown.clone())));
         let consumer = Arc::new(consumer);
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        info!(group = %cfg.group_id, topics = ?cfg.topics, "consumer started");
         let stop = shutdown.clone();
         let result = tokio::task::spawn_blocking(move || poll_loop(consumer, workers, stop))
             .await
@@ -292,7 +299,8 @@ async fn partition_count(
     .map_err(|e| ConsumerError::Internal(e.to_string()))?
 }
 
-/// The poll thread: dispatches records until shutdown, then drains.
+/// The poll thread: serves rebalances, statistics and errors until
+/// shutdown, then drains the workers and commits.
 fn poll_loop(
     consumer: Arc<BaseConsumer<KitContext>>,
     workers: Arc<Mutex<Workers>>,
@@ -300,12 +308,13 @@ fn poll_loop(
 ) -> Result<(), ConsumerError> {
     let mut result = Ok(());
     while !shutdown.is_cancelled() {
-        lock(&workers).flush_stashes(&consumer);
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Ok(msg)) => {
+                // Records normally arrive on their partition's own queue; one
+                // fetched just before its queue was split lands here.
                 let msg = msg.detach();
-                lock(&workers).dispatch(&consumer, msg);
+                lock(&workers).hand_over(&consumer, msg);
             }
             Some(Err(e)) => {
                 if let Some((code, reason)) = consumer.client().fatal_error() {
@@ -323,9 +332,7 @@ fn poll_loop(
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => debug!("offsets committed on shutdown"),
         Err(e) if is_nothing_to_commit(&e) => {}
-        Err(e) => {
-            warn!(error = %e, "could not commit offsets on shutdown; the next owner will see redeliveries, which dedupe")
-        }
+        Err(e) => warn!(error = %e, "could not commit offsets on shutdown; the next owner will see redeliveries, which dedupe"),
     }
     // Dropping the last handle closes the consumer and leaves the group.
     drop(consumer);
@@ -333,7 +340,10 @@ fn poll_loop(
 }
 
 fn is_nothing_to_commit(e: &KafkaError) -> bool {
-    matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))
+    matches!(
+        e,
+        KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)
+    )
 }
 
 fn lock(workers: &Mutex<Workers>) -> std::sync::MutexGuard<'_, Workers> {
@@ -342,8 +352,9 @@ fn lock(workers: &Mutex<Workers>) -> std::sync::MutexGuard<'_, Workers> {
 }
 
 type PartitionKey = (String, i32);
+type KitConsumer = BaseConsumer<KitContext>;
 
-/// The partition workers this member runs.
+/// The partition workers of this member: one per assigned partition.
 struct Workers {
     runtime: tokio::runtime::Handle,
     shared: Arc<Shared>,
@@ -351,15 +362,11 @@ struct Workers {
 }
 
 struct Worker {
-    tx: mpsc::Sender<OwnedMessage>,
+    /// Records that reached the main queue instead of the partition queue.
+    side: mpsc::UnboundedSender<OwnedMessage>,
     stop: CancellationToken,
     /// Disconnected when the worker task has ended.
     done: std::sync::mpsc::Receiver<()>,
-    /// Records received while the worker's buffer was full; the partition is
-    /// paused until they are handed over.
-    stash: VecDeque<OwnedMessage>,
-    /// Offset after the last record handed to this worker.
-    next_offset: i64,
 }
 
 impl Workers {
@@ -371,76 +378,42 @@ impl Workers {
         }
     }
 
-    fn spawn(&self, consumer: &Arc<BaseConsumer<KitContext>>) -> Worker {
-        let (tx, rx) = mpsc::channel(self.shared.cfg.partition_buffer);
+    /// Starts the worker of a newly assigned partition, reading the
+    /// partition's own queue.
+    fn start(&mut self, consumer: &Arc<KitConsumer>, key: PartitionKey) {
+        if self.map.contains_key(&key) {
+            return;
+        }
+        let (side, side_rx) = mpsc::unbounded_channel();
         let (done_tx, done) = std::sync::mpsc::channel();
         let stop = CancellationToken::new();
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let queue = consumer.split_partition_queue(&key.0, key.1).map(|mut q| {
+            let wake = Arc::clone(&notify);
+            q.set_nonempty_callback(move || wake.notify_one());
+            q
+        });
+        if queue.is_none() {
+            warn!(topic = %key.0, partition = key.1, "could not give the partition its own queue; its records arrive through the main queue");
+        }
         self.runtime.spawn(run_worker(
             Arc::clone(&self.shared),
             Arc::clone(consumer),
-            rx,
+            queue,
+            notify,
+            side_rx,
             stop.clone(),
             done_tx,
         ));
-        Worker {
-            tx,
-            stop,
-            done,
-            stash: VecDeque::new(),
-            next_offset: -1,
-        }
+        self.map.insert(key, Worker { side, stop, done });
     }
 
-    fn dispatch(&mut self, consumer: &Arc<BaseConsumer<KitContext>>, msg: OwnedMessage) {
+    /// Gives a record that arrived on the main queue to its worker.
+    fn hand_over(&mut self, consumer: &Arc<KitConsumer>, msg: OwnedMessage) {
         let key = (msg.topic().to_string(), msg.partition());
-        if !self.map.contains_key(&key) {
-            let worker = self.spawn(consumer);
-            self.map.insert(key.clone(), worker);
-        }
-        let worker = self.map.get_mut(&key).expect("inserted above");
-        if msg.offset() < worker.next_offset {
-            // Fetched again after a pause; already handed over.
-            return;
-        }
-        worker.next_offset = msg.offset() + 1;
-        if !worker.stash.is_empty() {
-            worker.stash.push_back(msg);
-            return;
-        }
-        match worker.tx.try_send(msg) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                worker.stash.push_back(msg);
-                set_paused(consumer, &key, true);
-            }
-            Err(mpsc::error::TrySendError::Closed(msg)) => {
-                // The worker ended on its own (it was stopped): start another.
-                let worker = self.spawn(consumer);
-                let _ = worker.tx.try_send(msg);
-                self.map.insert(key, worker);
-            }
-        }
-    }
-
-    /// Hands stashed records to workers that have room again, and resumes
-    /// their partitions once their stash is empty.
-    fn flush_stashes(&mut self, consumer: &BaseConsumer<KitContext>) {
-        for (key, worker) in self.map.iter_mut() {
-            if worker.stash.is_empty() {
-                continue;
-            }
-            while let Some(msg) = worker.stash.pop_front() {
-                if let Err(e) = worker.tx.try_send(msg) {
-                    match e {
-                        mpsc::error::TrySendError::Full(msg)
-                        | mpsc::error::TrySendError::Closed(msg) => worker.stash.push_front(msg),
-                    }
-                    break;
-                }
-            }
-            if worker.stash.is_empty() {
-                set_paused(consumer, key, false);
-            }
+        self.start(consumer, key.clone());
+        if let Some(worker) = self.map.get(&key) {
+            let _ = worker.side.send(msg);
         }
     }
 
@@ -473,37 +446,32 @@ impl Workers {
     }
 }
 
-fn set_paused(consumer: &BaseConsumer<KitContext>, (topic, partition): &PartitionKey, pause: bool) {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, *partition);
-    let result = if pause {
-        consumer.pause(&tpl)
-    } else {
-        consumer.resume(&tpl)
-    };
-    match result {
-        Ok(()) => debug!(%topic, partition, pause, "partition flow control"),
-        Err(e) => {
-            warn!(%topic, partition, pause, error = %e, "could not pause or resume a partition")
-        }
-    }
-}
-
-/// One partition's worker: settles records in order, storing each offset
-/// after its record settled.
+/// One partition's worker: settles records in offset order, storing each
+/// offset after its record settled. It reads at its own pace, so a slow
+/// partition holds back only itself; librdkafka stops prefetching a
+/// partition whose queue is full (`queued.max.messages.kbytes`).
 async fn run_worker(
     shared: Arc<Shared>,
-    consumer: Arc<BaseConsumer<KitContext>>,
-    mut rx: mpsc::Receiver<OwnedMessage>,
+    consumer: Arc<KitConsumer>,
+    queue: Option<PartitionQueue<KitContext>>,
+    notify: Arc<tokio::sync::Notify>,
+    mut side: mpsc::UnboundedReceiver<OwnedMessage>,
     stop: CancellationToken,
     _done: std::sync::mpsc::Sender<()>,
 ) {
+    let mut next_offset = -1;
     loop {
         let msg = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            msg = rx.recv() => match msg { Some(m) => m, None => break },
+            Some(msg) = side.recv() => msg,
+            msg = next_from_queue(queue.as_ref(), &notify) => msg,
         };
+        if msg.offset() < next_offset {
+            // Seen already (the same record by both routes).
+            continue;
+        }
+        next_offset = msg.offset() + 1;
         let permit = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -517,7 +485,29 @@ async fn run_worker(
     }
 }
 
-fn store_offset(consumer: &BaseConsumer<KitContext>, msg: &OwnedMessage) {
+/// The next record of the partition queue, waiting (without blocking a
+/// thread) until one arrives. Never returns without a queue.
+async fn next_from_queue(
+    queue: Option<&PartitionQueue<KitContext>>,
+    notify: &tokio::sync::Notify,
+) -> OwnedMessage {
+    let Some(queue) = queue else {
+        return std::future::pending().await;
+    };
+    loop {
+        match queue.poll(Duration::ZERO) {
+            Some(Ok(msg)) => return msg.detach(),
+            Some(Err(e)) => warn!(error = %e, "Kafka error on a partition queue; librdkafka retries by itself"),
+            None => {
+                // Woken by the queue's non-empty callback; the timeout is a
+                // safety net only.
+                let _ = tokio::time::timeout(Duration::from_millis(200), notify.notified()).await;
+            }
+        }
+    }
+}
+
+fn store_offset(consumer: &KitConsumer, msg: &OwnedMessage) {
     let mut tpl = TopicPartitionList::new();
     let stored = tpl
         .add_partition_offset(
@@ -538,6 +528,8 @@ struct KitContext {
     workers: Arc<Mutex<Workers>>,
     group: String,
     drain_timeout: Duration,
+    /// The consumer itself, to split partition queues on assignment.
+    consumer: std::sync::OnceLock<std::sync::Weak<KitConsumer>>,
 }
 
 impl ClientContext for KitContext {
@@ -581,6 +573,14 @@ impl ConsumerContext for KitContext {
                 .map(|e| (e.topic().to_string(), e.partition()))
                 .collect();
             info!(group = %self.group, partitions = ?keys, "partitions assigned");
+            // Give each partition its own queue and worker before any of its
+            // records is fetched.
+            if let Some(consumer) = self.consumer.get().and_then(std::sync::Weak::upgrade) {
+                let mut workers = lock(&self.workers);
+                for key in keys {
+                    workers.start(&consumer, key);
+                }
+            }
         }
     }
 }

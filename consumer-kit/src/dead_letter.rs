@@ -28,7 +28,7 @@ use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     error::KafkaError,
     message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
-    producer::{FutureProducer, FutureRecord},
+    producer::{FutureProducer, FutureRecord, Producer},
     ClientConfig, Offset, TopicPartitionList,
 };
 use uuid::Uuid;
@@ -98,15 +98,22 @@ pub(crate) fn client_config(brokers: &str, properties: &BTreeMap<String, String>
     cc
 }
 
-/// An idempotent, `acks=all` producer for dead letters and replays.
-pub(crate) fn producer(
+/// An `acks=all` producer for dead letters (`idempotent = false`) and
+/// replays (`idempotent = true`, so a pipelined replay keeps its order).
+///
+/// Dead letters are sent one at a time per partition and awaited, so order
+/// needs no idempotence there; and an idempotent producer turns fatal after a
+/// send times out (a missing topic, a long outage), which would stop
+/// dead-lettering for good.
+pub(crate) fn producer_config(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     timeout: Duration,
-) -> Result<FutureProducer, KafkaError> {
+    idempotent: bool,
+) -> ClientConfig {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
+        .set("enable.idempotence", idempotent.to_string())
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("message.timeout.ms", timeout.as_millis().to_string())
@@ -117,7 +124,50 @@ pub(crate) fn producer(
             cc.set(k, v);
         }
     }
-    cc.create()
+    cc
+}
+
+/// The consumer's dead-letter producer, replaced when librdkafka declares it
+/// fatally failed.
+pub(crate) struct DeadLetterProducer {
+    config: ClientConfig,
+    producer: std::sync::RwLock<FutureProducer>,
+}
+
+impl DeadLetterProducer {
+    pub(crate) fn new(
+        brokers: &str,
+        properties: &BTreeMap<String, String>,
+        timeout: Duration,
+    ) -> Result<Self, KafkaError> {
+        let config = producer_config(brokers, properties, timeout, false);
+        let producer = config.create()?;
+        Ok(Self {
+            config,
+            producer: std::sync::RwLock::new(producer),
+        })
+    }
+
+    fn get(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the producer if it has a fatal error.
+    fn recover(&self) {
+        let producer = self.get();
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            tracing::warn!(?code, %reason, "dead-letter producer failed fatally; creating a new one");
+            match self.config.create::<FutureProducer>() {
+                Ok(fresh) => {
+                    *self.producer.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot create a new dead-letter producer"),
+            }
+        }
+    }
 }
 
 fn is_consumer_only(key: &str) -> bool {
@@ -137,7 +187,7 @@ fn is_consumer_only(key: &str) -> bool {
 /// Kafka's acknowledgement.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn publish(
-    producer: &FutureProducer,
+    producer: &DeadLetterProducer,
     msg: &OwnedMessage,
     dlq_topic: &str,
     kind: DeadLetterKind,
@@ -180,11 +230,11 @@ pub(crate) async fn publish(
     if let Some(value) = msg.payload() {
         record = record.payload(value);
     }
-    producer
-        .send(record, timeout)
-        .await
-        .map(|_| ())
-        .map_err(|(e, _)| format!("dead-letter publish to {dlq_topic} failed: {e}"))
+    let result = producer.get().send(record, timeout).await;
+    result.map(|_| ()).map_err(|(e, _)| {
+        producer.recover();
+        format!("dead-letter publish to {dlq_topic} failed: {e}")
+    })
 }
 
 /// One record of a dead-letter topic, decoded for operators.
@@ -446,7 +496,8 @@ pub async fn replay(
             });
         }
     }
-    let producer = producer(brokers, properties, Duration::from_secs(30))?;
+    let producer: FutureProducer =
+        producer_config(brokers, properties, Duration::from_secs(30), true).create()?;
     let mut sends = Vec::with_capacity(letters.len());
     for l in letters {
         let mut headers = OwnedHeaders::new_with_capacity(l.headers.len());

@@ -51,7 +51,7 @@ pub(crate) struct Shared {
     pub(crate) cfg: ConsumerConfig,
     pub(crate) pool: sqlx::PgPool,
     pub(crate) routes: std::collections::HashMap<String, Arc<dyn Route>>,
-    pub(crate) producer: rdkafka::producer::FutureProducer,
+    pub(crate) producer: dead_letter::DeadLetterProducer,
     pub(crate) stats: Arc<ConsumerStats>,
     pub(crate) permits: tokio::sync::Semaphore,
 }
