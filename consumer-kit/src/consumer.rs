@@ -332,7 +332,9 @@ fn poll_loop(
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => debug!("offsets committed on shutdown"),
         Err(e) if is_nothing_to_commit(&e) => {}
-        Err(e) => warn!(error = %e, "could not commit offsets on shutdown; the next owner will see redeliveries, which dedupe"),
+        Err(e) => {
+            warn!(error = %e, "could not commit offsets on shutdown; the next owner will see redeliveries, which dedupe")
+        }
     }
     // Dropping the last handle closes the consumer and leaves the group.
     drop(consumer);
@@ -340,10 +342,7 @@ fn poll_loop(
 }
 
 fn is_nothing_to_commit(e: &KafkaError) -> bool {
-    matches!(
-        e,
-        KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)
-    )
+    matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))
 }
 
 fn lock(workers: &Mutex<Workers>) -> std::sync::MutexGuard<'_, Workers> {
@@ -497,7 +496,9 @@ async fn next_from_queue(
     loop {
         match queue.poll(Duration::ZERO) {
             Some(Ok(msg)) => return msg.detach(),
-            Some(Err(e)) => warn!(error = %e, "Kafka error on a partition queue; librdkafka retries by itself"),
+            Some(Err(e)) => {
+                warn!(error = %e, "Kafka error on a partition queue; librdkafka retries by itself")
+            }
             None => {
                 // Woken by the queue's non-empty callback; the timeout is a
                 // safety net only.
@@ -533,6 +534,20 @@ struct KitContext {
 }
 
 impl ClientContext for KitContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{log_message}"),
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            L::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
+        }
+    }
+
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {

@@ -9,8 +9,8 @@ use consumer_kit::{
 use integration_tests::{
     consume,
     consumer::{
-        consumer_cfg, consumer_db, effect_counts, event, events, produce, reset_group_offsets,
-        Effects, RunningConsumer, TestRecord,
+        consumer_cfg, consumer_db, effect_counts, event, events, produce, produce_singly,
+        reset_group_offsets, Effects, RunningConsumer, TestRecord,
     },
     create_topic, eventually, unique,
 };
@@ -455,7 +455,9 @@ async fn two_members_split_the_partitions_and_rebalances_cause_no_double_effect(
     let topic = topic("ck-rebalance", 4).await?;
     let group = unique("g");
     let n = 3000;
-    produce(&topic, &events(n, 200, "item.added").0).await?;
+    // One record per batch: members resume partitions mid-stream (see
+    // produce_singly for the broker limitation this avoids).
+    produce_singly(&topic, &events(n, 200, "item.added").0).await?;
     let slow = |member: &str| Effects {
         member: member.into(),
         sleep: Duration::from_millis(2),
@@ -508,7 +510,7 @@ async fn a_crash_after_the_database_commit_and_before_the_offset_commit_causes_n
     let topic = topic("ck-crash", 2).await?;
     let group = unique("g");
     let n = 1000;
-    produce(&topic, &events(n, 50, "item.added").0).await?;
+    produce_singly(&topic, &events(n, 50, "item.added").0).await?;
     // A consumer process that commits offsets only every hour, killed -9
     // mid-stream: everything it applied is committed in PostgreSQL and
     // not in Kafka.
