@@ -265,22 +265,53 @@ pub fn relay_bin() -> std::path::PathBuf {
     static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-            let status = std::process::Command::new(cargo)
-                .args(["build", "-q", "-p", "outbox-relay", "--bin", "outbox-relay"])
-                .current_dir(root)
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "building outbox-relay failed");
-            let exe = std::env::current_exe().expect("test exe path");
-            // target/debug/deps/<test> -> target/debug/outbox-relay
-            exe.parent()
-                .and_then(|p| p.parent())
-                .expect("target dir")
-                .join("outbox-relay")
+            workspace_bin(
+                &["-p", "outbox-relay", "--bin", "outbox-relay"],
+                "outbox-relay",
+            )
         })
         .clone()
+}
+
+/// The `outbox-dlq` binary (consumer-kit's `cli` feature), built on first use.
+pub fn dlq_bin() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            workspace_bin(
+                &[
+                    "-p",
+                    "consumer-kit",
+                    "--features",
+                    "cli",
+                    "--bin",
+                    "outbox-dlq",
+                ],
+                "outbox-dlq",
+            )
+        })
+        .clone()
+}
+
+/// Runs `cargo build -q <args>` in the workspace and returns the path of
+/// the binary `name` in the same target directory as the running test.
+fn workspace_bin(args: &[&str], name: &str) -> std::path::PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let status = std::process::Command::new(cargo)
+        .arg("build")
+        .arg("-q")
+        .args(args)
+        .current_dir(root)
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building {name} failed");
+    let exe = std::env::current_exe().expect("test exe path");
+    // target/debug/deps/<test> -> target/debug/<name>
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .join(name)
 }
 
 /// The database URL of `pool`'s (per-test) database.

@@ -689,3 +689,105 @@ async fn the_retention_check_flags_a_ttl_shorter_than_retention() -> anyhow::Res
     assert_eq!(long[0].covered, long[0].retention.is_some(), "{long:?}");
     Ok(())
 }
+
+fn dlq(args: &[&str]) -> anyhow::Result<(Option<i32>, String, String)> {
+    let out = std::process::Command::new(integration_tests::dlq_bin())
+        .args(args)
+        .env("KAFKA_BROKERS", integration_tests::brokers())
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_outbox_dlq_command_lists_shows_and_replays(pool: PgPool) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-dlqcli", 1).await?;
+    let group = unique("g");
+    let poison = Uuid::new_v4();
+    let unknown = Uuid::new_v4();
+    produce(
+        &topic,
+        &[
+            event(
+                "a",
+                poison,
+                "item.added",
+                serde_json::json!({ "seq": 1, "poison": true }),
+            ),
+            event("b", unknown, "item.other", serde_json::json!({ "seq": 2 })),
+        ],
+    )
+    .await?;
+    let handler = Effects::default();
+    let fixed = handler.fixed.clone();
+    let c = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "both dead-lettered", || async {
+        Ok(stats.snapshot().dead_lettered == 2)
+    })
+    .await?;
+    let dlq_topic = format!("{topic}.dlq");
+
+    let (code, out, _) = dlq(&["list", &dlq_topic, "--json"])?;
+    assert_eq!(code, Some(0));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[0]["event_id"], poison.to_string());
+    assert_eq!(lines[0]["kind"], "permanent");
+    assert_eq!(lines[1]["kind"], "unknown_event_type");
+
+    let (code, out, _) = dlq(&["show", &dlq_topic, "--event-id", &poison.to_string()])?;
+    assert_eq!(code, Some(0));
+    let shown: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(shown["payload"]["poison"], true);
+    assert_eq!(shown["key"], "a");
+    assert_eq!(shown["headers"]["tenant"], "acme");
+
+    let (code, _, err) = dlq(&["replay", &dlq_topic])?;
+    assert_eq!(code, Some(2), "replay without a filter needs --all");
+    assert!(err.contains("--all"), "{err}");
+    let (code, out, _) = dlq(&[
+        "replay",
+        &dlq_topic,
+        "--event-type",
+        "item.added",
+        "--dry-run",
+    ])?;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("would replay") && out.contains(&poison.to_string()),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stats.snapshot().processed, 0, "a dry run sends nothing");
+
+    fixed.store(true, Ordering::SeqCst);
+    let (code, _, err) = dlq(&[
+        "replay",
+        &dlq_topic,
+        "--event-type",
+        "item.added",
+        "--since",
+        "1h",
+    ])?;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("replayed 1"), "{err}");
+    eventually(WAIT, "the replayed event applied", || async {
+        Ok(stats.snapshot().processed == 1)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(effect_counts(&pool).await?, (1, 1));
+
+    let (code, _, err) = dlq(&["list", &unique("no-such-topic")])?;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("does not exist"), "{err}");
+    Ok(())
+}
