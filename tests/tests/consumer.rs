@@ -321,20 +321,43 @@ async fn a_failing_dead_letter_publish_holds_the_message_until_it_succeeds(
     pool: PgPool,
 ) -> anyhow::Result<()> {
     consumer_db(&pool).await?;
-    let topic = topic("ck-dlqdown", 1).await?;
+    let topic = topic("ck-dlqdown", 2).await?;
     let group = unique("g");
     let poison = Uuid::new_v4();
-    let after = Uuid::new_v4();
+    let on_partition = |mut r: TestRecord, p| {
+        r.partition = Some(p);
+        r
+    };
     produce(
         &topic,
         &[
-            event(
-                "k",
-                poison,
-                "item.added",
-                serde_json::json!({ "seq": 0, "poison": true }),
+            on_partition(
+                event(
+                    "k",
+                    poison,
+                    "item.added",
+                    serde_json::json!({ "seq": 0, "poison": true }),
+                ),
+                0,
             ),
-            event("k", after, "item.added", serde_json::json!({ "seq": 1 })),
+            on_partition(
+                event(
+                    "k",
+                    Uuid::new_v4(),
+                    "item.added",
+                    serde_json::json!({ "seq": 1 }),
+                ),
+                0,
+            ),
+            on_partition(
+                event(
+                    "j",
+                    Uuid::new_v4(),
+                    "item.added",
+                    serde_json::json!({ "seq": 2 }),
+                ),
+                1,
+            ),
         ],
     )
     .await?;
@@ -346,17 +369,29 @@ async fn a_failing_dead_letter_publish_holds_the_message_until_it_succeeds(
     };
     let c = RunningConsumer::start(&pool, cfg, "item.added", Effects::default())?;
     let stats = c.stats.clone();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    eventually(WAIT, "the other partition flows", || async {
+        Ok(stats.snapshot().processed == 1)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let s = stats.snapshot();
     assert_eq!(
         (s.processed, s.dead_lettered),
-        (0, 0),
+        (1, 0),
         "the poison message is held, and the next one of its partition waits behind it"
     );
-    create_topic(&format!("{topic}.dlq"), 1).await?;
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM effects")
+        .fetch_all(&pool)
+        .await?;
+    assert_eq!(
+        seqs,
+        vec![2],
+        "only the other partition's event was applied"
+    );
+    create_topic(&format!("{topic}.dlq"), 2).await?;
     eventually(WAIT, "dead-lettered, then the next one applied", || async {
         let s = stats.snapshot();
-        Ok(s.dead_lettered == 1 && s.processed == 1)
+        Ok(s.dead_lettered == 1 && s.processed == 2)
     })
     .await?;
     c.stop().await?;
