@@ -32,7 +32,7 @@
 //!
 //! struct ReserveStock;
 //!
-//! #[async_trait::async_trait]
+//! #[consumer_kit::async_trait]
 //! impl Handler for ReserveStock {
 //!     type Payload = OrderCreated;
 //!     async fn handle(
@@ -69,6 +69,9 @@ pub mod handler;
 pub(crate) mod process;
 pub mod telemetry;
 
+/// Re-exported so handlers can be written without depending on async-trait:
+/// `#[consumer_kit::async_trait]`.
+pub use async_trait::async_trait;
 pub use config::{ConsumerConfig, UnknownEventType};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerError};
 pub use dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterKind};
