@@ -1,6 +1,186 @@
-//! The sample order service. The end-to-end demo lands with the sample-app
-//! issue; until then this binary only explains where to look.
+//! `sample-app`: the demo, or the order service and the consumers on their own.
+//!
+//! Exit codes: 0 success, 1 failure, 2 bad flags.
 
-fn main() {
-    println!("sample-app: not yet implemented; run `./dev demo` for the relay demo");
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sample_app::{
+    consumers::{self, Consumers, Fix, Latencies},
+    demo::{self, DemoOptions},
+    orders::{self, Orders},
+};
+use sqlx::postgres::PgConnectOptions;
+use tokio_util::sync::CancellationToken;
+
+/// An order service with inventory, notifications and analytics consumers,
+/// on the transactional outbox.
+#[derive(Debug, Parser)]
+#[command(name = "sample-app", version)]
+struct Cli {
+    /// PostgreSQL URL. The demo creates its own database (sample_demo) on
+    /// this server; serve and consumers use this database. Never printed.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
+    kafka_brokers: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Everything in one process: relay, order service, consumers, a burst of
+    /// orders with duplicates and a poison event, then a report.
+    Demo {
+        /// Orders in the burst.
+        #[arg(long, default_value_t = 200)]
+        orders: usize,
+        /// Records published a second time, to show dedupe.
+        #[arg(long, default_value_t = 50)]
+        duplicates: usize,
+        /// Where the order service listens (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        http_addr: SocketAddr,
+        /// After the report, keep everything running until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// The order service alone (run outbox-relay beside it).
+    Serve {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: SocketAddr,
+        /// Topic of the order events.
+        #[arg(long, default_value = "orders")]
+        topic: String,
+    },
+    /// The three consumers alone.
+    Consumers {
+        /// Topic of the order events.
+        #[arg(long, default_value = "orders")]
+        topic: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,consumer_kit::process=off".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ctrl_c() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        t.cancel();
+    });
+    token
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let url = cli
+        .database_url
+        .as_deref()
+        .context("no database given: set DATABASE_URL or pass --database-url postgres://...")?;
+    let database: PgConnectOptions = url
+        .parse()
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    match cli.command {
+        Command::Demo {
+            orders,
+            duplicates,
+            http_addr,
+            keep_running,
+        } => {
+            let report = demo::run(DemoOptions {
+                database,
+                brokers: cli.kafka_brokers,
+                orders,
+                duplicates,
+                http_addr,
+                keep_running: keep_running.then(ctrl_c),
+            })
+            .await?;
+            anyhow::ensure!(report.problems.is_empty(), "consistency checks failed");
+        }
+        Command::Serve { http_addr, topic } => {
+            let pool = sqlx::PgPool::connect_with(database).await?;
+            outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+            sqlx::query(orders::SCHEMA).execute(&pool).await?;
+            let listener = tokio::net::TcpListener::bind(http_addr).await?;
+            println!("order service on http://{http_addr}/orders, events to topic {topic}");
+            let stop = ctrl_c();
+            axum::serve(
+                listener,
+                orders::router(Orders {
+                    pool,
+                    topic: topic.into(),
+                }),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await?;
+        }
+        Command::Consumers { topic } => {
+            let pools = consumers::prepare(&database).await?;
+            let fix = Fix::default();
+            fix.deploy();
+            let built = Consumers::build(
+                &cli.kafka_brokers,
+                &topic,
+                &pools,
+                &Latencies::default(),
+                &fix,
+            )?;
+            let stop = ctrl_c();
+            let tasks: Vec<_> = built
+                .consumers
+                .into_iter()
+                .map(|(name, c)| (name, tokio::spawn(c.run(stop.clone()))))
+                .collect();
+            println!(
+                "consumers inventory, notifications, analytics on topic {topic}; Ctrl-C stops them"
+            );
+            for (name, t) in tasks {
+                t.await?.with_context(|| format!("consumer {name}"))?;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,587 @@
+//! The demo: the whole toolkit in one process, against the real PostgreSQL
+//! and broker.
+//!
+//! 1. A fresh database (`sample_demo`) with the outbox, the `orders` table
+//!    and one schema per consumer; a fresh topic.
+//! 2. The relay, the order service (HTTP) and the three consumers start.
+//! 3. A burst of orders goes through the HTTP API: create, pay, ship,
+//!    cancel, one order whose confirmation e-mail bounces (the poison event),
+//!    and a few invalid requests.
+//! 4. Some records are published a second time (as a relay crash would), so
+//!    every consumer sees duplicates.
+//! 5. Progress prints until every consumer has settled every record.
+//! 6. The dead letter is listed, the fix is deployed, the dead letter is
+//!    replayed and applied once.
+//! 7. A report: events published, consumed per consumer, duplicates
+//!    suppressed, dead letters, end-to-end latency, and checks of each
+//!    consumer's state against the orders table.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use consumer_kit::{dead_letter, DeadLetterFilter};
+use rdkafka::{
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{BaseConsumer, Consumer as _},
+    message::{Header, Headers, Message, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    ClientConfig, Offset, TopicPartitionList,
+};
+use sqlx::{postgres::PgConnectOptions, Executor, PgPool};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    consumers::{self, Consumers, Fix, Latencies, POISON_CUSTOMER},
+    orders::{self, NewOrder, Orders},
+};
+
+/// Demo settings.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// PostgreSQL server (the demo creates its own database on it).
+    pub database: PgConnectOptions,
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Orders in the burst. Default 200.
+    pub orders: usize,
+    /// Records published a second time. Default 50.
+    pub duplicates: usize,
+    /// Where the order service listens (port 0: any free port).
+    pub http_addr: SocketAddr,
+    /// Keep everything running after the report, until this token fires.
+    pub keep_running: Option<CancellationToken>,
+}
+
+/// What the demo observed.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Events the order service committed (and the relay published).
+    pub events: u64,
+    /// Records on the topic, duplicates included.
+    pub records: u64,
+    /// Per consumer: (name, applied, duplicates suppressed, skipped, dead-lettered).
+    pub consumers: Vec<(String, u64, u64, u64, u64)>,
+    /// Dead letters found before the replay: (event type, reason).
+    pub dead_letters: Vec<(String, String)>,
+    /// Failed consistency checks (empty when all hold).
+    pub problems: Vec<String>,
+}
+
+const DATABASE: &str = "sample_demo";
+
+/// Runs the demo and prints as it goes.
+pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let say = |msg: String| println!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
+
+    // 1. A fresh database and topic.
+    let admin = PgPool::connect_with(opts.database.clone())
+        .await
+        .context("cannot connect to PostgreSQL (DATABASE_URL)")?;
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)").as_str())
+        .await?;
+    admin
+        .execute(format!("CREATE DATABASE {DATABASE}").as_str())
+        .await?;
+    admin.close().await;
+    let db = opts.database.clone().database(DATABASE);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(12)
+        .connect_with(db.clone())
+        .await?;
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    pool.execute(orders::SCHEMA).await?;
+    let consumer_pools = consumers::prepare(&db).await?;
+    let topic = format!(
+        "sample.orders.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    create_topic(&opts.brokers, &topic, 3).await?;
+    say(format!("database {DATABASE} ready (outbox, orders, schemas inventory/notifications/analytics); topic {topic} (3 partitions)"));
+
+    // 2. Relay, order service, consumers.
+    let shutdown = opts.keep_running.clone().unwrap_or_default();
+    let stop = CancellationToken::new();
+    let relay = outbox_relay::Relay::new(
+        outbox_relay::RelayConfig {
+            brokers: opts.brokers.clone(),
+            poll_interval: Duration::from_millis(200),
+            ..Default::default()
+        },
+        db.clone(),
+    )?;
+    let relay_task = tokio::spawn(relay.run(stop.clone()));
+    let listener = tokio::net::TcpListener::bind(opts.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.http_addr))?;
+    let addr = listener.local_addr()?;
+    let http_task = tokio::spawn(orders::serve(
+        listener,
+        Orders {
+            pool: pool.clone(),
+            topic: topic.as_str().into(),
+        },
+        stop.clone(),
+    ));
+    let latencies = Latencies::default();
+    let fix = Fix::default();
+    let consumers = Consumers::build(&opts.brokers, &topic, &consumer_pools, &latencies, &fix)?;
+    let stats = consumers.stats();
+    let consumer_tasks: Vec<_> = consumers
+        .consumers
+        .into_iter()
+        .map(|(name, c)| (name, tokio::spawn(c.run(stop.clone()))))
+        .collect();
+    say(format!("relay, order service (http://{addr}/orders) and consumers inventory, notifications, analytics running"));
+
+    // 3. The burst, through HTTP.
+    say(format!(
+        "driving {} orders through the HTTP API (create, pay, ship, cancel)",
+        opts.orders
+    ));
+    let mut events = 0u64;
+    let mut ids = Vec::new();
+    // The poison order is one that is only cancelled later, so exactly one
+    // of its events (its confirmation e-mail) bounces.
+    let poison = opts.orders / 2 / 6 * 6;
+    for i in 0..opts.orders {
+        let customer = if i == poison {
+            POISON_CUSTOMER.to_string()
+        } else {
+            format!("customer{i}@example.com")
+        };
+        let order = NewOrder {
+            customer,
+            sku: format!("sku-{}", i % 7),
+            quantity: 1 + (i % 3) as i32,
+            amount_cents: 1000 + 25 * i as i64,
+        };
+        let (status, body) = http(
+            addr,
+            "POST",
+            "/orders",
+            Some(&serde_json::to_string(&order)?),
+        )
+        .await?;
+        if status != 201 {
+            bail!("creating an order answered {status}: {body}");
+        }
+        let created: orders::Order = serde_json::from_str(&body)?;
+        ids.push(created.id);
+        events += 1;
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let steps: &[&str] = match i % 6 {
+            0 => &["cancel"],
+            1 | 2 => &["pay"],
+            _ => &["pay", "ship"],
+        };
+        for step in steps {
+            let (status, body) = http(addr, "POST", &format!("/orders/{id}/{step}"), None).await?;
+            if status != 200 {
+                bail!("{step} order {id} answered {status}: {body}");
+            }
+            events += 1;
+        }
+    }
+    for (what, method, path, body) in [
+        (
+            "malformed JSON",
+            "POST",
+            "/orders".to_string(),
+            Some("{not json"),
+        ),
+        (
+            "negative quantity",
+            "POST",
+            "/orders".to_string(),
+            Some(r#"{"customer":"a@b.c","sku":"x","quantity":0,"amount_cents":1}"#),
+        ),
+        (
+            "ship a cancelled order",
+            "POST",
+            format!("/orders/{}/ship", ids[0]),
+            None,
+        ),
+        ("unknown order", "GET", "/orders/999999".to_string(), None),
+    ] {
+        let (status, body) = http(addr, method, &path, body).await?;
+        say(format!(
+            "  invalid request ({what}): {status} {}",
+            body.trim()
+        ));
+    }
+    say(format!("{events} events committed with their orders"));
+
+    // 4. Duplicates, as a relay crash would cause them.
+    wait_until(Duration::from_secs(60), || async {
+        Ok(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+            .fetch_one(&pool)
+            .await?
+            == 0)
+    })
+    .await
+    .context("the relay did not publish every event within 60 s")?;
+    let duplicated = republish(&opts.brokers, &topic, opts.duplicates).await?;
+    let records = events + duplicated as u64;
+    say(format!("relay published all {events} events; {duplicated} of them published again (duplicate deliveries)"));
+
+    // 5. Progress until every consumer settled every record.
+    let settled =
+        |s: &consumer_kit::StatsSnapshot| s.processed + s.duplicates + s.skipped + s.dead_lettered;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line: Vec<String> = stats
+            .iter()
+            .map(|(name, s)| {
+                let s = s.snapshot();
+                format!("{name} {}/{records}", settled(&s))
+            })
+            .collect();
+        say(format!("  consumed: {}", line.join("  ")));
+        if stats.iter().all(|(_, s)| settled(&s.snapshot()) >= records) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("consumers did not settle all {records} records within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // 6. The dead letter, the fix, the replay.
+    let dlq_topic = format!("{topic}.dlq");
+    let letters = dead_letter::read(
+        &opts.brokers,
+        &BTreeMap::new(),
+        &dlq_topic,
+        &DeadLetterFilter::default(),
+    )
+    .await?;
+    let dead_letters: Vec<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l.event_type.clone().unwrap_or_default(),
+                l.reason.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for l in &letters {
+        say(format!(
+            "dead letter in {dlq_topic}: {} {} for group {} ({}): {}",
+            l.event_type.as_deref().unwrap_or("?"),
+            l.event_id.map(|i| i.to_string()).unwrap_or_default(),
+            l.consumer_group.as_deref().unwrap_or("?"),
+            l.kind.as_deref().unwrap_or("?"),
+            l.reason.as_deref().unwrap_or("?"),
+        ));
+    }
+    fix.deploy();
+    let before = stats[1].1.snapshot().processed;
+    let replayed = dead_letter::replay(&opts.brokers, &BTreeMap::new(), &letters).await?;
+    say(format!(
+        "fix deployed to notifications; replayed {} dead letter(s) to {topic}",
+        replayed.replayed
+    ));
+    wait_until(Duration::from_secs(60), || async {
+        Ok(stats
+            .iter()
+            .all(|(_, s)| settled(&s.snapshot()) >= records + letters.len() as u64))
+    })
+    .await
+    .context("the replayed dead letters were not consumed within 60 s")?;
+    say(format!(
+        "notifications applied {} replayed event(s); the other consumers skipped them as duplicates or unhandled types",
+        stats[1].1.snapshot().processed - before
+    ));
+
+    // 7. Report and checks.
+    let mut report = Report {
+        events,
+        records,
+        dead_letters,
+        ..Default::default()
+    };
+    for (name, s) in &stats {
+        let s = s.snapshot();
+        report.consumers.push((
+            name.to_string(),
+            s.processed,
+            s.duplicates,
+            s.skipped,
+            s.dead_lettered,
+        ));
+    }
+    report.problems = check(&pool, &consumer_pools).await?;
+    println!();
+    println!("== what happened ==");
+    println!("events committed and published:  {events} (plus {duplicated} duplicate deliveries, {} replayed)", letters.len());
+    println!("consumer        applied  duplicates-suppressed  skipped(other types)  dead-lettered");
+    for (name, applied, dups, skipped, dead) in &report.consumers {
+        println!("{name:<15} {applied:>7}  {dups:>21}  {skipped:>20}  {dead:>13}");
+    }
+    for (event_type, reason) in &report.dead_letters {
+        println!("dead letter:    {event_type}: {reason} (replayed after the fix, applied once)");
+    }
+    if let Some((p50, p99, max)) = latencies.summary() {
+        println!(
+            "end-to-end latency (event committed -> consumer handler): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            p50 * 1e3,
+            p99 * 1e3,
+            max * 1e3
+        );
+    }
+    if report.problems.is_empty() {
+        println!("checks:         every consumer's state matches the orders table exactly (no effect lost or doubled)");
+    } else {
+        for p in &report.problems {
+            println!("CHECK FAILED:   {p}");
+        }
+    }
+
+    if let Some(token) = &opts.keep_running {
+        println!();
+        println!("still running: order service at http://{addr}/orders, relay and consumers on topic {topic}; Ctrl-C stops everything");
+        token.cancelled().await;
+    }
+    stop.cancel();
+    for (name, task) in consumer_tasks {
+        task.await?
+            .with_context(|| format!("consumer {name} failed"))?;
+    }
+    relay_task.await?;
+    http_task.await??;
+    drop(shutdown);
+    say("stopped cleanly".into());
+    Ok(report)
+}
+
+/// Compares each consumer's state with the orders table.
+async fn check(orders: &PgPool, pools: &[PgPool]) -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let count = |pool: &PgPool, sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await }
+    };
+    let created = count(orders, "SELECT count(*) FROM orders").await?;
+    let shipped = count(
+        orders,
+        "SELECT count(*) FROM orders WHERE status = 'shipped'",
+    )
+    .await?;
+    let cancelled = count(
+        orders,
+        "SELECT count(*) FROM orders WHERE status = 'cancelled'",
+    )
+    .await?;
+    let revenue: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(amount_cents), 0)::bigint FROM orders WHERE status IN ('paid', 'shipped')",
+    )
+    .fetch_one(orders)
+    .await?;
+    let reservations = count(&pools[0], "SELECT count(*) FROM reservations").await?;
+    let released = count(
+        &pools[0],
+        "SELECT count(*) FROM reservations WHERE released",
+    )
+    .await?;
+    let emails = count(&pools[1], "SELECT count(*) FROM emails_sent").await?;
+    let distinct_emails = count(
+        &pools[1],
+        "SELECT count(DISTINCT (order_id, kind)) FROM emails_sent",
+    )
+    .await?;
+    let counter = |name: &'static str| {
+        let pool = pools[2].clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT coalesce((SELECT value FROM counters WHERE name = $1), 0)",
+            )
+            .bind(name)
+            .fetch_one(&pool)
+            .await
+        }
+    };
+    let mut expect = |what: &str, got: i64, want: i64| {
+        if got != want {
+            problems.push(format!("{what}: {got}, expected {want}"));
+        }
+    };
+    expect(
+        "inventory reservations (one per order)",
+        reservations,
+        created,
+    );
+    expect(
+        "inventory releases (one per cancelled order)",
+        released,
+        cancelled,
+    );
+    expect(
+        "notification e-mails (confirmation per order + one per shipment)",
+        emails,
+        created + shipped,
+    );
+    expect("distinct notification e-mails", distinct_emails, emails);
+    expect(
+        "analytics orders created",
+        counter("orders_created").await?,
+        created,
+    );
+    expect(
+        "analytics orders cancelled",
+        counter("orders_cancelled").await?,
+        cancelled,
+    );
+    expect(
+        "analytics orders shipped",
+        counter("orders_shipped").await?,
+        shipped,
+    );
+    expect(
+        "analytics revenue (cents)",
+        counter("revenue_cents").await?,
+        revenue,
+    );
+    Ok(problems)
+}
+
+async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for r in admin
+        .create_topics(
+            [&NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &opts,
+        )
+        .await
+        .context("cannot reach the Kafka broker (KAFKA_BROKERS)")?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e:?}"))?;
+    }
+    Ok(())
+}
+
+/// Publishes the first `n` records of `topic` again, unchanged: what
+/// consumers see when a relay crashes after publishing and before its
+/// commit. Returns how many were republished.
+async fn republish(brokers: &str, topic: &str, n: usize) -> anyhow::Result<usize> {
+    let brokers_owned = brokers.to_string();
+    let topic_owned = topic.to_string();
+    let copies = tokio::task::spawn_blocking(
+        move || -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers_owned)
+                .set("group.id", "sample-app-republisher")
+                .set("enable.auto.commit", "false")
+                .create()?;
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..3 {
+                tpl.add_partition_offset(&topic_owned, p, Offset::Beginning)?;
+            }
+            c.assign(&tpl)?;
+            let mut out = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while out.len() < n && Instant::now() < deadline {
+                if let Some(m) = c.poll(Duration::from_millis(200)) {
+                    let m = m?.detach();
+                    // The poison event is dead-lettered once; keep it single.
+                    let poison = m
+                        .payload()
+                        .is_some_and(|p| String::from_utf8_lossy(p).contains(POISON_CUSTOMER));
+                    if !poison {
+                        out.push(m);
+                    }
+                }
+            }
+            Ok(out)
+        },
+    )
+    .await??;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()?;
+    for m in &copies {
+        let mut headers = OwnedHeaders::new();
+        if let Some(hs) = m.headers() {
+            for h in hs.iter() {
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+        }
+        let mut record = FutureRecord::to(topic)
+            .partition(m.partition())
+            .headers(headers);
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        if let Some(v) = m.payload() {
+            record = record.payload(v);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("republishing: {e}"))?;
+    }
+    Ok(copies.len())
+}
+
+async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await? {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// A minimal HTTP/1.1 client for the demo: (status, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .context("no HTTP status line")?
+        .parse()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}

@@ -1,0 +1,145 @@
+//! The sample app: its HTTP API, and the whole demo, against the real
+//! PostgreSQL and broker.
+
+use integration_tests::brokers;
+use sample_app::{
+    demo::{self, http, DemoOptions},
+    orders::{self, Orders},
+};
+use sqlx::PgPool;
+
+#[sqlx::test(migrations = false)]
+async fn the_api_writes_each_change_with_its_event_and_answers_bad_requests_with_json_errors(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    sqlx::query(orders::SCHEMA).execute(&pool).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(orders::serve(
+        listener,
+        Orders {
+            pool: pool.clone(),
+            topic: "orders".into(),
+        },
+        stop.clone(),
+    ));
+
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/orders",
+        Some(r#"{"customer":"a@example.com","sku":"s1","quantity":2,"amount_cents":500}"#),
+    )
+    .await?;
+    assert_eq!(status, 201, "{body}");
+    let order: serde_json::Value = serde_json::from_str(&body)?;
+    let id = order["id"].as_i64().unwrap();
+    assert_eq!(order["status"], "created");
+    assert_eq!(
+        http(addr, "POST", &format!("/orders/{id}/pay"), None)
+            .await?
+            .0,
+        200
+    );
+    assert_eq!(
+        http(addr, "POST", &format!("/orders/{id}/ship"), None)
+            .await?
+            .0,
+        200
+    );
+    let (status, body) = http(addr, "GET", &format!("/orders/{id}"), None).await?;
+    assert_eq!(
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&body)?["status"].clone()
+        ),
+        (200, "shipped".into())
+    );
+
+    let events: Vec<(String, String, serde_json::Value)> =
+        sqlx::query_as("SELECT event_type, aggregate_id, payload FROM outbox ORDER BY id")
+            .fetch_all(&pool)
+            .await?;
+    let types: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(types, ["order.created", "order.paid", "order.shipped"]);
+    assert!(
+        events.iter().all(|e| e.1 == id.to_string()),
+        "keyed by order id"
+    );
+    assert_eq!(
+        events[2].2["status"], "shipped",
+        "the payload is the order after the change"
+    );
+
+    for (method, path, body, want) in [
+        ("POST", "/orders".to_string(), Some("{not json"), 400),
+        (
+            "POST",
+            "/orders".to_string(),
+            Some(r#"{"customer":"nobody","sku":"s","quantity":1,"amount_cents":1}"#),
+            422,
+        ),
+        (
+            "POST",
+            "/orders".to_string(),
+            Some(r#"{"customer":"a@b.c","sku":"s","quantity":0,"amount_cents":1}"#),
+            422,
+        ),
+        ("POST", format!("/orders/{id}/cancel"), None, 409),
+        ("POST", "/orders/424242/pay".to_string(), None, 404),
+        ("GET", "/orders/424242".to_string(), None, 404),
+    ] {
+        let (status, text) = http(addr, method, &path, body).await?;
+        assert_eq!(status, want, "{method} {path}: {text}");
+        let err: serde_json::Value = serde_json::from_str(&text)?;
+        assert!(
+            err["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{text}"
+        );
+    }
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(outbox, 3, "refused requests write no event");
+    stop.cancel();
+    server.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_demo_applies_every_event_once_per_consumer_and_replays_the_poison_event(
+) -> anyhow::Result<()> {
+    let url = std::env::var("DATABASE_URL")?;
+    let report = demo::run(DemoOptions {
+        database: url.parse()?,
+        brokers: brokers(),
+        orders: 60,
+        duplicates: 20,
+        http_addr: "127.0.0.1:0".parse()?,
+        keep_running: None,
+    })
+    .await?;
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.records, report.events + 20);
+    assert_eq!(report.dead_letters.len(), 1, "{:?}", report.dead_letters);
+    assert!(report.dead_letters[0].1.contains("bounce@example.invalid"));
+    for (name, applied, duplicates, skipped, dead) in &report.consumers {
+        assert!(*applied > 0, "{name} applied nothing");
+        // Duplicates of event types a consumer does not handle are skipped
+        // rather than deduped; analytics handles every type.
+        assert!(*duplicates > 0, "{name} suppressed no duplicates");
+        // Every record (and the replayed one) settled exactly once per consumer.
+        assert_eq!(
+            applied + duplicates + skipped + dead,
+            report.records + 1,
+            "{name}"
+        );
+    }
+    assert_eq!(
+        report.consumers[1].4, 1,
+        "notifications dead-lettered the poison event"
+    );
+    Ok(())
+}
