@@ -38,8 +38,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Everything in one process: relay, order service, consumers, a burst of
-    /// orders with duplicates and a poison event, then a report.
+    /// orders with duplicates and a poison event, then a report. With
+    /// --keep-running, Prometheus metrics are served on --metrics-addr.
     Demo {
+        /// Where `/metrics` is served while the demo keeps running.
+        #[arg(long, default_value = "127.0.0.1:9465")]
+        metrics_addr: SocketAddr,
         /// Orders in the burst.
         #[arg(long, default_value_t = 200)]
         orders: usize,
@@ -55,6 +59,9 @@ enum Command {
     },
     /// The order service alone (run outbox-relay beside it).
     Serve {
+        /// Where `/metrics` (Prometheus) is served.
+        #[arg(long, default_value = "127.0.0.1:9465")]
+        metrics_addr: SocketAddr,
         /// Listen address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         http_addr: SocketAddr,
@@ -64,6 +71,9 @@ enum Command {
     },
     /// The three consumers alone.
     Consumers {
+        /// Where `/metrics` (Prometheus: consumer_kit_*) is served.
+        #[arg(long, default_value = "127.0.0.1:9466")]
+        metrics_addr: SocketAddr,
         /// Topic of the order events.
         #[arg(long, default_value = "orders")]
         topic: String,
@@ -98,6 +108,46 @@ fn main() -> ExitCode {
     }
 }
 
+fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let latency = outbox_relay::telemetry::LATENCY_BUCKETS;
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(consumer_kit::telemetry::HANDLER_DURATION.into()),
+            latency,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(outbox_relay::telemetry::COMMIT_TO_ACK.into()),
+            latency,
+        )?
+        .install_recorder()
+        .context("cannot install the Prometheus recorder")
+}
+
+/// Serves `/metrics` on `addr` until `stop` fires.
+async fn serve_metrics(
+    addr: SocketAddr,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for /metrics (use --metrics-addr)"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+    });
+    Ok(())
+}
+
 fn ctrl_c() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
@@ -123,11 +173,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .context("DATABASE_URL is not a valid PostgreSQL URL")?;
     match cli.command {
         Command::Demo {
+            metrics_addr,
             orders,
             duplicates,
             http_addr,
             keep_running,
         } => {
+            let metrics = install_metrics()?;
+            let stop_metrics = CancellationToken::new();
+            if keep_running {
+                serve_metrics(metrics_addr, metrics.clone(), stop_metrics.clone()).await?;
+            }
             let report = demo::run(DemoOptions {
                 database,
                 brokers: cli.kafka_brokers,
@@ -137,9 +193,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 keep_running: keep_running.then(ctrl_c),
             })
             .await?;
+            stop_metrics.cancel();
+            println!("metrics (Prometheus, as /metrics serves them):");
+            for line in metrics.render().lines().filter(|l| {
+                !l.starts_with('#')
+                    && (l.starts_with("consumer_kit_duplicates_total")
+                        || l.starts_with("consumer_kit_dead_lettered_total")
+                        || l.starts_with("consumer_kit_lag")
+                        || l.starts_with("outbox_relay_published_total"))
+            }) {
+                println!("  {line}");
+            }
             anyhow::ensure!(report.problems.is_empty(), "consistency checks failed");
         }
-        Command::Serve { http_addr, topic } => {
+        Command::Serve {
+            metrics_addr,
+            http_addr,
+            topic,
+        } => {
+            let stop = ctrl_c();
+            serve_metrics(metrics_addr, install_metrics()?, stop.clone()).await?;
             let pool = sqlx::PgPool::connect_with(database).await?;
             outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
             sqlx::query(orders::SCHEMA).execute(&pool).await?;
@@ -156,7 +229,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .with_graceful_shutdown(stop.cancelled_owned())
             .await?;
         }
-        Command::Consumers { topic } => {
+        Command::Consumers {
+            metrics_addr,
+            topic,
+        } => {
+            let stop = ctrl_c();
+            serve_metrics(metrics_addr, install_metrics()?, stop.clone()).await?;
             let pools = consumers::prepare(&database).await?;
             let fix = Fix::default();
             fix.deploy();
