@@ -147,22 +147,11 @@ async fn produce(env: &Env, topic: &str, events: usize, duplicates: bool) -> any
                     value: Some(v),
                 });
             }
-            let mut record = FutureRecord::to(topic)
+            let record = FutureRecord::to(topic)
                 .key(key.as_bytes())
                 .payload(payload.as_bytes())
                 .headers(headers);
-            loop {
-                match producer.send_result(record) {
-                    Ok(f) => {
-                        futs.push(f);
-                        break;
-                    }
-                    Err((_, back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-            }
+            futs.push(crate::enqueue(&producer, record).await);
         }
     }
     for r in futures::future::join_all(futs).await {

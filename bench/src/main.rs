@@ -394,22 +394,11 @@ async fn raw_produce(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
                     value: Some(v),
                 });
             }
-            let mut record = FutureRecord::to(topic)
+            let record = FutureRecord::to(topic)
                 .key(key.as_bytes())
                 .payload(payload.as_bytes())
                 .headers(headers);
-            loop {
-                match producer.send_result(record) {
-                    Ok(f) => {
-                        futs.push(f);
-                        break;
-                    }
-                    Err((_, back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-            }
+            futs.push(enqueue(&producer, record).await);
         }
         for r in futures::future::join_all(futs).await {
             r?.map_err(|(e, _)| e)?;
@@ -417,6 +406,23 @@ async fn raw_produce(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
         sent += window;
     }
     Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Hands `record` to librdkafka without waiting for its delivery, waiting
+/// only while the local queue is full.
+async fn enqueue(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> rdkafka::producer::DeliveryFuture {
+    loop {
+        match producer.send_result(record) {
+            Ok(f) => return f,
+            Err((_, back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------- latency
