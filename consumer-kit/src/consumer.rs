@@ -55,6 +55,14 @@ pub enum ConsumerError {
     /// A subscribed topic does not exist.
     #[error("topic {0} does not exist on the broker: create it (for example `outbox-relay topic create {0} --partitions 6`) or fix the consumer's topics")]
     MissingTopic(String),
+    /// The Kafka brokers did not answer at start.
+    #[error("cannot reach Kafka at {brokers}: {reason}; check the consumer's brokers (KAFKA_BROKERS) and that the broker runs")]
+    BrokerUnreachable {
+        /// The configured bootstrap servers.
+        brokers: String,
+        /// librdkafka's error.
+        reason: String,
+    },
     /// The consumer's database failed at start.
     #[error("consumer database: {0}")]
     Database(#[source] sqlx::Error),
@@ -243,7 +251,13 @@ async fn prepare_topics(cfg: &ConsumerConfig) -> Result<(), ConsumerError> {
     let admin = Arc::new(admin);
     let mut to_create = Vec::new();
     for topic in &cfg.topics {
-        let partitions = partition_count(&admin, topic).await?;
+        let partitions = partition_count(&admin, topic).await.map_err(|e| match e {
+            ConsumerError::Kafka(k) => ConsumerError::BrokerUnreachable {
+                brokers: cfg.brokers.clone(),
+                reason: k.to_string(),
+            },
+            other => other,
+        })?;
         let Some(partitions) = partitions else {
             return Err(ConsumerError::MissingTopic(topic.clone()));
         };
