@@ -826,3 +826,64 @@ async fn the_outbox_dlq_command_lists_shows_and_replays(pool: PgPool) -> anyhow:
     assert!(err.contains("does not exist"), "{err}");
     Ok(())
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_handler_slower_than_max_poll_interval_keeps_the_member_in_its_group(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-slow", 2).await?;
+    let group = unique("g");
+    let on_partition = |mut r: TestRecord, p| {
+        r.partition = Some(p);
+        r
+    };
+    let mut records = vec![on_partition(
+        event(
+            "slow",
+            Uuid::new_v4(),
+            "item.added",
+            serde_json::json!({ "seq": 0, "sleep_ms": 9000 }),
+        ),
+        0,
+    )];
+    for i in 1..=20 {
+        records.push(on_partition(
+            event(
+                "fast",
+                Uuid::new_v4(),
+                "item.added",
+                serde_json::json!({ "seq": i }),
+            ),
+            1,
+        ));
+    }
+    produce(&topic, &records).await?;
+    // librdkafka evicts a member that does not poll for max.poll.interval.ms
+    // (its minimum is the session timeout, 6 s here); the handler takes 9 s.
+    let mut cfg = consumer_cfg(&group, &topic);
+    cfg.kafka_properties
+        .insert("max.poll.interval.ms".into(), "6000".into());
+    let c = RunningConsumer::start(&pool, cfg, "item.added", Effects::default())?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "the other partition flows meanwhile", || async {
+        Ok(stats.snapshot().processed == 20)
+    })
+    .await?;
+    eventually(WAIT, "the slow event applied", || async {
+        Ok(stats.snapshot().processed == 21)
+    })
+    .await?;
+    // An evicted member would lose its partitions, and the slow record would
+    // come back: give that a chance to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.stop().await?;
+    let s = stats.snapshot();
+    assert_eq!(
+        (s.processed, s.duplicates),
+        (21, 0),
+        "no redelivery: the member never left"
+    );
+    assert_eq!(effect_counts(&pool).await?, (21, 21));
+    Ok(())
+}
