@@ -887,3 +887,53 @@ async fn a_handler_slower_than_max_poll_interval_keeps_the_member_in_its_group(
     assert_eq!(effect_counts(&pool).await?, (21, 21));
     Ok(())
 }
+
+#[sqlx::test(migrations = false)]
+async fn database_connections_killed_mid_stream_lose_and_double_nothing(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-pgkill", 3).await?;
+    let group = unique("g");
+    let n = 1500;
+    produce(&topic, &events(n, 100, "item.added").0).await?;
+    let handler = Effects {
+        sleep: Duration::from_millis(1),
+        ..Effects::default()
+    };
+    let c = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
+    let stats = c.stats.clone();
+    // Terminate every other backend of this database, five times, while the
+    // consumer works: transactions die at any statement, commits included.
+    let mut killed = 0;
+    for _ in 0..5 {
+        eventually(WAIT, "progress between kills", || async {
+            Ok(effect_counts(&pool).await?.0 >= (killed as i64 + 1) * 150)
+        })
+        .await?;
+        let n: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&pool)
+        .await?;
+        killed += 1;
+        assert!(!n.is_empty(), "the consumer had connections to kill");
+    }
+    eventually(Duration::from_secs(120), "everything applied", || async {
+        Ok(effect_counts(&pool).await?.1 == n as i64)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.stop().await?;
+    assert_eq!(
+        effect_counts(&pool).await?,
+        (n as i64, n as i64),
+        "no loss, no double effect"
+    );
+    assert_eq!(
+        stats.snapshot().processed + stats.snapshot().duplicates,
+        n as u64
+    );
+    Ok(())
+}
