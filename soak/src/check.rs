@@ -1,0 +1,210 @@
+//! The checker: compares what producers committed (the ledger), what
+//! reached Kafka, and what the consumer applied.
+//!
+//! - **ledger** `soak_ledger(event_id, key, seq)`: written in the producer's
+//!   transaction, with the outbox row. `seq` counts up per key; producers
+//!   serialize on the key's row, so seq order is commit order per key.
+//! - **Kafka**: the whole topic, read to its high watermarks with no group.
+//! - **effects** `soak_effects(event_id, key, seq)`: written by the consumer's
+//!   handler in its dedupe transaction. No unique constraint, so a double
+//!   effect shows.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use anyhow::Context;
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::{Headers, Message},
+    ClientConfig, Offset, TopicPartitionList,
+};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The tables the checker reads; the soak creates them.
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS soak_keys (key text PRIMARY KEY, seq bigint NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS soak_ledger (event_id uuid PRIMARY KEY, key text NOT NULL, seq bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS soak_effects (event_id uuid NOT NULL, key text NOT NULL, seq bigint NOT NULL);
+";
+
+/// What the checker counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// Events committed by producers.
+    pub committed: u64,
+    /// Records on the topic.
+    pub records: u64,
+    /// Committed events that never reached Kafka.
+    pub lost: u64,
+    /// Records beyond the first of their event id (published twice).
+    pub duplicated_in_kafka: u64,
+    /// Per key, first deliveries whose seq is lower than an earlier one's.
+    pub out_of_order: u64,
+    /// Records on the topic that no producer committed.
+    pub phantom: u64,
+    /// Committed events the consumer has not applied.
+    pub not_applied: u64,
+    /// Effects beyond the first of their event id.
+    pub applied_more_than_once: u64,
+}
+
+impl Verdict {
+    /// Whether the guarantees held: nothing lost, nothing invented, per-key
+    /// order kept, nothing applied twice, everything applied.
+    pub fn ok(&self) -> bool {
+        self.lost == 0
+            && self.phantom == 0
+            && self.out_of_order == 0
+            && self.applied_more_than_once == 0
+            && self.not_applied == 0
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "committed by producers:     {}", self.committed)?;
+        writeln!(f, "records in Kafka:           {}", self.records)?;
+        writeln!(f, "lost (must be 0):           {}", self.lost)?;
+        writeln!(f, "phantom (must be 0):        {}", self.phantom)?;
+        writeln!(f, "out of order per key (0):   {}", self.out_of_order)?;
+        writeln!(f, "duplicated in Kafka:        {}", self.duplicated_in_kafka)?;
+        writeln!(f, "not applied (must be 0):    {}", self.not_applied)?;
+        write!(f, "applied more than once (0): {}", self.applied_more_than_once)
+    }
+}
+
+/// One record as the checker sees it.
+struct Seen {
+    event_id: Uuid,
+    key: String,
+    seq: i64,
+}
+
+/// Runs the comparison.
+pub async fn check(pool: &PgPool, brokers: &str, topic: &str) -> anyhow::Result<Verdict> {
+    let ledger: Vec<(Uuid, String, i64)> =
+        sqlx::query_as("SELECT event_id, key, seq FROM soak_ledger")
+            .fetch_all(pool)
+            .await
+            .context("reading the ledger")?;
+    let ledger: HashMap<Uuid, (String, i64)> =
+        ledger.into_iter().map(|(id, k, s)| (id, (k, s))).collect();
+    let brokers = brokers.to_string();
+    let topic = topic.to_string();
+    let records = tokio::task::spawn_blocking(move || read_topic(&brokers, &topic)).await??;
+
+    let mut v = Verdict {
+        committed: ledger.len() as u64,
+        records: records.len() as u64,
+        ..Verdict::default()
+    };
+    let mut first = HashSet::new();
+    let mut last_seq: HashMap<String, i64> = HashMap::new();
+    for r in &records {
+        if !ledger.contains_key(&r.event_id) {
+            v.phantom += 1;
+            continue;
+        }
+        if !first.insert(r.event_id) {
+            v.duplicated_in_kafka += 1;
+            continue;
+        }
+        let last = last_seq.entry(r.key.clone()).or_insert(0);
+        if r.seq < *last {
+            v.out_of_order += 1;
+        } else {
+            *last = r.seq;
+        }
+    }
+    v.lost = ledger.keys().filter(|id| !first.contains(id)).count() as u64;
+    let (effects, distinct): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT event_id) FROM soak_effects")
+            .fetch_one(pool)
+            .await?;
+    v.applied_more_than_once = (effects - distinct) as u64;
+    let not_applied: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM soak_ledger l WHERE NOT EXISTS (SELECT 1 FROM soak_effects e WHERE e.event_id = l.event_id)",
+    )
+    .fetch_one(pool)
+    .await?;
+    v.not_applied = not_applied as u64;
+    Ok(v)
+}
+
+/// Every record of `topic`, partition by partition in offset order.
+fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<Vec<Seen>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "outbox-soak-checker")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let md = c.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    anyhow::ensure!(!partitions.is_empty(), "topic {topic} does not exist");
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = HashMap::new();
+    for p in partitions {
+        let (low, high) = c.fetch_watermarks(topic, p, timeout)?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+            remaining.insert(p, high);
+        }
+    }
+    let mut per_partition: HashMap<i32, Vec<(i64, Seen)>> = HashMap::new();
+    if remaining.is_empty() {
+        return Ok(Vec::new());
+    }
+    c.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while !remaining.is_empty() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "reading {topic} did not finish within 300 s"
+        );
+        let Some(m) = c.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m?;
+        let p = m.partition();
+        let Some(high) = remaining.get(&p).copied() else {
+            continue;
+        };
+        if m.offset() + 1 >= high {
+            remaining.remove(&p);
+        }
+        let id = m
+            .headers()
+            .and_then(|hs| hs.iter().find(|h| h.key == "ce_id").and_then(|h| h.value))
+            .and_then(|v| Uuid::parse_str(std::str::from_utf8(v).ok()?).ok())
+            .context("a record without a valid ce_id")?;
+        let payload: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or(b"null"))?;
+        per_partition.entry(p).or_default().push((
+            m.offset(),
+            Seen {
+                event_id: id,
+                key: m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default(),
+                seq: payload["seq"].as_i64().unwrap_or(-1),
+            },
+        ));
+    }
+    let mut out = Vec::new();
+    let mut parts: Vec<_> = per_partition.into_iter().collect();
+    parts.sort_by_key(|(p, _)| *p);
+    for (_, mut recs) in parts {
+        recs.sort_by_key(|(o, _)| *o);
+        out.extend(recs.into_iter().map(|(_, s)| s));
+    }
+    Ok(out)
+}

@@ -1,0 +1,528 @@
+//! `outbox-soak`: producers, the relay and a consumer under scheduled
+//! faults, then the correctness checker. See `RELIABILITY.md`.
+//!
+//! ```sh
+//! outbox-soak run --seconds 60 --rate 300 --fault-every 5s
+//! outbox-soak check --database outbox_soak --topic soak-1a2b3c4d
+//! ```
+//!
+//! The relay and the consumer run as child processes of this same binary
+//! (`outbox-soak relay` / `outbox-soak consume`), so they can be killed with
+//! SIGKILL. Exit codes: 0 guarantees held, 1 a guarantee broke or the run
+//! failed, 2 bad flags.
+
+mod check;
+
+use std::{
+    collections::BTreeMap,
+    process::{Child, Command as Process, ExitCode, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use consumer_kit::{Consumer, ConsumerConfig, Envelope, Handler, HandlerError};
+use outbox_core::{append, NewEvent};
+use sqlx::{postgres::PgConnectOptions, Executor, PgPool};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "outbox-soak", version)]
+struct Cli {
+    /// PostgreSQL server URL; the soak creates its own database on it. Never printed.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092", global = true)]
+    kafka_brokers: String,
+    /// The soak's database.
+    #[arg(long, default_value = "outbox_soak", global = true)]
+    database: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Fault {
+    /// SIGKILL the relay process, then start it again.
+    RelayKill,
+    /// pg_terminate_backend on every relay connection.
+    PgTerminate,
+    /// SIGKILL the consumer process (between its database commits and its
+    /// offset commits), then start it again.
+    ConsumerKill,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run producers, relay and consumer for a bounded time with faults,
+    /// then check.
+    Run {
+        /// Seconds of producer load.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Events per second, over all producers.
+        #[arg(long, default_value_t = 300)]
+        rate: u64,
+        /// Concurrent producers.
+        #[arg(long, default_value_t = 4)]
+        producers: u64,
+        /// Distinct keys (aggregates).
+        #[arg(long, default_value_t = 100)]
+        keys: i64,
+        /// Time between faults.
+        #[arg(long, default_value = "5s", value_parser = humantime_secs)]
+        fault_every: Duration,
+        /// Fault kinds, taken in turn.
+        #[arg(long, value_delimiter = ',', default_value = "relay-kill,pg-terminate,consumer-kill")]
+        faults: Vec<Fault>,
+    },
+    /// Compare ledger, topic and effects of a finished run.
+    Check {
+        /// The run's topic.
+        #[arg(long)]
+        topic: String,
+    },
+    /// (internal) The relay, until SIGTERM.
+    #[command(hide = true)]
+    Relay,
+    /// (internal) The consumer, until SIGTERM.
+    #[command(hide = true)]
+    Consume {
+        #[arg(long)]
+        topic: String,
+    },
+}
+
+fn humantime_secs(s: &str) -> Result<Duration, String> {
+    let n = s.trim_end_matches('s');
+    n.parse::<f64>()
+        .map(Duration::from_secs_f64)
+        .map_err(|_| format!("{s:?} is not a number of seconds such as 5s"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let server: PgConnectOptions = cli
+        .database_url
+        .as_deref()
+        .context("no database given: set DATABASE_URL or pass --database-url postgres://...")?
+        .parse()
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    let db = server.clone().database(&cli.database);
+    match &cli.command {
+        Command::Run {
+            seconds,
+            rate,
+            producers,
+            keys,
+            fault_every,
+            faults,
+        } => {
+            soak(
+                &cli,
+                server,
+                db,
+                Load {
+                    seconds: *seconds,
+                    rate: *rate,
+                    producers: *producers,
+                    keys: *keys,
+                },
+                *fault_every,
+                faults,
+            )
+            .await
+        }
+        Command::Check { topic } => {
+            let pool = PgPool::connect_with(db).await?;
+            let v = check::check(&pool, &cli.kafka_brokers, topic).await?;
+            println!("{v}");
+            Ok(v.ok())
+        }
+        Command::Relay => {
+            let relay = outbox_relay::Relay::new(
+                outbox_relay::RelayConfig {
+                    brokers: cli.kafka_brokers.clone(),
+                    batch_size: 200,
+                    poll_interval: Duration::from_millis(100),
+                    // One record per batch on the broker: tansu 0.6.0 cannot
+                    // serve a fetch that starts inside a batch, which a
+                    // restarted consumer does (docs/architecture.md).
+                    kafka_properties: BTreeMap::from([(
+                        "batch.num.messages".to_string(),
+                        "1".to_string(),
+                    )]),
+                    ..Default::default()
+                },
+                db.application_name("outbox-soak-relay"),
+            )?;
+            let stop = on_sigterm();
+            relay.run(stop).await;
+            Ok(true)
+        }
+        Command::Consume { topic } => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(8)
+                .connect_with(db)
+                .await?;
+            let cfg = ConsumerConfig {
+                brokers: cli.kafka_brokers.clone(),
+                kafka_properties: BTreeMap::from([
+                    ("session.timeout.ms".to_string(), "6000".to_string()),
+                    ("heartbeat.interval.ms".to_string(), "1000".to_string()),
+                ]),
+                ..ConsumerConfig::new("soak", [topic])
+            };
+            let consumer = Consumer::builder(cfg, pool)
+                .handler("soak.event", Apply)
+                .build()?;
+            consumer.run(on_sigterm()).await?;
+            Ok(true)
+        }
+    }
+}
+
+fn on_sigterm() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+        }
+        t.cancel();
+    });
+    token
+}
+
+#[derive(serde::Deserialize)]
+struct SoakEvent {
+    key: String,
+    seq: i64,
+}
+
+struct Apply;
+
+#[consumer_kit::async_trait]
+impl Handler for Apply {
+    type Payload = SoakEvent;
+
+    async fn handle(
+        &self,
+        event: &Envelope<SoakEvent>,
+        tx: &mut sqlx::PgTransaction<'static>,
+    ) -> Result<(), HandlerError> {
+        sqlx::query("INSERT INTO soak_effects (event_id, key, seq) VALUES ($1, $2, $3)")
+            .bind(event.event_id)
+            .bind(&event.payload.key)
+            .bind(event.payload.seq)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+struct Load {
+    seconds: u64,
+    rate: u64,
+    producers: u64,
+    keys: i64,
+}
+
+/// A child process of this binary, killed when dropped.
+struct Role {
+    args: Vec<String>,
+    child: Child,
+    peak_rss_kib: u64,
+}
+
+impl Role {
+    fn start(cli: &Cli, args: &[&str]) -> anyhow::Result<Self> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let child = spawn(cli, &args)?;
+        Ok(Self {
+            args,
+            child,
+            peak_rss_kib: 0,
+        })
+    }
+
+    fn kill_and_restart(&mut self, cli: &Cli) -> anyhow::Result<()> {
+        self.sample_rss();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(cli, &self.args)?;
+        Ok(())
+    }
+
+    fn sample_rss(&mut self) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()));
+        if let Some(kib) = status.ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        }) {
+            self.peak_rss_kib = self.peak_rss_kib.max(kib);
+        }
+    }
+
+    fn terminate(&mut self) {
+        self.sample_rss();
+        let _ = Process::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(cli: &Cli, args: &[String]) -> anyhow::Result<Child> {
+    Ok(Process::new(std::env::current_exe()?)
+        .args(args)
+        .env("DATABASE_URL", cli.database_url.as_deref().unwrap_or_default())
+        .env("KAFKA_BROKERS", &cli.kafka_brokers)
+        .arg("--database")
+        .arg(&cli.database)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+async fn soak(
+    cli: &Cli,
+    server: PgConnectOptions,
+    db: PgConnectOptions,
+    load: Load,
+    fault_every: Duration,
+    faults: &[Fault],
+) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let say = |m: String| println!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
+    let admin = PgPool::connect_with(server).await.context("connect to PostgreSQL")?;
+    let name = &cli.database;
+    anyhow::ensure!(
+        name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        "--database must be letters, digits and _"
+    );
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+        .await?;
+    admin
+        .execute(format!("CREATE DATABASE \"{name}\"").as_str())
+        .await?;
+    admin.close().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(load.producers as u32 + 4)
+        .connect_with(db)
+        .await?;
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    consumer_kit::migrate(&pool).await?;
+    sqlx::raw_sql(check::SCHEMA).execute(&pool).await?;
+    sqlx::query("INSERT INTO soak_keys (key) SELECT 'k' || g FROM generate_series(1, $1) g")
+        .bind(load.keys)
+        .execute(&pool)
+        .await?;
+    let topic = format!("soak-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    create_topic(&cli.kafka_brokers, &topic).await?;
+    say(format!(
+        "database {name}, topic {topic}: {} producers at {} events/s over {} keys for {} s; a fault every {:?} ({faults:?})",
+        load.producers, load.rate, load.keys, load.seconds, fault_every
+    ));
+
+    let mut relay = Role::start(cli, &["relay"])?;
+    let mut consumer = Role::start(cli, &["consume", "--topic", &topic])?;
+
+    // Producers: ledger row + outbox row in one transaction, serialized per
+    // key by the key's row lock, so seq order is commit order per key.
+    let stop = Arc::new(AtomicBool::new(false));
+    let produced = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for p in 0..load.producers {
+        let pool = pool.clone();
+        let stop = Arc::clone(&stop);
+        let produced = Arc::clone(&produced);
+        let errors = Arc::clone(&errors);
+        let topic = topic.clone();
+        let every = Duration::from_secs_f64(load.producers as f64 / load.rate.max(1) as f64);
+        let keys = load.keys;
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            let mut i: i64 = p as i64;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let key = format!("k{}", 1 + (i * 7919) % keys);
+                i += 1;
+                match produce_one(&pool, &topic, &key).await {
+                    Ok(()) => produced.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+
+    let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let end = Instant::now() + Duration::from_secs(load.seconds);
+    let mut next = 0;
+    while Instant::now() + fault_every <= end {
+        tokio::time::sleep(fault_every).await;
+        relay.sample_rss();
+        let Some(fault) = faults.get(next % faults.len().max(1)).copied() else {
+            break;
+        };
+        next += 1;
+        let name = match fault {
+            Fault::RelayKill => {
+                relay.kill_and_restart(cli)?;
+                "relay kill -9"
+            }
+            Fault::PgTerminate => {
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = 'outbox-soak-relay' AND datname = current_database()",
+                )
+                .execute(&pool)
+                .await?;
+                "pg_terminate_backend (relay)"
+            }
+            Fault::ConsumerKill => {
+                consumer.kill_and_restart(cli)?;
+                "consumer kill -9"
+            }
+        };
+        *injected.entry(name).or_default() += 1;
+        say(format!(
+            "fault: {name}; {} events committed so far",
+            produced.load(Ordering::Relaxed)
+        ));
+    }
+    tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await?;
+    }
+    let committed = produced.load(Ordering::Relaxed);
+    say(format!(
+        "producers stopped: {committed} events committed ({} producer transactions failed and were not committed)",
+        errors.load(Ordering::Relaxed)
+    ));
+
+    // Let the relay and consumer finish, bounded.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        relay.sample_rss();
+        let (pending, applied): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox), (SELECT count(DISTINCT event_id) FROM soak_effects)",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if pending == 0 && applied as u64 >= committed {
+            break;
+        }
+        if Instant::now() > deadline {
+            say(format!("gave up waiting: {pending} rows still in the outbox, {applied} of {committed} applied"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    relay.terminate();
+    consumer.terminate();
+
+    let v = check::check(&pool, &cli.kafka_brokers, &topic).await?;
+    println!();
+    println!("== soak result (topic {topic}) ==");
+    for (name, n) in &injected {
+        println!("faults injected: {n:>4} × {name}");
+    }
+    println!("{v}");
+    println!(
+        "peak RSS sampled: relay {} MiB, consumer {} MiB",
+        relay.peak_rss_kib / 1024,
+        consumer.peak_rss_kib / 1024
+    );
+    println!(
+        "verdict:                    {}",
+        if v.ok() { "guarantees held" } else { "GUARANTEE BROKEN" }
+    );
+    Ok(v.ok())
+}
+
+async fn produce_one(pool: &PgPool, topic: &str, key: &str) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let seq: i64 = sqlx::query_scalar("UPDATE soak_keys SET seq = seq + 1 WHERE key = $1 RETURNING seq")
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await?;
+    let event = NewEvent::new("soak", key, "soak.event")
+        .topic(topic)
+        .json_payload(&serde_json::json!({ "key": key, "seq": seq }))?;
+    sqlx::query("INSERT INTO soak_ledger (event_id, key, seq) VALUES ($1, $2, $3)")
+        .bind(event.event_id)
+        .bind(key)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+    append(&mut *tx, &event).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn create_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for r in admin
+        .create_topics([&NewTopic::new(topic, 3, TopicReplication::Fixed(1))], &opts)
+        .await
+        .context("cannot reach Kafka (KAFKA_BROKERS)")?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e:?}"))?;
+    }
+    Ok(())
+}
