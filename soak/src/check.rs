@@ -70,9 +70,17 @@ impl std::fmt::Display for Verdict {
         writeln!(f, "lost (must be 0):           {}", self.lost)?;
         writeln!(f, "phantom (must be 0):        {}", self.phantom)?;
         writeln!(f, "out of order per key (0):   {}", self.out_of_order)?;
-        writeln!(f, "duplicated in Kafka:        {}", self.duplicated_in_kafka)?;
+        writeln!(
+            f,
+            "duplicated in Kafka:        {}",
+            self.duplicated_in_kafka
+        )?;
         writeln!(f, "not applied (must be 0):    {}", self.not_applied)?;
-        write!(f, "applied more than once (0): {}", self.applied_more_than_once)
+        write!(
+            f,
+            "applied more than once (0): {}",
+            self.applied_more_than_once
+        )
     }
 }
 

@@ -37,7 +37,12 @@ struct Cli {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     database_url: Option<String>,
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092", global = true)]
+    #[arg(
+        long,
+        env = "KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
     kafka_brokers: String,
     /// The soak's database.
     #[arg(long, default_value = "outbox_soak", global = true)]
@@ -78,7 +83,11 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = humantime_secs)]
         fault_every: Duration,
         /// Fault kinds, taken in turn.
-        #[arg(long, value_delimiter = ',', default_value = "relay-kill,pg-terminate,consumer-kill")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "relay-kill,pg-terminate,consumer-kill"
+        )]
         faults: Vec<Fault>,
     },
     /// Compare ledger, topic and effects of a finished run.
@@ -113,7 +122,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
@@ -323,7 +335,10 @@ impl Drop for Role {
 fn spawn(cli: &Cli, args: &[String]) -> anyhow::Result<Child> {
     Ok(Process::new(std::env::current_exe()?)
         .args(args)
-        .env("DATABASE_URL", cli.database_url.as_deref().unwrap_or_default())
+        .env(
+            "DATABASE_URL",
+            cli.database_url.as_deref().unwrap_or_default(),
+        )
         .env("KAFKA_BROKERS", &cli.kafka_brokers)
         .arg("--database")
         .arg(&cli.database)
@@ -342,7 +357,9 @@ async fn soak(
 ) -> anyhow::Result<bool> {
     let started = Instant::now();
     let say = |m: String| println!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
-    let admin = PgPool::connect_with(server).await.context("connect to PostgreSQL")?;
+    let admin = PgPool::connect_with(server)
+        .await
+        .context("connect to PostgreSQL")?;
     let name = &cli.database;
     anyhow::ensure!(
         name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
@@ -486,17 +503,22 @@ async fn soak(
     );
     println!(
         "verdict:                    {}",
-        if v.ok() { "guarantees held" } else { "GUARANTEE BROKEN" }
+        if v.ok() {
+            "guarantees held"
+        } else {
+            "GUARANTEE BROKEN"
+        }
     );
     Ok(v.ok())
 }
 
 async fn produce_one(pool: &PgPool, topic: &str, key: &str) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let seq: i64 = sqlx::query_scalar("UPDATE soak_keys SET seq = seq + 1 WHERE key = $1 RETURNING seq")
-        .bind(key)
-        .fetch_one(&mut *tx)
-        .await?;
+    let seq: i64 =
+        sqlx::query_scalar("UPDATE soak_keys SET seq = seq + 1 WHERE key = $1 RETURNING seq")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
     let event = NewEvent::new("soak", key, "soak.event")
         .topic(topic)
         .json_payload(&serde_json::json!({ "key": key, "seq": seq }))?;
@@ -518,7 +540,10 @@ async fn create_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
         .create()?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for r in admin
-        .create_topics([&NewTopic::new(topic, 3, TopicReplication::Fixed(1))], &opts)
+        .create_topics(
+            [&NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
+            &opts,
+        )
         .await
         .context("cannot reach Kafka (KAFKA_BROKERS)")?
     {

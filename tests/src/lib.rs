@@ -293,6 +293,19 @@ pub fn dlq_bin() -> std::path::PathBuf {
         .clone()
 }
 
+/// The `outbox-soak` binary, built on first use.
+pub fn soak_bin() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            workspace_bin(
+                &["-p", "outbox-soak", "--bin", "outbox-soak"],
+                "outbox-soak",
+            )
+        })
+        .clone()
+}
+
 /// Runs `cargo build -q <args>` in the workspace and returns the path of
 /// the binary `name` in the same target directory as the running test.
 fn workspace_bin(args: &[&str], name: &str) -> std::path::PathBuf {

@@ -1,0 +1,42 @@
+//! The short version of the reliability soak (RELIABILITY.md has the long
+//! one): producers, the relay and a consumer under relay kill -9,
+//! pg_terminate_backend and consumer kill -9, then the checker.
+
+use std::process::Command;
+
+#[test]
+fn a_short_soak_with_faults_loses_reorders_and_doubles_nothing() -> anyhow::Result<()> {
+    let out = Command::new(integration_tests::soak_bin())
+        .args([
+            "run",
+            "--seconds",
+            "15",
+            "--rate",
+            "100",
+            "--fault-every",
+            "2.5s",
+            "--database",
+            "outbox_soak_ci",
+        ])
+        .env("KAFKA_BROKERS", integration_tests::brokers())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "soak failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("verdict:                    guarantees held"),
+        "{stdout}"
+    );
+    for fault in [
+        "relay kill -9",
+        "pg_terminate_backend (relay)",
+        "consumer kill -9",
+    ] {
+        assert!(
+            stdout.contains(&format!("× {fault}")),
+            "no {fault} injected:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("lost (must be 0):           0"), "{stdout}");
+    Ok(())
+}
