@@ -90,6 +90,12 @@ enum Command {
         )]
         faults: Vec<Fault>,
     },
+    /// Relay memory while it drains a backlog: RSS sampled every 250 ms.
+    Memory {
+        /// Backlog rows (~200-byte JSON payloads).
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: i64,
+    },
     /// Compare ledger, topic and effects of a finished run.
     Check {
         /// The run's topic.
@@ -98,7 +104,11 @@ enum Command {
     },
     /// (internal) The relay, until SIGTERM.
     #[command(hide = true)]
-    Relay,
+    Relay {
+        /// Let librdkafka batch records (the soak sends one per batch).
+        #[arg(long)]
+        batching: bool,
+    },
     /// (internal) The consumer, until SIGTERM.
     #[command(hide = true)]
     Consume {
@@ -180,19 +190,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("{v}");
             Ok(v.ok())
         }
-        Command::Relay => {
+        Command::Memory { rows } => memory(&cli, server, db, *rows).await,
+        Command::Relay { batching } => {
+            // One record per batch on the broker unless asked: tansu 0.6.0
+            // cannot serve a fetch that starts inside a batch, which a
+            // restarted consumer does (docs/architecture.md).
+            let kafka_properties = if *batching {
+                BTreeMap::new()
+            } else {
+                BTreeMap::from([("batch.num.messages".to_string(), "1".to_string())])
+            };
             let relay = outbox_relay::Relay::new(
                 outbox_relay::RelayConfig {
                     brokers: cli.kafka_brokers.clone(),
-                    batch_size: 200,
+                    batch_size: if *batching { 1000 } else { 200 },
                     poll_interval: Duration::from_millis(100),
-                    // One record per batch on the broker: tansu 0.6.0 cannot
-                    // serve a fetch that starts inside a batch, which a
-                    // restarted consumer does (docs/architecture.md).
-                    kafka_properties: BTreeMap::from([(
-                        "batch.num.messages".to_string(),
-                        "1".to_string(),
-                    )]),
+                    kafka_properties,
                     ..Default::default()
                 },
                 db.application_name("outbox-soak-relay"),
@@ -357,28 +370,8 @@ async fn soak(
 ) -> anyhow::Result<bool> {
     let started = Instant::now();
     let say = |m: String| println!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
-    let admin = PgPool::connect_with(server)
-        .await
-        .context("connect to PostgreSQL")?;
     let name = &cli.database;
-    anyhow::ensure!(
-        name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-        "--database must be letters, digits and _"
-    );
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
-        .await?;
-    admin
-        .execute(format!("CREATE DATABASE \"{name}\"").as_str())
-        .await?;
-    admin.close().await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(load.producers as u32 + 4)
-        .connect_with(db)
-        .await?;
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
-    consumer_kit::migrate(&pool).await?;
-    sqlx::raw_sql(check::SCHEMA).execute(&pool).await?;
+    let pool = fresh_database(cli, server, db, load.producers as u32 + 4).await?;
     sqlx::query("INSERT INTO soak_keys (key) SELECT 'k' || g FROM generate_series(1, $1) g")
         .bind(load.keys)
         .execute(&pool)
@@ -510,6 +503,125 @@ async fn soak(
         }
     );
     Ok(v.ok())
+}
+
+/// Drops and creates the run's database with every schema the soak uses.
+async fn fresh_database(
+    cli: &Cli,
+    server: PgConnectOptions,
+    db: PgConnectOptions,
+    connections: u32,
+) -> anyhow::Result<PgPool> {
+    let admin = PgPool::connect_with(server)
+        .await
+        .context("connect to PostgreSQL")?;
+    let name = &cli.database;
+    anyhow::ensure!(
+        name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        "--database must be letters, digits and _"
+    );
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+        .await?;
+    admin
+        .execute(format!("CREATE DATABASE \"{name}\"").as_str())
+        .await?;
+    admin.close().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(connections)
+        .connect_with(db)
+        .await?;
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    consumer_kit::migrate(&pool).await?;
+    sqlx::raw_sql(check::SCHEMA).execute(&pool).await?;
+    Ok(pool)
+}
+
+/// Fills the outbox with `rows` rows, starts the relay, and samples its RSS
+/// every 250 ms until the backlog is drained.
+async fn memory(
+    cli: &Cli,
+    server: PgConnectOptions,
+    db: PgConnectOptions,
+    rows: i64,
+) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let say = |m: String| println!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
+    let pool = fresh_database(cli, server, db, 4).await?;
+    let topic = format!(
+        "soak-mem-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    create_topic(&cli.kafka_brokers, &topic).await?;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, payload) \
+         SELECT gen_random_uuid(), 'soak', 'k' || (g % 1000), 'soak.row', $1, \
+                jsonb_build_object('seq', g, 'pad', repeat('x', 170)) \
+         FROM generate_series(1, $2) g ORDER BY g",
+    )
+    .bind(&topic)
+    .bind(rows)
+    .execute(&pool)
+    .await?;
+    pool.execute("VACUUM ANALYZE outbox").await?;
+    say(format!("{rows} rows in the outbox; starting the relay"));
+    let mut relay = Role::start(cli, &["relay", "--batching"])?;
+    let mut rss: Vec<u64> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let drain_started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        relay.peak_rss_kib = 0;
+        relay.sample_rss();
+        if relay.peak_rss_kib > 0 {
+            rss.push(relay.peak_rss_kib);
+        }
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&pool)
+            .await?;
+        if rss.len() % 20 == 0 {
+            say(format!(
+                "{pending} rows left; relay RSS {} MiB",
+                relay.peak_rss_kib / 1024
+            ));
+        }
+        if pending == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the backlog did not drain within 30 minutes"
+        );
+    }
+    let drained_in = drain_started.elapsed();
+    relay.terminate();
+    anyhow::ensure!(!rss.is_empty(), "no RSS samples");
+    let tenth = rss.len().div_ceil(10);
+    let early = rss[..tenth].iter().copied().max().unwrap_or(0);
+    let late = rss[rss.len() - tenth..].iter().copied().max().unwrap_or(0);
+    let peak = rss.iter().copied().max().unwrap_or(0);
+    let flat = late <= early + early / 2;
+    println!();
+    println!(
+        "== relay memory while draining {rows} rows ({} samples, every 250 ms) ==",
+        rss.len()
+    );
+    println!("RSS, first tenth of the drain: {} MiB", early / 1024);
+    println!("RSS, last tenth of the drain:  {} MiB", late / 1024);
+    println!("RSS, peak:                     {} MiB", peak / 1024);
+    println!(
+        "drain time:                    {:.1} s",
+        drained_in.as_secs_f64()
+    );
+    println!(
+        "verdict:                       {}",
+        if flat {
+            "flat (last tenth within 1.5x of the first)"
+        } else {
+            "GROWING"
+        }
+    );
+    Ok(flat)
 }
 
 async fn produce_one(pool: &PgPool, topic: &str, key: &str) -> anyhow::Result<()> {
