@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use outbox_core::{append, NewEvent};
 use outbox_relay::{Relay, RelayConfig};
 use rdkafka::{
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    admin::{AdminClient, AdminOptions},
     client::DefaultClientContext,
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
@@ -185,23 +185,8 @@ impl Env {
 
     async fn topic(&self, name: &str) -> anyhow::Result<String> {
         let topic = format!("bench-{name}-{}", uuid::Uuid::new_v4().simple());
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .create()?;
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        for r in admin
-            .create_topics(
-                [&NewTopic::new(
-                    &topic,
-                    PARTITIONS,
-                    TopicReplication::Fixed(1),
-                )],
-                &opts,
-            )
-            .await?
-        {
-            r.map_err(|(t, e)| anyhow::anyhow!("create topic {t}: {e:?}"))?;
-        }
+        outbox_relay::topics::create(&self.brokers, &Default::default(), &topic, PARTITIONS, 1)
+            .await?;
         Ok(topic)
     }
 

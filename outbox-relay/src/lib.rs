@@ -10,7 +10,8 @@
 //! - [`publisher`]: pipelined sends and error classification;
 //! - [`record`]: the row-to-record mapping (topic routing, headers);
 //! - [`config`]: settings and their defaults;
-//! - [`telemetry`]: metric names.
+//! - [`telemetry`]: metric names;
+//! - [`topics`]: creating topics.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,6 +34,7 @@ pub mod record;
 pub mod relay;
 pub mod store;
 pub mod telemetry;
+pub mod topics;
 
 pub use config::{AfterPublish, PoisonPolicy, RelayConfig};
 pub use relay::{Relay, RelayError};

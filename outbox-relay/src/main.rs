@@ -138,12 +138,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn topic(cmd: TopicCommand) -> anyhow::Result<()> {
-    use rdkafka::{
-        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-        client::DefaultClientContext,
-        types::RDKafkaErrorCode,
-        ClientConfig,
-    };
+    use outbox_relay::topics::{self, Created, TopicError};
     let TopicCommand::Create {
         name,
         partitions,
@@ -151,26 +146,14 @@ async fn topic(cmd: TopicCommand) -> anyhow::Result<()> {
         kafka_brokers,
         kafka_properties,
     } = cmd;
-    outbox_core::topic::validate_topic(&name).map_err(UsageError)?;
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &kafka_brokers);
-    for (k, v) in &kafka_properties {
-        cc.set(k, v);
-    }
-    let admin: AdminClient<DefaultClientContext> =
-        cc.create().map_err(|e| UsageError(e.to_string()))?;
-    let opts = AdminOptions::new().request_timeout(Some(std::time::Duration::from_secs(15)));
-    let new = NewTopic::new(&name, partitions, TopicReplication::Fixed(replication));
-    let results = admin
-        .create_topics([&new], &opts)
-        .await
-        .with_context(|| format!("cannot reach the Kafka brokers at {kafka_brokers}"))?;
-    for r in results {
-        match r {
-            Ok(t) => println!("created topic {t} ({partitions} partitions)"),
-            Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => println!("topic {t} already exists"),
-            Err((t, code)) => anyhow::bail!("creating topic {t} failed: {code:?}"),
+    let properties = kafka_properties.into_iter().collect();
+    match topics::create(&kafka_brokers, &properties, &name, partitions, replication).await {
+        Ok(Created::New) => println!("created topic {name} ({partitions} partitions)"),
+        Ok(Created::AlreadyExists) => println!("topic {name} already exists"),
+        Err(e @ (TopicError::InvalidName(_) | TopicError::Client(_))) => {
+            return Err(UsageError(e.to_string()).into())
         }
+        Err(e) => return Err(e.into()),
     }
     Ok(())
 }

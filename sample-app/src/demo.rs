@@ -25,8 +25,6 @@ use std::{
 use anyhow::{bail, Context};
 use consumer_kit::{dead_letter, DeadLetterFilter};
 use rdkafka::{
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer as _},
     message::{Header, Headers, Message, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
@@ -454,24 +452,7 @@ async fn check(orders: &PgPool, pools: &[PgPool]) -> anyhow::Result<Vec<String>>
 }
 
 async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for r in admin
-        .create_topics(
-            [&NewTopic::new(
-                topic,
-                partitions,
-                TopicReplication::Fixed(1),
-            )],
-            &opts,
-        )
-        .await
-        .context("cannot reach the Kafka broker (KAFKA_BROKERS)")?
-    {
-        r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e:?}"))?;
-    }
+    outbox_relay::topics::create(brokers, &BTreeMap::new(), topic, partitions, 1).await?;
     Ok(())
 }
 

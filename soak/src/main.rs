@@ -646,20 +646,6 @@ async fn produce_one(pool: &PgPool, topic: &str, key: &str) -> anyhow::Result<()
 }
 
 async fn create_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for r in admin
-        .create_topics(
-            [&NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
-            &opts,
-        )
-        .await
-        .context("cannot reach Kafka (KAFKA_BROKERS)")?
-    {
-        r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e:?}"))?;
-    }
+    outbox_relay::topics::create(brokers, &BTreeMap::new(), topic, 3, 1).await?;
     Ok(())
 }

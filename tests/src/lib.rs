@@ -7,8 +7,6 @@ use std::{collections::HashMap, time::Duration};
 
 use anyhow::{bail, Context};
 use rdkafka::{
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
     consumer::{Consumer, StreamConsumer},
     message::{Headers, Message, OwnedMessage},
     ClientConfig,
@@ -29,25 +27,9 @@ pub async fn create_topic(topic: &str, partitions: i32) -> anyhow::Result<()> {
     create_topic_on(&brokers(), topic, partitions).await
 }
 
-/// [`create_topic`] on a given broker list.
+/// [`create_topic`] on a given broker list; an existing topic is fine.
 pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .context("admin client")?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin
-        .create_topics([&new], &opts)
-        .await
-        .context("create_topics")?;
-    for r in results {
-        if let Err((name, code)) = r {
-            if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                bail!("creating topic {name} failed: {code:?}");
-            }
-        }
-    }
+    outbox_relay::topics::create(brokers, &Default::default(), topic, partitions, 1).await?;
     Ok(())
 }
 
