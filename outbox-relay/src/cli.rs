@@ -16,6 +16,13 @@ pub struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// DATABASE_URL goes through a connection pooler in transaction mode
+    /// (PgBouncer pool_mode=transaction, and the like): no cached prepared
+    /// statements, no LISTEN (poll instead), no extra_float_digits startup
+    /// parameter. Run `migrate` against PostgreSQL directly.
+    #[arg(long, env = "RELAY_TRANSACTION_POOLER", global = true)]
+    pub transaction_pooler: bool,
+
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
@@ -41,7 +48,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Apply the outbox migrations (idempotent).
     Migrate,
-    /// Print the backlog: pending rows, oldest pending age, failed rows.
+    /// Print the backlog (pending rows, oldest pending age, failed rows), the
+    /// running relays, and each partition's owner and backlog.
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
@@ -173,6 +181,21 @@ pub struct RunArgs {
     #[arg(long, env = "RELAY_SYNC_COMMIT")]
     pub sync_commit: bool,
 
+    /// A name for this relay in `status` and logs (default: the host name).
+    /// The relay's id is `<name>-<pid>-<random>`, new at every start.
+    #[arg(long, env = "RELAY_NAME")]
+    pub relay_name: Option<String>,
+
+    /// How long this relay's lease on its partitions lasts without a
+    /// heartbeat: if it dies, others take its partitions over after this.
+    #[arg(long, env = "RELAY_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// How often the relay renews its lease and rebalances partitions (at
+    /// most half the lease TTL).
+    #[arg(long, env = "RELAY_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
     /// Apply the outbox migrations before starting.
     #[arg(long, env = "RELAY_MIGRATE")]
     pub migrate: bool,
@@ -204,8 +227,14 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 }
 
 impl RunArgs {
-    /// The library configuration these flags describe.
-    pub fn to_config(&self) -> RelayConfig {
+    /// The library configuration these flags describe. `transaction_pooler`
+    /// is the global flag.
+    pub fn to_config(&self, transaction_pooler: bool) -> RelayConfig {
+        let name = self
+            .relay_name
+            .clone()
+            .or_else(host_name)
+            .unwrap_or_else(|| "relay".into());
         RelayConfig {
             brokers: self.kafka_brokers.clone(),
             kafka_properties: self.kafka_properties.iter().cloned().collect(),
@@ -227,7 +256,24 @@ impl RunArgs {
             publish_timeout: self.publish_timeout,
             shutdown_timeout: self.shutdown_timeout,
             synchronous_commit: self.sync_commit,
+            relay_id: Some(format!(
+                "{name}-{}-{:06x}",
+                std::process::id(),
+                rand::random::<u32>() & 0xff_ffff
+            )),
+            lease_ttl: self.lease_ttl,
+            heartbeat_interval: self.heartbeat_interval,
+            transaction_pooler,
             ..RelayConfig::default()
         }
     }
+}
+
+/// The machine's host name, from `HOSTNAME` or `/etc/hostname`.
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
 }

@@ -82,8 +82,25 @@ pub struct RelayConfig {
     /// loss, since Kafka had acknowledged them before the commit.
     pub synchronous_commit: bool,
     /// How often the backlog gauges (pending rows, oldest pending age,
-    /// failed rows) are refreshed. Default 5 s.
+    /// failed rows, per partition) are refreshed. Default 5 s.
     pub stats_interval: Duration,
+    /// This relay's id in `outbox_relays` and as the owner of its
+    /// partitions. Must be unique among running relays. Default `None`: a
+    /// generated `relay-<pid>-<random>`.
+    pub relay_id: Option<String>,
+    /// How long a relay's lease lasts without a heartbeat. When a relay dies,
+    /// its partitions are taken over after at most this plus one
+    /// [`RelayConfig::heartbeat_interval`]. Default 10 s.
+    pub lease_ttl: Duration,
+    /// How often the relay renews its lease and rebalances partitions.
+    /// At most half of [`RelayConfig::lease_ttl`]. Default 2 s.
+    pub heartbeat_interval: Duration,
+    /// The database URL goes through a connection pooler in transaction mode
+    /// (PgBouncer `pool_mode = transaction`, and the like): claims use
+    /// unnamed statements instead of cached prepared ones, LISTEN is not
+    /// used (the relay polls every [`RelayConfig::poll_interval`]), and
+    /// the `extra_float_digits` startup parameter is not sent. Default false.
+    pub transaction_pooler: bool,
 }
 
 impl Default for RelayConfig {
@@ -105,6 +122,10 @@ impl Default for RelayConfig {
             shutdown_timeout: Duration::from_secs(10),
             stats_interval: Duration::from_secs(5),
             synchronous_commit: false,
+            relay_id: None,
+            lease_ttl: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(2),
+            transaction_pooler: false,
         }
     }
 }
@@ -140,6 +161,21 @@ impl RelayConfig {
         }
         if self.min_backoff.is_zero() || self.max_backoff < self.min_backoff {
             return bad("backoff: need 0 < min backoff <= max backoff".into());
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            return bad("lease TTL must be at least 1s".into());
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 2 > self.lease_ttl {
+            return bad(format!(
+                "heartbeat interval must be greater than zero and at most half the lease TTL \
+                 ({:?}), got {:?}",
+                self.lease_ttl, self.heartbeat_interval
+            ));
+        }
+        if let Some(id) = &self.relay_id {
+            if id.trim().is_empty() || id.len() > 200 {
+                return bad("relay id must be 1 to 200 characters".into());
+            }
         }
         if self.channel.is_empty() || self.channel.len() > 63 {
             return bad("notification channel must be 1 to 63 characters".into());

@@ -11,7 +11,7 @@ use std::sync::{
 pub enum State {
     /// Connecting for the first time.
     Starting = 0,
-    /// Connected, waiting for another relay to release the claim lock.
+    /// Connected, owning no partition: other relays own them all.
     Standby = 1,
     /// Claiming and publishing.
     Active = 2,
@@ -42,7 +42,6 @@ impl Health {
     pub fn set(&self, state: State, reason: impl Into<String>) {
         self.state.store(state as u8, Ordering::Relaxed);
         *self.reason.lock().expect("health reason") = reason.into();
-        crate::telemetry::leader(state == State::Active);
     }
 
     /// The current state.

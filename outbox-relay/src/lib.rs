@@ -6,7 +6,8 @@
 //! Where to look:
 //!
 //! - [`store`]: every SQL statement, including the claim query;
-//! - [`relay`]: the publish loop, leadership, wake-ups and shutdown;
+//! - [`relay`]: the publish loop, wake-ups and shutdown;
+//! - [`lease`]: key partitions, leases and hand-over between relays;
 //! - [`publisher`]: pipelined sends and error classification;
 //! - [`record`]: the row-to-record mapping (topic routing, headers);
 //! - [`config`]: settings and their defaults;
@@ -29,6 +30,7 @@
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod lease;
 pub mod publisher;
 pub mod record;
 pub mod relay;

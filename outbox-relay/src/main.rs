@@ -71,7 +71,13 @@ fn connect_options(cli: &Cli) -> anyhow::Result<PgConnectOptions> {
     let opts: PgConnectOptions = url
         .parse()
         .map_err(|e| UsageError(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?;
-    Ok(opts.application_name("outbox-relay"))
+    let opts = opts.application_name("outbox-relay");
+    Ok(if cli.transaction_pooler {
+        // PgBouncer refuses startup parameters it does not know.
+        opts.extra_float_digits(None)
+    } else {
+        opts
+    })
 }
 
 /// `host:port/db`, for messages (no user, no password).
@@ -116,23 +122,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { json } => {
-            let pool = pool(&opts).await?;
-            require_schema(&pool).await?;
-            let s = store::stats(&pool).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                println!("outbox at {}", describe(&opts));
-                println!("  pending:            {}", s.pending);
-                println!("  oldest pending age: {:.1}s", s.oldest_pending_age_seconds);
-                println!("  failed:             {}", s.failed);
-                println!("  published (kept):   {}", s.published_kept);
-            }
-            Ok(())
-        }
+        Command::Status { json } => status(&opts, json).await,
         Command::Failed(cmd) => failed(&opts, cmd).await,
-        Command::Run(args) => run(opts, *args).await,
+        Command::Run(args) => run(opts, *args, cli.transaction_pooler).await,
         Command::Topic(_) => unreachable!("handled above"),
     }
 }
@@ -159,25 +151,120 @@ async fn topic(cmd: TopicCommand) -> anyhow::Result<()> {
 }
 
 async fn require_schema(pool: &sqlx::PgPool) -> anyhow::Result<()> {
-    if migrate::current_version(pool, MigrationSet::Outbox)
-        .await?
-        .is_none()
-    {
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass('outbox') IS NOT NULL")
-            .fetch_one(pool)
-            .await?;
-        if !exists {
-            anyhow::bail!(
-                "there is no outbox table in this database: run `outbox-relay migrate` first"
-            );
-        }
+    let mut tx = pool.begin().await?;
+    let (outbox, partitions): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('outbox') IS NOT NULL, to_regclass('outbox_relay_partitions') IS NOT NULL",
+    )
+    .persistent(false)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    if !outbox {
+        anyhow::bail!(
+            "there is no outbox table in this database: run `outbox-relay migrate` first"
+        );
+    }
+    if !partitions {
+        anyhow::bail!(
+            "the outbox schema is older than this relay (no outbox_relay_partitions table): \
+             run `outbox-relay migrate`"
+        );
     }
     Ok(())
+}
+
+async fn status(opts: &PgConnectOptions, json: bool) -> anyhow::Result<()> {
+    let pool = pool(opts).await?;
+    require_schema(&pool).await?;
+    // One transaction: a consistent picture, and it works through a
+    // transaction-mode pooler.
+    let mut tx = pool.begin().await?;
+    let totals = store::stats(&mut *tx).await?;
+    let relays = store::relays(&mut *tx).await?;
+    let partitions = store::partition_stats(&mut *tx).await?;
+    tx.commit().await?;
+    if json {
+        let doc = serde_json::json!({
+            "pending": totals.pending,
+            "oldest_pending_age_seconds": totals.oldest_pending_age_seconds,
+            "failed": totals.failed,
+            "published_kept": totals.published_kept,
+            "relays": relays,
+            "partitions": partitions,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("outbox at {}", describe(opts));
+    println!("  pending:            {}", totals.pending);
+    println!(
+        "  oldest pending age: {:.1}s",
+        totals.oldest_pending_age_seconds
+    );
+    println!("  failed:             {}", totals.failed);
+    println!("  published (kept):   {}", totals.published_kept);
+    let live = relays.iter().filter(|r| r.live).count();
+    println!("relays: {live} live");
+    for r in &relays {
+        println!(
+            "  {:<40} {:<8} pid {:<7} heartbeat {:>5.1}s ago  partitions {}",
+            r.relay_id,
+            if r.live { "live" } else { "expired" },
+            r.pid.map(|p| p.to_string()).unwrap_or_default(),
+            r.heartbeat_age_seconds,
+            ranges(&r.partitions),
+        );
+    }
+    println!("partitions: {}", partitions.len());
+    println!(
+        "  {:>9}  {:<40} {:>9}  {:>11}",
+        "partition", "owner", "pending", "oldest age"
+    );
+    for p in &partitions {
+        let owner = match (&p.owner, p.owner_live) {
+            (None, _) => "(none)".to_string(),
+            (Some(o), true) => o.clone(),
+            (Some(o), false) => format!("{o} (expired)"),
+        };
+        println!(
+            "  {:>9}  {:<40} {:>9}  {:>10.1}s",
+            p.partition, owner, p.pending, p.oldest_pending_age_seconds
+        );
+    }
+    Ok(())
+}
+
+/// `0-3,7,9-10` for a sorted list of partitions.
+fn ranges(ps: &[i32]) -> String {
+    if ps.is_empty() {
+        return "none".into();
+    }
+    let mut out: Vec<String> = Vec::new();
+    let mut start = ps[0];
+    let mut prev = ps[0];
+    for &p in &ps[1..] {
+        if p != prev + 1 {
+            out.push(if start == prev {
+                start.to_string()
+            } else {
+                format!("{start}-{prev}")
+            });
+            start = p;
+        }
+        prev = p;
+    }
+    out.push(if start == prev {
+        start.to_string()
+    } else {
+        format!("{start}-{prev}")
+    });
+    out.join(",")
 }
 
 async fn failed(opts: &PgConnectOptions, cmd: FailedCommand) -> anyhow::Result<()> {
     let pool = pool(opts).await?;
     require_schema(&pool).await?;
+    let mut tx = pool.begin().await?;
     let selection = |s: cli::SelectArgs| {
         if s.all {
             Selection::All
@@ -189,7 +276,7 @@ async fn failed(opts: &PgConnectOptions, cmd: FailedCommand) -> anyhow::Result<(
     };
     match cmd {
         FailedCommand::List { limit, json } => {
-            let rows = store::failed_list(&pool, limit).await?;
+            let rows = store::failed_list(&mut *tx, limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else if rows.is_empty() {
@@ -211,19 +298,24 @@ async fn failed(opts: &PgConnectOptions, cmd: FailedCommand) -> anyhow::Result<(
             }
         }
         FailedCommand::Retry(s) => {
-            let n = store::failed_retry(&pool, &selection(s)).await?;
+            let n = store::failed_retry(&mut *tx, &selection(s)).await?;
             println!("{n} failed rows put back to pending");
         }
         FailedCommand::Discard(s) => {
-            let n = store::failed_discard(&pool, &selection(s)).await?;
+            let n = store::failed_discard(&mut *tx, &selection(s)).await?;
             println!("{n} failed rows discarded");
         }
     }
+    tx.commit().await?;
     Ok(())
 }
 
-async fn run(opts: PgConnectOptions, args: cli::RunArgs) -> anyhow::Result<()> {
-    let cfg = args.to_config();
+async fn run(
+    opts: PgConnectOptions,
+    args: cli::RunArgs,
+    transaction_pooler: bool,
+) -> anyhow::Result<()> {
+    let cfg = args.to_config(transaction_pooler);
     cfg.validate().map_err(|e| UsageError(e.to_string()))?;
     if args.migrate {
         let pool = pool(&opts).await?;
@@ -258,7 +350,10 @@ async fn run(opts: PgConnectOptions, args: cli::RunArgs) -> anyhow::Result<()> {
         brokers = %cfg.brokers,
         batch_size = cfg.batch_size,
         poll_interval = ?cfg.poll_interval,
-        listen = cfg.listen,
+        listen = cfg.listen && !cfg.transaction_pooler,
+        transaction_pooler = cfg.transaction_pooler,
+        relay.id = %relay.relay_id(),
+        lease_ttl = ?cfg.lease_ttl,
         http = %args.http_addr,
         "outbox-relay starting"
     );

@@ -1,17 +1,16 @@
 //! [`Relay`]: the publish loop.
 //!
-//! One relay at a time claims rows: the *leader* holds a PostgreSQL advisory
-//! lock ([`LEADER_LOCK_KEY`]) on a dedicated connection. Claims run in
-//! transactions on two other connections and are *fenced*: each first takes
-//! [`CLAIM_LOCK_KEY`] in shared mode and checks that the leader connection
-//! still holds the leader lock ([`crate::store::fence`]). A new leader waits
-//! once for [`CLAIM_LOCK_KEY`] exclusively, so the previous leader's claims
-//! have all ended before it claims. Other relays wait on standby.
+//! Several relays can run against one database. The outbox is split into key
+//! partitions, each owned by at most one live relay at a time; the
+//! [`crate::lease`] heartbeat shares them out and hands them over when a relay
+//! joins, leaves or dies. A relay claims only rows of partitions it owns, and
+//! every claim checks that ownership in the database (the *fence*, see
+//! [`crate::store::claim_sql`]), so per-key order holds across hand-overs.
 //!
 //! The loop, per batch (`Relay::relay_batch`):
 //!
-//! 1. `BEGIN`; fence; claim the oldest pending rows with one
-//!    `DELETE … RETURNING` (or `UPDATE … RETURNING` in mark mode), see
+//! 1. `BEGIN`; claim the oldest pending rows of the owned partitions with one
+//!    fenced `DELETE … RETURNING` (or `UPDATE … RETURNING` in mark mode), see
 //!    [`crate::store::claim`];
 //! 2. build the records; rows that can never be sent (malformed, bad or
 //!    missing topic) are set aside, and later rows of their key are held back;
@@ -23,7 +22,7 @@
 //!    pending with their attempt count, and the relay backs off.
 //!
 //! The loop wakes on `NOTIFY` from the outbox trigger, on a poll timer as a
-//! fallback, and at once after a full batch.
+//! fallback, at once after a full batch, and when it takes partitions over.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -34,7 +33,7 @@ use std::{
 use chrono::Utc;
 use sqlx::{
     postgres::{PgConnectOptions, PgListener, PgPoolOptions},
-    Connection, PgConnection, PgPool, Postgres, Transaction,
+    PgPool, Postgres, Transaction,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -43,18 +42,12 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::{AfterPublish, ConfigError, PoisonPolicy, RelayConfig},
     health::{Health, State},
+    lease::{Leases, Ownership},
     publisher::{Outcome, Publisher, PublisherError, TopicState},
     record::{self, Record, TopicRouter},
-    store::{self, Resolution},
+    store::{self, Claimant, Resolution},
     telemetry,
 };
-
-/// The advisory lock that makes one relay the leader ("outbox" in ASCII).
-pub const LEADER_LOCK_KEY: i64 = 0x6f75_7462_6f78;
-
-/// Held in shared mode by every claim transaction; a new leader takes it
-/// exclusively once, to wait until the previous leader's claims ended.
-pub const CLAIM_LOCK_KEY: i64 = 0x6f75_7462_6f79;
 
 /// After this many consecutive failed batches the producer is replaced.
 const REBUILD_AFTER_FAILURES: u32 = 3;
@@ -75,26 +68,44 @@ pub enum RelayError {
 /// Why one batch did not complete.
 #[derive(Debug, thiserror::Error)]
 enum BatchError {
-    #[error("database: {0}")]
+    #[error("database: {}", describe_db_error(.0))]
     Database(#[from] sqlx::Error),
     #[error("kafka: {0}")]
     Broker(String),
-    /// Leadership was lost or could not be taken over; compete again.
-    #[error("leadership: {0}")]
-    Leadership(String),
+}
+
+/// A database error, with a hint where the cause is a known setup problem.
+fn describe_db_error(e: &sqlx::Error) -> String {
+    let code = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string());
+    match code.as_deref() {
+        // invalid_sql_statement_name, duplicate_prepared_statement
+        Some("26000") | Some("42P05") => format!(
+            "{e} (prepared statements are lost between transactions: DATABASE_URL seems to go \
+             through a connection pooler in transaction mode; run the relay with \
+             --transaction-pooler, or point it at PostgreSQL or a session-mode pool)"
+        ),
+        // undefined_table, undefined_function
+        Some("42P01") | Some("42883") => format!(
+            "{e} (the outbox schema is missing or older than this relay: run `outbox-relay migrate`)"
+        ),
+        _ => e.to_string(),
+    }
 }
 
 /// The relay. Build it with [`Relay::new`], run it with [`Relay::run`].
 #[derive(Debug)]
 pub struct Relay {
     cfg: RelayConfig,
-    connect: PgConnectOptions,
     pool: PgPool,
     claim_pool: PgPool,
     publisher: Arc<Publisher>,
     router: TopicRouter,
     claim_sql: String,
     health: Arc<Health>,
+    leases: Arc<Leases>,
 }
 
 impl Relay {
@@ -103,6 +114,16 @@ impl Relay {
     pub fn new(cfg: RelayConfig, connect: PgConnectOptions) -> Result<Self, RelayError> {
         cfg.validate()?;
         let publisher = Arc::new(Publisher::new(&cfg)?);
+        let connect = match connect.get_application_name() {
+            Some(_) => connect,
+            None => connect.application_name("outbox-relay"),
+        };
+        let connect = if cfg.transaction_pooler {
+            // PgBouncer refuses startup parameters it does not know.
+            connect.extra_float_digits(None)
+        } else {
+            connect
+        };
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
@@ -111,16 +132,25 @@ impl Relay {
         let claim_pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(connect.clone());
+            .connect_lazy_with(connect);
+        let relay_id = cfg.relay_id.clone().unwrap_or_else(|| {
+            format!("relay-{}-{:08x}", std::process::id(), rand::random::<u32>())
+        });
+        let leases = Arc::new(Leases::new(
+            pool.clone(),
+            relay_id,
+            cfg.lease_ttl,
+            cfg.heartbeat_interval,
+        ));
         Ok(Self {
             claim_pool,
             router: TopicRouter::new(cfg.topic_template.clone()),
             claim_sql: store::claim_sql(cfg.after_publish, cfg.poison_policy),
             cfg,
-            connect,
             pool,
             publisher,
             health: Arc::new(Health::default()),
+            leases,
         })
     }
 
@@ -129,15 +159,21 @@ impl Relay {
         self.health.clone()
     }
 
+    /// This relay's id (its row in `outbox_relays`, the owner of its
+    /// partitions).
+    pub fn relay_id(&self) -> &str {
+        self.leases.relay_id()
+    }
+
     /// Runs until `shutdown` is cancelled. Then stops claiming, lets the
     /// batch in flight finish for up to [`RelayConfig::shutdown_timeout`]
-    /// (else rolls it back: its rows stay pending), flushes the producer and
-    /// returns.
+    /// (else rolls it back: its rows stay pending), hands its partitions
+    /// back, flushes the producer and returns.
     pub async fn run(self, shutdown: CancellationToken) {
         let wake = Arc::new(Notify::new());
         let background = shutdown.child_token();
         let mut tasks = tokio::task::JoinSet::new();
-        if self.cfg.listen {
+        if self.cfg.listen && !self.cfg.transaction_pooler {
             tasks.spawn(listen(
                 self.pool.clone(),
                 self.cfg.channel.clone(),
@@ -145,8 +181,10 @@ impl Relay {
                 background.clone(),
             ));
         }
+        tasks.spawn(self.leases.clone().run(wake.clone(), background.clone()));
         tasks.spawn(report_stats(
             self.pool.clone(),
+            self.leases.clone(),
             self.cfg.stats_interval,
             background.clone(),
         ));
@@ -157,12 +195,21 @@ impl Relay {
                 background.clone(),
             ));
         }
+        info!(relay.id = %self.relay_id(), "relay started; waiting for its share of the partitions");
 
-        self.lead(&wake, &shutdown).await;
+        self.publish(&wake, &shutdown).await;
 
         self.health.set(State::Stopping, "shutting down");
         background.cancel();
         while tasks.join_next().await.is_some() {}
+        // Closing the claim connections ends any claim still open, so the
+        // release below never waits on this relay's own locks.
+        self.claim_pool.close().await;
+        match self.leases.release_all().await {
+            Ok(n) => info!(partitions = n, "partitions handed back"),
+            Err(e) => warn!(error = %e, "could not hand the partitions back; \
+                                        other relays take them over when this relay's lease runs out"),
+        }
         let publisher = self.publisher.clone();
         let timeout = self.cfg.shutdown_timeout;
         match tokio::task::spawn_blocking(move || publisher.flush(timeout)).await {
@@ -171,98 +218,11 @@ impl Relay {
             Err(e) => warn!(error = %e, "producer flush task failed"),
         }
         self.pool.close().await;
-        self.claim_pool.close().await;
     }
 
-    /// Connects, becomes leader, and runs batches until shutdown.
-    /// Connects, becomes leader, and runs batches until shutdown.
-    async fn lead(&self, wake: &Notify, shutdown: &CancellationToken) {
+    /// Claims and publishes batches of the owned partitions until shutdown.
+    async fn publish(&self, wake: &Notify, shutdown: &CancellationToken) {
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
-        while !shutdown.is_cancelled() {
-            let leader = match self.become_leader(shutdown).await {
-                Ok(Some(l)) => l,
-                Ok(None) => return, // shutdown while on standby
-                Err(e) => {
-                    self.degraded(e.to_string());
-                    backoff.sleep(shutdown).await;
-                    continue;
-                }
-            };
-            info!("claim lock acquired; publishing");
-            self.health.set(State::Active, "active");
-            backoff.reset();
-            let result = self
-                .publish_while_leader(&leader, wake, shutdown, &mut backoff)
-                .await;
-            let _ = leader.conn.close().await; // releases the leader lock
-            match result {
-                Ok(()) => return, // shutdown
-                Err(e) => {
-                    self.degraded(e.to_string());
-                    backoff.sleep(shutdown).await;
-                }
-            }
-        }
-    }
-
-    /// Waits (on standby) for the leader lock, then for every claim of a
-    /// previous leader to end. `None` if shutdown came first.
-    async fn become_leader(
-        &self,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Leader>, BatchError> {
-        let mut conn = PgConnection::connect_with(&self.connect).await?;
-        loop {
-            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(LEADER_LOCK_KEY)
-                .fetch_one(&mut conn)
-                .await?;
-            if locked {
-                break;
-            }
-            if self.health.state() != State::Standby {
-                info!("another relay holds the claim lock; waiting on standby");
-            }
-            self.health
-                .set(State::Standby, "standby: another relay is the leader");
-            if sleep_or_cancel(self.cfg.poll_interval, shutdown).await {
-                return Ok(None);
-            }
-        }
-        // Fencing barrier: a previous leader's claims hold CLAIM_LOCK_KEY in
-        // shared mode until they commit or roll back. Taking it exclusively
-        // once waits for all of them; later ones fail their leader check.
-        let barrier = sqlx::query("SELECT pg_advisory_lock($1), pg_advisory_unlock($1)")
-            .bind(CLAIM_LOCK_KEY)
-            .execute(&mut conn);
-        // The previous leader's claims end within its publish timeout; give
-        // up (and retry later, dropping this connection) if they do not.
-        let bound = self.cfg.publish_timeout * 2 + Duration::from_secs(10);
-        match tokio::time::timeout(bound, barrier).await {
-            Ok(r) => {
-                r?;
-            }
-            Err(_) => {
-                return Err(BatchError::Leadership(format!(
-                    "claims of the previous leader did not end within {bound:?}"
-                )))
-            }
-        }
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut conn)
-            .await?;
-        Ok(Some(Leader { conn, pid }))
-    }
-
-    /// Claims and publishes batches until shutdown (`Ok`) or a database
-    /// error, including losing the leader lock (`Err`).
-    async fn publish_while_leader(
-        &self,
-        leader: &Leader,
-        wake: &Notify,
-        shutdown: &CancellationToken,
-        backoff: &mut Backoff,
-    ) -> Result<(), BatchError> {
         let mut broker_failures = 0u32;
         let mut prefetched: Option<Claim> = None;
         loop {
@@ -270,14 +230,33 @@ impl Relay {
                 if let Some(next) = prefetched.take() {
                     let _ = next.tx.rollback().await;
                 }
-                return Ok(());
+                return;
             }
             let current = match prefetched.take() {
                 Some(c) => c,
-                None => self.claim(leader.pid).await?,
+                None => {
+                    let own = self.leases.ownership();
+                    if own.claimable() == 0 {
+                        self.idle(&own);
+                        tokio::select! {
+                            _ = wake.notified() => {}
+                            _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                            _ = shutdown.cancelled() => {}
+                        }
+                        continue;
+                    }
+                    match self.claim(&own).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            self.degraded(e.to_string());
+                            backoff.sleep(shutdown).await;
+                            continue;
+                        }
+                    }
+                }
             };
             let claimed = current.rows.len();
-            let batch = self.relay_batch(current, leader.pid);
+            let batch = self.relay_batch(current);
             tokio::pin!(batch);
             let result = tokio::select! {
                 r = &mut batch => r,
@@ -286,7 +265,7 @@ impl Relay {
                     Err(_) => {
                         warn!("the batch in flight did not finish within the shutdown timeout; \
                                it was rolled back and its rows stay pending");
-                        return Ok(()); // dropping the claim rolls it back
+                        return; // dropping the claim rolls it back
                     }
                 },
             };
@@ -294,7 +273,7 @@ impl Relay {
                 Ok(next) => {
                     broker_failures = 0;
                     if self.health.state() != State::Active {
-                        info!("recovered; publishing again");
+                        info!("publishing");
                         self.health.set(State::Active, "active");
                     }
                     backoff.reset();
@@ -307,7 +286,10 @@ impl Relay {
                         }
                     }
                 }
-                Err(e @ (BatchError::Database(_) | BatchError::Leadership(_))) => return Err(e),
+                Err(e @ BatchError::Database(_)) => {
+                    self.degraded(e.to_string());
+                    backoff.sleep(shutdown).await;
+                }
                 Err(BatchError::Broker(e)) => {
                     self.degraded(format!("kafka: {e}"));
                     broker_failures += 1;
@@ -315,6 +297,24 @@ impl Relay {
                     backoff.sleep(shutdown).await;
                 }
             }
+        }
+    }
+
+    /// Owns nothing to claim from: on standby, or degraded if the lease
+    /// heartbeat itself fails.
+    fn idle(&self, own: &Ownership) {
+        if let Some(e) = &own.last_error {
+            if self.health.reason() != *e {
+                warn!(reason = %e, "no partitions: the lease heartbeat fails");
+            }
+            self.health.set(State::Degraded, e.clone());
+        } else if self.health.state() != State::Standby {
+            info!(
+                live_relays = own.live_relays,
+                "owning no partitions (other relays own them all); on standby"
+            );
+            self.health
+                .set(State::Standby, "standby: other relays own every partition");
         }
     }
 
@@ -337,35 +337,20 @@ impl Relay {
         self.health.set(State::Degraded, reason);
     }
 
-    /// Opens a claim transaction, checks this relay still leads (fencing),
-    /// and claims the oldest pending rows, see [`store::claim`].
-    async fn claim(&self, leader_pid: i32) -> Result<Claim, BatchError> {
+    /// Opens a claim transaction and claims the oldest pending rows of the
+    /// partitions this relay owns, fenced in the database, see [`store::claim`].
+    async fn claim(&self, own: &Ownership) -> Result<Claim, BatchError> {
         let mut tx = self.claim_pool.begin().await?;
-        // Roll back explicitly on every error: a dropped transaction only
-        // queues its rollback, and would keep the shared claim lock that a
-        // new leader's barrier waits for.
-        let fenced = match store::fence(
-            &mut tx,
-            CLAIM_LOCK_KEY,
-            LEADER_LOCK_KEY,
-            leader_pid,
-            self.cfg.synchronous_commit,
-        )
-        .await
-        {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = tx.rollback().await;
-                return Err(e.into());
-            }
+        let who = Claimant {
+            relay_id: self.leases.relay_id(),
+            partitions: own.partitions,
+            exclude: own.releasing.iter().copied().collect(),
+            synchronous_commit: self.cfg.synchronous_commit,
+            prepared: !self.cfg.transaction_pooler,
         };
-        if !fenced {
-            let _ = tx.rollback().await;
-            return Err(BatchError::Leadership(
-                "this relay lost the leader lock (its leader connection was closed)".into(),
-            ));
-        }
-        match store::claim(&mut tx, &self.claim_sql, self.cfg.batch_size).await {
+        // Roll back explicitly on error: a dropped transaction only queues
+        // its rollback, and would keep the partition locks a take-over waits for.
+        match store::claim(&mut tx, &self.claim_sql, self.cfg.batch_size, &who).await {
             Ok(rows) => Ok(Claim { tx, rows }),
             Err(e) => {
                 let _ = tx.rollback().await;
@@ -380,11 +365,7 @@ impl Relay {
     /// and rolled back otherwise, so no row ever overtakes an earlier row of
     /// its key.
     #[tracing::instrument(name = "relay_batch", skip_all, fields(batch.size = current.rows.len()))]
-    async fn relay_batch(
-        &self,
-        current: Claim,
-        leader_pid: i32,
-    ) -> Result<Option<Claim>, BatchError> {
+    async fn relay_batch(&self, current: Claim) -> Result<Option<Claim>, BatchError> {
         let started = Instant::now();
         let Claim { tx, mut rows } = current;
         if rows.is_empty() {
@@ -454,8 +435,10 @@ impl Relay {
         let full = rows.len() == self.cfg.batch_size;
         let (mut outcomes, next) = match (sent > 0, full) {
             (true, true) => {
-                let (outcomes, next) =
-                    tokio::join!(self.publisher.publish(records), self.claim(leader_pid));
+                let (outcomes, next) = tokio::join!(self.publisher.publish(records), async {
+                    let own = self.leases.ownership();
+                    self.claim(&own).await
+                });
                 // A failed prefetch is not this batch's problem; the next
                 // claim will meet the error again.
                 (outcomes, next.ok())
@@ -554,12 +537,6 @@ impl Relay {
     }
 }
 
-/// The leader's connection: it holds [`LEADER_LOCK_KEY`] for as long as it lives.
-struct Leader {
-    conn: PgConnection,
-    pid: i32,
-}
-
 /// An open claim transaction and the rows it claimed.
 struct Claim {
     tx: Transaction<'static, Postgres>,
@@ -606,10 +583,41 @@ async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, shutdown: Canc
     }
 }
 
-async fn report_stats(pool: PgPool, every: Duration, shutdown: CancellationToken) {
+async fn report_stats(
+    pool: PgPool,
+    leases: Arc<Leases>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut reported: HashSet<i32> = HashSet::new();
     loop {
-        match store::stats(&pool).await {
-            Ok(s) => telemetry::backlog(&s),
+        // In a transaction, so that it works through a transaction-mode pooler.
+        let figures = async {
+            let mut tx = pool.begin().await?;
+            let totals = store::stats(&mut *tx).await?;
+            let partitions = store::partition_stats(&mut *tx).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>((totals, partitions))
+        };
+        match figures.await {
+            Ok((totals, partitions)) => {
+                telemetry::backlog(&totals);
+                // Per partition, for the partitions this relay owns; those it
+                // gave up drop to zero here (their new owner reports them).
+                let own = leases.ownership();
+                for p in &partitions {
+                    if own.owned.contains(&p.partition) {
+                        telemetry::partition_backlog(
+                            p.partition,
+                            p.pending,
+                            p.oldest_pending_age_seconds,
+                        );
+                        reported.insert(p.partition);
+                    } else if reported.remove(&p.partition) {
+                        telemetry::partition_backlog(p.partition, 0, 0.0);
+                    }
+                }
+            }
             Err(e) => debug!(error = %e, "backlog stats unavailable"),
         }
         if sleep_or_cancel(every, &shutdown).await {
@@ -622,7 +630,13 @@ async fn clean_published(pool: PgPool, retention: Duration, shutdown: Cancellati
     const CHUNK: i64 = 5000;
     loop {
         loop {
-            match store::delete_expired(&pool, retention, CHUNK).await {
+            let deleted = async {
+                let mut tx = pool.begin().await?;
+                let n = store::delete_expired(&mut *tx, retention, CHUNK).await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(n)
+            };
+            match deleted.await {
                 Ok(n) if n as i64 == CHUNK && !shutdown.is_cancelled() => continue,
                 Ok(n) => {
                     if n > 0 {

@@ -7,6 +7,11 @@
 //! otherwise it rolls back and [`resolve`] records what happened row by row.
 //! A crash at any point rolls the claim back, so a committed row is never
 //! lost; at worst the batch in flight is published again.
+//!
+//! Only the claim uses a prepared, cached statement (and not through a
+//! transaction-mode pooler, see [`Claimant::prepared`]). Every other
+//! statement runs rarely and is sent unnamed, so it works through any
+//! connection pooler when run inside a transaction.
 
 use chrono::{DateTime, Utc};
 use sqlx::{postgres::PgRow, PgConnection, PgExecutor, Row};
@@ -89,6 +94,10 @@ impl OutboxRow {
     }
 }
 
+/// The oldest pending rows of the owned partitions. The partition test is a
+/// filter against an array computed once, so PostgreSQL still walks the
+/// pending index in `id` order and stops at the limit (a join against
+/// `owned` would make it sort the whole backlog on every claim).
 fn pending_subquery(policy: PoisonPolicy) -> String {
     let blocked = match policy {
         PoisonPolicy::BlockKey => {
@@ -98,34 +107,80 @@ fn pending_subquery(policy: PoisonPolicy) -> String {
         PoisonPolicy::SkipRow => "",
     };
     format!(
-        "SELECT p.id FROM outbox p WHERE p.status = 'pending'{blocked} \
+        "SELECT p.id FROM outbox p WHERE p.status = 'pending' \
+           AND outbox_partition(p.aggregate_id, $3) = ANY (ARRAY(SELECT partition FROM owned)){blocked} \
          ORDER BY p.id LIMIT $1 FOR UPDATE SKIP LOCKED"
     )
 }
 
+/// The fence at the head of every claim: the partitions this relay owns right
+/// now, under a live lease, minus those it is releasing, each locked
+/// `FOR SHARE` until the claim commits or rolls back. A take-over or release
+/// updates a partition row, so it waits for (or skips) every open claim on
+/// it, and a claim that starts after it sees the new owner (PostgreSQL
+/// re-reads a row updated under a lock). It also sets the transaction's
+/// `synchronous_commit` (see [`crate::RelayConfig::synchronous_commit`]).
+const FENCE: &str = "WITH owned AS MATERIALIZED ( \
+      SELECT rp.partition, \
+             set_config('synchronous_commit', \
+                        CASE WHEN $4 THEN current_setting('synchronous_commit') ELSE 'off' END, true) \
+      FROM outbox_relay_partitions rp JOIN outbox_relays r ON r.relay_id = rp.owner \
+      WHERE rp.owner = $2 AND r.lease_until > clock_timestamp() AND rp.partition <> ALL($5) \
+      FOR SHARE OF rp) ";
+
 /// The claim statement for a mode and policy (built once per relay).
+///
+/// Parameters: `$1` batch size, `$2` relay id, `$3` number of partitions,
+/// `$4` synchronous commit, `$5` partitions to leave out (`int[]`). See
+/// [`claim`] and [`crate::lease`].
 pub fn claim_sql(after: AfterPublish, policy: PoisonPolicy) -> String {
     let pending = pending_subquery(policy);
     match after {
         AfterPublish::Delete => {
-            format!("DELETE FROM outbox o WHERE o.id IN ({pending}) RETURNING {COLUMNS}")
+            format!("{FENCE}DELETE FROM outbox o WHERE o.id IN ({pending}) RETURNING {COLUMNS}")
         }
         AfterPublish::Mark { .. } => format!(
-            "UPDATE outbox o SET status = 'published', published_at = now(), attempts = o.attempts + 1 \
+            "{FENCE}UPDATE outbox o SET status = 'published', published_at = now(), attempts = o.attempts + 1 \
              WHERE o.id IN ({pending}) RETURNING {COLUMNS}"
         ),
     }
 }
 
-/// Claims up to `limit` of the oldest pending rows inside the caller's open
-/// transaction, in `id` order. The rows are already deleted (or marked) in
-/// that transaction: commit only once Kafka acknowledged all of them.
+/// Who claims, for [`claim`].
+#[derive(Debug, Clone)]
+pub struct Claimant<'a> {
+    /// The relay's id (`outbox_relays.relay_id`).
+    pub relay_id: &'a str,
+    /// Number of partitions the outbox is split into.
+    pub partitions: i32,
+    /// Owned partitions to leave out (being released).
+    pub exclude: Vec<i32>,
+    /// Whether the claim's commit waits for its WAL flush.
+    pub synchronous_commit: bool,
+    /// Whether to use a prepared (cached) statement; false through a
+    /// transaction-mode pooler.
+    pub prepared: bool,
+}
+
+/// Claims up to `limit` of the oldest pending rows of the partitions the
+/// claimant owns, inside the caller's open transaction, in `id` order. The
+/// rows are already deleted (or marked) in that transaction: commit only
+/// once Kafka acknowledged all of them.
 pub async fn claim(
     conn: &mut PgConnection,
     sql: &str,
     limit: usize,
+    who: &Claimant<'_>,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    let rows = sqlx::query(sql).bind(limit as i64).fetch_all(conn).await?;
+    let rows = sqlx::query(sql)
+        .persistent(who.prepared)
+        .bind(limit as i64)
+        .bind(who.relay_id)
+        .bind(who.partitions)
+        .bind(who.synchronous_commit)
+        .bind(&who.exclude)
+        .fetch_all(conn)
+        .await?;
     let mut rows = rows
         .iter()
         .map(OutboxRow::from_row)
@@ -133,39 +188,6 @@ pub async fn claim(
     // RETURNING gives no order guarantee.
     rows.sort_unstable_by_key(|r| r.id);
     Ok(rows)
-}
-
-/// Fencing, run first in every claim transaction: takes `claim_key` in
-/// shared mode for the rest of the transaction, then checks that the backend
-/// `leader_pid` still holds the session lock `leader_key`. Returns false if it
-/// does not (the leader connection died, so another relay may lead now).
-///
-/// With `sync_commit` false it also sets `synchronous_commit = off` for the
-/// transaction, see [`crate::RelayConfig::synchronous_commit`].
-pub async fn fence(
-    conn: &mut PgConnection,
-    claim_key: i64,
-    leader_key: i64,
-    leader_pid: i32,
-    sync_commit: bool,
-) -> Result<bool, sqlx::Error> {
-    // MATERIALIZED makes the lock come first; a bigint key shows in pg_locks
-    // as classid (high half), objid (low half), objsubid 1.
-    sqlx::query_scalar(
-        "WITH claim_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($1), \
-             set_config('synchronous_commit', \
-                        CASE WHEN $4 THEN current_setting('synchronous_commit') ELSE 'off' END, true)) \
-         SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                          AND classid = ($2 >> 32)::oid AND objid = ($2 & 4294967295)::oid \
-                          AND objsubid = 1 AND pid = $3 AND mode = 'ExclusiveLock') \
-         FROM claim_lock",
-    )
-    .bind(claim_key)
-    .bind(leader_key)
-    .bind(leader_pid)
-    .bind(sync_commit)
-    .fetch_one(conn)
-    .await
 }
 
 /// What happened to the rows of a batch that was rolled back.
@@ -195,6 +217,7 @@ pub async fn resolve(
             }
         };
         sqlx::query(sql)
+            .persistent(false)
             .bind(&res.delivered)
             .execute(&mut *tx)
             .await?;
@@ -209,6 +232,7 @@ pub async fn resolve(
                  failed_at = CASE WHEN $3 = 'failed' THEN now() END \
              FROM unnest($1::bigint[], $2::text[]) AS r(id, reason) WHERE outbox.id = r.id",
         )
+        .persistent(false)
         .bind(&ids)
         .bind(&reasons)
         .bind(status)
@@ -229,6 +253,7 @@ pub async fn delete_expired<'e>(
         "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE status = 'published' \
            AND published_at < now() - make_interval(secs => $1) ORDER BY published_at LIMIT $2)",
     )
+    .persistent(false)
     .bind(retention.as_secs_f64())
     .bind(limit)
     .execute(db)
@@ -258,6 +283,7 @@ pub async fn stats<'e>(db: impl PgExecutor<'e>) -> Result<Stats, sqlx::Error> {
                 COALESCE((SELECT EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 FROM outbox \
                           WHERE status = 'pending' ORDER BY id LIMIT 1), 0) AS oldest",
     )
+    .persistent(false)
     .fetch_one(db)
     .await?;
     Ok(Stats {
@@ -266,6 +292,98 @@ pub async fn stats<'e>(db: impl PgExecutor<'e>) -> Result<Stats, sqlx::Error> {
         published_kept: row.try_get("published_kept")?,
         oldest_pending_age_seconds: row.try_get::<f64, _>("oldest")?.max(0.0),
     })
+}
+
+/// One key partition, for `status` and the per-partition gauges.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionStats {
+    /// Partition number (`outbox_partition(aggregate_id, n)`).
+    pub partition: i32,
+    /// The relay that owns it, if any.
+    pub owner: Option<String>,
+    /// Whether the owner's lease is live (false: it is taken over soon).
+    pub owner_live: bool,
+    /// Pending rows in the partition.
+    pub pending: i64,
+    /// Age of its oldest pending row, in seconds (0 when none).
+    pub oldest_pending_age_seconds: f64,
+}
+
+/// Backlog per partition, with its owner. Scans the pending rows once.
+pub async fn partition_stats<'e>(
+    db: impl PgExecutor<'e>,
+) -> Result<Vec<PartitionStats>, sqlx::Error> {
+    let rows = sqlx::query(
+        "WITH n AS (SELECT count(*)::int AS n FROM outbox_relay_partitions), \
+              backlog AS (SELECT outbox_partition(aggregate_id, (SELECT n FROM n)) AS partition, \
+                                 count(*) AS pending, min(created_at) AS oldest \
+                          FROM outbox WHERE status = 'pending' GROUP BY 1) \
+         SELECT rp.partition, rp.owner, \
+                COALESCE(r.lease_until > clock_timestamp(), false) AS owner_live, \
+                COALESCE(b.pending, 0) AS pending, \
+                COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - b.oldest)::float8, 0) AS oldest \
+         FROM outbox_relay_partitions rp \
+         LEFT JOIN outbox_relays r ON r.relay_id = rp.owner \
+         LEFT JOIN backlog b ON b.partition = rp.partition \
+         ORDER BY rp.partition",
+    )
+    .persistent(false)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(PartitionStats {
+                partition: r.try_get("partition")?,
+                owner: r.try_get("owner")?,
+                owner_live: r.try_get("owner_live")?,
+                pending: r.try_get("pending")?,
+                oldest_pending_age_seconds: r.try_get::<f64, _>("oldest")?.max(0.0),
+            })
+        })
+        .collect()
+}
+
+/// One registered relay, for `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayInfo {
+    /// The relay's id.
+    pub relay_id: String,
+    /// Its process id, as it reported it.
+    pub pid: Option<i32>,
+    /// When it registered.
+    pub started_at: DateTime<Utc>,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age_seconds: f64,
+    /// Whether its lease is live.
+    pub live: bool,
+    /// Partitions it owns.
+    pub partitions: Vec<i32>,
+}
+
+/// The registered relays, live ones first.
+pub async fn relays<'e>(db: impl PgExecutor<'e>) -> Result<Vec<RelayInfo>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT r.relay_id, r.pid, r.started_at, \
+                EXTRACT(EPOCH FROM clock_timestamp() - r.heartbeat_at)::float8 AS heartbeat_age, \
+                r.lease_until > clock_timestamp() AS live, \
+                ARRAY(SELECT partition FROM outbox_relay_partitions p WHERE p.owner = r.relay_id ORDER BY 1) AS partitions \
+         FROM outbox_relays r ORDER BY live DESC, r.relay_id",
+    )
+    .persistent(false)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(RelayInfo {
+                relay_id: r.try_get("relay_id")?,
+                pid: r.try_get("pid")?,
+                started_at: r.try_get("started_at")?,
+                heartbeat_age_seconds: r.try_get::<f64, _>("heartbeat_age")?.max(0.0),
+                live: r.try_get("live")?,
+                partitions: r.try_get("partitions")?,
+            })
+        })
+        .collect()
 }
 
 /// A failed row, for `outbox-relay failed list`.
@@ -321,6 +439,7 @@ pub async fn failed_list<'e>(
         "SELECT id, event_id, aggregate_type, aggregate_id, event_type, topic, attempts, last_error, failed_at \
          FROM outbox WHERE status = 'failed' ORDER BY id LIMIT $1",
     )
+    .persistent(false)
     .bind(limit)
     .fetch_all(db)
     .await?;
@@ -347,7 +466,7 @@ async fn act_on_failed<'e>(
     sel: &Selection,
 ) -> Result<u64, sqlx::Error> {
     let sql = format!("{action} WHERE status = 'failed' AND {}", sel.filter());
-    let q = sqlx::query(&sql);
+    let q = sqlx::query(&sql).persistent(false);
     let q = match sel {
         Selection::All => q,
         Selection::Ids(ids) => q.bind(ids.clone()),

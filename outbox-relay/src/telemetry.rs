@@ -21,8 +21,18 @@ pub const PENDING: &str = "outbox_relay_pending_rows";
 pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
 /// Rows in the failed state.
 pub const FAILED: &str = "outbox_relay_failed_rows";
-/// 1 while this relay holds the claim lock, else 0.
-pub const LEADER: &str = "outbox_relay_leader";
+/// Key partitions this relay owns.
+pub const PARTITIONS_OWNED: &str = "outbox_relay_partitions_owned";
+/// Relays with a live lease, as this relay last saw them.
+pub const LIVE_RELAYS: &str = "outbox_relay_live_relays";
+/// Partitions this relay took over (from a free pool or a relay that died).
+pub const PARTITIONS_ACQUIRED: &str = "outbox_relay_partitions_acquired_total";
+/// Partitions this relay handed to other relays (rebalancing).
+pub const PARTITIONS_RELEASED: &str = "outbox_relay_partitions_released_total";
+/// Pending rows per owned partition, by `partition`.
+pub const PARTITION_PENDING: &str = "outbox_relay_partition_pending_rows";
+/// Age of the oldest pending row per owned partition, by `partition`.
+pub const PARTITION_OLDEST_PENDING_AGE: &str = "outbox_relay_partition_oldest_pending_age_seconds";
 
 /// Histogram buckets (seconds) for the latency metrics.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -58,6 +68,21 @@ pub(crate) fn backlog(stats: &crate::store::Stats) {
     gauge!(FAILED).set(stats.failed as f64);
 }
 
-pub(crate) fn leader(is_leader: bool) {
-    gauge!(LEADER).set(if is_leader { 1.0 } else { 0.0 });
+pub(crate) fn ownership(owned: usize, live_relays: i32) {
+    gauge!(PARTITIONS_OWNED).set(owned as f64);
+    gauge!(LIVE_RELAYS).set(live_relays as f64);
+}
+
+pub(crate) fn partitions_acquired(n: usize) {
+    counter!(PARTITIONS_ACQUIRED).increment(n as u64);
+}
+
+pub(crate) fn partitions_released(n: usize) {
+    counter!(PARTITIONS_RELEASED).increment(n as u64);
+}
+
+pub(crate) fn partition_backlog(partition: i32, pending: i64, oldest_age_seconds: f64) {
+    let p = partition.to_string();
+    gauge!(PARTITION_PENDING, "partition" => p.clone()).set(pending as f64);
+    gauge!(PARTITION_OLDEST_PENDING_AGE, "partition" => p).set(oldest_age_seconds);
 }

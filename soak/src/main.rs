@@ -3,6 +3,7 @@
 //!
 //! ```sh
 //! outbox-soak run --seconds 60 --rate 300 --fault-every 5s
+//! outbox-soak run --relays 3 --keys 1000 --seconds 60 --fault-every 3s
 //! outbox-soak check --database outbox_soak --topic soak-1a2b3c4d
 //! ```
 //!
@@ -53,9 +54,9 @@ struct Cli {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Fault {
-    /// SIGKILL the relay process, then start it again.
+    /// SIGKILL a relay process (each in turn), then start it again.
     RelayKill,
-    /// pg_terminate_backend on every relay connection.
+    /// pg_terminate_backend on every connection of every relay.
     PgTerminate,
     /// SIGKILL the consumer process (between its database commits and its
     /// offset commits), then start it again.
@@ -79,6 +80,13 @@ enum Command {
         /// Distinct keys (aggregates).
         #[arg(long, default_value_t = 100)]
         keys: i64,
+        /// Relay processes sharing the outbox's partitions.
+        #[arg(long, default_value_t = 1)]
+        relays: usize,
+        /// The relays' lease TTL: a killed relay's partitions are taken
+        /// over after this.
+        #[arg(long, default_value = "3s", value_parser = humantime_secs)]
+        lease_ttl: Duration,
         /// Time between faults.
         #[arg(long, default_value = "5s", value_parser = humantime_secs)]
         fault_every: Duration,
@@ -108,6 +116,9 @@ enum Command {
         /// Let librdkafka batch records (the soak sends one per batch).
         #[arg(long)]
         batching: bool,
+        /// Lease TTL.
+        #[arg(long, default_value = "10s", value_parser = humantime_secs)]
+        lease_ttl: Duration,
     },
     /// (internal) The consumer, until SIGTERM.
     #[command(hide = true)]
@@ -166,6 +177,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             rate,
             producers,
             keys,
+            relays,
+            lease_ttl,
             fault_every,
             faults,
         } => {
@@ -178,6 +191,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     rate: *rate,
                     producers: *producers,
                     keys: *keys,
+                    relays: (*relays).max(1),
+                    lease_ttl: *lease_ttl,
                 },
                 *fault_every,
                 faults,
@@ -191,7 +206,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(v.ok())
         }
         Command::Memory { rows } => memory(&cli, server, db, *rows).await,
-        Command::Relay { batching } => {
+        Command::Relay {
+            batching,
+            lease_ttl,
+        } => {
             // One record per batch on the broker unless asked: tansu 0.6.0
             // cannot serve a fetch that starts inside a batch, which a
             // restarted consumer does (docs/architecture.md).
@@ -203,9 +221,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let relay = outbox_relay::Relay::new(
                 outbox_relay::RelayConfig {
                     brokers: cli.kafka_brokers.clone(),
-                    batch_size: if *batching { 1000 } else { 200 },
+                    batch_size: if *batching { 1000 } else { RELAY_BATCH },
                     poll_interval: Duration::from_millis(100),
                     kafka_properties,
+                    lease_ttl: *lease_ttl,
+                    heartbeat_interval: *lease_ttl / 4,
                     ..Default::default()
                 },
                 db.application_name("outbox-soak-relay"),
@@ -277,11 +297,16 @@ impl Handler for Apply {
     }
 }
 
+/// The soak relays' batch size (one batch is what a relay fault may repeat).
+const RELAY_BATCH: usize = 200;
+
 struct Load {
     seconds: u64,
     rate: u64,
     producers: u64,
     keys: i64,
+    relays: usize,
+    lease_ttl: Duration,
 }
 
 /// A child process of this binary, killed when dropped.
@@ -379,11 +404,21 @@ async fn soak(
     let topic = format!("soak-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     create_topic(&cli.kafka_brokers, &topic).await?;
     say(format!(
-        "database {name}, topic {topic}: {} producers at {} events/s over {} keys for {} s; a fault every {:?} ({faults:?})",
-        load.producers, load.rate, load.keys, load.seconds, fault_every
+        "database {name}, topic {topic}: {} producers at {} events/s over {} keys for {} s; \
+         {} relay(s), lease TTL {:?}; a fault every {:?} ({faults:?})",
+        load.producers,
+        load.rate,
+        load.keys,
+        load.seconds,
+        load.relays,
+        load.lease_ttl,
+        fault_every
     ));
 
-    let mut relay = Role::start(cli, &["relay"])?;
+    let ttl = format!("{}s", load.lease_ttl.as_secs_f64());
+    let mut relays: Vec<Role> = (0..load.relays)
+        .map(|_| Role::start(cli, &["relay", "--lease-ttl", &ttl]))
+        .collect::<anyhow::Result<_>>()?;
     let mut consumer = Role::start(cli, &["consume", "--topic", &topic])?;
 
     // Producers: ledger row + outbox row in one transaction, serialized per
@@ -418,16 +453,19 @@ async fn soak(
     let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
     let end = Instant::now() + Duration::from_secs(load.seconds);
     let mut next = 0;
+    let mut relay_kills = 0usize;
     while Instant::now() + fault_every <= end {
         tokio::time::sleep(fault_every).await;
-        relay.sample_rss();
+        relays.iter_mut().for_each(Role::sample_rss);
         let Some(fault) = faults.get(next % faults.len().max(1)).copied() else {
             break;
         };
         next += 1;
         let name = match fault {
             Fault::RelayKill => {
-                relay.kill_and_restart(cli)?;
+                let n = relays.len();
+                relays[relay_kills % n].kill_and_restart(cli)?;
+                relay_kills += 1;
                 "relay kill -9"
             }
             Fault::PgTerminate => {
@@ -464,7 +502,7 @@ async fn soak(
     // Let the relay and consumer finish, bounded.
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        relay.sample_rss();
+        relays.iter_mut().for_each(Role::sample_rss);
         let (pending, applied): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM outbox), (SELECT count(DISTINCT event_id) FROM soak_effects)",
         )
@@ -479,10 +517,18 @@ async fn soak(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    relay.terminate();
+    relays.iter_mut().for_each(Role::terminate);
     consumer.terminate();
 
     let v = check::check(&pool, &cli.kafka_brokers, &topic).await?;
+    // A relay fault repeats at most the batch that relay had in flight; a
+    // pg_terminate_backend hits every relay at once.
+    let terminations = injected
+        .get("pg_terminate_backend (relay)")
+        .copied()
+        .unwrap_or(0) as usize;
+    let bound = (relay_kills + terminations * load.relays) * RELAY_BATCH;
+    let within = v.duplicated_in_kafka as usize <= bound;
     println!();
     println!("== soak result (topic {topic}) ==");
     for (name, n) in &injected {
@@ -490,19 +536,25 @@ async fn soak(
     }
     println!("{v}");
     println!(
-        "peak RSS sampled: relay {} MiB, consumer {} MiB",
-        relay.peak_rss_kib / 1024,
-        consumer.peak_rss_kib / 1024
+        "duplicate bound:            {bound} ({} relay faults × batch {RELAY_BATCH}){}",
+        relay_kills + terminations * load.relays,
+        if within { "" } else { " EXCEEDED" }
     );
     println!(
+        "peak RSS sampled: relay {} MiB, consumer {} MiB",
+        relays.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0) / 1024,
+        consumer.peak_rss_kib / 1024
+    );
+    let ok = v.ok() && within;
+    println!(
         "verdict:                    {}",
-        if v.ok() {
+        if ok {
             "guarantees held"
         } else {
             "GUARANTEE BROKEN"
         }
     );
-    Ok(v.ok())
+    Ok(ok)
 }
 
 /// Drops and creates the run's database with every schema the soak uses.
@@ -566,6 +618,7 @@ async fn memory(
     pool.execute("VACUUM ANALYZE outbox").await?;
     say(format!("{rows} rows in the outbox; starting the relay"));
     let mut relay = Role::start(cli, &["relay", "--batching"])?;
+    // (one relay: this measures one process's memory)
     let mut rss: Vec<u64> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(1800);
     let drain_started = Instant::now();

@@ -555,15 +555,15 @@ impl Drop for PrivateBroker {
     }
 }
 
-/// Terminates the backend holding the relay's leader lock in `pool`'s
-/// database; returns how many were terminated.
-pub async fn kill_leader_connection(pool: &sqlx::PgPool) -> anyhow::Result<usize> {
+/// Terminates every database connection of the relays in `pool`'s
+/// database (application name `outbox-relay`, the relay's default); returns
+/// how many were terminated.
+pub async fn kill_relay_connections(pool: &sqlx::PgPool) -> anyhow::Result<usize> {
     let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND objid = ($1 & 4294967295)::oid AND classid = ($1 >> 32)::oid AND objsubid = 1",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'outbox-relay' \
+           AND pid <> pg_backend_pid()",
     )
-    .bind(outbox_relay::relay::LEADER_LOCK_KEY)
     .fetch_all(pool)
     .await?;
     Ok(killed.len())

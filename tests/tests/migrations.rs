@@ -24,8 +24,35 @@ async fn indexes(pool: &PgPool, table: &str) -> Vec<String> {
 #[sqlx::test(migrations = false)]
 async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: PgPool) {
     let first = migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
-    assert_eq!(first.applied, vec!["V1__create_outbox"]);
-    assert_eq!(first.current_version, Some(1));
+    assert_eq!(
+        first.applied,
+        vec!["V1__create_outbox", "V2__relay_partitions"]
+    );
+    assert_eq!(first.current_version, Some(2));
+    assert_eq!(
+        columns(&pool, "outbox_relays").await,
+        [
+            "relay_id",
+            "pid",
+            "started_at",
+            "heartbeat_at",
+            "lease_until"
+        ]
+    );
+    assert_eq!(
+        columns(&pool, "outbox_relay_partitions").await,
+        ["partition", "owner", "epoch", "acquired_at"]
+    );
+    let (partitions, spread): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox_relay_partitions), \
+                (SELECT count(DISTINCT outbox_partition('key-' || g, 32)) FROM generate_series(1, 1000) g \
+                 WHERE outbox_partition('key-' || g, 32) BETWEEN 0 AND 31)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(partitions, 32, "32 partitions by default");
+    assert_eq!(spread, 32, "keys spread over every partition, all in range");
 
     assert_eq!(
         columns(&pool, "outbox").await,
@@ -175,5 +202,5 @@ async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
     for r in futures::future::join_all(runs).await {
         applied += r.unwrap().unwrap().applied.len();
     }
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2, "V1 and V2, once each");
 }

@@ -372,26 +372,63 @@ async fn mark_mode_keeps_published_rows_for_retention(pool: PgPool) -> anyhow::R
     Ok(())
 }
 
+/// Partitions owned per live relay, as `outbox_relays` shows them.
+async fn owned_by_live_relays(pool: &PgPool) -> anyhow::Result<Vec<usize>> {
+    let relays = outbox_relay::store::relays(pool).await?;
+    Ok(relays
+        .iter()
+        .filter(|r| r.live)
+        .map(|r| r.partitions.len())
+        .collect())
+}
+
+fn fast_leases() -> RelayConfig {
+    RelayConfig {
+        lease_ttl: Duration::from_secs(2),
+        heartbeat_interval: Duration::from_millis(250),
+        ..cfg()
+    }
+}
+
 #[sqlx::test(migrations = false)]
-async fn a_second_relay_waits_on_standby_and_takes_over(pool: PgPool) -> anyhow::Result<()> {
-    let topic = outbox_with_topic(&pool, "relay-standby", 2).await?;
-    let first = RunningRelay::start(&pool, cfg())?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let second = RunningRelay::start(&pool, cfg())?;
-    append_events(&pool, &topic, 50, 5).await?;
-    eventually(WAIT, "first batch published", || async {
+async fn a_second_relay_shares_the_partitions_and_takes_over_when_the_first_stops(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-share", 2).await?;
+    let first = RunningRelay::start(&pool, fast_leases())?;
+    eventually(WAIT, "first relay owns every partition", || async {
+        Ok(owned_by_live_relays(&pool).await? == vec![32])
+    })
+    .await?;
+    let second = RunningRelay::start(&pool, fast_leases())?;
+    eventually(WAIT, "partitions shared 16/16", || async {
+        Ok(owned_by_live_relays(&pool).await? == vec![16, 16])
+    })
+    .await?;
+    append_events(&pool, &topic, 200, 50).await?;
+    eventually(WAIT, "published by both", || async {
         Ok(pending(&pool).await? == 0)
     })
     .await?;
     first.stop().await?;
-    append_events(&pool, &topic, 50, 5).await?;
-    let got = consume(&topic, 100, WAIT, SETTLE).await?;
+    // A clean stop hands the partitions back at once: the second relay has
+    // them all within a heartbeat or two, well before a lease would expire.
+    eventually(
+        Duration::from_secs(2),
+        "second relay owns everything",
+        || async { Ok(owned_by_live_relays(&pool).await? == vec![32]) },
+    )
+    .await?;
+    append_events(&pool, &topic, 100, 50).await?;
+    let got = consume(&topic, 300, WAIT, SETTLE).await?;
     second.stop().await?;
     assert_eq!(
         got.len(),
-        100,
-        "no loss, no duplicates across the hand-over"
+        300,
+        "no loss, no duplicates across a clean hand-over"
     );
+    let relays = outbox_relay::store::relays(&pool).await?;
+    assert!(relays.is_empty(), "stopped relays deregister: {relays:?}");
     Ok(())
 }
 
@@ -420,74 +457,169 @@ async fn missing_topic_then_failed_retry_republishes(pool: PgPool) -> anyhow::Re
     Ok(())
 }
 
-/// Fencing: a claim only goes ahead while the relay's leader connection
-/// still holds the leader lock.
+fn claimant(relay_id: &str) -> outbox_relay::store::Claimant<'_> {
+    outbox_relay::store::Claimant {
+        relay_id,
+        partitions: 32,
+        exclude: Vec::new(),
+        synchronous_commit: true,
+        prepared: true,
+    }
+}
+
+/// Fencing: a claim takes only rows of partitions its relay owns under a
+/// live lease; a take-over waits for the old owner's open claims, and the
+/// old owner's later claims see the new owner.
 #[sqlx::test(migrations = false)]
-async fn claims_are_fenced_by_the_leader_connection(pool: PgPool) -> anyhow::Result<()> {
-    use outbox_relay::relay::{CLAIM_LOCK_KEY, LEADER_LOCK_KEY};
+async fn claims_are_fenced_by_partition_ownership(pool: PgPool) -> anyhow::Result<()> {
+    use outbox_relay::store::{claim, claim_sql};
     outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
-    let mut leader = pool.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(LEADER_LOCK_KEY)
-        .execute(&mut *leader)
-        .await?;
-    let leader_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *leader)
-        .await?;
-
-    let mut claim = pool.begin().await?;
-    assert!(
-        outbox_relay::store::fence(
-            &mut claim,
-            CLAIM_LOCK_KEY,
-            LEADER_LOCK_KEY,
-            leader_pid,
-            true
-        )
-        .await?
-    );
-    // While the claim is open, a new leader's barrier (an exclusive
-    // CLAIM_LOCK_KEY) must wait for it.
-    let mut other = pool.acquire().await?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(CLAIM_LOCK_KEY)
-        .fetch_one(&mut *other)
-        .await?;
-    assert!(!got, "the barrier must wait for open claims");
-    claim.rollback().await?;
-
-    // Once the leader connection is gone, claims are refused.
-    sqlx::query("SELECT pg_terminate_backend($1)")
-        .bind(leader_pid)
+    integration_tests::insert_sql_rows(&pool, "fence", 500, 50).await?;
+    let sql = claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey);
+    sqlx::query(
+        "INSERT INTO outbox_relays (relay_id, lease_until) VALUES \
+           ('A', now() + interval '1 hour'), ('B', now() + interval '1 hour')",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query("UPDATE outbox_relay_partitions SET owner = 'A' WHERE partition < 16")
         .execute(&pool)
         .await?;
-    eventually(WAIT, "leader backend gone", || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
-            .bind(leader_pid)
-            .fetch_one(&pool)
-            .await?;
-        Ok(n == 0)
-    })
+    let in_a: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE outbox_partition(aggregate_id, 32) < 16",
+    )
+    .fetch_one(&pool)
     .await?;
-    let mut claim = pool.begin().await?;
     assert!(
-        !outbox_relay::store::fence(
-            &mut claim,
-            CLAIM_LOCK_KEY,
-            LEADER_LOCK_KEY,
-            leader_pid,
-            false
-        )
-        .await?
+        in_a > 0 && in_a < 500,
+        "keys spread over partitions: {in_a}"
     );
-    drop(leader);
+
+    // A claims only its own partitions' rows; B, owning nothing, claims none.
+    let mut a = pool.begin().await?;
+    let rows = claim(&mut a, &sql, 1000, &claimant("A")).await?;
+    assert_eq!(rows.len() as i64, in_a);
+    let mut b = pool.begin().await?;
+    assert!(claim(&mut b, &sql, 1000, &claimant("B")).await?.is_empty());
+    b.rollback().await?;
+
+    // A's lease runs out while its claim is open: nobody can take its
+    // partitions until that claim ends.
+    sqlx::query(
+        "UPDATE outbox_relays SET lease_until = now() - interval '1 second' WHERE relay_id = 'A'",
+    )
+    .execute(&pool)
+    .await?;
+    let take_over = "UPDATE outbox_relay_partitions SET owner = 'B', epoch = epoch + 1 \
+        WHERE partition IN (SELECT partition FROM outbox_relay_partitions WHERE owner = 'A' \
+                            FOR UPDATE SKIP LOCKED)";
+    let taken = sqlx::query(take_over).execute(&pool).await?.rows_affected();
+    assert_eq!(taken, 0, "a take-over must wait for the open claim");
+    a.rollback().await?;
+    // An expired lease alone stops A's claims.
+    let mut a = pool.begin().await?;
+    assert!(claim(&mut a, &sql, 1000, &claimant("A")).await?.is_empty());
+    a.rollback().await?;
+    let taken = sqlx::query(take_over).execute(&pool).await?.rows_affected();
+    assert_eq!(taken, 16, "taken over once the claim ended");
+    let mut b = pool.begin().await?;
+    assert_eq!(
+        claim(&mut b, &sql, 1000, &claimant("B")).await?.len() as i64,
+        in_a
+    );
+    b.rollback().await?;
+
+    // A take-over in progress while A (live again) claims: A's claim waits
+    // for it and then sees the new owner.
+    sqlx::query("UPDATE outbox_relays SET lease_until = now() + interval '1 hour'")
+        .execute(&pool)
+        .await?;
+    sqlx::query("UPDATE outbox_relay_partitions SET owner = 'A' WHERE partition < 16")
+        .execute(&pool)
+        .await?;
+    let mut stealer = pool.begin().await?;
+    sqlx::query(take_over).execute(&mut *stealer).await?;
+    let racing = {
+        let pool = pool.clone();
+        let sql = sql.clone();
+        tokio::spawn(async move {
+            let mut a = pool.begin().await?;
+            let n = claim(&mut a, &sql, 1000, &claimant("A")).await?.len();
+            a.rollback().await?;
+            anyhow::Ok(n)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!racing.is_finished(), "A's claim waits for the take-over");
+    stealer.commit().await?;
+    assert_eq!(racing.await??, 0, "A sees the new owner and claims nothing");
+
+    // Partitions being released are left out.
+    let mut b = pool.begin().await?;
+    let mut who = claimant("B");
+    who.exclude = (0..16).collect();
+    assert!(claim(&mut b, &sql, 1000, &who).await?.is_empty());
+    b.rollback().await?;
     Ok(())
 }
 
-/// Killing the leader's lock connection mid-drain: the relay steps down,
-/// takes the lock again and finishes without loss or reordering.
+/// The lease heartbeat shares partitions fairly as relays join, and takes a
+/// dead relay's partitions over once its lease ran out.
 #[sqlx::test(migrations = false)]
-async fn losing_the_leader_connection_mid_drain_loses_nothing(pool: PgPool) -> anyhow::Result<()> {
+async fn leases_share_partitions_and_take_over_from_a_dead_relay(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    use outbox_relay::lease::Leases;
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    let ttl = Duration::from_secs(1);
+    let lease = |id: &str| Leases::new(pool.clone(), id.into(), ttl, ttl / 4);
+    let (a, b, c) = (lease("A"), lease("B"), lease("C"));
+    let owned = |l: &Leases| l.ownership().owned.len();
+    a.beat().await?;
+    assert_eq!(owned(&a), 32);
+    b.beat().await?; // nothing free yet
+    assert_eq!(owned(&b), 0);
+    a.beat().await?; // gives up its share above 16
+    b.beat().await?;
+    assert_eq!((owned(&a), owned(&b)), (16, 16));
+    c.beat().await?;
+    a.beat().await?;
+    b.beat().await?;
+    c.beat().await?;
+    assert_eq!((owned(&a), owned(&b), owned(&c)), (11, 11, 10));
+    let rows: Vec<(i32, Option<String>)> =
+        sqlx::query_as("SELECT partition, owner FROM outbox_relay_partitions ORDER BY 1")
+            .fetch_all(&pool)
+            .await?;
+    assert!(
+        rows.iter().all(|(_, o)| o.is_some()),
+        "every partition owned"
+    );
+
+    // C dies (stops beating): after its lease ran out, A and B take its 10.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    a.beat().await?;
+    b.beat().await?;
+    assert_eq!((owned(&a), owned(&b)), (16, 16));
+    let c_left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_relay_partitions WHERE owner = 'C'")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(c_left, 0);
+
+    // A stops cleanly: B takes everything at its next heartbeat.
+    a.release_all().await?;
+    b.beat().await?;
+    assert_eq!(owned(&b), 32);
+    Ok(())
+}
+
+/// Killing the relay's database connections mid-drain: it reconnects, keeps
+/// its partitions and finishes without loss or reordering.
+#[sqlx::test(migrations = false)]
+async fn losing_its_database_connections_mid_drain_loses_nothing(
+    pool: PgPool,
+) -> anyhow::Result<()> {
     const N: i64 = 5000;
     let topic = outbox_with_topic(&pool, "relay-fence", 3).await?;
     integration_tests::insert_sql_rows(&pool, &topic, N, 50).await?;
@@ -502,8 +634,8 @@ async fn losing_the_leader_connection_mid_drain_loses_nothing(pool: PgPool) -> a
         Ok(pending(&pool).await? < N)
     })
     .await?;
-    let killed = integration_tests::kill_leader_connection(&pool).await?;
-    assert_eq!(killed, 1, "exactly one leader connection");
+    let killed = integration_tests::kill_relay_connections(&pool).await?;
+    assert!(killed >= 1, "the relay's connections were killed");
     eventually(WAIT, "drained", || async { Ok(pending(&pool).await? == 0) }).await?;
     relay.stop().await?;
     let got = consume(&topic, N as usize, WAIT, SETTLE).await?;
