@@ -70,7 +70,7 @@ impl Ownership {
 #[non_exhaustive]
 pub enum LeaseError {
     /// The database failed; the heartbeat is retried.
-    #[error("database: {0}{hint}", hint = schema_hint(.0))]
+    #[error("database: {}", crate::store::explain(.0))]
     Database(#[from] sqlx::Error),
     /// `outbox_relay_partitions` is empty or not numbered 0..n-1.
     #[error(
@@ -96,15 +96,6 @@ pub enum LeaseError {
         /// Now.
         now: i32,
     },
-}
-
-fn schema_hint(e: &sqlx::Error) -> &'static str {
-    match e.as_database_error().and_then(|d| d.code()).as_deref() {
-        Some("42P01") => {
-            " (the outbox schema is missing or older than this relay: run `outbox-relay migrate`)"
-        }
-        _ => "",
-    }
 }
 
 /// The lease keeper of one relay. Build with [`Leases::new`], run

@@ -68,31 +68,10 @@ pub enum RelayError {
 /// Why one batch did not complete.
 #[derive(Debug, thiserror::Error)]
 enum BatchError {
-    #[error("database: {}", describe_db_error(.0))]
+    #[error("database: {}", store::explain(.0))]
     Database(#[from] sqlx::Error),
     #[error("kafka: {0}")]
     Broker(String),
-}
-
-/// A database error, with a hint where the cause is a known setup problem.
-fn describe_db_error(e: &sqlx::Error) -> String {
-    let code = e
-        .as_database_error()
-        .and_then(|d| d.code())
-        .map(|c| c.to_string());
-    match code.as_deref() {
-        // invalid_sql_statement_name, duplicate_prepared_statement
-        Some("26000") | Some("42P05") => format!(
-            "{e} (prepared statements are lost between transactions: DATABASE_URL seems to go \
-             through a connection pooler in transaction mode; run the relay with \
-             --transaction-pooler, or point it at PostgreSQL or a session-mode pool)"
-        ),
-        // undefined_table, undefined_function
-        Some("42P01") | Some("42883") => format!(
-            "{e} (the outbox schema is missing or older than this relay: run `outbox-relay migrate`)"
-        ),
-        _ => e.to_string(),
-    }
 }
 
 /// The relay. Build it with [`Relay::new`], run it with [`Relay::run`].
@@ -545,28 +524,54 @@ struct Claim {
 
 /// Wakes the relay on every notification; wakes it too whenever the
 /// listening connection was lost (notifications may have been missed).
+///
+/// Each new listening connection first sends itself a probe notification.
+/// If it never comes back (a connection pooler in transaction mode drops
+/// notifications), the relay says so once and keeps polling.
 async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, shutdown: CancellationToken) {
+    const PROBE_WAIT: Duration = Duration::from_secs(5);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut warned = false;
     while !shutdown.is_cancelled() {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
             Err(e) => {
-                warn!(error = %e, "cannot open the LISTEN connection; polling meanwhile");
+                warn!(error = %store::explain(&e), "cannot open the LISTEN connection; polling meanwhile");
                 backoff.sleep(&shutdown).await;
                 continue;
             }
         };
         if let Err(e) = listener.listen(&channel).await {
-            warn!(error = %e, "LISTEN failed; polling meanwhile");
+            warn!(error = %store::explain(&e), "LISTEN failed; polling meanwhile");
             backoff.sleep(&shutdown).await;
             continue;
         }
         backoff.reset();
         wake.notify_one();
+        let probe = format!("outbox-relay-probe:{:016x}", rand::random::<u64>());
+        let sent = async {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .persistent(false)
+                .bind(&channel)
+                .bind(&probe)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        };
+        let mut probing = sent.await.is_ok();
+        let deadline = tokio::time::sleep(PROBE_WAIT);
+        tokio::pin!(deadline);
         loop {
             tokio::select! {
                 r = listener.try_recv() => match r {
-                    Ok(Some(_)) => wake.notify_one(),
+                    Ok(Some(n)) => {
+                        if probing && n.payload() == probe {
+                            probing = false;
+                            debug!("LISTEN works: the probe notification came back");
+                        }
+                        wake.notify_one();
+                    }
                     Ok(None) => {
                         debug!("LISTEN connection lost; it reconnects on the next receive");
                         wake.notify_one();
@@ -577,6 +582,18 @@ async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, shutdown: Canc
                         break;
                     }
                 },
+                _ = &mut deadline, if probing => {
+                    probing = false;
+                    if !warned {
+                        warned = true;
+                        warn!(channel = %channel, wait = ?PROBE_WAIT,
+                              "LISTEN received no notification of the relay's own probe: \
+                               DATABASE_URL may go through a connection pooler in transaction mode, \
+                               which drops notifications. The relay polls meanwhile; run it with \
+                               --transaction-pooler (and a short --poll-interval), or point it at \
+                               PostgreSQL directly");
+                    }
+                }
                 _ = shutdown.cancelled() => return,
             }
         }

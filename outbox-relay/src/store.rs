@@ -146,6 +146,30 @@ pub fn claim_sql(after: AfterPublish, policy: PoisonPolicy) -> String {
     }
 }
 
+/// A database error as the relay reports it, with a hint where the cause is
+/// a known setup problem (a transaction-mode pooler, a missing migration).
+pub fn explain(e: &sqlx::Error) -> String {
+    let db = e.as_database_error();
+    let code = db.and_then(|d| d.code()).map(|c| c.to_string());
+    let message = db.map(|d| d.message().to_string()).unwrap_or_default();
+    let pooler = "DATABASE_URL seems to go through a connection pooler in transaction mode: \
+                  run the relay with --transaction-pooler, or point it at PostgreSQL or a \
+                  session-mode pool";
+    match code.as_deref() {
+        // invalid_sql_statement_name, duplicate_prepared_statement
+        Some("26000") | Some("42P05") => format!(
+            "{e} (prepared statements do not survive between transactions here; {pooler})"
+        ),
+        // PgBouncer refusing sqlx's extra_float_digits startup parameter
+        _ if message.contains("unsupported startup parameter") => format!("{e} ({pooler})"),
+        // undefined_table, undefined_function
+        Some("42P01") | Some("42883") => format!(
+            "{e} (the outbox schema is missing or older than this relay: run `outbox-relay migrate`)"
+        ),
+        _ => e.to_string(),
+    }
+}
+
 /// Who claims, for [`claim`].
 #[derive(Debug, Clone)]
 pub struct Claimant<'a> {

@@ -173,6 +173,15 @@ impl RunningRelay {
         pool: &sqlx::PgPool,
         cfg: outbox_relay::RelayConfig,
     ) -> anyhow::Result<Self> {
+        Self::start_on((*pool.connect_options()).clone(), cfg)
+    }
+
+    /// Starts a relay connecting with `connect` (for example through a
+    /// connection pooler), with `cfg` as given.
+    pub fn start_on(
+        connect: sqlx::postgres::PgConnectOptions,
+        cfg: outbox_relay::RelayConfig,
+    ) -> anyhow::Result<Self> {
         // TEST_LOG=debug shows the relay's logs in test output.
         if let Ok(filter) = std::env::var("TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -180,7 +189,7 @@ impl RunningRelay {
                 .with_test_writer()
                 .try_init();
         }
-        let relay = outbox_relay::Relay::new(cfg, (*pool.connect_options()).clone())?;
+        let relay = outbox_relay::Relay::new(cfg, connect)?;
         let health = relay.health();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(relay.run(shutdown.clone()));

@@ -596,10 +596,13 @@ async fn leases_share_partitions_and_take_over_from_a_dead_relay(
         "every partition owned"
     );
 
-    // C dies (stops beating): after its lease ran out, A and B take its 10.
-    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
-    a.beat().await?;
-    b.beat().await?;
+    // C dies (stops beating): once its lease ran out, A and B, still
+    // beating, take its 10.
+    for _ in 0..6 {
+        tokio::time::sleep(ttl / 4).await;
+        a.beat().await?;
+        b.beat().await?;
+    }
     assert_eq!((owned(&a), owned(&b)), (16, 16));
     let c_left: i64 =
         sqlx::query_scalar("SELECT count(*) FROM outbox_relay_partitions WHERE owner = 'C'")

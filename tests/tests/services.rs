@@ -24,6 +24,7 @@ fn status_reports_running_services() {
     let (code, out) = dev(&["status"], &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("postgres: up"), "{out}");
+    assert!(out.contains("pgbouncer: up"), "{out}");
     assert!(out.contains("kafka:    up"), "{out}");
 }
 
@@ -33,8 +34,13 @@ fn status_names_each_stopped_service_and_hides_the_password() {
         &["status"],
         &[
             ("DATABASE_URL", "postgres://app:s3cret@127.0.0.1:1/appdb"),
+            ("PGBOUNCER_URL", "postgres://app:s3cret@127.0.0.1:4/appdb"),
             ("KAFKA_BROKERS", "127.0.0.1:2"),
         ],
+    );
+    assert!(
+        out.contains("pgbouncer: DOWN") && out.contains("127.0.0.1:4"),
+        "{out}"
     );
     assert_eq!(code, 1, "{out}");
     assert!(

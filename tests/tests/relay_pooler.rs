@@ -1,0 +1,89 @@
+//! The relay through a real PgBouncer in transaction mode (`./dev up` starts
+//! one at PGBOUNCER_URL), where session state (prepared statements, LISTEN,
+//! session locks) does not survive from one transaction to the next.
+
+use std::time::Duration;
+
+use integration_tests::{
+    brokers, check_delivery, consume, eventually, insert_sql_rows, outbox_with_topic, pending,
+    RunningRelay,
+};
+use outbox_relay::RelayConfig;
+use sqlx::{postgres::PgConnectOptions, PgPool};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The test database, reached through PgBouncer.
+fn through_pgbouncer(pool: &PgPool) -> anyhow::Result<PgConnectOptions> {
+    let url = std::env::var("PGBOUNCER_URL")
+        .map_err(|_| anyhow::anyhow!("PGBOUNCER_URL is not set: run the tests with ./dev test"))?;
+    let opts: PgConnectOptions = url.parse()?;
+    let db = pool
+        .connect_options()
+        .get_database()
+        .unwrap_or("postgres")
+        .to_string();
+    Ok(opts.database(&db))
+}
+
+fn cfg(transaction_pooler: bool) -> RelayConfig {
+    RelayConfig {
+        brokers: brokers(),
+        transaction_pooler,
+        poll_interval: Duration::from_millis(50),
+        batch_size: 100,
+        lease_ttl: Duration::from_secs(2),
+        heartbeat_interval: Duration::from_millis(250),
+        ..RelayConfig::default()
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn two_relays_through_pgbouncer_in_transaction_mode_deliver_everything_in_order(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    const N: i64 = 3000;
+    // Migrations take a session lock: they run against PostgreSQL directly.
+    let topic = outbox_with_topic(&pool, "pooler", 3).await?;
+    let bouncer = through_pgbouncer(&pool)?;
+    let first = RunningRelay::start_on(bouncer.clone(), cfg(true))?;
+    let second = RunningRelay::start_on(bouncer, cfg(true))?;
+    eventually(WAIT, "the two relays share the partitions", || async {
+        let relays = outbox_relay::store::relays(&pool).await?;
+        let owned: Vec<usize> = relays
+            .iter()
+            .filter(|r| r.live)
+            .map(|r| r.partitions.len())
+            .collect();
+        Ok(owned == vec![16, 16])
+    })
+    .await?;
+    insert_sql_rows(&pool, &topic, N, 100).await?;
+    eventually(WAIT, "drained through the pooler", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
+    assert!(first.health.is_ready(), "{}", first.health.reason());
+    assert!(second.health.is_ready(), "{}", second.health.reason());
+    first.stop().await?;
+    second.stop().await?;
+    let got = consume(&topic, N as usize, WAIT, Duration::from_millis(1500)).await?;
+    let duplicates = check_delivery(&got, N)?;
+    assert_eq!(duplicates, 0, "no duplicates in normal operation");
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_relay_not_told_about_the_pooler_says_what_to_do(pool: PgPool) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "pooler-unflagged", 1).await?;
+    insert_sql_rows(&pool, &topic, 10, 2).await?;
+    let relay = RunningRelay::start_on(through_pgbouncer(&pool)?, cfg(false))?;
+    eventually(WAIT, "a degraded state naming the pooler", || async {
+        Ok(relay.health.reason().contains("--transaction-pooler"))
+    })
+    .await?;
+    assert!(!relay.health.is_ready());
+    assert_eq!(pending(&pool).await?, 10, "nothing was claimed");
+    relay.stop().await?;
+    Ok(())
+}
