@@ -54,7 +54,7 @@ struct Cli {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Fault {
-    /// SIGKILL a relay process (each in turn), then start it again.
+    /// SIGKILL a relay process picked at random, then start it again.
     RelayKill,
     /// pg_terminate_backend on every connection of every relay.
     PgTerminate,
@@ -454,8 +454,14 @@ async fn soak(
     let end = Instant::now() + Duration::from_secs(load.seconds);
     let mut next = 0;
     let mut relay_kills = 0usize;
-    while Instant::now() + fault_every <= end {
-        tokio::time::sleep(fault_every).await;
+    // Faults come at jittered times (0.5 to 1.5 × --fault-every), and a
+    // relay kill hits a relay picked at random.
+    loop {
+        let wait = fault_every.mul_f64(rand::random_range(0.5..1.5));
+        if Instant::now() + wait > end {
+            break;
+        }
+        tokio::time::sleep(wait).await;
         relays.iter_mut().for_each(Role::sample_rss);
         let Some(fault) = faults.get(next % faults.len().max(1)).copied() else {
             break;
@@ -463,8 +469,8 @@ async fn soak(
         next += 1;
         let name = match fault {
             Fault::RelayKill => {
-                let n = relays.len();
-                relays[relay_kills % n].kill_and_restart(cli)?;
+                let victim = rand::random_range(0..relays.len());
+                relays[victim].kill_and_restart(cli)?;
                 relay_kills += 1;
                 "relay kill -9"
             }
