@@ -6,6 +6,7 @@
 //! `cargo run --release -p outbox-bench -- --help`.
 
 mod consumer;
+mod relays;
 mod samples;
 
 use std::{
@@ -86,8 +87,39 @@ enum Which {
         #[arg(long)]
         duplicates: bool,
     },
+    /// Several relays: drain throughput with 1, 2 and 4 relays, as ratios
+    /// to one relay.
+    Relays {
+        /// Backlog size per drain.
+        #[arg(long, default_value_t = 300_000)]
+        rows: i64,
+        /// Relay batch size.
+        #[arg(long, default_value_t = 5000)]
+        batch_size: usize,
+        /// Relay counts to compare (the first is the baseline).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        counts: Vec<usize>,
+    },
+    /// Fail-over: time from a relay's kill -9 until its partitions flow
+    /// again, under a steady load.
+    Failover {
+        /// Offered load, events per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        /// The relays' lease TTL (default: the relay's default).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        lease_ttl: Duration,
+    },
     /// Everything, with the defaults (the consumer with and without duplicates).
     All,
+    /// (internal) One relay process for `failover`, until SIGTERM.
+    #[command(hide = true)]
+    RelayChild {
+        #[arg(long)]
+        relay_id: String,
+        #[arg(long)]
+        lease_ttl_ms: u64,
+    },
 }
 
 const KEYS: i64 = 1000;
@@ -102,10 +134,26 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 const PARTITIONS: i32 = 6;
+/// The benchmark's own database, dropped and created by each run.
+const DATABASE: &str = "outbox_bench";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Which::RelayChild {
+        relay_id,
+        lease_ttl_ms,
+    } = &args.which
+    {
+        let opts: sqlx::postgres::PgConnectOptions = args.database_url.parse()?;
+        return relays::child(
+            opts.database(DATABASE),
+            args.kafka_brokers.clone(),
+            relay_id.clone(),
+            Duration::from_millis(*lease_ttl_ms),
+        )
+        .await;
+    }
     let recorder = samples::install();
     let env = Env::new(&args).await?;
     match args.which {
@@ -133,6 +181,15 @@ async fn main() -> anyhow::Result<()> {
         Which::Consumer { events, duplicates } => {
             consumer::consumer(&env, args.runs, events, duplicates).await?
         }
+        Which::Relays {
+            rows,
+            batch_size,
+            counts,
+        } => relays::scaling(&env, &recorder, args.runs, rows, batch_size, &counts).await?,
+        Which::Failover { rate, lease_ttl } => {
+            relays::failover(&env, args.runs, rate, lease_ttl).await?
+        }
+        Which::RelayChild { .. } => unreachable!("handled above"),
         Which::All => {
             drain(&env, &recorder, args.runs, 1_000_000, 5000).await?;
             latency(
@@ -148,6 +205,8 @@ async fn main() -> anyhow::Result<()> {
             producer(&env, args.runs, 5).await?;
             consumer::consumer(&env, args.runs, 20_000, false).await?;
             consumer::consumer(&env, args.runs, 20_000, true).await?;
+            relays::scaling(&env, &recorder, args.runs, 300_000, 5000, &[1, 2, 4]).await?;
+            relays::failover(&env, args.runs, 500, Duration::from_secs(10)).await?;
         }
     }
     Ok(())
@@ -174,7 +233,7 @@ impl Env {
         let opts: sqlx::postgres::PgConnectOptions = args.database_url.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .connect_with(opts.database("outbox_bench"))
+            .connect_with(opts.database(DATABASE))
             .await?;
         outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
         Ok(Self {
@@ -210,8 +269,17 @@ impl Env {
         )?)
     }
 
-    /// `rows` outbox rows with ~200-byte JSON payloads over [`KEYS`] keys.
+    /// `rows` outbox rows with ~200-byte JSON payloads over [`KEYS`] keys,
+    /// then `VACUUM ANALYZE`.
     async fn fill(&self, topic: &str, rows: i64) -> anyhow::Result<()> {
+        self.fill_committed(topic, rows).await?;
+        self.pool.execute("VACUUM ANALYZE outbox").await?;
+        Ok(())
+    }
+
+    /// The same rows in one committed statement, without the vacuum (relays
+    /// may already be draining them).
+    async fn fill_committed(&self, topic: &str, rows: i64) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, payload, correlation_id) \
              SELECT gen_random_uuid(), 'bench', 'k' || (g % $3), 'bench.row', $1, \
@@ -223,7 +291,6 @@ impl Env {
         .bind(KEYS)
         .execute(&self.pool)
         .await?;
-        self.pool.execute("VACUUM ANALYZE outbox").await?;
         Ok(())
     }
 
