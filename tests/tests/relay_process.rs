@@ -430,3 +430,108 @@ async fn unreachable_broker_is_not_ready_with_the_reason(pool: PgPool) -> anyhow
     assert_eq!(relay.wait_exit(Duration::from_secs(20))?, Some(0));
     Ok(())
 }
+
+/// Three relay processes share the partitions. One killed with -9 keeps its
+/// partitions until its lease runs out, then the other two take them over;
+/// the backlog drains with nothing lost, per-key order kept, and at most the
+/// killed relay's batch in flight repeated.
+#[sqlx::test(migrations = false)]
+async fn a_killed_relays_partitions_are_taken_over_when_its_lease_runs_out(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    const N: i64 = 20_000;
+    const BATCH: i64 = 200;
+    let topic = outbox_with_topic(&pool, "takeover", 3).await?;
+    let mut relays = Vec::new();
+    for i in 0..3 {
+        let port = free_port().to_string();
+        relays.push(spawn_relay(
+            &pool,
+            &format!("takeover-{i}"),
+            &[
+                "--lease-ttl",
+                "2s",
+                "--heartbeat-interval",
+                "400ms",
+                "--batch-size",
+                &BATCH.to_string(),
+                "--relay-name",
+                &format!("takeover{i}"),
+                "--http-addr",
+                &format!("127.0.0.1:{port}"),
+            ],
+        )?);
+    }
+    eventually(WAIT, "three relays share the partitions", || async {
+        let live: Vec<usize> = outbox_relay::store::relays(&pool)
+            .await?
+            .iter()
+            .filter(|r| r.live)
+            .map(|r| r.partitions.len())
+            .collect();
+        Ok(live.len() == 3 && live.iter().all(|&n| n >= 10))
+    })
+    .await?;
+    insert_sql_rows(&pool, &topic, N, 1000).await?;
+    eventually(WAIT, "draining started", || async {
+        Ok(pending(&pool).await? < N - 2000)
+    })
+    .await?;
+
+    let victim = relays.remove(0);
+    let victim_id = outbox_relay::store::relays(&pool)
+        .await?
+        .into_iter()
+        .find(|r| r.relay_id.starts_with("takeover0-"))
+        .map(|r| r.relay_id)
+        .expect("the first relay is registered");
+    let mut victim = victim;
+    victim.0.kill()?; // SIGKILL
+    let killed = std::time::Instant::now();
+    victim.wait_exit(Duration::from_secs(5))?;
+    eventually(
+        Duration::from_secs(15),
+        "its partitions taken over",
+        || async {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM outbox_relay_partitions WHERE owner = $1")
+                    .bind(&victim_id)
+                    .fetch_one(&pool)
+                    .await?;
+            Ok(left == 0)
+        },
+    )
+    .await?;
+    let took = killed.elapsed();
+    assert!(
+        took >= Duration::from_millis(1000),
+        "taken over after {took:?}: before the lease (2 s, renewed every 0.4 s) ran out"
+    );
+    assert!(
+        took <= Duration::from_secs(6),
+        "taken over after {took:?}; the bound is the TTL plus a heartbeat"
+    );
+    let owners: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT owner FROM outbox_relay_partitions")
+            .fetch_all(&pool)
+            .await?;
+    assert!(owners.iter().all(|o| o.is_some()), "every partition owned");
+
+    eventually(WAIT, "drained by the other two", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
+    for r in &relays {
+        r.terminate();
+    }
+    for r in &mut relays {
+        assert_eq!(r.wait_exit(Duration::from_secs(20))?, Some(0));
+    }
+    let got = consume(&topic, N as usize, WAIT, Duration::from_secs(2)).await?;
+    let dups = check_delivery(&got, N)?;
+    assert!(
+        dups as i64 <= BATCH,
+        "{dups} duplicates; at most the killed relay's batch in flight"
+    );
+    Ok(())
+}
