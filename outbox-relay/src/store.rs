@@ -102,6 +102,7 @@ fn pending_subquery(policy: PoisonPolicy) -> String {
     let blocked = match policy {
         PoisonPolicy::BlockKey => {
             " AND NOT EXISTS (SELECT 1 FROM outbox f WHERE f.status = 'failed' \
+               AND hashtextextended(f.aggregate_id, 0) = hashtextextended(p.aggregate_id, 0) \
                AND f.aggregate_type = p.aggregate_type AND f.aggregate_id = p.aggregate_id)"
         }
         PoisonPolicy::SkipRow => "",

@@ -33,14 +33,46 @@ async fn malformed_rows_are_refused_at_insert_with_the_rule_named(
 ) -> anyhow::Result<()> {
     outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
     let cases: &[(&str, &str, &str)] = &[
-        ("null aggregate id", "'t', NULL, 'e', 1, NULL, '{}'", "aggregate_id"),
-        ("empty aggregate type", "'', 'k', 'e', 1, NULL, '{}'", "outbox_aggregate_type_not_empty"),
-        ("empty aggregate id", "'t', '', 'e', 1, NULL, '{}'", "outbox_aggregate_id_not_empty"),
-        ("empty event type", "'t', 'k', '', 1, NULL, '{}'", "outbox_event_type_not_empty"),
-        ("version 0", "'t', 'k', 'e', 0, NULL, '{}'", "outbox_event_version_positive"),
-        ("empty topic", "'t', 'k', 'e', 1, '', '{}'", "outbox_topic_not_empty"),
-        ("headers not an object", "'t', 'k', 'e', 1, NULL, '[1, 2]'", "outbox_headers_object"),
-        ("headers not JSON", "'t', 'k', 'e', 1, NULL, '{nope'", "json"),
+        (
+            "null aggregate id",
+            "'t', NULL, 'e', 1, NULL, '{}'",
+            "aggregate_id",
+        ),
+        (
+            "empty aggregate type",
+            "'', 'k', 'e', 1, NULL, '{}'",
+            "outbox_aggregate_type_not_empty",
+        ),
+        (
+            "empty aggregate id",
+            "'t', '', 'e', 1, NULL, '{}'",
+            "outbox_aggregate_id_not_empty",
+        ),
+        (
+            "empty event type",
+            "'t', 'k', '', 1, NULL, '{}'",
+            "outbox_event_type_not_empty",
+        ),
+        (
+            "version 0",
+            "'t', 'k', 'e', 0, NULL, '{}'",
+            "outbox_event_version_positive",
+        ),
+        (
+            "empty topic",
+            "'t', 'k', 'e', 1, '', '{}'",
+            "outbox_topic_not_empty",
+        ),
+        (
+            "headers not an object",
+            "'t', 'k', 'e', 1, NULL, '[1, 2]'",
+            "outbox_headers_object",
+        ),
+        (
+            "headers not JSON",
+            "'t', 'k', 'e', 1, NULL, '{nope'",
+            "json",
+        ),
     ];
     for (what, values, rule) in cases {
         let sql = format!(
@@ -80,9 +112,19 @@ async fn malformed_rows_are_refused_at_insert_with_the_rule_named(
         ("event_version", NewEvent::new("t", "k", "e").version(0)),
         ("topic", NewEvent::new("t", "k", "e").topic("no spaces")),
         ("topic", NewEvent::new("t", "k", "e").topic("x".repeat(250))),
-        ("headers", NewEvent::new("t", "k", "e").header(h::CE_ID, "forged")),
-        ("payload", NewEvent::new("t", "k", "e").bytes_payload(vec![0; 20 << 20], "application/octet-stream")),
-        ("traceparent", NewEvent::new("t", "k", "e").trace_context("garbage", None)),
+        (
+            "headers",
+            NewEvent::new("t", "k", "e").header(h::CE_ID, "forged"),
+        ),
+        (
+            "payload",
+            NewEvent::new("t", "k", "e")
+                .bytes_payload(vec![0; 20 << 20], "application/octet-stream"),
+        ),
+        (
+            "traceparent",
+            NewEvent::new("t", "k", "e").trace_context("garbage", None),
+        ),
         ("aggregate_type", NewEvent::new("t\0", "k", "e")),
     ];
     for (field, event) in refused {
@@ -128,7 +170,13 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
         }
     };
     let long_topic = "t".repeat(300);
-    row("reserved-header", Some(&topic), "t", r#"{"ce_type": "forged"}"#).await?;
+    row(
+        "reserved-header",
+        Some(&topic),
+        "t",
+        r#"{"ce_type": "forged"}"#,
+    )
+    .await?;
     row("null-header", Some(&topic), "t", r#"{"x": null}"#).await?;
     row("array-header", Some(&topic), "t", r#"{"x": [1]}"#).await?;
     row("long-topic", Some(&long_topic), "t", "{}").await?;
@@ -165,9 +213,15 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
     assert!(relay.health.is_ready(), "{}", relay.health.reason());
     relay.stop().await?;
     assert_eq!(got.len(), 22, "every healthy row arrived, once");
-    let bin = got.iter().find(|r| r.key.as_deref() == Some("bin")).unwrap();
+    let bin = got
+        .iter()
+        .find(|r| r.key.as_deref() == Some("bin"))
+        .unwrap();
     assert_eq!(bin.value, Some(vec![0xff, 0x00, 0xfe]));
-    let gone = got.iter().find(|r| r.key.as_deref() == Some("gone")).unwrap();
+    let gone = got
+        .iter()
+        .find(|r| r.key.as_deref() == Some("gone"))
+        .unwrap();
     assert_eq!(gone.value, None, "a row without payload is a tombstone");
 
     let failed: Vec<(String, String)> = sqlx::query_as(
@@ -183,12 +237,21 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
             .unwrap_or_else(|| panic!("no failed row for {k}: {failed:?}"))
     };
     assert!(reason("reserved-header").contains("reserved"), "{failed:?}");
-    assert!(reason("null-header").contains("string, number or boolean"), "{failed:?}");
-    assert!(reason("array-header").contains("string, number or boolean"), "{failed:?}");
+    assert!(
+        reason("null-header").contains("string, number or boolean"),
+        "{failed:?}"
+    );
+    assert!(
+        reason("array-header").contains("string, number or boolean"),
+        "{failed:?}"
+    );
     assert!(reason("long-topic").contains("topic"), "{failed:?}");
     assert!(reason("unicode-topic").contains("topic"), "{failed:?}");
     assert!(reason("template-topic").contains("topic"), "{failed:?}");
-    assert!(reason("kkkk").to_lowercase().contains("too large"), "{failed:?}");
+    assert!(
+        reason("kkkk").to_lowercase().contains("too large"),
+        "{failed:?}"
+    );
     assert_eq!(pending(&pool).await?, 0);
     Ok(())
 }
@@ -197,21 +260,29 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
 /// each is dead-lettered as undecodable with its reason, and the good events
 /// around them are applied once, in order.
 #[sqlx::test(migrations = false)]
-async fn records_that_are_not_outbox_events_are_dead_lettered(
-    pool: PgPool,
-) -> anyhow::Result<()> {
+async fn records_that_are_not_outbox_events_are_dead_lettered(pool: PgPool) -> anyhow::Result<()> {
     consumer_db(&pool).await?;
     let topic = unique("ck-bad");
     integration_tests::create_topic(&topic, 1).await?;
     let group = unique("g");
     let good: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
-    let mut bad_id = event("k", Uuid::new_v4(), "item.added", serde_json::json!({ "seq": 9 }));
+    let mut bad_id = event(
+        "k",
+        Uuid::new_v4(),
+        "item.added",
+        serde_json::json!({ "seq": 9 }),
+    );
     for (k, v) in bad_id.headers.iter_mut() {
         if k == h::CE_ID {
             *v = "not-a-uuid".into();
         }
     }
-    let mut no_type = event("k", Uuid::new_v4(), "item.added", serde_json::json!({ "seq": 9 }));
+    let mut no_type = event(
+        "k",
+        Uuid::new_v4(),
+        "item.added",
+        serde_json::json!({ "seq": 9 }),
+    );
     no_type.headers.retain(|(k, _)| k != h::CE_TYPE);
     let no_headers = TestRecord {
         key: Some("k".into()),
@@ -264,7 +335,12 @@ async fn records_that_are_not_outbox_events_are_dead_lettered(
     let dlq = consume(&format!("{topic}.dlq"), 6, WAIT, Duration::from_secs(1)).await?;
     assert_eq!(dlq.len(), 6);
     for r in &dlq {
-        assert_eq!(r.header("dlq_kind"), Some("undecodable"), "{:?}", r.header("dlq_reason"));
+        assert_eq!(
+            r.header("dlq_kind"),
+            Some("undecodable"),
+            "{:?}",
+            r.header("dlq_reason")
+        );
         assert!(r.header("dlq_reason").is_some_and(|m| !m.is_empty()));
     }
     let reasons: Vec<&str> = dlq.iter().filter_map(|r| r.header("dlq_reason")).collect();
@@ -277,9 +353,7 @@ async fn records_that_are_not_outbox_events_are_dead_lettered(
 /// the problem; unreachable services give a clear error or a not-ready
 /// state, never a hang, a panic or a leaked password.
 #[sqlx::test(migrations = false)]
-async fn bad_flags_and_unreachable_services_get_clear_errors(
-    pool: PgPool,
-) -> anyhow::Result<()> {
+async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> anyhow::Result<()> {
     let url = integration_tests::database_url(&pool);
     let run = |args: &[&str], db: &str| {
         let out = std::process::Command::new(relay_bin())
@@ -301,7 +375,10 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(
         (&["run", "--batch-size", "0"], "batch size"),
         (&["run", "--batch-size", "lots"], "--batch-size"),
         (&["run", "--lease-ttl", "0s"], "lease TTL"),
-        (&["run", "--lease-ttl", "4s", "--heartbeat-interval", "3s"], "heartbeat interval"),
+        (
+            &["run", "--lease-ttl", "4s", "--heartbeat-interval", "3s"],
+            "heartbeat interval",
+        ),
         (&["run", "--kafka-property", "no-equals-sign"], "key=value"),
         (&["run", "--poison-policy", "maybe"], "--poison-policy"),
         (&["run", "--kafka-brokers", " "], "Kafka brokers"),

@@ -26,9 +26,13 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
     let first = migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
     assert_eq!(
         first.applied,
-        vec!["V1__create_outbox", "V2__relay_partitions"]
+        vec![
+            "V1__create_outbox",
+            "V2__relay_partitions",
+            "V3__failed_key_hash_index"
+        ]
     );
-    assert_eq!(first.current_version, Some(2));
+    assert_eq!(first.current_version, Some(3));
     assert_eq!(
         columns(&pool, "outbox_relays").await,
         [
@@ -110,7 +114,7 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(history, 2);
+    assert_eq!(history, 3);
     // The consumer set is separate: nothing of it exists yet.
     assert!(columns(&pool, "processed_events").await.is_empty());
 }
@@ -202,5 +206,5 @@ async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
     for r in futures::future::join_all(runs).await {
         applied += r.unwrap().unwrap().applied.len();
     }
-    assert_eq!(applied, 2, "V1 and V2, once each");
+    assert_eq!(applied, 3, "V1, V2 and V3, once each");
 }
