@@ -535,3 +535,132 @@ async fn a_killed_relays_partitions_are_taken_over_when_its_lease_runs_out(
     );
     Ok(())
 }
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Resource bound: the relay's memory stays flat through a 30 s broker outage
+/// while producers keep writing (the backlog grows in PostgreSQL, not in the
+/// relay), and the backlog drains once the broker is back. Prints its figures
+/// (RELIABILITY.md quotes them).
+#[sqlx::test(migrations = false)]
+async fn relay_memory_stays_flat_through_a_broker_outage_while_producers_write(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    const RATE_PER_TICK: i64 = 50; // every 100 ms: 500 events/s
+    let mut broker = PrivateBroker::start()?;
+    let topic = unique("outage-mem");
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    create_topic_on(&broker.address, &topic, 3).await?;
+    let port = free_port().to_string();
+    let relay = spawn_relay(
+        &pool,
+        "outage-mem",
+        &[
+            "--kafka-brokers",
+            &broker.address,
+            "--publish-timeout",
+            "5s",
+            "--batch-size",
+            "500",
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+    )?;
+    let pid = relay.0.id();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let (pool, stop, topic) = (pool.clone(), stop.clone(), topic.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut written = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                sqlx::query(
+                    "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, payload) \
+                     SELECT gen_random_uuid(), 'load', 'k' || (g % 100), 'load.row', $1, \
+                            jsonb_build_object('seq', g, 'pad', repeat('x', 170)) \
+                     FROM generate_series($2, $3) g ORDER BY g",
+                )
+                .bind(&topic)
+                .bind(written + 1)
+                .bind(written + RATE_PER_TICK)
+                .execute(&pool)
+                .await?;
+                written += RATE_PER_TICK;
+            }
+            anyhow::Ok(written)
+        })
+    };
+    let sample = |secs: u64| async move {
+        let mut peak = 0;
+        let until = std::time::Instant::now() + Duration::from_secs(secs);
+        while std::time::Instant::now() < until {
+            peak = peak.max(rss_kib(pid).unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        peak
+    };
+
+    let before = sample(10).await;
+    broker.kill();
+    let during = sample(30).await;
+    let backlog = pending(&pool).await?;
+    broker.restart()?;
+    // The in-memory broker comes back empty: the topic is created again.
+    create_topic_on(&broker.address, &topic, 3).await?;
+    let written = {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        producer.await??
+    };
+    let drain_started = std::time::Instant::now();
+    let mut after = 0;
+    // Rows the relay tried before the topic was back failed as "topic does
+    // not exist": an operator's `failed retry` puts them back, in order.
+    eventually(WAIT, "backlog drained after the outage", || {
+        after = after.max(rss_kib(pid).unwrap_or(0));
+        async {
+            outbox_relay::store::failed_retry(&pool, &outbox_relay::store::Selection::All).await?;
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&pool)
+                .await?;
+            Ok(left == 0)
+        }
+    })
+    .await?;
+    let drained_in = drain_started.elapsed();
+    relay.terminate();
+    eprintln!(
+        "relay RSS: {} MiB before the outage (peak), {} MiB during 30 s of outage (peak), \
+         {} MiB while draining; {written} events written, backlog {backlog} at the end of the outage, \
+         drained in {:.1} s",
+        before / 1024,
+        during / 1024,
+        after / 1024,
+        drained_in.as_secs_f64()
+    );
+    assert!(before > 0 && during > 0, "RSS was sampled");
+    assert!(
+        backlog > 10_000,
+        "the backlog grew during the outage: {backlog}"
+    );
+    assert!(
+        during <= before + before / 2 + 8 * 1024,
+        "memory grew during the outage: {before} KiB -> {during} KiB"
+    );
+    assert!(
+        after <= before + before / 2 + 8 * 1024,
+        "memory grew while draining: {before} KiB -> {after} KiB"
+    );
+    Ok(())
+}
