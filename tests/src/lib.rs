@@ -153,6 +153,16 @@ where
     }
 }
 
+/// Relay settings for tests: polls every 200 ms, batches of 100, defaults
+/// otherwise (brokers are filled in by [`RunningRelay::start`]).
+pub fn quick_relay_config() -> outbox_relay::RelayConfig {
+    outbox_relay::RelayConfig {
+        poll_interval: Duration::from_millis(200),
+        batch_size: 100,
+        ..outbox_relay::RelayConfig::default()
+    }
+}
+
 /// A relay running in-process, stopped by [`RunningRelay::stop`].
 pub struct RunningRelay {
     /// The relay's health, as `/readyz` reports it.

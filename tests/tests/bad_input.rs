@@ -10,19 +10,12 @@ use integration_tests::{
     pending, relay_bin, unique, RunningRelay,
 };
 use outbox_core::{append, headers as h, AppendError, NewEvent};
-use outbox_relay::RelayConfig;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn cfg() -> RelayConfig {
-    RelayConfig {
-        poll_interval: Duration::from_millis(200),
-        batch_size: 100,
-        ..RelayConfig::default()
-    }
-}
+use integration_tests::quick_relay_config as cfg;
 
 /// Rows a non-Rust producer writes with plain SQL that break the contract:
 /// the schema refuses them at insert, naming the rule, and nothing enters

@@ -13,13 +13,7 @@ use sqlx::PgPool;
 const WAIT: Duration = Duration::from_secs(60);
 const SETTLE: Duration = Duration::from_millis(1500);
 
-fn cfg() -> RelayConfig {
-    RelayConfig {
-        poll_interval: Duration::from_millis(200),
-        batch_size: 100,
-        ..RelayConfig::default()
-    }
-}
+use integration_tests::quick_relay_config as cfg;
 
 #[sqlx::test(migrations = false)]
 async fn every_committed_row_arrives_once_with_key_headers_and_payload(
