@@ -19,6 +19,20 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+/// Prints a line to stdout. When the reader has gone (`… | head`), the
+/// command stops quietly with exit code 0 instead of panicking on the
+/// closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 /// A configuration problem: reported with exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -96,7 +110,13 @@ async fn pool(opts: &PgConnectOptions) -> anyhow::Result<sqlx::PgPool> {
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect_with(opts.clone())
         .await
-        .with_context(|| format!("cannot connect to PostgreSQL at {}", describe(opts)))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to PostgreSQL at {}: {}",
+                describe(opts),
+                store::explain(&e)
+            )
+        })
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -109,12 +129,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let pool = pool(&opts).await?;
             let report = migrate::run(&pool, MigrationSet::Outbox).await?;
             if report.applied.is_empty() {
-                println!(
+                out!(
                     "outbox schema is current (V{})",
                     report.current_version.unwrap_or(0)
                 );
             } else {
-                println!(
+                out!(
                     "applied {}; outbox schema now V{}",
                     report.applied.join(", "),
                     report.current_version.unwrap_or(0)
@@ -140,8 +160,8 @@ async fn topic(cmd: TopicCommand) -> anyhow::Result<()> {
     } = cmd;
     let properties = kafka_properties.into_iter().collect();
     match topics::create(&kafka_brokers, &properties, &name, partitions, replication).await {
-        Ok(Created::New) => println!("created topic {name} ({partitions} partitions)"),
-        Ok(Created::AlreadyExists) => println!("topic {name} already exists"),
+        Ok(Created::New) => out!("created topic {name} ({partitions} partitions)"),
+        Ok(Created::AlreadyExists) => out!("topic {name} already exists"),
         Err(e @ (TopicError::InvalidName(_) | TopicError::Client(_))) => {
             return Err(UsageError(e.to_string()).into())
         }
@@ -192,21 +212,21 @@ async fn status(opts: &PgConnectOptions, json: bool) -> anyhow::Result<()> {
             "relays": relays,
             "partitions": partitions,
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        out!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    println!("outbox at {}", describe(opts));
-    println!("  pending:            {}", totals.pending);
-    println!(
+    out!("outbox at {}", describe(opts));
+    out!("  pending:            {}", totals.pending);
+    out!(
         "  oldest pending age: {:.1}s",
         totals.oldest_pending_age_seconds
     );
-    println!("  failed:             {}", totals.failed);
-    println!("  published (kept):   {}", totals.published_kept);
+    out!("  failed:             {}", totals.failed);
+    out!("  published (kept):   {}", totals.published_kept);
     let live = relays.iter().filter(|r| r.live).count();
-    println!("relays: {live} live");
+    out!("relays: {live} live");
     for r in &relays {
-        println!(
+        out!(
             "  {:<40} {:<8} pid {:<7} heartbeat {:>5.1}s ago  partitions {}",
             r.relay_id,
             if r.live { "live" } else { "expired" },
@@ -215,10 +235,13 @@ async fn status(opts: &PgConnectOptions, json: bool) -> anyhow::Result<()> {
             ranges(&r.partitions),
         );
     }
-    println!("partitions: {}", partitions.len());
-    println!(
+    out!("partitions: {}", partitions.len());
+    out!(
         "  {:>9}  {:<40} {:>9}  {:>11}",
-        "partition", "owner", "pending", "oldest age"
+        "partition",
+        "owner",
+        "pending",
+        "oldest age"
     );
     for p in &partitions {
         let owner = match (&p.owner, p.owner_live) {
@@ -226,9 +249,12 @@ async fn status(opts: &PgConnectOptions, json: bool) -> anyhow::Result<()> {
             (Some(o), true) => o.clone(),
             (Some(o), false) => format!("{o} (expired)"),
         };
-        println!(
+        out!(
             "  {:>9}  {:<40} {:>9}  {:>10.1}s",
-            p.partition, owner, p.pending, p.oldest_pending_age_seconds
+            p.partition,
+            owner,
+            p.pending,
+            p.oldest_pending_age_seconds
         );
     }
     Ok(())
@@ -278,12 +304,12 @@ async fn failed(opts: &PgConnectOptions, cmd: FailedCommand) -> anyhow::Result<(
         FailedCommand::List { limit, json } => {
             let rows = store::failed_list(&mut *tx, limit).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out!("{}", serde_json::to_string_pretty(&rows)?);
             } else if rows.is_empty() {
-                println!("no failed rows");
+                out!("no failed rows");
             } else {
                 for r in rows {
-                    println!(
+                    out!(
                         "id={} event_id={} key={}/{} type={} attempts={} failed_at={} reason: {}",
                         r.id,
                         r.event_id,
@@ -299,11 +325,11 @@ async fn failed(opts: &PgConnectOptions, cmd: FailedCommand) -> anyhow::Result<(
         }
         FailedCommand::Retry(s) => {
             let n = store::failed_retry(&mut *tx, &selection(s)).await?;
-            println!("{n} failed rows put back to pending");
+            out!("{n} failed rows put back to pending");
         }
         FailedCommand::Discard(s) => {
             let n = store::failed_discard(&mut *tx, &selection(s)).await?;
-            println!("{n} failed rows discarded");
+            out!("{n} failed rows discarded");
         }
     }
     tx.commit().await?;

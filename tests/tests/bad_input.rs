@@ -389,6 +389,21 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> an
     assert!(out.contains("DATABASE_URL"), "{out}");
     assert!(!out.contains("hunter2"), "password leaked: {out}");
 
+    // A reader that goes away early (`outbox-relay status | head -1`): the
+    // command stops quietly instead of panicking on the closed pipe.
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    let mut status = std::process::Command::new(relay_bin())
+        .arg("status")
+        .env("DATABASE_URL", &url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(status.stdout.take()); // the pipe's reader is gone
+    let done = status.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(done.status.code(), Some(0), "{stderr}");
+
     // PostgreSQL unreachable: the operator command fails at once, naming
     // host and port but not the password.
     let (code, out) = run(&["status"], "postgres://u:hunter2@127.0.0.1:1/db");

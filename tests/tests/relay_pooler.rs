@@ -87,3 +87,44 @@ async fn a_relay_not_told_about_the_pooler_says_what_to_do(pool: PgPool) -> anyh
     relay.stop().await?;
     Ok(())
 }
+
+/// The operator commands through the pooler: with `--transaction-pooler`
+/// they work; without it they say what to do.
+#[sqlx::test(migrations = false)]
+async fn operator_commands_work_through_the_pooler_when_told(pool: PgPool) -> anyhow::Result<()> {
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    let db = pool
+        .connect_options()
+        .get_database()
+        .unwrap_or("postgres")
+        .to_string();
+    let url = std::env::var("PGBOUNCER_URL")?;
+    let url = format!(
+        "{}/{db}",
+        url.rsplit_once('/').map(|(base, _)| base).unwrap_or(&url)
+    );
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(integration_tests::relay_bin())
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .output()
+            .expect("run outbox-relay");
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (code, out) = run(&["--transaction-pooler", "status"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("partitions: 32"), "{out}");
+    let (code, out) = run(&["--transaction-pooler", "failed", "list"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = run(&["status"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("--transaction-pooler"), "{out}");
+    Ok(())
+}

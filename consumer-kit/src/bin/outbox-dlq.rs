@@ -11,6 +11,20 @@ use clap::{Args, Parser, Subcommand};
 use consumer_kit::dead_letter::{self, DeadLetter, DeadLetterFilter};
 use uuid::Uuid;
 
+/// Prints a line to stdout. When the reader has gone (`… | head`), the
+/// command stops quietly with exit code 0 instead of panicking on the
+/// closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 /// List, inspect and replay dead letters written by consumer-kit.
 ///
 /// Reading never commits anything and uses no consumer group, so it can be
@@ -166,9 +180,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let letters = read(&brokers, &props, &topic, &filter).await?;
             for l in &letters {
                 if json {
-                    println!("{}", serde_json::to_string(&summary(l))?);
+                    out!("{}", serde_json::to_string(&summary(l))?);
                 } else {
-                    println!(
+                    out!(
                         "{}/{}@{}  {}  {}  {}  {}  {}",
                         l.dlq_topic,
                         l.dlq_partition,
@@ -204,7 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     None => serde_json::Value::Null,
                     Some(p) => serde_json::from_slice(p).unwrap_or_else(|_| text(p).into()),
                 };
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                out!("{}", serde_json::to_string_pretty(&v)?);
             }
             eprintln!("{} dead letter(s) matched in {topic}", letters.len());
         }
@@ -216,7 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let letters = read(&brokers, &props, &topic, &filter).await?;
             for l in &letters {
-                println!(
+                out!(
                     "{} {}/{}@{} -> {} ({})",
                     if dry_run { "would replay" } else { "replaying" },
                     l.dlq_topic,
