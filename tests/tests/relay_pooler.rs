@@ -26,6 +26,19 @@ fn through_pgbouncer(pool: &PgPool) -> anyhow::Result<PgConnectOptions> {
     Ok(opts.database(&db))
 }
 
+/// Closes PgBouncer's server connections to the test database. PgBouncer
+/// keeps idle ones for a while, and sqlx can only drop the database (at the
+/// end of this test, or when the same test runs again) once they are gone.
+async fn close_pooled_connections(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 fn cfg(transaction_pooler: bool) -> RelayConfig {
     RelayConfig {
         brokers: brokers(),
@@ -68,6 +81,7 @@ async fn two_relays_through_pgbouncer_in_transaction_mode_deliver_everything_in_
     first.stop().await?;
     second.stop().await?;
     let got = consume(&topic, N as usize, WAIT, Duration::from_millis(1500)).await?;
+    close_pooled_connections(&pool).await?;
     let duplicates = check_delivery(&got, N)?;
     assert_eq!(duplicates, 0, "no duplicates in normal operation");
     Ok(())
@@ -85,6 +99,7 @@ async fn a_relay_not_told_about_the_pooler_says_what_to_do(pool: PgPool) -> anyh
     assert!(!relay.health.is_ready());
     assert_eq!(pending(&pool).await?, 10, "nothing was claimed");
     relay.stop().await?;
+    close_pooled_connections(&pool).await?;
     Ok(())
 }
 
@@ -124,6 +139,7 @@ async fn operator_commands_work_through_the_pooler_when_told(pool: PgPool) -> an
     let (code, out) = run(&["--transaction-pooler", "failed", "list"]);
     assert_eq!(code, Some(0), "{out}");
     let (code, out) = run(&["status"]);
+    close_pooled_connections(&pool).await?;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("--transaction-pooler"), "{out}");
     Ok(())
