@@ -452,6 +452,25 @@ pub fn spawn_relay(pool: &sqlx::PgPool, name: &str, args: &[&str]) -> anyhow::Re
     Ok(Child(child))
 }
 
+/// Runs the `outbox-relay` binary with `args` against `database_url`:
+/// (exit code, -1 if killed by a signal; stdout and stderr together).
+pub fn relay_cli(database_url: &str, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(relay_bin())
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run outbox-relay");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// A minimal HTTP GET against 127.0.0.1:`port`: (status code, body).
 pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};

@@ -348,22 +348,7 @@ async fn records_that_are_not_outbox_events_are_dead_lettered(pool: PgPool) -> a
 #[sqlx::test(migrations = false)]
 async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> anyhow::Result<()> {
     let url = integration_tests::database_url(&pool);
-    let run = |args: &[&str], db: &str| {
-        let out = std::process::Command::new(relay_bin())
-            .args(args)
-            .env("DATABASE_URL", db)
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run outbox-relay");
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+    let run = |args: &[&str], db: &str| integration_tests::relay_cli(db, args);
     let bad_flags: &[(&[&str], &str)] = &[
         (&["run", "--batch-size", "0"], "batch size"),
         (&["run", "--batch-size", "lots"], "--batch-size"),
@@ -381,11 +366,11 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> an
     ];
     for (args, says) in bad_flags {
         let (code, out) = run(args, &url);
-        assert_eq!(code, Some(2), "{args:?}: {out}");
+        assert_eq!(code, 2, "{args:?}: {out}");
         assert!(out.contains(says), "{args:?} should say {says:?}: {out}");
     }
     let (code, out) = run(&["status"], "postgres://u:hunter2@:bad");
-    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(code, 2, "{out}");
     assert!(out.contains("DATABASE_URL"), "{out}");
     assert!(!out.contains("hunter2"), "password leaked: {out}");
 
@@ -407,7 +392,7 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> an
     // PostgreSQL unreachable: the operator command fails at once, naming
     // host and port but not the password.
     let (code, out) = run(&["status"], "postgres://u:hunter2@127.0.0.1:1/db");
-    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(code, 1, "{out}");
     assert!(out.contains("127.0.0.1:1/db"), "{out}");
     assert!(!out.contains("hunter2"), "password leaked: {out}");
 

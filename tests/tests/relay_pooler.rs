@@ -118,29 +118,15 @@ async fn operator_commands_work_through_the_pooler_when_told(pool: PgPool) -> an
         "{}/{db}",
         url.rsplit_once('/').map(|(base, _)| base).unwrap_or(&url)
     );
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(integration_tests::relay_bin())
-            .args(args)
-            .env("DATABASE_URL", &url)
-            .output()
-            .expect("run outbox-relay");
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+    let run = |args: &[&str]| integration_tests::relay_cli(&url, args);
     let (code, out) = run(&["--transaction-pooler", "status"]);
-    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(code, 0, "{out}");
     assert!(out.contains("partitions: 32"), "{out}");
     let (code, out) = run(&["--transaction-pooler", "failed", "list"]);
-    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(code, 0, "{out}");
     let (code, out) = run(&["status"]);
     close_pooled_connections(&pool).await?;
-    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(code, 1, "{out}");
     assert!(out.contains("--transaction-pooler"), "{out}");
     Ok(())
 }

@@ -246,20 +246,7 @@ async fn relay_reconnects_after_its_database_connections_are_killed(
 }
 
 fn cli(pool: &PgPool, args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(relay_bin())
-        .args(args)
-        .env("DATABASE_URL", database_url(pool))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run outbox-relay");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    integration_tests::relay_cli(&database_url(pool), args)
 }
 
 #[sqlx::test(migrations = false)]
