@@ -127,10 +127,21 @@ pub async fn consume_from(
             }
             Ok(Err(e)) => bail!("consume error: {e}"),
             Err(_) if settle_until.is_some() => return Ok(out),
-            Err(_) => bail!(
-                "only {} of {expected} records arrived on {topic} within {timeout:?}",
-                out.len()
-            ),
+            Err(_) => {
+                // Offsets seen per partition (count, first, last): shows
+                // whether a record is missing from the log or was not fetched.
+                let mut seen: std::collections::BTreeMap<i32, (usize, i64, i64)> =
+                    Default::default();
+                for r in &out {
+                    let e = seen.entry(r.partition).or_insert((0, i64::MAX, -1));
+                    *e = (e.0 + 1, e.1.min(r.offset), e.2.max(r.offset));
+                }
+                bail!(
+                    "only {} of {expected} records arrived on {topic} within {timeout:?}; \
+                     per partition (count, first offset, last offset): {seen:?}",
+                    out.len()
+                )
+            }
         }
     }
 }
