@@ -164,6 +164,17 @@ where
     }
 }
 
+/// How many partitions each live relay owns, as `outbox_relays` shows them
+/// (live relays ordered by id).
+pub async fn owned_by_live_relays(pool: &sqlx::PgPool) -> anyhow::Result<Vec<usize>> {
+    let relays = outbox_relay::store::relays(pool).await?;
+    Ok(relays
+        .iter()
+        .filter(|r| r.live)
+        .map(|r| r.partitions.len())
+        .collect())
+}
+
 /// Relay settings for tests: polls every 200 ms, batches of 100, defaults
 /// otherwise (brokers are filled in by [`RunningRelay::start`]).
 pub fn quick_relay_config() -> outbox_relay::RelayConfig {

@@ -3,8 +3,8 @@
 use std::{collections::HashMap, time::Duration};
 
 use integration_tests::{
-    append_events, consume, create_topic, eventually, outbox_with_topic, pending, unique,
-    RunningRelay,
+    append_events, consume, create_topic, eventually, outbox_with_topic, owned_by_live_relays,
+    pending, unique, RunningRelay,
 };
 use outbox_core::{append, headers as h, NewEvent};
 use outbox_relay::{AfterPublish, PoisonPolicy, RelayConfig};
@@ -364,16 +364,6 @@ async fn mark_mode_keeps_published_rows_for_retention(pool: PgPool) -> anyhow::R
     let deleted = outbox_relay::store::delete_expired(&pool, Duration::from_secs(3600), 8).await?;
     assert_eq!(deleted, 8, "bounded by the limit");
     Ok(())
-}
-
-/// Partitions owned per live relay, as `outbox_relays` shows them.
-async fn owned_by_live_relays(pool: &PgPool) -> anyhow::Result<Vec<usize>> {
-    let relays = outbox_relay::store::relays(pool).await?;
-    Ok(relays
-        .iter()
-        .filter(|r| r.live)
-        .map(|r| r.partitions.len())
-        .collect())
 }
 
 fn fast_leases() -> RelayConfig {

@@ -62,13 +62,7 @@ async fn two_relays_through_pgbouncer_in_transaction_mode_deliver_everything_in_
     let first = RunningRelay::start_on(bouncer.clone(), cfg(true))?;
     let second = RunningRelay::start_on(bouncer, cfg(true))?;
     eventually(WAIT, "the two relays share the partitions", || async {
-        let relays = outbox_relay::store::relays(&pool).await?;
-        let owned: Vec<usize> = relays
-            .iter()
-            .filter(|r| r.live)
-            .map(|r| r.partitions.len())
-            .collect();
-        Ok(owned == vec![16, 16])
+        Ok(integration_tests::owned_by_live_relays(&pool).await? == vec![16, 16])
     })
     .await?;
     insert_sql_rows(&pool, &topic, N, 100).await?;

@@ -450,12 +450,7 @@ async fn a_killed_relays_partitions_are_taken_over_when_its_lease_runs_out(
         )?);
     }
     eventually(WAIT, "three relays share the partitions", || async {
-        let live: Vec<usize> = outbox_relay::store::relays(&pool)
-            .await?
-            .iter()
-            .filter(|r| r.live)
-            .map(|r| r.partitions.len())
-            .collect();
+        let live = integration_tests::owned_by_live_relays(&pool).await?;
         Ok(live.len() == 3 && live.iter().all(|&n| n >= 10))
     })
     .await?;
