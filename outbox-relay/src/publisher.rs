@@ -112,9 +112,9 @@ impl Publisher {
             .map(|(code, reason)| format!("{code:?}: {reason}"))
     }
 
-    /// Replaces the producer with a new instance (new producer id). Used
-    /// after a fatal error, and after repeated failures, when the broker
-    /// may have lost the old producer's idempotence state. Records still
+    /// Replaces the producer with a new instance (new producer id). The
+    /// relay does this after every batch that was not fully acknowledged,
+    /// see `Relay::replace_producer`. Records still
     /// queued in the old instance are abandoned; their rows were rolled back
     /// and are claimed again.
     pub fn rebuild(&self) -> Result<(), PublisherError> {

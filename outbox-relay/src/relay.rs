@@ -49,9 +49,6 @@ use crate::{
     telemetry,
 };
 
-/// After this many consecutive failed batches the producer is replaced.
-const REBUILD_AFTER_FAILURES: u32 = 3;
-
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -272,7 +269,7 @@ impl Relay {
                 Err(BatchError::Broker(e)) => {
                     self.degraded(format!("kafka: {e}"));
                     broker_failures += 1;
-                    self.maybe_rebuild_producer(broker_failures);
+                    self.replace_producer(broker_failures);
                     backoff.sleep(shutdown).await;
                 }
             }
@@ -297,16 +294,23 @@ impl Relay {
         }
     }
 
-    /// A producer with a fatal error never recovers; one that failed batch
-    /// after batch may hold idempotence state the broker lost (a broker
-    /// restarted without it). Either way, start a fresh producer.
-    fn maybe_rebuild_producer(&self, consecutive_failures: u32) {
+    /// Starts a fresh producer (a new producer id) after every batch that
+    /// was not fully acknowledged.
+    ///
+    /// The failed rows are sent again as new records anyway, so the old
+    /// producer's idempotence state protects nothing, and keeping it can
+    /// hurt: a producer with a fatal error never recovers, and one whose
+    /// records timed out has bumped its epoch on its own (librdkafka does
+    /// that locally), an epoch a restarted broker may never have seen
+    /// (tansu 0.6.0's durable engine then stops serving requests). The cost
+    /// is one InitProducerId request once the broker answers again.
+    fn replace_producer(&self, consecutive_failures: u32) {
         let fatal = self.publisher.fatal_error();
-        if fatal.is_none() && consecutive_failures % REBUILD_AFTER_FAILURES != 0 {
-            return;
-        }
         match self.publisher.rebuild() {
-            Ok(()) => warn!(fatal = ?fatal, consecutive_failures, "replaced the Kafka producer"),
+            Ok(()) if consecutive_failures == 1 || fatal.is_some() => {
+                warn!(fatal = ?fatal, "replaced the Kafka producer after a failed batch")
+            }
+            Ok(()) => debug!(consecutive_failures, "replaced the Kafka producer again"),
             Err(e) => error!(error = %e, "could not replace the Kafka producer"),
         }
     }
