@@ -4,6 +4,7 @@
 //! ```sh
 //! outbox-soak run --seconds 60 --rate 300 --fault-every 5s
 //! outbox-soak run --relays 3 --keys 1000 --seconds 60 --fault-every 3s
+//! outbox-soak run --faults broker-restart,relay-kill,consumer-kill --fault-every 4s
 //! outbox-soak check --database outbox_soak --topic soak-1a2b3c4d
 //! ```
 //!
@@ -12,10 +13,12 @@
 //! SIGKILL. Exit codes: 0 guarantees held, 1 a guarantee broke or the run
 //! failed, 2 bad flags.
 
+mod broker;
 mod check;
 
 use std::{
     collections::BTreeMap,
+    path::PathBuf,
     process::{Child, Command as Process, ExitCode, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -31,7 +34,7 @@ use outbox_core::{append, NewEvent};
 use sqlx::{postgres::PgConnectOptions, Executor, PgPool};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "outbox-soak", version)]
 struct Cli {
     /// PostgreSQL server URL; the soak creates its own database on it. Never printed.
@@ -61,9 +64,13 @@ enum Fault {
     /// SIGKILL the consumer process (between its database commits and its
     /// offset commits), then start it again.
     ConsumerKill,
+    /// SIGKILL the broker, then start it again 0.5 to 3 s later. With this
+    /// fault the soak runs its own tansu broker with durable (SQLite)
+    /// storage on a free local port, instead of using KAFKA_BROKERS.
+    BrokerRestart,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Command {
     /// Run producers, relay and consumer for a bounded time with faults,
     /// then check.
@@ -97,6 +104,11 @@ enum Command {
             default_value = "relay-kill,pg-terminate,consumer-kill"
         )]
         faults: Vec<Fault>,
+        /// The tansu binary for the broker-restart fault (default: the one
+        /// `./dev up` builds, under $OUTBOX_CACHE_DIR or
+        /// ~/.cache/outbox-toolkit).
+        #[arg(long, env = "TANSU_BIN")]
+        tansu_bin: Option<PathBuf>,
     },
     /// Relay memory while it drains a backlog: RSS sampled every 250 ms.
     Memory {
@@ -119,6 +131,9 @@ enum Command {
         /// Lease TTL.
         #[arg(long, default_value = "10s", value_parser = humantime_secs)]
         lease_ttl: Duration,
+        /// How long a record may wait for its acknowledgement.
+        #[arg(long, default_value = "30s", value_parser = humantime_secs)]
+        publish_timeout: Duration,
     },
     /// (internal) The consumer, until SIGTERM.
     #[command(hide = true)]
@@ -181,7 +196,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             lease_ttl,
             fault_every,
             faults,
+            tansu_bin,
         } => {
+            let own_broker = if faults.contains(&Fault::BrokerRestart) {
+                let bin = tansu_bin.clone().unwrap_or_else(broker::default_tansu_bin);
+                Some(broker::Broker::start(&bin)?)
+            } else {
+                None
+            };
             soak(
                 &cli,
                 server,
@@ -196,6 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 },
                 *fault_every,
                 faults,
+                own_broker,
             )
             .await
         }
@@ -209,6 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Relay {
             batching,
             lease_ttl,
+            publish_timeout,
         } => {
             // One record per batch on the broker unless asked: tansu 0.6.0
             // cannot serve a fetch that starts inside a batch, which a
@@ -226,6 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     kafka_properties,
                     lease_ttl: *lease_ttl,
                     heartbeat_interval: *lease_ttl / 4,
+                    publish_timeout: *publish_timeout,
                     ..Default::default()
                 },
                 db.application_name("outbox-soak-relay"),
@@ -392,7 +417,20 @@ async fn soak(
     load: Load,
     fault_every: Duration,
     faults: &[Fault],
+    mut own_broker: Option<broker::Broker>,
 ) -> anyhow::Result<bool> {
+    // With its own broker, the soak's relays, consumer and checker use it.
+    let with_own_broker;
+    let cli = match &own_broker {
+        Some(b) => {
+            with_own_broker = Cli {
+                kafka_brokers: b.address.clone(),
+                ..cli.clone()
+            };
+            &with_own_broker
+        }
+        None => cli,
+    };
     let started = Instant::now();
     let say = |m: String| println!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
     let name = &cli.database;
@@ -405,19 +443,41 @@ async fn soak(
     create_topic(&cli.kafka_brokers, &topic).await?;
     say(format!(
         "database {name}, topic {topic}: {} producers at {} events/s over {} keys for {} s; \
-         {} relay(s), lease TTL {:?}; a fault every {:?} ({faults:?})",
+         {} relay(s), lease TTL {:?}; a fault every {:?} ({faults:?}); broker {}{}",
         load.producers,
         load.rate,
         load.keys,
         load.seconds,
         load.relays,
         load.lease_ttl,
-        fault_every
+        fault_every,
+        cli.kafka_brokers,
+        if own_broker.is_some() {
+            " (the soak's own tansu, durable storage)"
+        } else {
+            ""
+        }
     ));
 
     let ttl = format!("{}s", load.lease_ttl.as_secs_f64());
+    // Broker restarts last 0.5 to 3 s. A publish timeout of 1.5 s makes the
+    // longer ones time records out (the relay then retries the batch with a
+    // fresh producer), while the shorter ones are ridden out by librdkafka's
+    // own retries.
+    let publish_timeout = if own_broker.is_some() { "1.5s" } else { "30s" };
     let mut relays: Vec<Role> = (0..load.relays)
-        .map(|_| Role::start(cli, &["relay", "--lease-ttl", &ttl]))
+        .map(|_| {
+            Role::start(
+                cli,
+                &[
+                    "relay",
+                    "--lease-ttl",
+                    &ttl,
+                    "--publish-timeout",
+                    publish_timeout,
+                ],
+            )
+        })
         .collect::<anyhow::Result<_>>()?;
     let mut consumer = Role::start(cli, &["consume", "--topic", &topic])?;
 
@@ -454,6 +514,7 @@ async fn soak(
     let end = Instant::now() + Duration::from_secs(load.seconds);
     let mut next = 0;
     let mut relay_kills = 0usize;
+    let mut broker_restarts = 0usize;
     // Faults come at jittered times (0.5 to 1.5 × --fault-every), and a
     // relay kill hits a relay picked at random.
     loop {
@@ -486,6 +547,16 @@ async fn soak(
             Fault::ConsumerKill => {
                 consumer.kill_and_restart(cli)?;
                 "consumer kill -9"
+            }
+            Fault::BrokerRestart => {
+                let broker = own_broker
+                    .as_mut()
+                    .context("the broker-restart fault needs the soak's own broker")?;
+                broker.kill();
+                tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0))).await;
+                tokio::task::block_in_place(|| broker.restart())?;
+                broker_restarts += 1;
+                "broker kill -9 and restart"
             }
         };
         *injected.entry(name).or_default() += 1;
@@ -528,12 +599,13 @@ async fn soak(
 
     let v = check::check(&pool, &cli.kafka_brokers, &topic).await?;
     // A relay fault repeats at most the batch that relay had in flight; a
-    // pg_terminate_backend hits every relay at once.
+    // pg_terminate_backend or a broker restart hits every relay at once.
     let terminations = injected
         .get("pg_terminate_backend (relay)")
         .copied()
         .unwrap_or(0) as usize;
-    let bound = (relay_kills + terminations * load.relays) * RELAY_BATCH;
+    let relay_faults = relay_kills + (terminations + broker_restarts) * load.relays;
+    let bound = relay_faults * RELAY_BATCH;
     let within = v.duplicated_in_kafka as usize <= bound;
     println!();
     println!("== soak result (topic {topic}) ==");
@@ -542,8 +614,7 @@ async fn soak(
     }
     println!("{v}");
     println!(
-        "duplicate bound:            {bound} ({} relay faults × batch {RELAY_BATCH}){}",
-        relay_kills + terminations * load.relays,
+        "duplicate bound:            {bound} ({relay_faults} relay faults × batch {RELAY_BATCH}){}",
         if within { "" } else { " EXCEEDED" }
     );
     println!(
@@ -560,6 +631,16 @@ async fn soak(
             "GUARANTEE BROKEN"
         }
     );
+    if let Some(broker) = own_broker {
+        if ok {
+            broker.remove();
+        } else {
+            println!(
+                "the soak's broker log and data are kept: {}",
+                broker.log().display()
+            );
+        }
+    }
     Ok(ok)
 }
 
