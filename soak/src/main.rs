@@ -459,6 +459,14 @@ async fn soak(
         }
     ));
 
+    if own_broker.is_some() && faults.contains(&Fault::ConsumerKill) {
+        say(
+            "warning: with tansu 0.6.0, a consumer killed after a broker restart can come back \
+             to a group whose leader is the dead member; it then holds no partitions and \
+             nothing more is applied (RELIABILITY.md, \"Known limits\")"
+                .into(),
+        );
+    }
     let ttl = format!("{}s", load.lease_ttl.as_secs_f64());
     // Broker restarts last 0.5 to 3 s. A publish timeout of 1.5 s makes the
     // longer ones time records out (the relay then retries the batch with a
