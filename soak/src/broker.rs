@@ -135,3 +135,67 @@ pub fn default_tansu_bin() -> PathBuf {
         });
     cache.join("tansu-0.6.0/bin/tansu")
 }
+
+/// librdkafka's mock cluster (3 brokers, in this process, on local ports),
+/// for the faults a real broker cannot produce on demand: produce errors, a
+/// slow broker, a broker down.
+pub struct Mock {
+    cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+}
+
+/// The mock cluster's brokers (ids 1 to 3).
+pub const MOCK_BROKERS: i32 = 3;
+
+impl Mock {
+    /// Starts the cluster.
+    pub fn start() -> anyhow::Result<Self> {
+        let cluster = rdkafka::mocking::MockCluster::new(MOCK_BROKERS)
+            .context("cannot start librdkafka's mock cluster")?;
+        Ok(Self { cluster })
+    }
+
+    /// Its bootstrap servers, for `KAFKA_BROKERS`.
+    pub fn address(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+
+    /// Creates `topic` with `partitions` partitions, replicated on every
+    /// broker. (The mock has no CreateTopics request.)
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> anyhow::Result<()> {
+        self.cluster
+            .create_topic(topic, partitions, MOCK_BROKERS)
+            .with_context(|| format!("cannot create {topic} on the mock cluster"))
+    }
+
+    /// The next five produce requests, whichever broker gets them, fail with
+    /// retriable errors: request timed out, not leader, not enough replicas,
+    /// a dropped connection, request timed out.
+    pub fn fail_next_produce_requests(&self) {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr as E};
+        self.cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[
+                E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                E::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                E::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+                E::RD_KAFKA_RESP_ERR__TRANSPORT,
+                E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            ],
+        );
+    }
+
+    /// Delays every answer of `broker` by `rtt` (zero: back to normal).
+    pub fn round_trip_time(&self, broker: i32, rtt: Duration) -> anyhow::Result<()> {
+        Ok(self.cluster.broker_round_trip_time(broker, rtt)?)
+    }
+
+    /// Takes `broker` down (connections refused and closed) or up again.
+    pub fn set_down(&self, broker: i32, down: bool) -> anyhow::Result<()> {
+        if down {
+            self.cluster.broker_down(broker)?;
+        } else {
+            self.cluster.broker_up(broker)?;
+        }
+        Ok(())
+    }
+}

@@ -68,6 +68,25 @@ enum Fault {
     /// fault the soak runs its own tansu broker with durable (SQLite)
     /// storage on a free local port, instead of using KAFKA_BROKERS.
     BrokerRestart,
+    /// The next five produce requests fail with retriable errors (request
+    /// timed out, not leader, not enough replicas, a dropped connection).
+    /// This and the next two faults run the soak on librdkafka's mock cluster
+    /// (3 brokers, in the soak's process) instead of KAFKA_BROKERS.
+    ProduceErrors,
+    /// A mock broker picked at random answers 300 ms late for 2 s.
+    BrokerSlow,
+    /// A mock broker picked at random goes down for 0.5 to 3 s.
+    BrokerDown,
+}
+
+impl Fault {
+    /// Needs librdkafka's mock cluster.
+    fn needs_mock(self) -> bool {
+        matches!(
+            self,
+            Self::ProduceErrors | Self::BrokerSlow | Self::BrokerDown
+        )
+    }
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -134,6 +153,11 @@ enum Command {
         /// How long a record may wait for its acknowledgement.
         #[arg(long, default_value = "30s", value_parser = humantime_secs)]
         publish_timeout: Duration,
+        /// One produce request in flight per connection (for the mock
+        /// cluster, which checks idempotent sequence numbers only for
+        /// transactional producers; RELIABILITY.md).
+        #[arg(long)]
+        one_in_flight: bool,
     },
     /// (internal) The consumer, until SIGTERM.
     #[command(hide = true)]
@@ -198,6 +222,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             faults,
             tansu_bin,
         } => {
+            let mock_faults = faults.iter().any(|f| f.needs_mock());
+            if mock_faults && faults.contains(&Fault::BrokerRestart) {
+                eprintln!(
+                    "error: --faults: broker-restart runs a tansu broker, while produce-errors, \
+                     broker-slow and broker-down run on librdkafka's mock cluster; run them in \
+                     separate soaks"
+                );
+                return Ok(false);
+            }
+            let mock = if mock_faults {
+                Some(broker::Mock::start()?)
+            } else {
+                None
+            };
             let own_broker = if faults.contains(&Fault::BrokerRestart) {
                 let bin = tansu_bin.clone().unwrap_or_else(broker::default_tansu_bin);
                 Some(broker::Broker::start(&bin)?)
@@ -219,6 +257,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 *fault_every,
                 faults,
                 own_broker,
+                mock,
             )
             .await
         }
@@ -233,15 +272,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             batching,
             lease_ttl,
             publish_timeout,
+            one_in_flight,
         } => {
             // One record per batch on the broker unless asked: tansu 0.6.0
             // cannot serve a fetch that starts inside a batch, which a
             // restarted consumer does (docs/architecture.md).
-            let kafka_properties = if *batching {
+            let mut kafka_properties = if *batching {
                 BTreeMap::new()
             } else {
                 BTreeMap::from([("batch.num.messages".to_string(), "1".to_string())])
             };
+            if *one_in_flight {
+                kafka_properties.insert(
+                    "max.in.flight.requests.per.connection".to_string(),
+                    "1".to_string(),
+                );
+            }
             let relay = outbox_relay::Relay::new(
                 outbox_relay::RelayConfig {
                     brokers: cli.kafka_brokers.clone(),
@@ -418,13 +464,20 @@ async fn soak(
     fault_every: Duration,
     faults: &[Fault],
     mut own_broker: Option<broker::Broker>,
+    mock: Option<broker::Mock>,
 ) -> anyhow::Result<bool> {
-    // With its own broker, the soak's relays, consumer and checker use it.
+    // With its own broker or the mock cluster, the soak's relays, consumer
+    // and checker use it.
+    let own_address = match (&own_broker, &mock) {
+        (Some(b), _) => Some(b.address.clone()),
+        (None, Some(m)) => Some(m.address()),
+        (None, None) => None,
+    };
     let with_own_broker;
-    let cli = match &own_broker {
-        Some(b) => {
+    let cli = match own_address {
+        Some(address) => {
             with_own_broker = Cli {
-                kafka_brokers: b.address.clone(),
+                kafka_brokers: address,
                 ..cli.clone()
             };
             &with_own_broker
@@ -440,7 +493,13 @@ async fn soak(
         .execute(&pool)
         .await?;
     let topic = format!("soak-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    create_topic(&cli.kafka_brokers, &topic).await?;
+    match &mock {
+        Some(m) => {
+            m.create_topic(&topic, 3)?;
+            m.create_topic(&format!("{topic}.dlq"), 3)?;
+        }
+        None => create_topic(&cli.kafka_brokers, &topic).await?,
+    }
     say(format!(
         "database {name}, topic {topic}: {} producers at {} events/s over {} keys for {} s; \
          {} relay(s), lease TTL {:?}; a fault every {:?} ({faults:?}); broker {}{}",
@@ -454,6 +513,8 @@ async fn soak(
         cli.kafka_brokers,
         if own_broker.is_some() {
             " (the soak's own tansu, durable storage)"
+        } else if mock.is_some() {
+            " (librdkafka's mock cluster, 3 brokers)"
         } else {
             ""
         }
@@ -472,20 +533,24 @@ async fn soak(
     // longer ones time records out (the relay then retries the batch with a
     // fresh producer), while the shorter ones are ridden out by librdkafka's
     // own retries.
-    let publish_timeout = if own_broker.is_some() { "1.5s" } else { "30s" };
+    // The same holds for a mock broker down.
+    let publish_timeout = if own_broker.is_some() || mock.is_some() {
+        "1.5s"
+    } else {
+        "30s"
+    };
+    let mut relay_args = vec![
+        "relay",
+        "--lease-ttl",
+        &ttl,
+        "--publish-timeout",
+        publish_timeout,
+    ];
+    if mock.is_some() {
+        relay_args.push("--one-in-flight");
+    }
     let mut relays: Vec<Role> = (0..load.relays)
-        .map(|_| {
-            Role::start(
-                cli,
-                &[
-                    "relay",
-                    "--lease-ttl",
-                    &ttl,
-                    "--publish-timeout",
-                    publish_timeout,
-                ],
-            )
-        })
+        .map(|_| Role::start(cli, &relay_args))
         .collect::<anyhow::Result<_>>()?;
     let mut consumer = Role::start(cli, &["consume", "--topic", &topic])?;
 
@@ -523,6 +588,7 @@ async fn soak(
     let mut next = 0;
     let mut relay_kills = 0usize;
     let mut broker_restarts = 0usize;
+    let mut broker_faults = 0usize;
     // Faults come at jittered times (0.5 to 1.5 × --fault-every), and a
     // relay kill hits a relay picked at random.
     loop {
@@ -565,6 +631,35 @@ async fn soak(
                 tokio::task::block_in_place(|| broker.restart())?;
                 broker_restarts += 1;
                 "broker kill -9 and restart"
+            }
+            Fault::ProduceErrors => {
+                mock.as_ref()
+                    .context("the produce-errors fault needs the mock cluster")?
+                    .fail_next_produce_requests();
+                broker_faults += 1;
+                "5 produce requests failed (mock)"
+            }
+            Fault::BrokerSlow => {
+                let m = mock
+                    .as_ref()
+                    .context("the broker-slow fault needs the mock cluster")?;
+                let victim = rand::random_range(1..=broker::MOCK_BROKERS);
+                m.round_trip_time(victim, Duration::from_millis(300))?;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                m.round_trip_time(victim, Duration::ZERO)?;
+                broker_faults += 1;
+                "a broker 300 ms slow for 2 s (mock)"
+            }
+            Fault::BrokerDown => {
+                let m = mock
+                    .as_ref()
+                    .context("the broker-down fault needs the mock cluster")?;
+                let victim = rand::random_range(1..=broker::MOCK_BROKERS);
+                m.set_down(victim, true)?;
+                tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0))).await;
+                m.set_down(victim, false)?;
+                broker_faults += 1;
+                "a broker down for 0.5-3 s (mock)"
             }
         };
         *injected.entry(name).or_default() += 1;
@@ -612,7 +707,7 @@ async fn soak(
         .get("pg_terminate_backend (relay)")
         .copied()
         .unwrap_or(0) as usize;
-    let relay_faults = relay_kills + (terminations + broker_restarts) * load.relays;
+    let relay_faults = relay_kills + (terminations + broker_restarts + broker_faults) * load.relays;
     let bound = relay_faults * RELAY_BATCH;
     let within = v.duplicated_in_kafka as usize <= bound;
     println!();

@@ -1,7 +1,8 @@
 //! The short version of the reliability soak (RELIABILITY.md has the long
 //! one): producers, the relay and a consumer under relay kill -9,
 //! pg_terminate_backend and consumer kill -9, then the checker; with several
-//! relays; and with broker restarts on durable storage.
+//! relays; with broker restarts on durable storage; and on librdkafka's mock
+//! cluster with produce errors, a slow broker and a broker down.
 
 use std::process::Command;
 
@@ -119,6 +120,53 @@ fn broker_restarts_with_durable_storage_lose_and_reorder_nothing() -> anyhow::Re
     for line in [
         "lost (must be 0):           0",
         "out of order per key (0):   0",
+        "applied more than once (0): 0",
+        "verdict:                    guarantees held",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?}:\n{stdout}");
+    }
+    assert!(!stdout.contains("EXCEEDED"), "{stdout}");
+    Ok(())
+}
+
+/// A slow and erroring broker under the checker: the soak runs on
+/// librdkafka's mock cluster (3 brokers) and injects produce errors, a slow
+/// broker and a broker down, between relay kills and consumer kills.
+#[test]
+fn a_slow_and_erroring_broker_under_the_checker_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let out = Command::new(integration_tests::soak_bin())
+        .args([
+            "run",
+            "--seconds",
+            "20",
+            "--rate",
+            "100",
+            "--fault-every",
+            "2s",
+            "--faults",
+            "produce-errors,broker-slow,broker-down,relay-kill,consumer-kill",
+            "--database",
+            "outbox_soak_ci_mock",
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "soak failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("librdkafka's mock cluster"), "{stdout}");
+    for fault in [
+        "5 produce requests failed (mock)",
+        "a broker 300 ms slow for 2 s (mock)",
+        "a broker down for 0.5-3 s (mock)",
+    ] {
+        assert!(
+            stdout.contains(&format!("× {fault}")),
+            "no {fault} injected:\n{stdout}"
+        );
+    }
+    for line in [
+        "lost (must be 0):           0",
+        "out of order per key (0):   0",
+        "not applied (must be 0):    0",
         "applied more than once (0): 0",
         "verdict:                    guarantees held",
     ] {
