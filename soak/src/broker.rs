@@ -199,3 +199,47 @@ impl Mock {
         Ok(())
     }
 }
+
+/// The broker a run uses instead of `KAFKA_BROKERS`, when a fault needs one
+/// under the soak's control.
+pub enum Own {
+    /// Its own tansu with durable storage (the broker-restart fault).
+    Tansu(Broker),
+    /// librdkafka's mock cluster (the produce-errors, broker-slow and
+    /// broker-down faults).
+    Mock(Mock),
+}
+
+impl Own {
+    /// The bootstrap servers.
+    pub fn address(&self) -> String {
+        match self {
+            Self::Tansu(b) => b.address.clone(),
+            Self::Mock(m) => m.address(),
+        }
+    }
+
+    /// What to call it in the run's first line.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::Tansu(_) => "the soak's own tansu, durable storage",
+            Self::Mock(_) => "librdkafka's mock cluster, 3 brokers",
+        }
+    }
+
+    /// The tansu broker, if that is what runs.
+    pub fn tansu(&mut self) -> Option<&mut Broker> {
+        match self {
+            Self::Tansu(b) => Some(b),
+            Self::Mock(_) => None,
+        }
+    }
+
+    /// The mock cluster, if that is what runs.
+    pub fn mock(&self) -> Option<&Mock> {
+        match self {
+            Self::Tansu(_) => None,
+            Self::Mock(m) => Some(m),
+        }
+    }
+}

@@ -231,14 +231,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 );
                 return Ok(false);
             }
-            let mock = if mock_faults {
-                Some(broker::Mock::start()?)
-            } else {
-                None
-            };
-            let own_broker = if faults.contains(&Fault::BrokerRestart) {
+            let own = if mock_faults {
+                Some(broker::Own::Mock(broker::Mock::start()?))
+            } else if faults.contains(&Fault::BrokerRestart) {
                 let bin = tansu_bin.clone().unwrap_or_else(broker::default_tansu_bin);
-                Some(broker::Broker::start(&bin)?)
+                Some(broker::Own::Tansu(broker::Broker::start(&bin)?))
             } else {
                 None
             };
@@ -256,8 +253,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 },
                 *fault_every,
                 faults,
-                own_broker,
-                mock,
+                own,
             )
             .await
         }
@@ -463,21 +459,15 @@ async fn soak(
     load: Load,
     fault_every: Duration,
     faults: &[Fault],
-    mut own_broker: Option<broker::Broker>,
-    mock: Option<broker::Mock>,
+    mut own: Option<broker::Own>,
 ) -> anyhow::Result<bool> {
     // With its own broker or the mock cluster, the soak's relays, consumer
     // and checker use it.
-    let own_address = match (&own_broker, &mock) {
-        (Some(b), _) => Some(b.address.clone()),
-        (None, Some(m)) => Some(m.address()),
-        (None, None) => None,
-    };
     let with_own_broker;
-    let cli = match own_address {
-        Some(address) => {
+    let cli = match &own {
+        Some(o) => {
             with_own_broker = Cli {
-                kafka_brokers: address,
+                kafka_brokers: o.address(),
                 ..cli.clone()
             };
             &with_own_broker
@@ -493,7 +483,7 @@ async fn soak(
         .execute(&pool)
         .await?;
     let topic = format!("soak-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    match &mock {
+    match own.as_ref().and_then(broker::Own::mock) {
         Some(m) => {
             m.create_topic(&topic, 3)?;
             m.create_topic(&format!("{topic}.dlq"), 3)?;
@@ -511,16 +501,12 @@ async fn soak(
         load.lease_ttl,
         fault_every,
         cli.kafka_brokers,
-        if own_broker.is_some() {
-            " (the soak's own tansu, durable storage)"
-        } else if mock.is_some() {
-            " (librdkafka's mock cluster, 3 brokers)"
-        } else {
-            ""
-        }
+        own.as_ref()
+            .map(|o| format!(" ({})", o.describe()))
+            .unwrap_or_default()
     ));
 
-    if own_broker.is_some() && faults.contains(&Fault::ConsumerKill) {
+    if matches!(own, Some(broker::Own::Tansu(_))) && faults.contains(&Fault::ConsumerKill) {
         say(
             "warning: with tansu 0.6.0, a consumer killed after a broker restart can come back \
              to a group whose leader is the dead member; it then holds no partitions and \
@@ -534,11 +520,7 @@ async fn soak(
     // fresh producer), while the shorter ones are ridden out by librdkafka's
     // own retries.
     // The same holds for a mock broker down.
-    let publish_timeout = if own_broker.is_some() || mock.is_some() {
-        "1.5s"
-    } else {
-        "30s"
-    };
+    let publish_timeout = if own.is_some() { "1.5s" } else { "30s" };
     let mut relay_args = vec![
         "relay",
         "--lease-ttl",
@@ -546,7 +528,7 @@ async fn soak(
         "--publish-timeout",
         publish_timeout,
     ];
-    if mock.is_some() {
+    if matches!(own, Some(broker::Own::Mock(_))) {
         relay_args.push("--one-in-flight");
     }
     let mut relays: Vec<Role> = (0..load.relays)
@@ -623,8 +605,9 @@ async fn soak(
                 "consumer kill -9"
             }
             Fault::BrokerRestart => {
-                let broker = own_broker
+                let broker = own
                     .as_mut()
+                    .and_then(broker::Own::tansu)
                     .context("the broker-restart fault needs the soak's own broker")?;
                 broker.kill();
                 tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0))).await;
@@ -633,15 +616,17 @@ async fn soak(
                 "broker kill -9 and restart"
             }
             Fault::ProduceErrors => {
-                mock.as_ref()
+                own.as_ref()
+                    .and_then(broker::Own::mock)
                     .context("the produce-errors fault needs the mock cluster")?
                     .fail_next_produce_requests();
                 broker_faults += 1;
                 "5 produce requests failed (mock)"
             }
             Fault::BrokerSlow => {
-                let m = mock
+                let m = own
                     .as_ref()
+                    .and_then(broker::Own::mock)
                     .context("the broker-slow fault needs the mock cluster")?;
                 let victim = rand::random_range(1..=broker::MOCK_BROKERS);
                 m.round_trip_time(victim, Duration::from_millis(300))?;
@@ -651,8 +636,9 @@ async fn soak(
                 "a broker 300 ms slow for 2 s (mock)"
             }
             Fault::BrokerDown => {
-                let m = mock
+                let m = own
                     .as_ref()
+                    .and_then(broker::Own::mock)
                     .context("the broker-down fault needs the mock cluster")?;
                 let victim = rand::random_range(1..=broker::MOCK_BROKERS);
                 m.set_down(victim, true)?;
@@ -734,7 +720,7 @@ async fn soak(
             "GUARANTEE BROKEN"
         }
     );
-    if let Some(broker) = own_broker {
+    if let Some(broker::Own::Tansu(broker)) = own {
         if ok {
             broker.remove();
         } else {
