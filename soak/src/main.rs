@@ -615,37 +615,27 @@ async fn soak(
                 broker_restarts += 1;
                 "broker kill -9 and restart"
             }
-            Fault::ProduceErrors => {
-                own.as_ref()
-                    .and_then(broker::Own::mock)
-                    .context("the produce-errors fault needs the mock cluster")?
-                    .fail_next_produce_requests();
-                broker_faults += 1;
-                "5 produce requests failed (mock)"
-            }
-            Fault::BrokerSlow => {
+            Fault::ProduceErrors | Fault::BrokerSlow | Fault::BrokerDown => {
                 let m = own
                     .as_ref()
                     .and_then(broker::Own::mock)
-                    .context("the broker-slow fault needs the mock cluster")?;
+                    .context("this fault needs the mock cluster")?;
                 let victim = rand::random_range(1..=broker::MOCK_BROKERS);
-                m.round_trip_time(victim, Duration::from_millis(300))?;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                m.round_trip_time(victim, Duration::ZERO)?;
                 broker_faults += 1;
-                "a broker 300 ms slow for 2 s (mock)"
-            }
-            Fault::BrokerDown => {
-                let m = own
-                    .as_ref()
-                    .and_then(broker::Own::mock)
-                    .context("the broker-down fault needs the mock cluster")?;
-                let victim = rand::random_range(1..=broker::MOCK_BROKERS);
-                m.set_down(victim, true)?;
-                tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0))).await;
-                m.set_down(victim, false)?;
-                broker_faults += 1;
-                "a broker down for 0.5-3 s (mock)"
+                if fault == Fault::ProduceErrors {
+                    m.fail_next_produce_requests();
+                    "5 produce requests failed (mock)"
+                } else if fault == Fault::BrokerSlow {
+                    m.round_trip_time(victim, Duration::from_millis(300))?;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    m.round_trip_time(victim, Duration::ZERO)?;
+                    "a broker 300 ms slow for 2 s (mock)"
+                } else {
+                    m.set_down(victim, true)?;
+                    tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0))).await;
+                    m.set_down(victim, false)?;
+                    "a broker down for 0.5-3 s (mock)"
+                }
             }
         };
         *injected.entry(name).or_default() += 1;

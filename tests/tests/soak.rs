@@ -6,11 +6,42 @@
 
 use std::process::Command;
 
+/// Runs `outbox-soak run <args>` and checks its verdict: it exited 0, every
+/// fault in `faults` was injected, and nothing was lost, reordered or
+/// applied twice, with duplicates within the printed bound. Returns stdout.
+fn soak(args: &[&str], faults: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(integration_tests::soak_bin())
+        .arg("run")
+        .args(args)
+        .env("KAFKA_BROKERS", integration_tests::brokers())
+        .env("TANSU_BIN", integration_tests::tansu_bin())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "soak failed:\n{stdout}\n{stderr}");
+    for fault in faults {
+        assert!(
+            stdout.contains(&format!("× {fault}")),
+            "no {fault} injected:\n{stdout}"
+        );
+    }
+    for line in [
+        "lost (must be 0):           0",
+        "out of order per key (0):   0",
+        "not applied (must be 0):    0",
+        "applied more than once (0): 0",
+        "verdict:                    guarantees held",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?}:\n{stdout}");
+    }
+    assert!(!stdout.contains("EXCEEDED"), "{stdout}");
+    Ok(stdout)
+}
+
 #[test]
 fn a_short_soak_with_faults_loses_reorders_and_doubles_nothing() -> anyhow::Result<()> {
-    let out = Command::new(integration_tests::soak_bin())
-        .args([
-            "run",
+    soak(
+        &[
             "--seconds",
             "15",
             "--rate",
@@ -19,27 +50,13 @@ fn a_short_soak_with_faults_loses_reorders_and_doubles_nothing() -> anyhow::Resu
             "2.5s",
             "--database",
             "outbox_soak_ci",
-        ])
-        .env("KAFKA_BROKERS", integration_tests::brokers())
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "soak failed:\n{stdout}\n{stderr}");
-    assert!(
-        stdout.contains("verdict:                    guarantees held"),
-        "{stdout}"
-    );
-    for fault in [
-        "relay kill -9",
-        "pg_terminate_backend (relay)",
-        "consumer kill -9",
-    ] {
-        assert!(
-            stdout.contains(&format!("× {fault}")),
-            "no {fault} injected:\n{stdout}"
-        );
-    }
-    assert!(stdout.contains("lost (must be 0):           0"), "{stdout}");
+        ],
+        &[
+            "relay kill -9",
+            "pg_terminate_backend (relay)",
+            "consumer kill -9",
+        ],
+    )?;
     Ok(())
 }
 
@@ -49,9 +66,8 @@ fn a_short_soak_with_faults_loses_reorders_and_doubles_nothing() -> anyhow::Resu
 /// backwards, duplicates within the documented bound.
 #[test]
 fn three_relays_killed_at_random_lose_and_reorder_nothing() -> anyhow::Result<()> {
-    let out = Command::new(integration_tests::soak_bin())
-        .args([
-            "run",
+    let stdout = soak(
+        &[
             "--relays",
             "3",
             "--keys",
@@ -68,23 +84,10 @@ fn three_relays_killed_at_random_lose_and_reorder_nothing() -> anyhow::Result<()
             "2s",
             "--database",
             "outbox_soak_ci_relays",
-        ])
-        .env("KAFKA_BROKERS", integration_tests::brokers())
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "soak failed:\n{stdout}\n{stderr}");
+        ],
+        &["relay kill -9"],
+    )?;
     assert!(stdout.contains("3 relay(s)"), "{stdout}");
-    assert!(stdout.contains("× relay kill -9"), "{stdout}");
-    for line in [
-        "lost (must be 0):           0",
-        "out of order per key (0):   0",
-        "applied more than once (0): 0",
-        "verdict:                    guarantees held",
-    ] {
-        assert!(stdout.contains(line), "missing {line:?}:\n{stdout}");
-    }
-    assert!(!stdout.contains("EXCEEDED"), "{stdout}");
     Ok(())
 }
 
@@ -92,13 +95,11 @@ fn three_relays_killed_at_random_lose_and_reorder_nothing() -> anyhow::Result<()
 /// storage and kills it -9 and restarts it, between relay kills and
 /// terminated relay connections. The relays' publish timeout (1.5 s) is
 /// shorter than the longer outages, so batches time out and are sent again
-/// by a fresh producer. Nothing lost, no key's sequence goes backwards,
-/// nothing applied twice, duplicates within the bound.
+/// by a fresh producer.
 #[test]
 fn broker_restarts_with_durable_storage_lose_and_reorder_nothing() -> anyhow::Result<()> {
-    let out = Command::new(integration_tests::soak_bin())
-        .args([
-            "run",
+    let stdout = soak(
+        &[
             "--seconds",
             "20",
             "--rate",
@@ -109,23 +110,10 @@ fn broker_restarts_with_durable_storage_lose_and_reorder_nothing() -> anyhow::Re
             "broker-restart,relay-kill,broker-restart,pg-terminate",
             "--database",
             "outbox_soak_ci_broker",
-        ])
-        .env("TANSU_BIN", integration_tests::tansu_bin())
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "soak failed:\n{stdout}\n{stderr}");
+        ],
+        &["broker kill -9 and restart"],
+    )?;
     assert!(stdout.contains("the soak's own tansu"), "{stdout}");
-    assert!(stdout.contains("× broker kill -9 and restart"), "{stdout}");
-    for line in [
-        "lost (must be 0):           0",
-        "out of order per key (0):   0",
-        "applied more than once (0): 0",
-        "verdict:                    guarantees held",
-    ] {
-        assert!(stdout.contains(line), "missing {line:?}:\n{stdout}");
-    }
-    assert!(!stdout.contains("EXCEEDED"), "{stdout}");
     Ok(())
 }
 
@@ -134,9 +122,8 @@ fn broker_restarts_with_durable_storage_lose_and_reorder_nothing() -> anyhow::Re
 /// broker and a broker down, between relay kills and consumer kills.
 #[test]
 fn a_slow_and_erroring_broker_under_the_checker_loses_and_doubles_nothing() -> anyhow::Result<()> {
-    let out = Command::new(integration_tests::soak_bin())
-        .args([
-            "run",
+    let stdout = soak(
+        &[
             "--seconds",
             "20",
             "--rate",
@@ -147,31 +134,13 @@ fn a_slow_and_erroring_broker_under_the_checker_loses_and_doubles_nothing() -> a
             "produce-errors,broker-slow,broker-down,relay-kill,consumer-kill",
             "--database",
             "outbox_soak_ci_mock",
-        ])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "soak failed:\n{stdout}\n{stderr}");
+        ],
+        &[
+            "5 produce requests failed (mock)",
+            "a broker 300 ms slow for 2 s (mock)",
+            "a broker down for 0.5-3 s (mock)",
+        ],
+    )?;
     assert!(stdout.contains("librdkafka's mock cluster"), "{stdout}");
-    for fault in [
-        "5 produce requests failed (mock)",
-        "a broker 300 ms slow for 2 s (mock)",
-        "a broker down for 0.5-3 s (mock)",
-    ] {
-        assert!(
-            stdout.contains(&format!("× {fault}")),
-            "no {fault} injected:\n{stdout}"
-        );
-    }
-    for line in [
-        "lost (must be 0):           0",
-        "out of order per key (0):   0",
-        "not applied (must be 0):    0",
-        "applied more than once (0): 0",
-        "verdict:                    guarantees held",
-    ] {
-        assert!(stdout.contains(line), "missing {line:?}:\n{stdout}");
-    }
-    assert!(!stdout.contains("EXCEEDED"), "{stdout}");
     Ok(())
 }
