@@ -176,6 +176,16 @@ fn humantime_secs(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Run { faults, .. } = &cli.command {
+        if faults.contains(&Fault::BrokerRestart) && faults.iter().any(|f| f.needs_mock()) {
+            eprintln!(
+                "error: --faults: broker-restart runs a tansu broker, while produce-errors, \
+                 broker-slow and broker-down run on librdkafka's mock cluster; run them in \
+                 separate soaks"
+            );
+            return ExitCode::from(2);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -223,14 +233,6 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             tansu_bin,
         } => {
             let mock_faults = faults.iter().any(|f| f.needs_mock());
-            if mock_faults && faults.contains(&Fault::BrokerRestart) {
-                eprintln!(
-                    "error: --faults: broker-restart runs a tansu broker, while produce-errors, \
-                     broker-slow and broker-down run on librdkafka's mock cluster; run them in \
-                     separate soaks"
-                );
-                return Ok(false);
-            }
             let own = if mock_faults {
                 Some(broker::Own::Mock(broker::Mock::start()?))
             } else if faults.contains(&Fault::BrokerRestart) {
