@@ -27,7 +27,7 @@ use rdkafka::{
         base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer as _, ConsumerContext,
         Rebalance,
     },
-    error::{KafkaError, RDKafkaErrorCode},
+    error::{KafkaError, KafkaResult, RDKafkaErrorCode},
     message::{Message, OwnedMessage},
     statistics::Statistics,
     Offset, TopicPartitionList,
@@ -42,7 +42,7 @@ use crate::{
     dead_letter, dedupe,
     handler::{Handler, Route, TypedRoute},
     process::{process, Done, Shared},
-    telemetry::{self, ConsumerStats},
+    telemetry::{self, ConsumerStats, StatField},
 };
 
 /// Why a consumer could not start or had to stop.
@@ -196,6 +196,8 @@ impl Consumer {
             group: cfg.group_id.clone(),
             drain_timeout: cfg.drain_timeout,
             consumer: std::sync::OnceLock::new(),
+            stats: Arc::clone(&shared.stats),
+            commits_failing_since: Mutex::new(None),
         };
         let consumer: BaseConsumer<KitContext> =
             consumer_config(cfg).create_with_context(context)?;
@@ -545,7 +547,13 @@ struct KitContext {
     drain_timeout: Duration,
     /// The consumer itself, to split partition queues on assignment.
     consumer: std::sync::OnceLock<std::sync::Weak<KitConsumer>>,
+    stats: Arc<ConsumerStats>,
+    /// Since when offset commits fail, and when that was last said.
+    commits_failing_since: Mutex<Option<(Instant, Instant)>>,
 }
+
+/// While offset commits keep failing, the warning is repeated this often.
+const COMMIT_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 impl ClientContext for KitContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -574,6 +582,40 @@ impl ClientContext for KitContext {
 }
 
 impl ConsumerContext for KitContext {
+    /// Every offset commit's outcome (the periodic ones and those on revoke
+    /// and shutdown). A failure is counted, and said once, then once a
+    /// minute while commits keep failing, and again when they work.
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        let mut failing = self
+            .commits_failing_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => {
+                if let Some((since, _)) = failing.take() {
+                    info!(group = %self.group, failing_for = ?since.elapsed(), "offset commits work again");
+                }
+            }
+            Err(e) if is_nothing_to_commit(&e) => {}
+            Err(e) => {
+                self.stats.add(StatField::OffsetCommitFailure);
+                telemetry::offset_commit_failed(&self.group);
+                let now = Instant::now();
+                match failing.as_mut() {
+                    None => {
+                        warn!(group = %self.group, error = %e, "offset commit failed; processing goes on, and a restart redelivers what was applied since the last commit (dedupe skips it)");
+                        *failing = Some((now, now));
+                    }
+                    Some((since, said)) if said.elapsed() >= COMMIT_WARNING_EVERY => {
+                        warn!(group = %self.group, error = %e, failing_for = ?since.elapsed(), "offset commits still fail");
+                        *said = now;
+                    }
+                    Some(_) => debug!(group = %self.group, error = %e, "offset commit failed"),
+                }
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;

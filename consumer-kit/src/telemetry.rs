@@ -31,6 +31,10 @@ pub const HANDLER_DURATION: &str = "consumer_kit_handler_duration_seconds";
 pub const LAG: &str = "consumer_kit_lag";
 /// `processed_events` rows deleted by the TTL cleanup, by `group`.
 pub const CLEANED: &str = "consumer_kit_cleanup_deleted_total";
+/// Offset commits the broker refused or that failed, by `group`. While they
+/// fail, processing goes on, but a restart redelivers everything since the
+/// last commit that succeeded (dedupe skips it).
+pub const OFFSET_COMMIT_FAILURES: &str = "consumer_kit_offset_commit_failures_total";
 
 pub(crate) fn processed(group: &str, topic: &str, event_type: &str, took: Duration) {
     counter!(PROCESSED, "group" => group.to_string(), "topic" => topic.to_string(), "event_type" => event_type.to_string())
@@ -65,6 +69,10 @@ pub(crate) fn lag(group: &str, topic: &str, partition: i32, lag: i64) {
         .set(lag as f64);
 }
 
+pub(crate) fn offset_commit_failed(group: &str) {
+    counter!(OFFSET_COMMIT_FAILURES, "group" => group.to_string()).increment(1);
+}
+
 pub(crate) fn cleaned(group: &str, n: u64) {
     if n > 0 {
         counter!(CLEANED, "group" => group.to_string()).increment(n);
@@ -81,6 +89,7 @@ pub struct ConsumerStats {
     retries: std::sync::atomic::AtomicU64,
     dead_lettered: std::sync::atomic::AtomicU64,
     skipped: std::sync::atomic::AtomicU64,
+    offset_commit_failures: std::sync::atomic::AtomicU64,
 }
 
 /// A copy of [`ConsumerStats`] at one moment.
@@ -96,6 +105,8 @@ pub struct StatsSnapshot {
     pub dead_lettered: u64,
     /// Messages skipped for want of a handler.
     pub skipped: u64,
+    /// Offset commits that failed.
+    pub offset_commit_failures: u64,
 }
 
 impl ConsumerStats {
@@ -108,6 +119,7 @@ impl ConsumerStats {
             retries: self.retries.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
             skipped: self.skipped.load(Relaxed),
+            offset_commit_failures: self.offset_commit_failures.load(Relaxed),
         }
     }
 
@@ -119,6 +131,7 @@ impl ConsumerStats {
             StatField::Retry => &self.retries,
             StatField::DeadLettered => &self.dead_lettered,
             StatField::Skipped => &self.skipped,
+            StatField::OffsetCommitFailure => &self.offset_commit_failures,
         };
         counter.fetch_add(1, Relaxed);
     }
@@ -131,4 +144,5 @@ pub(crate) enum StatField {
     Retry,
     DeadLettered,
     Skipped,
+    OffsetCommitFailure,
 }

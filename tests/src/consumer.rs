@@ -63,7 +63,12 @@ pub fn event(
 
 /// Produces `records` in order (pipelined, idempotent, acks=all).
 pub async fn produce(topic: &str, records: &[TestRecord]) -> anyhow::Result<()> {
-    produce_with(topic, records, false).await
+    produce_with(&brokers(), topic, records, false).await
+}
+
+/// [`produce`] to the broker at `brokers` (a mock cluster, say).
+pub async fn produce_on(brokers: &str, topic: &str, records: &[TestRecord]) -> anyhow::Result<()> {
+    produce_with(brokers, topic, records, false).await
 }
 
 /// Produces `records` one at a time, awaiting each acknowledgement, so each
@@ -74,12 +79,17 @@ pub async fn produce(topic: &str, records: &[TestRecord]) -> anyhow::Result<()> 
 /// records at all (Apache Kafka returns the batch), so a consumer that
 /// resumes mid-batch would wait forever there.
 pub async fn produce_singly(topic: &str, records: &[TestRecord]) -> anyhow::Result<()> {
-    produce_with(topic, records, true).await
+    produce_with(&brokers(), topic, records, true).await
 }
 
-async fn produce_with(topic: &str, records: &[TestRecord], singly: bool) -> anyhow::Result<()> {
+async fn produce_with(
+    brokers: &str,
+    topic: &str,
+    records: &[TestRecord],
+    singly: bool,
+) -> anyhow::Result<()> {
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")

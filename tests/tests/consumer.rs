@@ -935,3 +935,60 @@ async fn database_connections_killed_mid_stream_lose_and_double_nothing(
     );
     Ok(())
 }
+
+/// Offset commits the broker refuses (librdkafka's mock cluster answers the
+/// next OffsetCommit requests with an error) are counted in the stats and the
+/// metric, processing goes on, and a restart redelivers what the failed
+/// commits did not cover: dedupe skips it, nothing is applied twice.
+#[sqlx::test(migrations = false)]
+async fn refused_offset_commits_are_counted_and_dedupe_covers_the_redelivery(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    use rdkafka::{
+        mocking::MockCluster,
+        types::{RDKafkaApiKey, RDKafkaRespErr as E},
+    };
+    consumer_db(&pool).await?;
+    let cluster = MockCluster::new(1)?;
+    let topic = "mock-commits";
+    cluster.create_topic(topic, 1, 1)?;
+    cluster.create_topic(&format!("{topic}.dlq"), 1, 1)?;
+    let brokers = cluster.bootstrap_servers();
+    let group = unique("g");
+    let cfg = || consumer_kit::ConsumerConfig {
+        brokers: brokers.clone(),
+        ..consumer_cfg(&group, topic)
+    };
+    integration_tests::consumer::produce_on(&brokers, topic, &events(20, 4, "item.added").0)
+        .await?;
+
+    // Every offset commit of the first consumer is refused.
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[E::RD_KAFKA_RESP_ERR_INVALID_COMMIT_OFFSET_SIZE; 200],
+    );
+    let c = RunningConsumer::start(&pool, cfg(), "item.added", Effects::default())?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "20 processed and a commit refused", || async {
+        let s = stats.snapshot();
+        Ok(s.processed == 20 && s.offset_commit_failures > 0)
+    })
+    .await?;
+    c.stop().await?;
+
+    // Commits work again: the next consumer gets the 20 again, skips them,
+    // and applies the 5 new ones.
+    cluster.clear_request_errors(RDKafkaApiKey::OffsetCommit);
+    integration_tests::consumer::produce_on(&brokers, topic, &events(5, 4, "item.added").0).await?;
+    let c = RunningConsumer::start(&pool, cfg(), "item.added", Effects::default())?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "5 new processed, 20 skipped", || async {
+        let s = stats.snapshot();
+        Ok(s.processed == 5 && s.duplicates == 20)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(stats.snapshot().offset_commit_failures, 0);
+    assert_eq!(effect_counts(&pool).await?, (25, 25));
+    Ok(())
+}
