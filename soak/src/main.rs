@@ -517,11 +517,10 @@ async fn soak(
         );
     }
     let ttl = format!("{}s", load.lease_ttl.as_secs_f64());
-    // Broker restarts last 0.5 to 3 s. A publish timeout of 1.5 s makes the
-    // longer ones time records out (the relay then retries the batch with a
-    // fresh producer), while the shorter ones are ridden out by librdkafka's
-    // own retries.
-    // The same holds for a mock broker down.
+    // Broker restarts and mock brokers down last 0.5 to 3 s. A publish
+    // timeout of 1.5 s makes the longer ones time records out (the relay then
+    // retries the batch with a fresh producer), while the shorter ones are
+    // ridden out by librdkafka's own retries.
     let publish_timeout = if own.is_some() { "1.5s" } else { "30s" };
     let mut relay_args = vec![
         "relay",
@@ -571,7 +570,7 @@ async fn soak(
     let end = Instant::now() + Duration::from_secs(load.seconds);
     let mut next = 0;
     let mut relay_kills = 0usize;
-    let mut broker_restarts = 0usize;
+    // Broker faults hit every relay at once.
     let mut broker_faults = 0usize;
     // Faults come at jittered times (0.5 to 1.5 × --fault-every), and a
     // relay kill hits a relay picked at random.
@@ -614,7 +613,7 @@ async fn soak(
                 broker.kill();
                 tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0))).await;
                 tokio::task::block_in_place(|| broker.restart())?;
-                broker_restarts += 1;
+                broker_faults += 1;
                 "broker kill -9 and restart"
             }
             Fault::ProduceErrors | Fault::BrokerSlow | Fault::BrokerDown => {
@@ -622,21 +621,28 @@ async fn soak(
                     .as_ref()
                     .and_then(broker::Own::mock)
                     .context("this fault needs the mock cluster")?;
-                let victim = rand::random_range(1..=broker::MOCK_BROKERS);
+                let victim = || rand::random_range(1..=broker::MOCK_BROKERS);
                 broker_faults += 1;
-                if fault == Fault::ProduceErrors {
-                    m.fail_next_produce_requests();
-                    "5 produce requests failed (mock)"
-                } else if fault == Fault::BrokerSlow {
-                    m.round_trip_time(victim, Duration::from_millis(300))?;
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    m.round_trip_time(victim, Duration::ZERO)?;
-                    "a broker 300 ms slow for 2 s (mock)"
-                } else {
-                    m.set_down(victim, true)?;
-                    tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0))).await;
-                    m.set_down(victim, false)?;
-                    "a broker down for 0.5-3 s (mock)"
+                match fault {
+                    Fault::ProduceErrors => {
+                        m.fail_next_produce_requests();
+                        "5 produce requests failed (mock)"
+                    }
+                    Fault::BrokerSlow => {
+                        let b = victim();
+                        m.round_trip_time(b, Duration::from_millis(300))?;
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        m.round_trip_time(b, Duration::ZERO)?;
+                        "a broker 300 ms slow for 2 s (mock)"
+                    }
+                    _ => {
+                        let b = victim();
+                        m.set_down(b, true)?;
+                        tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0)))
+                            .await;
+                        m.set_down(b, false)?;
+                        "a broker down for 0.5-3 s (mock)"
+                    }
                 }
             }
         };
@@ -680,12 +686,12 @@ async fn soak(
 
     let v = check::check(&pool, &cli.kafka_brokers, &topic).await?;
     // A relay fault repeats at most the batch that relay had in flight; a
-    // pg_terminate_backend or a broker restart hits every relay at once.
+    // pg_terminate_backend or a broker fault hits every relay at once.
     let terminations = injected
         .get("pg_terminate_backend (relay)")
         .copied()
         .unwrap_or(0) as usize;
-    let relay_faults = relay_kills + (terminations + broker_restarts + broker_faults) * load.relays;
+    let relay_faults = relay_kills + (terminations + broker_faults) * load.relays;
     let bound = relay_faults * RELAY_BATCH;
     let within = v.duplicated_in_kafka as usize <= bound;
     println!();
