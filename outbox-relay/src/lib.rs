@@ -12,7 +12,8 @@
 //! - [`record`]: the row-to-record mapping (topic routing, headers);
 //! - [`config`]: settings and their defaults;
 //! - [`telemetry`]: metric names;
-//! - [`topics`]: creating topics.
+//! - [`topics`]: creating topics;
+//! - [`wake`]: LISTEN, and the waiting flag that tells producers when to notify.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -37,6 +38,7 @@ pub mod relay;
 pub mod store;
 pub mod telemetry;
 pub mod topics;
+pub mod wake;
 
 pub use config::{AfterPublish, PoisonPolicy, RelayConfig};
 pub use relay::{Relay, RelayError};

@@ -21,18 +21,23 @@
 //!    deleted, permanent failures move to `failed`, transient ones stay
 //!    pending with their attempt count, and the relay backs off.
 //!
-//! The loop wakes on `NOTIFY` from the outbox trigger, on a poll timer as a
-//! fallback, at once after a full batch, and when it takes partitions over.
+//! After a batch the loop claims again at once, until a claim comes back
+//! empty. Then it sleeps until a `NOTIFY` from the outbox trigger, the poll
+//! timer (the fallback), or a partition take-over. Producers notify only
+//! while a relay sleeps: [`crate::wake`] explains the waiting flag.
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use chrono::Utc;
 use sqlx::{
-    postgres::{PgConnectOptions, PgListener, PgPoolOptions},
+    postgres::{PgConnectOptions, PgPoolOptions},
     PgPool, Postgres, Transaction,
 };
 use tokio::sync::Notify;
@@ -47,6 +52,7 @@ use crate::{
     record::{self, Record, TopicRouter},
     store::{self, Claimant, Resolution},
     telemetry,
+    wake::{self, WaitFlag},
 };
 
 /// Why the relay could not start.
@@ -149,11 +155,13 @@ impl Relay {
         let wake = Arc::new(Notify::new());
         let background = shutdown.child_token();
         let mut tasks = tokio::task::JoinSet::new();
+        let listening = Arc::new(AtomicBool::new(false));
         if self.cfg.listen && !self.cfg.transaction_pooler {
-            tasks.spawn(listen(
+            tasks.spawn(wake::listen(
                 self.pool.clone(),
                 self.cfg.channel.clone(),
                 wake.clone(),
+                listening.clone(),
                 background.clone(),
             ));
         }
@@ -173,7 +181,7 @@ impl Relay {
         }
         info!(relay.id = %self.relay_id(), "relay started; waiting for its share of the partitions");
 
-        self.publish(&wake, &shutdown).await;
+        self.publish(&wake, &listening, &shutdown).await;
 
         self.health.set(State::Stopping, "shutting down");
         background.cancel();
@@ -197,10 +205,19 @@ impl Relay {
     }
 
     /// Claims and publishes batches of the owned partitions until shutdown.
-    async fn publish(&self, wake: &Notify, shutdown: &CancellationToken) {
+    ///
+    /// While `listening` (the LISTEN connection works), the relay claims
+    /// again right after every batch until a claim comes back empty, and
+    /// only then raises its waiting flag and sleeps (see [`crate::wake`]).
+    /// Otherwise it sleeps for the poll interval after every batch that was
+    /// not full.
+    async fn publish(&self, wake: &Notify, listening: &AtomicBool, shutdown: &CancellationToken) {
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
         let mut broker_failures = 0u32;
         let mut prefetched: Option<Claim> = None;
+        let mut flag = WaitFlag::new(self.pool.clone(), self.relay_id().to_string());
+        // The next sleep is the short one right after raising the flag.
+        let mut recheck = false;
         loop {
             if shutdown.is_cancelled() {
                 if let Some(next) = prefetched.take() {
@@ -214,6 +231,7 @@ impl Relay {
                     let own = self.leases.ownership();
                     if own.claimable() == 0 {
                         self.idle(&own);
+                        flag.lower().await;
                         tokio::select! {
                             _ = wake.notified() => {}
                             _ = tokio::time::sleep(self.cfg.poll_interval) => {}
@@ -254,12 +272,35 @@ impl Relay {
                     }
                     backoff.reset();
                     prefetched = next;
-                    if prefetched.is_none() && claimed < self.cfg.batch_size {
-                        tokio::select! {
-                            _ = wake.notified() => {}
-                            _ = tokio::time::sleep(self.cfg.poll_interval) => {}
-                            _ = shutdown.cancelled() => {}
+                    if claimed > 0 {
+                        // Busy: producers need not notify.
+                        flag.lower().await;
+                    }
+                    if prefetched.is_some() || claimed == self.cfg.batch_size {
+                        continue;
+                    }
+                    if listening.load(Ordering::SeqCst) {
+                        if claimed > 0 {
+                            // Claim again at once, until a claim finds nothing.
+                            continue;
                         }
+                        if !flag.is_raised() && flag.raise().await {
+                            // Claim once more, now that producers notify.
+                            recheck = true;
+                            continue;
+                        }
+                    } else {
+                        flag.lower().await;
+                    }
+                    let nap = if std::mem::take(&mut recheck) {
+                        wake::RECHECK_AFTER.min(self.cfg.poll_interval)
+                    } else {
+                        self.cfg.poll_interval
+                    };
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(nap) => {}
+                        _ = shutdown.cancelled() => {}
                     }
                 }
                 Err(e @ BatchError::Database(_)) => {
@@ -526,84 +567,6 @@ struct Claim {
     rows: Vec<store::OutboxRow>,
 }
 
-/// Wakes the relay on every notification; wakes it too whenever the
-/// listening connection was lost (notifications may have been missed).
-///
-/// Each new listening connection first sends itself a probe notification.
-/// If it never comes back (a connection pooler in transaction mode drops
-/// notifications), the relay says so once and keeps polling.
-async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, shutdown: CancellationToken) {
-    const PROBE_WAIT: Duration = Duration::from_secs(5);
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let mut warned = false;
-    while !shutdown.is_cancelled() {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %store::explain(&e), "cannot open the LISTEN connection; polling meanwhile");
-                backoff.sleep(&shutdown).await;
-                continue;
-            }
-        };
-        if let Err(e) = listener.listen(&channel).await {
-            warn!(error = %store::explain(&e), "LISTEN failed; polling meanwhile");
-            backoff.sleep(&shutdown).await;
-            continue;
-        }
-        backoff.reset();
-        wake.notify_one();
-        let probe = format!("outbox-relay-probe:{:016x}", rand::random::<u64>());
-        let sent = async {
-            let mut tx = pool.begin().await?;
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .persistent(false)
-                .bind(&channel)
-                .bind(&probe)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await
-        };
-        let mut probing = sent.await.is_ok();
-        let deadline = tokio::time::sleep(PROBE_WAIT);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                r = listener.try_recv() => match r {
-                    Ok(Some(n)) => {
-                        if probing && n.payload() == probe {
-                            probing = false;
-                            debug!("LISTEN works: the probe notification came back");
-                        }
-                        wake.notify_one();
-                    }
-                    Ok(None) => {
-                        debug!("LISTEN connection lost; it reconnects on the next receive");
-                        wake.notify_one();
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "LISTEN connection failed; reconnecting");
-                        wake.notify_one();
-                        break;
-                    }
-                },
-                _ = &mut deadline, if probing => {
-                    probing = false;
-                    if !warned {
-                        warned = true;
-                        warn!(channel = %channel, wait = ?PROBE_WAIT,
-                              "LISTEN received no notification of the relay's own probe: \
-                               DATABASE_URL may go through a connection pooler in transaction mode, \
-                               which drops notifications. The relay polls meanwhile; run it with \
-                               --transaction-pooler (and a short --poll-interval), or point it at \
-                               PostgreSQL directly");
-                    }
-                }
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    }
-}
-
 async fn report_stats(
     pool: PgPool,
     leases: Arc<Leases>,
@@ -687,14 +650,14 @@ async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
 
 /// Exponential backoff with full jitter.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
 }
 
 impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         Self {
             min,
             max,
@@ -702,7 +665,7 @@ impl Backoff {
         }
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.min;
     }
 
@@ -713,7 +676,7 @@ impl Backoff {
         upper.mul_f64(jitter)
     }
 
-    async fn sleep(&mut self, shutdown: &CancellationToken) {
+    pub(crate) async fn sleep(&mut self, shutdown: &CancellationToken) {
         let d = self.delay();
         sleep_or_cancel(d, shutdown).await;
     }

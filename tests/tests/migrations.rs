@@ -1,5 +1,7 @@
 //! The SQL migrations against the real PostgreSQL.
 
+use std::time::Duration;
+
 use outbox_core::{migrate, MigrateError, MigrationSet};
 use sqlx::PgPool;
 
@@ -29,10 +31,11 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
         vec![
             "V1__create_outbox",
             "V2__relay_partitions",
-            "V3__failed_key_hash_index"
+            "V3__failed_key_hash_index",
+            "V4__notify_only_waiting_relays"
         ]
     );
-    assert_eq!(first.current_version, Some(3));
+    assert_eq!(first.current_version, Some(4));
     assert_eq!(
         columns(&pool, "outbox_relays").await,
         [
@@ -40,7 +43,8 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
             "pid",
             "started_at",
             "heartbeat_at",
-            "lease_until"
+            "lease_until",
+            "waiting_since"
         ]
     );
     assert_eq!(
@@ -114,9 +118,116 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(history, 3);
+    assert_eq!(history, 4);
     // The consumer set is separate: nothing of it exists yet.
     assert!(columns(&pool, "processed_events").await.is_empty());
+}
+
+/// Notifications received on `listener` within `wait`.
+async fn notifications(listener: &mut sqlx::postgres::PgListener, wait: Duration) -> usize {
+    let mut n = 0;
+    while let Ok(Ok(_)) = tokio::time::timeout(wait, listener.recv()).await {
+        n += 1;
+    }
+    n
+}
+
+#[sqlx::test(migrations = false)]
+async fn producers_notify_only_while_a_live_relay_waits(pool: PgPool) {
+    migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen("outbox").await.unwrap();
+    let insert = |key: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type) \
+                 SELECT gen_random_uuid(), 't', $1 || g, 'e' FROM generate_series(1, 3) g",
+            )
+            .bind(key)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let quiet = Duration::from_millis(300);
+
+    // No relay registered: no notification.
+    insert("a").await;
+    assert_eq!(notifications(&mut listener, quiet).await, 0, "nobody waits");
+
+    // A live relay that is busy (flag down): still none.
+    sqlx::query(
+        "INSERT INTO outbox_relays (relay_id, lease_until) VALUES ('r1', now() + interval '1 minute')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    insert("b").await;
+    assert_eq!(notifications(&mut listener, quiet).await, 0, "relay busy");
+
+    // The relay waits: one notification per transaction, whatever it inserts.
+    sqlx::query("UPDATE outbox_relays SET waiting_since = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    for key in ["c", "d"] {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type) \
+             VALUES (gen_random_uuid(), 't', $1, 'e')",
+        )
+        .bind(key)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(notifications(&mut listener, quiet).await, 1, "relay waits");
+    insert("e").await;
+    assert_eq!(
+        notifications(&mut listener, quiet).await,
+        1,
+        "relay still waits"
+    );
+
+    // A rolled-back insert notifies nobody.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type) \
+         VALUES (gen_random_uuid(), 't', 'f', 'e')",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(notifications(&mut listener, quiet).await, 0, "rolled back");
+
+    // The waiting relay died: once its lease ran out, producers stop.
+    sqlx::query("UPDATE outbox_relays SET lease_until = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    insert("g").await;
+    assert_eq!(
+        notifications(&mut listener, quiet).await,
+        0,
+        "lease expired"
+    );
+
+    // Turned off by the operator: none, even with a waiting relay.
+    sqlx::query("UPDATE outbox_relays SET lease_until = now() + interval '1 minute'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
+        .execute(&pool)
+        .await
+        .unwrap();
+    insert("h").await;
+    assert_eq!(notifications(&mut listener, quiet).await, 0, "trigger off");
 }
 
 #[sqlx::test(migrations = false)]
@@ -206,5 +317,5 @@ async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
     for r in futures::future::join_all(runs).await {
         applied += r.unwrap().unwrap().applied.len();
     }
-    assert_eq!(applied, 3, "V1, V2 and V3, once each");
+    assert_eq!(applied, 4, "V1 to V4, once each");
 }

@@ -160,7 +160,12 @@ async fn notify_wakes_the_relay_long_before_the_poll_interval(pool: PgPool) -> a
             ..cfg()
         },
     )?;
-    tokio::time::sleep(Duration::from_millis(500)).await; // first poll done, LISTEN open
+    // The relay found nothing, so it flagged itself as waiting and sleeps:
+    // producers notify it.
+    eventually(WAIT, "the relay waits for notifications", || async {
+        Ok(waiting_relays(&pool).await? == 1)
+    })
+    .await?;
     let started = std::time::Instant::now();
     append_events(&pool, &topic, 5, 5).await?;
     let got = consume(
@@ -171,11 +176,80 @@ async fn notify_wakes_the_relay_long_before_the_poll_interval(pool: PgPool) -> a
     )
     .await?;
     let took = started.elapsed();
-    relay.stop().await?;
     assert_eq!(got.len(), 5);
     assert!(
         took < Duration::from_secs(30),
         "took {took:?}; the poll interval is 120s"
+    );
+    // Done with them, it sleeps again, flag up.
+    eventually(WAIT, "the relay waits again", || async {
+        Ok(pending(&pool).await? == 0 && waiting_relays(&pool).await? == 1)
+    })
+    .await?;
+    relay.stop().await?;
+    Ok(())
+}
+
+async fn waiting_relays(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_relays WHERE waiting_since IS NOT NULL AND lease_until > now()",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_busy_relay_lowers_its_flag_and_producers_stop_notifying(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "relay-busy", 2).await?;
+    let relay = RunningRelay::start(
+        &pool,
+        RelayConfig {
+            poll_interval: Duration::from_secs(120),
+            batch_size: 20,
+            ..cfg()
+        },
+    )?;
+    eventually(WAIT, "the relay waits for notifications", || async {
+        Ok(waiting_relays(&pool).await? == 1)
+    })
+    .await?;
+    // A backlog of 2,000 rows in one transaction: one notification wakes the
+    // relay, which then claims batch after batch with its flag down.
+    let mut tx = pool.begin().await?;
+    for i in 0..2000 {
+        let e = NewEvent::new("t", format!("k{}", i % 20), "x")
+            .topic(&topic)
+            .json_payload(&serde_json::json!({ "seq": i }))?;
+        append(&mut *tx, &e).await?;
+    }
+    tx.commit().await?;
+    let flag_seen_down = std::cell::Cell::new(false);
+    let (seen, db) = (&flag_seen_down, &pool);
+    eventually(WAIT, "the backlog drained", || async move {
+        let (waiting, pending): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox_relays WHERE waiting_since IS NOT NULL), \
+                    (SELECT count(*) FROM outbox WHERE status = 'pending')",
+        )
+        .fetch_one(db)
+        .await?;
+        if waiting == 0 && pending > 0 {
+            seen.set(true);
+        }
+        Ok(pending == 0)
+    })
+    .await?;
+    let got = consume(&topic, 2000, WAIT, SETTLE).await?;
+    eventually(WAIT, "the relay waits again", || async {
+        Ok(waiting_relays(&pool).await? == 1)
+    })
+    .await?;
+    relay.stop().await?;
+    assert_eq!(got.len(), 2000);
+    assert!(
+        flag_seen_down.get(),
+        "the waiting flag stayed up while the relay drained 100 batches"
     );
     Ok(())
 }

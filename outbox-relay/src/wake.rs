@@ -1,0 +1,196 @@
+//! Waking the relay: `LISTEN` for the outbox trigger's notifications, and the
+//! waiting flag that tells producers when to send them.
+//!
+//! Every notifying commit takes PostgreSQL's cluster-wide notification lock
+//! and holds it through its WAL flush, so under load notifying commits run
+//! one at a time. A busy relay does not need them: after each batch it claims
+//! again at once, until a claim comes back empty. So the trigger (migration
+//! V4) notifies only while some live relay has set `waiting_since` in its
+//! `outbox_relays` row, and a relay sets it only just before it sleeps:
+//!
+//! 1. a claim came back empty: raise the flag ([`WaitFlag::raise`]);
+//! 2. claim once more, so a row committed before producers could see the
+//!    flag is not left waiting;
+//! 3. sleep until a notification, the poll timer, or shutdown. The first
+//!    sleep after raising the flag is short ([`RECHECK_AFTER`]): it catches a
+//!    transaction whose commit was under way while the flag went up (its
+//!    trigger ran before the flag was visible, its row became visible after
+//!    step 2);
+//! 4. once a claim finds rows again, lower the flag ([`WaitFlag::lower`]).
+//!
+//! The trigger reads the flag at commit (it is deferred), so a long producer
+//! transaction still sees a flag raised while it ran. In `REPEATABLE READ` or
+//! `SERIALIZABLE` it reads it as of the transaction's snapshot; such a row can
+//! wait for the poll timer ([`crate::RelayConfig::poll_interval`]). The relay
+//! raises the flag only while its `LISTEN` connection works, so producers
+//! never notify a relay that cannot hear them.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use sqlx::{postgres::PgListener, PgPool};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{relay::Backoff, store};
+
+/// How long the first sleep after raising the flag lasts at most, before the
+/// relay looks once more (step 3 above).
+pub const RECHECK_AFTER: Duration = Duration::from_millis(25);
+
+/// This relay's waiting flag (`outbox_relays.waiting_since`).
+#[derive(Debug)]
+pub struct WaitFlag {
+    pool: PgPool,
+    relay_id: String,
+    raised: bool,
+    warned: bool,
+}
+
+impl WaitFlag {
+    /// The flag of `relay_id`, lowered.
+    pub fn new(pool: PgPool, relay_id: String) -> Self {
+        Self {
+            pool,
+            relay_id,
+            raised: false,
+            warned: false,
+        }
+    }
+
+    /// Whether the flag is up (as far as this relay knows).
+    pub fn is_raised(&self) -> bool {
+        self.raised
+    }
+
+    /// Raises the flag: from its commit on, producers notify. Returns false
+    /// if it could not (the relay is not registered yet, or the database
+    /// fails or lacks migration V4); the relay then sleeps as before V4, and
+    /// a V3 trigger still notifies on every commit.
+    pub async fn raise(&mut self) -> bool {
+        self.raised = self.set(true).await;
+        self.raised
+    }
+
+    /// Lowers the flag, if it is up: producers stop notifying this relay.
+    pub async fn lower(&mut self) {
+        if self.raised {
+            // On failure the flag stays up: producers keep notifying, which
+            // costs them but loses nothing.
+            self.raised = !self.set(false).await;
+        }
+    }
+
+    async fn set(&mut self, waiting: bool) -> bool {
+        let res = store::set_waiting(&self.pool, &self.relay_id, waiting).await;
+        match res {
+            Ok(updated) => updated,
+            Err(e) => {
+                if !self.warned {
+                    self.warned = true;
+                    warn!(error = %store::explain(&e),
+                          "cannot set this relay's waiting flag in outbox_relays; \
+                           if the column waiting_since is missing, run `outbox-relay migrate`");
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Wakes the relay on every notification; wakes it too whenever the
+/// listening connection was lost (notifications may have been missed).
+/// `listening` is true while a listening connection is known to work.
+///
+/// Each new listening connection first sends itself a probe notification.
+/// If it never comes back (a connection pooler in transaction mode drops
+/// notifications), the relay says so once and keeps polling.
+pub async fn listen(
+    pool: PgPool,
+    channel: String,
+    wake: Arc<Notify>,
+    listening: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    const PROBE_WAIT: Duration = Duration::from_secs(5);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut warned = false;
+    while !shutdown.is_cancelled() {
+        listening.store(false, Ordering::SeqCst);
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %store::explain(&e), "cannot open the LISTEN connection; polling meanwhile");
+                backoff.sleep(&shutdown).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(&channel).await {
+            warn!(error = %store::explain(&e), "LISTEN failed; polling meanwhile");
+            backoff.sleep(&shutdown).await;
+            continue;
+        }
+        backoff.reset();
+        wake.notify_one();
+        let probe = format!("outbox-relay-probe:{:016x}", rand::random::<u64>());
+        let sent = async {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .persistent(false)
+                .bind(&channel)
+                .bind(&probe)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        };
+        let mut probing = sent.await.is_ok();
+        let deadline = tokio::time::sleep(PROBE_WAIT);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                r = listener.try_recv() => match r {
+                    Ok(Some(n)) => {
+                        if probing && n.payload() == probe {
+                            probing = false;
+                            listening.store(true, Ordering::SeqCst);
+                            debug!("LISTEN works: the probe notification came back");
+                        }
+                        wake.notify_one();
+                    }
+                    Ok(None) => {
+                        // Notifications sent meanwhile are lost. Reconnect
+                        // and probe again before relying on them.
+                        debug!("LISTEN connection lost; reconnecting");
+                        wake.notify_one();
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "LISTEN connection failed; reconnecting");
+                        wake.notify_one();
+                        break;
+                    }
+                },
+                _ = &mut deadline, if probing => {
+                    probing = false;
+                    if !warned {
+                        warned = true;
+                        warn!(channel = %channel, wait = ?PROBE_WAIT,
+                              "LISTEN received no notification of the relay's own probe: \
+                               DATABASE_URL may go through a connection pooler in transaction mode, \
+                               which drops notifications. The relay polls meanwhile; run it with \
+                               --transaction-pooler (and a short --poll-interval), or point it at \
+                               PostgreSQL directly");
+                    }
+                }
+                _ = shutdown.cancelled() => break,
+            }
+        }
+    }
+    listening.store(false, Ordering::SeqCst);
+}
