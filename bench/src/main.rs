@@ -579,7 +579,7 @@ async fn latency(
 async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
     println!(
         "== producer: a transaction inserting one order row, with and without an outbox row, {seconds}s each, \
-         a LISTEN session open, no relay running"
+         a LISTEN session open, no relay running (a stand-in row in outbox_relays plays a busy or a waiting relay)"
     );
     env.pool
         .execute("CREATE TABLE IF NOT EXISTS bench_orders (id bigserial PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
@@ -587,14 +587,28 @@ async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
     let mut listener = sqlx::postgres::PgListener::connect_with(&env.pool).await?;
     listener.listen("outbox").await?;
     let drain = tokio::spawn(async move { while listener.recv().await.is_ok() {} });
+    // The trigger notifies only while a live relay waits (migration V4).
+    let stand_in = |waiting: bool| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query("DELETE FROM outbox_relays WHERE relay_id = 'bench-stand-in'")
+                .execute(&pool)
+                .await?;
+            sqlx::query(
+                "INSERT INTO outbox_relays (relay_id, lease_until, waiting_since) \
+                 VALUES ('bench-stand-in', now() + interval '1 hour', CASE WHEN $1 THEN now() END)",
+            )
+            .bind(waiting)
+            .execute(&pool)
+            .await?;
+            anyhow::Ok(())
+        }
+    };
     for clients in [1usize, 8] {
-        let (mut with_notify, mut without_notify) = (vec![], vec![]);
+        let (mut empty, mut off, mut busy, mut waiting) = (vec![], vec![], vec![], vec![]);
         for run in 1..=runs {
             let base = tps(env, clients, seconds, Variant::OrderOnly).await?;
-            env.pool
-                .execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
-                .await?;
-            let notify = tps(env, clients, seconds, Variant::WithOutbox).await?;
+            let select = tps(env, clients, seconds, Variant::EmptyStatement).await?;
             env.pool
                 .execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
                 .await?;
@@ -602,20 +616,35 @@ async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
             env.pool
                 .execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
                 .await?;
+            stand_in(false).await?;
+            let gated = tps(env, clients, seconds, Variant::WithOutbox).await?;
+            stand_in(true).await?;
+            let notify = tps(env, clients, seconds, Variant::WithOutbox).await?;
+            env.pool
+                .execute("DELETE FROM outbox_relays WHERE relay_id = 'bench-stand-in'")
+                .await?;
             env.pool.execute("TRUNCATE outbox, bench_orders").await?;
             println!(
-                "{clients} client(s) run {run}: order only {base:.0} tx/s  +outbox+notify {notify:.0} tx/s  \
-                 +outbox (trigger off) {quiet:.0} tx/s  cost {:.2} / {:.2}",
+                "{clients} client(s) run {run}: order only {base:.0} tx/s  +SELECT 1 {select:.0}  \
+                 +outbox: trigger off {quiet:.0}, relay busy {gated:.0}, relay waiting {notify:.0} tx/s  \
+                 cost {:.2} / {:.2} / {:.2} (empty statement {:.2})",
+                base / quiet,
+                base / gated,
                 base / notify,
-                base / quiet
+                base / select,
             );
-            with_notify.push(base / notify);
-            without_notify.push(base / quiet);
+            empty.push(base / select);
+            off.push(base / quiet);
+            busy.push(base / gated);
+            waiting.push(base / notify);
         }
         println!(
-            "median, {clients} client(s): cost with outbox+NOTIFY {:.2}  with outbox, NOTIFY off {:.2} (target <= 1.25)",
-            median(with_notify),
-            median(without_notify)
+            "median, {clients} client(s): cost with the outbox row: trigger off {:.2}, relay busy (no NOTIFY) {:.2}, \
+             relay waiting (every commit notifies) {:.2} (target <= 1.25); an empty extra statement alone {:.2}",
+            median(off),
+            median(busy),
+            median(waiting),
+            median(empty),
         );
     }
     drain.abort();
@@ -625,6 +654,8 @@ async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
 #[derive(Clone, Copy)]
 enum Variant {
     OrderOnly,
+    /// The order row and an empty statement: what one more round trip costs.
+    EmptyStatement,
     WithOutbox,
 }
 
@@ -646,6 +677,9 @@ async fn tps(env: &Env, clients: usize, seconds: u64, variant: Variant) -> anyho
                 .bind(i as f64 * 1.5)
                 .fetch_one(&mut *tx)
                 .await?;
+                if let Variant::EmptyStatement = variant {
+                    sqlx::query("SELECT 1").execute(&mut *tx).await?;
+                }
                 if let Variant::WithOutbox = variant {
                     let e = NewEvent::new("order", id.to_string(), "order.created")
                         .topic("bench-orders")

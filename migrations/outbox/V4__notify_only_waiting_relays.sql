@@ -12,16 +12,10 @@
 -- has rows to publish again. Null: not waiting.
 ALTER TABLE outbox_relays ADD COLUMN waiting_since timestamptz;
 
--- Runs once per transaction, at commit (the trigger below is deferred), so
--- it reads the flag as late as possible: a relay that started waiting while
--- the transaction ran is still seen.
+-- The statement-level trigger of V1 calls it once per inserting statement.
 CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('outbox.notify_checked', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
-    PERFORM set_config('outbox.notify_checked', 'on', true);
     IF EXISTS (SELECT 1 FROM outbox_relays
                WHERE waiting_since IS NOT NULL AND lease_until > clock_timestamp()) THEN
         PERFORM pg_notify('outbox', '');
@@ -29,12 +23,3 @@ BEGIN
     RETURN NULL;
 END
 $$;
-
--- Same name as before, so `ALTER TABLE outbox DISABLE TRIGGER outbox_notify`
--- still turns notifications off.
-DROP TRIGGER outbox_notify ON outbox;
-CREATE CONSTRAINT TRIGGER outbox_notify
-    AFTER INSERT ON outbox
-    DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW
-    EXECUTE FUNCTION outbox_notify();

@@ -12,18 +12,20 @@
 //! 2. claim once more, so a row committed before producers could see the
 //!    flag is not left waiting;
 //! 3. sleep until a notification, the poll timer, or shutdown. The first
-//!    sleep after raising the flag is short ([`RECHECK_AFTER`]): it catches a
-//!    transaction whose commit was under way while the flag went up (its
-//!    trigger ran before the flag was visible, its row became visible after
-//!    step 2);
+//!    sleep after raising the flag is short ([`RECHECK_AFTER`]), then the
+//!    relay claims once more;
 //! 4. once a claim finds rows again, lower the flag ([`WaitFlag::lower`]).
 //!
-//! The trigger reads the flag at commit (it is deferred), so a long producer
-//! transaction still sees a flag raised while it ran. In `REPEATABLE READ` or
-//! `SERIALIZABLE` it reads it as of the transaction's snapshot; such a row can
-//! wait for the poll timer ([`crate::RelayConfig::poll_interval`]). The relay
-//! raises the flag only while its `LISTEN` connection works, so producers
-//! never notify a relay that cannot hear them.
+//! The trigger reads the flag when the inserting statement runs (it is a
+//! statement-level trigger, the cheapest kind: `BENCHMARKS.md`). A producer
+//! transaction that inserted before the flag went up and commits after step
+//! 2 sends no notification. Step 3's short sleep picks up such a row if it
+//! committed within [`RECHECK_AFTER`]; a transaction that runs on longer
+//! after its insert waits for the poll timer
+//! ([`crate::RelayConfig::poll_interval`]) at worst. Appending the event
+//! last, just before `COMMIT`, keeps that window small. The relay raises the
+//! flag only while its `LISTEN` connection works, so producers never notify
+//! a relay that cannot hear them.
 
 use std::{
     sync::{
@@ -41,7 +43,7 @@ use tracing::{debug, warn};
 use crate::{relay::Backoff, store};
 
 /// How long the first sleep after raising the flag lasts at most, before the
-/// relay looks once more (step 3 above).
+/// relay claims once more (step 3 above).
 pub const RECHECK_AFTER: Duration = Duration::from_millis(25);
 
 /// This relay's waiting flag (`outbox_relays.waiting_since`).
