@@ -577,12 +577,14 @@ async fn latency(
 // ---------------------------------------------------------------- producer
 
 async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
-    println!(
-        "== producer: a transaction inserting one order row, with and without an outbox row, {seconds}s each, \
-         a LISTEN session open, no relay running (a stand-in row in outbox_relays plays a busy or a waiting relay)"
-    );
     env.pool
         .execute("CREATE TABLE IF NOT EXISTS bench_orders (id bigserial PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
+        .await?;
+    env.pool
+        .execute("CREATE TABLE IF NOT EXISTS bench_accounts (id bigint PRIMARY KEY, balance numeric NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())")
+        .await?;
+    env.pool
+        .execute("INSERT INTO bench_accounts (id, balance) SELECT g, 0 FROM generate_series(1, 8) g ON CONFLICT DO NOTHING")
         .await?;
     let mut listener = sqlx::postgres::PgListener::connect_with(&env.pool).await?;
     listener.listen("outbox").await?;
@@ -604,63 +606,109 @@ async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
             anyhow::Ok(())
         }
     };
-    for clients in [1usize, 8] {
-        let (mut empty, mut off, mut busy, mut waiting) = (vec![], vec![], vec![], vec![]);
-        for run in 1..=runs {
-            let base = tps(env, clients, seconds, Variant::OrderOnly).await?;
-            let select = tps(env, clients, seconds, Variant::EmptyStatement).await?;
-            env.pool
-                .execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
-                .await?;
-            let quiet = tps(env, clients, seconds, Variant::WithOutbox).await?;
-            env.pool
-                .execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
-                .await?;
-            stand_in(false).await?;
-            let gated = tps(env, clients, seconds, Variant::WithOutbox).await?;
-            stand_in(true).await?;
-            let notify = tps(env, clients, seconds, Variant::WithOutbox).await?;
-            env.pool
-                .execute("DELETE FROM outbox_relays WHERE relay_id = 'bench-stand-in'")
-                .await?;
-            env.pool.execute("TRUNCATE outbox, bench_orders").await?;
-            println!(
-                "{clients} client(s) run {run}: order only {base:.0} tx/s  +SELECT 1 {select:.0}  \
-                 +outbox: trigger off {quiet:.0}, relay busy {gated:.0}, relay waiting {notify:.0} tx/s  \
-                 cost {:.2} / {:.2} / {:.2} (empty statement {:.2})",
-                base / quiet,
-                base / gated,
-                base / notify,
-                base / select,
-            );
-            empty.push(base / select);
-            off.push(base / quiet);
-            busy.push(base / gated);
-            waiting.push(base / notify);
-        }
+    for shape in [Shape::NewOrder, Shape::Credit] {
         println!(
-            "median, {clients} client(s): cost with the outbox row: trigger off {:.2}, relay busy (no NOTIFY) {:.2}, \
-             relay waiting (every commit notifies) {:.2} (target <= 1.25); an empty extra statement alone {:.2}",
-            median(off),
-            median(busy),
-            median(waiting),
-            median(empty),
+            "== producer: {}, with and without an outbox row, {seconds}s each, a LISTEN session open, \
+             no relay running (a stand-in row in outbox_relays plays a busy or a waiting relay)",
+            shape.describe()
         );
+        for clients in [1usize, 8] {
+            let (mut empty, mut off, mut busy, mut waiting) = (vec![], vec![], vec![], vec![]);
+            for run in 1..=runs {
+                let measure = |variant| tps(env, clients, seconds, shape, variant);
+                let base = measure(Variant::Plain).await?;
+                let select = measure(Variant::EmptyStatement).await?;
+                env.pool
+                    .execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
+                    .await?;
+                let quiet = measure(Variant::WithOutbox).await?;
+                env.pool
+                    .execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
+                    .await?;
+                stand_in(false).await?;
+                let gated = measure(Variant::WithOutbox).await?;
+                stand_in(true).await?;
+                let notify = measure(Variant::WithOutbox).await?;
+                env.pool
+                    .execute("DELETE FROM outbox_relays WHERE relay_id = 'bench-stand-in'")
+                    .await?;
+                env.pool.execute("TRUNCATE outbox, bench_orders").await?;
+                env.pool.execute("VACUUM bench_accounts").await?;
+                println!(
+                    "{clients} client(s) run {run}: plain {base:.0} tx/s  +SELECT 1 {select:.0}  \
+                     +outbox: trigger off {quiet:.0}, relay busy {gated:.0}, relay waiting {notify:.0} tx/s  \
+                     cost {:.2} / {:.2} / {:.2} (empty statement {:.2})",
+                    base / quiet,
+                    base / gated,
+                    base / notify,
+                    base / select,
+                );
+                empty.push(base / select);
+                off.push(base / quiet);
+                busy.push(base / gated);
+                waiting.push(base / notify);
+            }
+            println!(
+                "median, {}, {clients} client(s): cost with the outbox row: trigger off {:.2}, \
+                 relay busy (no NOTIFY) {:.2}, relay waiting (every commit notifies) {:.2} (target <= 1.25); \
+                 an empty extra statement alone {:.2}",
+                shape.name(),
+                median(off),
+                median(busy),
+                median(waiting),
+                median(empty),
+            );
+        }
     }
     drain.abort();
     Ok(())
 }
 
+/// The producer transaction measured.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// `INSERT` one small order row: the smallest transaction, the worst case.
+    NewOrder,
+    /// Lock an account row (`SELECT … FOR UPDATE`) and `UPDATE` it, like
+    /// `sample-app`'s order status change. Each client has its own row.
+    Credit,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::NewOrder => "new order",
+            Shape::Credit => "credit",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Shape::NewOrder => "new order (BEGIN; INSERT one order row; COMMIT)",
+            Shape::Credit => {
+                "credit (BEGIN; SELECT the account FOR UPDATE; UPDATE it; COMMIT), one account per client"
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Variant {
-    OrderOnly,
+    /// The transaction alone.
+    Plain,
     /// The order row and an empty statement: what one more round trip costs.
     EmptyStatement,
     WithOutbox,
 }
 
 /// Transactions per second for `clients` concurrent clients over `seconds`.
-async fn tps(env: &Env, clients: usize, seconds: u64, variant: Variant) -> anyhow::Result<f64> {
+async fn tps(
+    env: &Env,
+    clients: usize,
+    seconds: u64,
+    shape: Shape,
+    variant: Variant,
+) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let tasks = (0..clients).map(|c| {
@@ -670,13 +718,34 @@ async fn tps(env: &Env, clients: usize, seconds: u64, variant: Variant) -> anyho
             let mut i = 0u64;
             while Instant::now() < deadline {
                 let mut tx = pool.begin().await?;
-                let id: i64 = sqlx::query_scalar(
-                    "INSERT INTO bench_orders (customer, total) VALUES ($1, $2) RETURNING id",
-                )
-                .bind(format!("c{c}"))
-                .bind(i as f64 * 1.5)
-                .fetch_one(&mut *tx)
-                .await?;
+                let id: i64 = match shape {
+                    Shape::NewOrder => {
+                        sqlx::query_scalar(
+                            "INSERT INTO bench_orders (customer, total) VALUES ($1, $2) RETURNING id",
+                        )
+                        .bind(format!("c{c}"))
+                        .bind(i as f64 * 1.5)
+                        .fetch_one(&mut *tx)
+                        .await?
+                    }
+                    Shape::Credit => {
+                        let account = c as i64 + 1;
+                        let _balance: f64 = sqlx::query_scalar(
+                            "SELECT balance::float8 FROM bench_accounts WHERE id = $1 FOR UPDATE",
+                        )
+                        .bind(account)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        sqlx::query(
+                            "UPDATE bench_accounts SET balance = balance + $2, updated_at = now() WHERE id = $1",
+                        )
+                        .bind(account)
+                        .bind(1.5f64)
+                        .execute(&mut *tx)
+                        .await?;
+                        account
+                    }
+                };
                 if let Variant::EmptyStatement = variant {
                     sqlx::query("SELECT 1").execute(&mut *tx).await?;
                 }
