@@ -227,11 +227,12 @@ async fn status(opts: &PgConnectOptions, json: bool) -> anyhow::Result<()> {
     out!("relays: {live} live");
     for r in &relays {
         out!(
-            "  {:<40} {:<8} pid {:<7} heartbeat {:>5.1}s ago  partitions {}",
+            "  {:<40} {:<8} pid {:<7} heartbeat {:>5.1}s ago  {:<7}  partitions {}",
             r.relay_id,
             if r.live { "live" } else { "expired" },
             r.pid.map(|p| p.to_string()).unwrap_or_default(),
             r.heartbeat_age_seconds,
+            if r.waiting { "waiting" } else { "busy" },
             ranges(&r.partitions),
         );
     }

@@ -298,8 +298,8 @@ impl Relay {
                         self.cfg.poll_interval
                     };
                     tokio::select! {
-                        _ = wake.notified() => {}
-                        _ = tokio::time::sleep(nap) => {}
+                        _ = wake.notified() => telemetry::wakeup("notify"),
+                        _ = tokio::time::sleep(nap) => telemetry::wakeup("timer"),
                         _ = shutdown.cancelled() => {}
                     }
                 }

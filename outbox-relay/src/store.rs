@@ -402,6 +402,9 @@ pub struct RelayInfo {
     pub heartbeat_age_seconds: f64,
     /// Whether its lease is live.
     pub live: bool,
+    /// Whether it waits for a notification (its waiting flag is up): it
+    /// found nothing to publish, and producers notify it.
+    pub waiting: bool,
     /// Partitions it owns.
     pub partitions: Vec<i32>,
 }
@@ -412,6 +415,7 @@ pub async fn relays<'e>(db: impl PgExecutor<'e>) -> Result<Vec<RelayInfo>, sqlx:
         "SELECT r.relay_id, r.pid, r.started_at, \
                 EXTRACT(EPOCH FROM clock_timestamp() - r.heartbeat_at)::float8 AS heartbeat_age, \
                 r.lease_until > clock_timestamp() AS live, \
+                r.waiting_since IS NOT NULL AS waiting, \
                 ARRAY(SELECT partition FROM outbox_relay_partitions p WHERE p.owner = r.relay_id ORDER BY 1) AS partitions \
          FROM outbox_relays r ORDER BY live DESC, r.relay_id",
     )
@@ -426,6 +430,7 @@ pub async fn relays<'e>(db: impl PgExecutor<'e>) -> Result<Vec<RelayInfo>, sqlx:
                 started_at: r.try_get("started_at")?,
                 heartbeat_age_seconds: r.try_get::<f64, _>("heartbeat_age")?.max(0.0),
                 live: r.try_get("live")?,
+                waiting: r.try_get("waiting")?,
                 partitions: r.try_get("partitions")?,
             })
         })

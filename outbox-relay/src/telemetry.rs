@@ -34,6 +34,14 @@ pub const PARTITION_PENDING: &str = "outbox_relay_partition_pending_rows";
 /// Age of the oldest pending row per owned partition, by `partition`.
 pub const PARTITION_OLDEST_PENDING_AGE: &str = "outbox_relay_partition_oldest_pending_age_seconds";
 
+/// Times the relay woke from waiting for rows, by `by`: `notify` (a
+/// producer's notification, or a partition take-over or a lost LISTEN
+/// connection, which wake the relay the same way) or `timer` (the poll
+/// interval, or the short re-check after raising the waiting flag). A
+/// steady stream of `timer` wake-ups while rows keep coming means
+/// notifications do not arrive.
+pub const WAKEUPS: &str = "outbox_relay_wakeups_total";
+
 /// Histogram buckets (seconds) for the latency metrics.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
@@ -85,4 +93,8 @@ pub(crate) fn partition_backlog(partition: i32, pending: i64, oldest_age_seconds
     let p = partition.to_string();
     gauge!(PARTITION_PENDING, "partition" => p.clone()).set(pending as f64);
     gauge!(PARTITION_OLDEST_PENDING_AGE, "partition" => p).set(oldest_age_seconds);
+}
+
+pub(crate) fn wakeup(by: &'static str) {
+    counter!(WAKEUPS, "by" => by).increment(1);
 }

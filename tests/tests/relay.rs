@@ -181,12 +181,19 @@ async fn notify_wakes_the_relay_long_before_the_poll_interval(pool: PgPool) -> a
         took < Duration::from_secs(30),
         "took {took:?}; the poll interval is 120s"
     );
-    // Done with them, it sleeps again, flag up.
+    // Done with them, it sleeps again, flag up, and `status` says so.
     eventually(WAIT, "the relay waits again", || async {
         Ok(pending(&pool).await? == 0 && waiting_relays(&pool).await? == 1)
     })
     .await?;
+    let (code, out) = integration_tests::relay_cli(
+        &integration_tests::database_url(&pool),
+        &["status", "--json"],
+    );
     relay.stop().await?;
+    assert_eq!(code, 0, "{out}");
+    let status: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(status["relays"][0]["waiting"], true, "{out}");
     Ok(())
 }
 

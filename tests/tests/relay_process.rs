@@ -362,6 +362,8 @@ async fn http_surface_reports_metrics_health_and_readiness(pool: PgPool) -> anyh
         "outbox_relay_partitions_owned 32",
         "outbox_relay_live_relays 1",
         "outbox_relay_partition_pending_rows{partition=",
+        // Idle after the 50 rows: it slept, re-checked after 25 ms, slept on.
+        "outbox_relay_wakeups_total{by=\"timer\"}",
     ] {
         assert!(metrics.contains(name), "missing {name} in:\n{metrics}");
     }
