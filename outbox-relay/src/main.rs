@@ -172,8 +172,10 @@ async fn topic(cmd: TopicCommand) -> anyhow::Result<()> {
 
 async fn require_schema(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let (outbox, partitions): (bool, bool) = sqlx::query_as(
-        "SELECT to_regclass('outbox') IS NOT NULL, to_regclass('outbox_relay_partitions') IS NOT NULL",
+    let (outbox, partitions, waiting): (bool, bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('outbox') IS NOT NULL, to_regclass('outbox_relay_partitions') IS NOT NULL, \
+                EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('outbox_relays') \
+                        AND attname = 'waiting_since' AND NOT attisdropped)",
     )
     .persistent(false)
     .fetch_one(&mut *tx)
@@ -184,10 +186,14 @@ async fn require_schema(pool: &sqlx::PgPool) -> anyhow::Result<()> {
             "there is no outbox table in this database: run `outbox-relay migrate` first"
         );
     }
-    if !partitions {
+    if !partitions || !waiting {
         anyhow::bail!(
-            "the outbox schema is older than this relay (no outbox_relay_partitions table): \
-             run `outbox-relay migrate`"
+            "the outbox schema is older than this relay (it lacks {}): run `outbox-relay migrate`",
+            if partitions {
+                "outbox_relays.waiting_since, migration V4"
+            } else {
+                "the outbox_relay_partitions table, migration V2"
+            }
         );
     }
     Ok(())

@@ -642,3 +642,22 @@ async fn relay_memory_stays_flat_through_a_broker_outage_while_producers_write(
     );
     Ok(())
 }
+
+#[sqlx::test(migrations = false)]
+async fn status_on_an_older_schema_names_the_missing_migration(pool: PgPool) -> anyhow::Result<()> {
+    // The outbox schema as it was before V4, applied with another tool.
+    for sql in [
+        include_str!("../../migrations/outbox/V1__create_outbox.sql"),
+        include_str!("../../migrations/outbox/V2__relay_partitions.sql"),
+        include_str!("../../migrations/outbox/V3__failed_key_hash_index.sql"),
+    ] {
+        sqlx::raw_sql(sql).execute(&pool).await?;
+    }
+    let (code, out) = cli(&pool, &["status"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("migration V4") && out.contains("outbox-relay migrate"),
+        "{out}"
+    );
+    Ok(())
+}
