@@ -76,23 +76,25 @@ impl WaitFlag {
     /// fails or lacks migration V4); the relay then sleeps as before V4, and
     /// a V3 trigger still notifies on every commit.
     pub async fn raise(&mut self) -> bool {
-        self.raised = self.set(true).await;
+        self.raised = self.set(true).await == Some(true);
         self.raised
     }
 
     /// Lowers the flag, if it is up: producers stop notifying this relay.
     pub async fn lower(&mut self) {
         if self.raised {
-            // On failure the flag stays up: producers keep notifying, which
-            // costs them but loses nothing.
-            self.raised = !self.set(false).await;
+            // On a database error the flag stays up (producers keep
+            // notifying, which costs them but loses nothing) and the next
+            // batch tries again. A missing row has no flag to lower.
+            self.raised = self.set(false).await.is_none();
         }
     }
 
-    async fn set(&mut self, waiting: bool) -> bool {
-        let res = store::set_waiting(&self.pool, &self.relay_id, waiting).await;
-        match res {
-            Ok(updated) => updated,
+    /// Sets the flag; `Some(whether the relay's row exists)`, or `None` when
+    /// the database failed (warned once).
+    async fn set(&mut self, waiting: bool) -> Option<bool> {
+        match store::set_waiting(&self.pool, &self.relay_id, waiting).await {
+            Ok(updated) => Some(updated),
             Err(e) => {
                 if !self.warned {
                     self.warned = true;
@@ -100,7 +102,7 @@ impl WaitFlag {
                           "cannot set this relay's waiting flag in outbox_relays; \
                            if the column waiting_since is missing, run `outbox-relay migrate`");
                 }
-                false
+                None
             }
         }
     }
