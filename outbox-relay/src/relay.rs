@@ -50,7 +50,7 @@ use crate::{
     lease::{Leases, Ownership},
     publisher::{Outcome, Publisher, PublisherError, TopicState},
     record::{self, Record, TopicRouter},
-    store::{self, Claimant, Resolution},
+    store::{self, Claimant, InFlight, Resolution},
     telemetry,
     wake::{self, WaitFlag},
 };
@@ -239,7 +239,7 @@ impl Relay {
                         }
                         continue;
                     }
-                    match self.claim(&own).await {
+                    match self.claim(&own, InFlight::none()).await {
                         Ok(c) => c,
                         Err(e) => {
                             self.degraded(e.to_string());
@@ -363,7 +363,7 @@ impl Relay {
 
     /// Opens a claim transaction and claims the oldest pending rows of the
     /// partitions this relay owns, fenced in the database, see [`store::claim`].
-    async fn claim(&self, own: &Ownership) -> Result<Claim, BatchError> {
+    async fn claim(&self, own: &Ownership, in_flight: InFlight) -> Result<Claim, BatchError> {
         let mut tx = self.claim_pool.begin().await?;
         let who = Claimant {
             relay_id: self.leases.relay_id(),
@@ -371,6 +371,7 @@ impl Relay {
             exclude: own.releasing.iter().copied().collect(),
             synchronous_commit: self.cfg.synchronous_commit,
             prepared: !self.cfg.transaction_pooler,
+            in_flight,
         };
         // Roll back explicitly on error: a dropped transaction only queues
         // its rollback, and would keep the partition locks a take-over waits for.
@@ -456,18 +457,22 @@ impl Relay {
         }
 
         let sent = records.iter().filter(|r| r.is_some()).count();
-        let full = rows.len() == self.cfg.batch_size;
-        let (mut outcomes, next) = match (sent > 0, full) {
-            (true, true) => {
+        // Overlap the next claim only if this batch was full (else the
+        // backlog is drained) and its ids are close enough to leave out.
+        let in_flight = (rows.len() == self.cfg.batch_size)
+            .then(|| InFlight::of(rows.iter().map(|r| r.id)))
+            .flatten();
+        let (mut outcomes, next) = match (sent > 0, in_flight) {
+            (true, Some(in_flight)) => {
                 let (outcomes, next) = tokio::join!(self.publisher.publish(records), async {
                     let own = self.leases.ownership();
-                    self.claim(&own).await
+                    self.claim(&own, in_flight).await
                 });
                 // A failed prefetch is not this batch's problem; the next
                 // claim will meet the error again.
                 (outcomes, next.ok())
             }
-            (true, false) => (self.publisher.publish(records).await, None),
+            (true, None) => (self.publisher.publish(records).await, None),
             (false, _) => (vec![None; rows.len()], None),
         };
         if outcomes.len() != rows.len() {

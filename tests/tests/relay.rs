@@ -1,5 +1,6 @@
 //! The relay in-process against the real PostgreSQL and broker.
 
+use anyhow::Context;
 use std::{collections::HashMap, time::Duration};
 
 use integration_tests::{
@@ -529,6 +530,7 @@ fn claimant(relay_id: &str) -> outbox_relay::store::Claimant<'_> {
         exclude: Vec::new(),
         synchronous_commit: true,
         prepared: true,
+        in_flight: outbox_relay::store::InFlight::none(),
     }
 }
 
@@ -625,6 +627,83 @@ async fn claims_are_fenced_by_partition_ownership(pool: PgPool) -> anyhow::Resul
     who.exclude = (0..16).collect();
     assert!(claim(&mut b, &sql, 1000, &who).await?.is_empty());
     b.rollback().await?;
+    Ok(())
+}
+
+/// The claim that overlaps a batch in flight (the relay's prefetch) takes no
+/// row locks: it leaves out exactly the in-flight batch's ids, never waits on
+/// them, and still takes an earlier row whose transaction committed after the
+/// first claim, first, in id order.
+#[sqlx::test(migrations = false)]
+async fn an_overlapping_claim_skips_the_batch_in_flight_and_no_late_row(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    use outbox_relay::store::{claim, claim_sql, InFlight};
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    sqlx::query(
+        "INSERT INTO outbox_relays (relay_id, lease_until) VALUES ('A', now() + interval '1 hour')",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query("UPDATE outbox_relay_partitions SET owner = 'A'")
+        .execute(&pool)
+        .await?;
+    let modes = [
+        claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey),
+        claim_sql(
+            AfterPublish::Mark {
+                retention: Duration::from_secs(60),
+            },
+            PoisonPolicy::SkipRow,
+        ),
+    ];
+    for sql in modes {
+        sqlx::query("TRUNCATE outbox").execute(&pool).await?;
+        integration_tests::insert_sql_rows(&pool, "overlap", 10, 3).await?;
+        // A producer transaction still open: its row takes the next id.
+        let mut late = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, payload) \
+             VALUES (gen_random_uuid(), 'load', 'k1', 'load.row', 'late', '{}')",
+        )
+        .execute(&mut *late)
+        .await?;
+        integration_tests::insert_sql_rows(&pool, "overlap", 30, 3).await?;
+
+        let mut first = pool.begin().await?;
+        let ids: Vec<i64> = claim(&mut first, &sql, 20, &claimant("A"))
+            .await?
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids.len(), 20);
+        assert_eq!(ids[9] + 2, ids[10], "the open transaction's id is left out");
+        let late_id = ids[9] + 1;
+        late.commit().await?;
+
+        let mut who = claimant("A");
+        who.in_flight = InFlight::of(ids.iter().copied()).context("narrow span")?;
+        let mut second = pool.begin().await?;
+        let next =
+            tokio::time::timeout(Duration::from_secs(5), claim(&mut second, &sql, 100, &who))
+                .await
+                .context("the overlapping claim waited on the batch in flight")??;
+        let next_ids: Vec<i64> = next.iter().map(|r| r.id).collect();
+        assert!(
+            next_ids.iter().all(|id| !ids.contains(id)),
+            "no row of the batch in flight is claimed twice: {next_ids:?}"
+        );
+        assert_eq!(next_ids.first(), Some(&late_id), "the late row comes first");
+        assert_eq!(next.first().and_then(|r| r.topic.as_deref()), Some("late"));
+        assert_eq!(
+            next_ids.len(),
+            41 - 20,
+            "every other pending row: {next_ids:?}"
+        );
+        assert!(next_ids.windows(2).all(|w| w[0] < w[1]), "id order");
+        second.rollback().await?;
+        first.rollback().await?;
+    }
     Ok(())
 }
 
