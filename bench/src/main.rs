@@ -613,11 +613,13 @@ async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
             shape.describe()
         );
         for clients in [1usize, 8] {
-            let (mut empty, mut off, mut busy, mut waiting) = (vec![], vec![], vec![], vec![]);
+            let (mut empty, mut off, mut busy, mut waiting, mut message) =
+                (vec![], vec![], vec![], vec![], vec![]);
             for run in 1..=runs {
                 let measure = |variant| tps(env, clients, seconds, shape, variant);
                 let base = measure(Variant::Plain).await?;
                 let select = measure(Variant::EmptyStatement).await?;
+                let wal = measure(Variant::WalMessage).await?;
                 env.pool
                     .execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
                     .await?;
@@ -637,26 +639,30 @@ async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
                 println!(
                     "{clients} client(s) run {run}: plain {base:.0} tx/s  +SELECT 1 {select:.0}  \
                      +outbox: trigger off {quiet:.0}, relay busy {gated:.0}, relay waiting {notify:.0} tx/s  \
-                     cost {:.2} / {:.2} / {:.2} (empty statement {:.2})",
+                     cost {:.2} / {:.2} / {:.2} (empty statement {:.2}, WAL message {:.2})",
                     base / quiet,
                     base / gated,
                     base / notify,
                     base / select,
+                    base / wal,
                 );
                 empty.push(base / select);
                 off.push(base / quiet);
                 busy.push(base / gated);
                 waiting.push(base / notify);
+                message.push(base / wal);
             }
             println!(
                 "median, {}, {clients} client(s): cost with the outbox row: trigger off {:.2}, \
                  relay busy (no NOTIFY) {:.2}, relay waiting (every commit notifies) {:.2} (target <= 1.25); \
-                 an empty extra statement alone {:.2}",
+                 an empty extra statement alone {:.2}; the event as a WAL message instead of a row \
+                 (reference, not a relay mode) {:.2}",
                 shape.name(),
                 median(off),
                 median(busy),
                 median(waiting),
                 median(empty),
+                median(message),
             );
         }
     }
@@ -698,7 +704,13 @@ enum Variant {
     Plain,
     /// The order row and an empty statement: what one more round trip costs.
     EmptyStatement,
+    /// The transaction and the outbox row, through `outbox_core::append`.
     WithOutbox,
+    /// The same event written as a transactional logical-decoding message
+    /// (`pg_logical_emit_message`) instead of a row: WAL only, no heap or
+    /// index insert. A reference for what a row-less design would cost the
+    /// producer; the relay has no such mode.
+    WalMessage,
 }
 
 /// Transactions per second for `clients` concurrent clients over `seconds`.
@@ -748,6 +760,23 @@ async fn tps(
                 };
                 if let Variant::EmptyStatement = variant {
                     sqlx::query("SELECT 1").execute(&mut *tx).await?;
+                }
+                if let Variant::WalMessage = variant {
+                    let envelope = serde_json::json!({
+                        "event_id": uuid::Uuid::now_v7(),
+                        "aggregate_type": "order",
+                        "aggregate_id": id.to_string(),
+                        "event_type": "order.created",
+                        "event_version": 1,
+                        "topic": "bench-orders",
+                        "payload": { "id": id, "customer": format!("c{c}") },
+                        "headers": {},
+                        "occurred_at": chrono::Utc::now(),
+                    });
+                    sqlx::query("SELECT pg_logical_emit_message(true, 'outbox', $1::bytea)")
+                        .bind(serde_json::to_vec(&envelope)?)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 if let Variant::WithOutbox = variant {
                     let e = NewEvent::new("order", id.to_string(), "order.created")
