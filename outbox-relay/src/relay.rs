@@ -459,9 +459,11 @@ impl Relay {
         let sent = records.iter().filter(|r| r.is_some()).count();
         // Overlap the next claim only if this batch was full (else the
         // backlog is drained) and its ids are close enough to leave out.
-        let in_flight = (rows.len() == self.cfg.batch_size)
-            .then(|| InFlight::of(rows.iter().map(|r| r.id)))
-            .flatten();
+        let in_flight = if rows.len() == self.cfg.batch_size {
+            InFlight::of(&rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        } else {
+            None
+        };
         let (mut outcomes, next) = match (sent > 0, in_flight) {
             (true, Some(in_flight)) => {
                 let (outcomes, next) = tokio::join!(self.publisher.publish(records), async {

@@ -157,9 +157,8 @@ impl InFlight {
 
     /// The batch with these ids, or `None` if their span is wider than
     /// [`MAX_IN_FLIGHT_SPAN`].
-    pub fn of(ids: impl IntoIterator<Item = i64> + Clone) -> Option<Self> {
-        let (Some(lo), Some(hi)) = (ids.clone().into_iter().min(), ids.clone().into_iter().max())
-        else {
+    pub fn of(ids: &[i64]) -> Option<Self> {
+        let (Some(&lo), Some(&hi)) = (ids.iter().min(), ids.iter().max()) else {
             return Some(Self::none());
         };
         let span = hi.checked_sub(lo)?.checked_add(1)?;
@@ -167,7 +166,7 @@ impl InFlight {
             return None;
         }
         let mut bits = vec![0u8; ((span + 7) / 8) as usize];
-        for id in ids {
+        for &id in ids {
             let n = (id - lo) as usize;
             // PostgreSQL's get_bit numbers the bits of a byte from the lowest.
             bits[n / 8] |= 1 << (n % 8);
@@ -628,16 +627,16 @@ mod tests {
 
     #[test]
     fn in_flight_bitmap_marks_exactly_the_batch() {
-        let f = InFlight::of([100, 101, 103, 115]).expect("narrow");
+        let f = InFlight::of(&[100, 101, 103, 115]).expect("narrow");
         assert_eq!((f.base, f.end), (100, 116));
         // get_bit numbering: bit n is byte n / 8, value 1 << (n % 8).
         assert_eq!(f.bits, vec![0b0000_1011, 0b1000_0000]);
-        assert_eq!(InFlight::of(std::iter::empty()), Some(InFlight::none()));
+        assert_eq!(InFlight::of(&[]), Some(InFlight::none()));
         assert_eq!(
-            InFlight::of([0, MAX_IN_FLIGHT_SPAN - 1]).map(|f| f.bits.len()),
+            InFlight::of(&[0, MAX_IN_FLIGHT_SPAN - 1]).map(|f| f.bits.len()),
             Some(1 << 21)
         );
-        assert_eq!(InFlight::of([0, MAX_IN_FLIGHT_SPAN]), None);
-        assert_eq!(InFlight::of([i64::MIN, i64::MAX]), None);
+        assert_eq!(InFlight::of(&[0, MAX_IN_FLIGHT_SPAN]), None);
+        assert_eq!(InFlight::of(&[i64::MIN, i64::MAX]), None);
     }
 }

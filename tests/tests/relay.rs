@@ -1,7 +1,8 @@
 //! The relay in-process against the real PostgreSQL and broker.
 
-use anyhow::Context;
 use std::{collections::HashMap, time::Duration};
+
+use anyhow::Context;
 
 use integration_tests::{
     append_events, consume, create_topic, eventually, outbox_with_topic, owned_by_live_relays,
@@ -682,7 +683,7 @@ async fn an_overlapping_claim_skips_the_batch_in_flight_and_no_late_row(
         late.commit().await?;
 
         let mut who = claimant("A");
-        who.in_flight = InFlight::of(ids.iter().copied()).context("narrow span")?;
+        who.in_flight = InFlight::of(&ids).context("narrow span")?;
         let mut second = pool.begin().await?;
         let next =
             tokio::time::timeout(Duration::from_secs(5), claim(&mut second, &sql, 100, &who))
