@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# What one more write costs a small producer transaction, measured with
+# pgbench on a private PostgreSQL cluster with wal_level = logical, so that a
+# logical-decoding consumer can run beside the producers. It answers: how
+# close can any outbox design get to the producer-cost target (<= 1.25)?
+#
+#   bench/pgbench/producer-floor.sh [rounds] [seconds]     (defaults: 3 rounds of 5 s)
+#
+# Variants, each as pgbench -M prepared latency per transaction, then the
+# median over the rounds of (variant / base):
+#   base       BEGIN; INSERT one order row; COMMIT
+#   tiny       base + one more tiny row in another table
+#   bare       base + an outbox-shaped row in a table with no index or check
+#   outbox     base + a row in the real outbox table (migrations V1-V4, no
+#              relay running, so the trigger notifies no one)
+#   message    base + pg_logical_emit_message(true, 'outbox', <event JSON>),
+#              nobody decoding
+#   message+decoder  the same while pg_recvlogical streams the slot (pgoutput,
+#              messages on), as a relay reading messages would; divided by
+#              base measured with the same decoder running
+#
+# The cluster lives in /tmp/outbox-floor-pg-<uid> (readable by the postgres
+# user when run as root), listens on 127.0.0.1:${FLOOR_PORT:-5440} only, and is
+# stopped at the end. Needs PostgreSQL's server binaries (Debian's
+# postgresql package, as ./dev up installs).
+set -euo pipefail
+
+ROUNDS="${1:-3}"
+SECS="${2:-5}"
+PORT="${FLOOR_PORT:-5440}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+DATA="/tmp/outbox-floor-pg-$(id -u)"
+BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
+if [[ -z "$BIN" || ! -x "$BIN/initdb" ]]; then
+  echo "error: PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin; run ./dev up first" >&2
+  exit 2
+fi
+WORK="$(mktemp -d)"
+RECV_PID=""
+
+as_pg() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+psql_() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
+cleanup() {
+  [[ -n "$RECV_PID" ]] && kill "$RECV_PID" 2>/dev/null || true
+  as_pg "$BIN/pg_ctl" -D "$DATA" -m fast stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+if [[ ! -f "$DATA/PG_VERSION" ]]; then
+  mkdir -p "$DATA"
+  [[ $(id -u) -eq 0 ]] && chown postgres "$DATA"
+  as_pg "$BIN/initdb" -D "$DATA" -A trust -U postgres >"$WORK/initdb.log" 2>&1 ||
+    { cat "$WORK/initdb.log" >&2; exit 1; }
+fi
+as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -o \
+  "-p $PORT -k $DATA -c listen_addresses=127.0.0.1 -c wal_level=logical -c shared_buffers=128MB -c max_wal_size=1GB" \
+  start >/dev/null
+
+psql_ -c "DROP SCHEMA public CASCADE; CREATE SCHEMA public;" \
+  -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots" \
+  -c "DROP PUBLICATION IF EXISTS floor_none" >/dev/null
+for f in "$ROOT"/migrations/outbox/V*.sql; do psql_ -f "$f" >/dev/null; done
+psql_ >/dev/null <<'SQL'
+CREATE TABLE bench_orders (id bigserial PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL,
+                           created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE bench_second (id bigserial PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL,
+                           created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE bare_outbox (LIKE outbox INCLUDING DEFAULTS INCLUDING IDENTITY);
+CREATE PUBLICATION floor_none;  -- no tables: the decoder sends only the messages
+SELECT pg_create_logical_replication_slot('floor_slot', 'pgoutput');
+SQL
+
+ORDER="INSERT INTO bench_orders (customer, total) VALUES ('c' || :client_id, 1.5) RETURNING id;"
+EVENT='{"event_id":"'"'"' || gen_random_uuid() || '"'"'","aggregate_type":"order","aggregate_id":"123","event_type":"order.created","event_version":1,"topic":"bench-orders","payload":{"id":123,"customer":"c1"},"headers":{},"occurred_at":"2026-11-24T16:00:00Z"}'
+ROW="(event_id, aggregate_type, aggregate_id, event_type, topic, payload) VALUES (gen_random_uuid(), 'order', '123', 'order.created', 'bench-orders', '{\"id\":123,\"customer\":\"c1\"}')"
+script() { printf 'BEGIN;\n%s\n%s\nCOMMIT;\n' "$ORDER" "$2" >"$WORK/$1.sql"; }
+script base ""
+script tiny "INSERT INTO bench_second (customer, total) VALUES ('c' || :client_id, 1.5);"
+script bare "INSERT INTO bare_outbox $ROW;"
+script outbox "INSERT INTO outbox $ROW;"
+script message "SELECT pg_logical_emit_message(true, 'outbox', '$EVENT');"
+
+latency() { # clients variant -> ms per transaction
+  pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -M prepared -c "$1" -j "$1" -T "$SECS" \
+    -f "$WORK/$2.sql" postgres 2>"$WORK/pgbench.err" | awk '/latency average/ {print $4}' | grep . ||
+    { echo "error: pgbench failed for $2 at $1 clients:" >&2; cat "$WORK/pgbench.err" >&2; exit 1; }
+}
+caught_up() { # wait until the decoder has confirmed everything written so far
+  for _ in $(seq 1 100); do
+    lag=$(psql_ -At -c "SELECT pg_current_wal_lsn() - confirmed_flush_lsn FROM pg_replication_slots")
+    [[ "$lag" -lt 65536 ]] && return 0
+    sleep 0.2
+  done
+  echo "warning: the decoder is still $lag bytes behind" >&2
+}
+
+echo "producer floor: pgbench -M prepared, $SECS s per variant, $ROUNDS rounds, PostgreSQL $("$BIN/postgres" -V | awk '{print $3}')"
+for round in $(seq 1 "$ROUNDS"); do
+  for c in 1 8; do
+    for v in base tiny bare outbox message; do
+      ms=$(latency "$c" "$v")
+      echo "$round $c $v $ms" >>"$WORK/results"
+    done
+    "$BIN/pg_recvlogical" -h 127.0.0.1 -p "$PORT" -U postgres -d postgres --slot floor_slot --start \
+      -f /dev/null -F 1 -s 1 -o proto_version=1 -o publication_names=floor_none -o messages=true &
+    RECV_PID=$!
+    for v in base message; do
+      caught_up
+      ms=$(latency "$c" "$v")
+      echo "$round $c $v+decoder $ms" >>"$WORK/results"
+    done
+    kill "$RECV_PID"; wait "$RECV_PID" 2>/dev/null || true; RECV_PID=""
+  done
+done
+
+python3 - "$WORK/results" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+lat = {}
+for rnd, c, v, ms in rows:
+    lat.setdefault((c, v), {})[rnd] = float(ms)
+def ratios(c, v, base):
+    return [lat[(c, v)][r] / lat[(c, base)][r] for r in lat[(c, v)]]
+print(f"{'clients':>7} {'variant':<16} {'latency ms (median)':>20} {'÷ base (median)':>16}  per round")
+for c in ("1", "8"):
+    for v, base in (("base", "base"), ("tiny", "base"), ("bare", "base"), ("outbox", "base"),
+                    ("message", "base"), ("base+decoder", "base+decoder"),
+                    ("message+decoder", "base+decoder")):
+        rs = ratios(c, v, base)
+        per = " ".join(f"{x:.2f}" for x in rs)
+        print(f"{c:>7} {v:<16} {statistics.median(lat[(c, v)].values()):>20.3f} {statistics.median(rs):>16.2f}  {per}")
+PY
