@@ -53,9 +53,14 @@ if [[ ! -f "$DATA/PG_VERSION" ]]; then
   as_pg "$BIN/initdb" -D "$DATA" -A trust -U postgres >"$WORK/initdb.log" 2>&1 ||
     { cat "$WORK/initdb.log" >&2; exit 1; }
 fi
+as_pg "$BIN/pg_ctl" -D "$DATA" -m fast stop >/dev/null 2>&1 || true # left over from an interrupted run
 as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -o \
   "-p $PORT -k $DATA -c listen_addresses=127.0.0.1 -c wal_level=logical -c shared_buffers=128MB -c max_wal_size=1GB" \
-  start >/dev/null
+  start >/dev/null || {
+  echo "error: the private cluster did not start on 127.0.0.1:$PORT (port taken? set FLOOR_PORT); its log:" >&2
+  tail -5 "$DATA/server.log" >&2
+  exit 1
+}
 
 psql_ -c "DROP SCHEMA public CASCADE; CREATE SCHEMA public;" \
   -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots" \
