@@ -77,14 +77,18 @@ SELECT pg_create_logical_replication_slot('floor_slot', 'pgoutput');
 SQL
 
 ORDER="INSERT INTO bench_orders (customer, total) VALUES ('c' || :client_id, 1.5) RETURNING id;"
-EVENT='{"event_id":"'"'"' || gen_random_uuid() || '"'"'","aggregate_type":"order","aggregate_id":"123","event_type":"order.created","event_version":1,"topic":"bench-orders","payload":{"id":123,"customer":"c1"},"headers":{},"occurred_at":"2026-11-24T16:00:00Z"}'
 ROW="(event_id, aggregate_type, aggregate_id, event_type, topic, payload) VALUES (gen_random_uuid(), 'order', '123', 'order.created', 'bench-orders', '{\"id\":123,\"customer\":\"c1\"}')"
 script() { printf 'BEGIN;\n%s\n%s\nCOMMIT;\n' "$ORDER" "$2" >"$WORK/$1.sql"; }
 script base ""
 script tiny "INSERT INTO bench_second (customer, total) VALUES ('c' || :client_id, 1.5);"
 script bare "INSERT INTO bare_outbox $ROW;"
 script outbox "INSERT INTO outbox $ROW;"
-script message "SELECT pg_logical_emit_message(true, 'outbox', '$EVENT');"
+# The event as JSON text with a fresh id, as the message's content.
+MESSAGE=$(cat <<'SQL'
+SELECT pg_logical_emit_message(true, 'outbox', '{"event_id":"' || gen_random_uuid() || '","aggregate_type":"order","aggregate_id":"123","event_type":"order.created","event_version":1,"topic":"bench-orders","payload":{"id":123,"customer":"c1"},"headers":{},"occurred_at":"2026-11-24T16:00:00Z"}');
+SQL
+)
+script message "$MESSAGE"
 
 latency() { # clients variant -> ms per transaction
   pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -M prepared -c "$1" -j "$1" -T "$SECS" \
