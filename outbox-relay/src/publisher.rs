@@ -24,6 +24,11 @@ use crate::{config::RelayConfig, record::Record};
 /// How long a topic seen in the broker's metadata is trusted without asking again.
 const TOPIC_CACHE_TTL: Duration = Duration::from_secs(300);
 
+/// The partitioner the relay sets unless `--kafka-property partitioner=…`
+/// overrides it: `murmur2_random`, the Java client's choice for keyed records
+/// (records without a key go to a random partition).
+pub const PARTITIONER: &str = "murmur2_random";
+
 /// The outcome of one record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -86,7 +91,11 @@ impl Publisher {
                 "message.timeout.ms",
                 cfg.publish_timeout.as_millis().to_string(),
             )
-            .set("client.id", "outbox-relay");
+            .set("client.id", "outbox-relay")
+            // The Java client's partitioner for keyed records: murmur2 of
+            // the key. A key lands on the partition Java producers, Kafka
+            // Connect and Debezium pick (librdkafka's default is CRC32).
+            .set("partitioner", PARTITIONER);
         for (k, v) in &cfg.kafka_properties {
             cc.set(k, v);
         }
@@ -113,8 +122,8 @@ impl Publisher {
     }
 
     /// Replaces the producer with a new instance (new producer id). The
-    /// relay does this after every batch that was not fully acknowledged,
-    /// see `Relay::replace_producer`. Records still
+    /// relay does this when the producer has a fatal error, see
+    /// `Relay::replace_producer_if_fatal`. Records still
     /// queued in the old instance are abandoned; their rows were rolled back
     /// and are claimed again.
     pub fn rebuild(&self) -> Result<(), PublisherError> {

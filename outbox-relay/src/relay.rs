@@ -310,7 +310,7 @@ impl Relay {
                 Err(BatchError::Broker(e)) => {
                     self.degraded(format!("kafka: {e}"));
                     broker_failures += 1;
-                    self.replace_producer(broker_failures);
+                    self.replace_producer_if_fatal(broker_failures);
                     backoff.sleep(shutdown).await;
                 }
             }
@@ -335,24 +335,19 @@ impl Relay {
         }
     }
 
-    /// Starts a fresh producer (a new producer id) after every batch that
-    /// was not fully acknowledged.
-    ///
-    /// The failed rows are sent again as new records anyway, so the old
-    /// producer's idempotence state protects nothing, and keeping it can
-    /// hurt: a producer with a fatal error never recovers, and one whose
-    /// records timed out has bumped its epoch on its own (librdkafka does
-    /// that locally), an epoch a restarted broker may never have seen
-    /// (tansu 0.6.0's durable engine then stops serving requests). The cost
-    /// is one InitProducerId request once the broker answers again.
-    fn replace_producer(&self, consecutive_failures: u32) {
-        let fatal = self.publisher.fatal_error();
+    /// Replaces the producer only when it has a fatal error: such a producer
+    /// can never send again. Any other failed batch keeps it: every record
+    /// of the batch has had its delivery report by then (the wait is
+    /// `message.timeout.ms`), nothing stays queued, and librdkafka resumes an
+    /// idempotent producer after timeouts by bumping its epoch, which Apache
+    /// Kafka accepts (KIP-360).
+    fn replace_producer_if_fatal(&self, consecutive_failures: u32) {
+        let Some(fatal) = self.publisher.fatal_error() else {
+            return;
+        };
         match self.publisher.rebuild() {
-            Ok(()) if consecutive_failures == 1 || fatal.is_some() => {
-                warn!(fatal = ?fatal, "replaced the Kafka producer after a failed batch")
-            }
-            Ok(()) => debug!(consecutive_failures, "replaced the Kafka producer again"),
-            Err(e) => error!(error = %e, "could not replace the Kafka producer"),
+            Ok(()) => warn!(%fatal, consecutive_failures, "replaced the Kafka producer after a fatal error"),
+            Err(e) => error!(error = %e, %fatal, "could not replace the Kafka producer after a fatal error"),
         }
     }
 

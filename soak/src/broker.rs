@@ -1,140 +1,11 @@
-//! The soak's own broker, for the `broker-restart` fault: a tansu process on
-//! a free local port with durable (SQLite) storage in a temporary folder, so
-//! a kill -9 and restart keeps its topics, records and committed offsets, as
-//! a real Kafka broker does.
+//! The brokers a soak run uses instead of `KAFKA_BROKERS`: its own Apache
+//! Kafka (the `local-kafka` crate) for the broker-restart fault, or
+//! librdkafka's mock cluster for the faults a real broker cannot show on
+//! demand.
 
-use std::{
-    net::TcpStream,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use anyhow::Context;
-
-/// How long a (re)started broker may take to accept connections.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A private tansu broker, killed when dropped.
-pub struct Broker {
-    /// `127.0.0.1:<port>`, for `KAFKA_BROKERS`.
-    pub address: String,
-    bin: PathBuf,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Broker {
-    /// Starts tansu (`bin`) with SQLite storage in a fresh temporary folder
-    /// and waits until it accepts connections.
-    pub fn start(bin: &Path) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            bin.exists(),
-            "the broker-restart fault runs its own tansu broker, but no tansu binary is at {}: \
-             run ./dev up (it builds tansu once per machine) or pass --tansu-bin",
-            bin.display()
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("outbox-soak-tansu-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create the broker's folder {}", dir.display()))?;
-        let mut broker = Self {
-            address: format!("127.0.0.1:{port}"),
-            bin: bin.to_path_buf(),
-            dir,
-            child: None,
-        };
-        broker.restart()?;
-        Ok(broker)
-    }
-
-    /// The broker's log (kept, with its data, when the verdict fails).
-    pub fn log(&self) -> PathBuf {
-        self.dir.join("tansu.log")
-    }
-
-    /// SIGKILL: no clean shutdown, whatever the broker had not written is gone.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the broker again on the same port and storage, and waits until
-    /// it accepts connections.
-    pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.kill();
-        let url = format!("tcp://{}", self.address);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())?;
-        let child = Command::new(&self.bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .current_dir(&self.dir)
-            // The soak's own RUST_LOG is not meant for the broker: at debug
-            // level tansu writes gigabytes.
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.bin.display()))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        while TcpStream::connect(&self.address).is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                anyhow::bail!(
-                    "the soak's tansu broker exited ({status}) at start; see {}",
-                    self.log().display()
-                );
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the soak's tansu broker did not accept connections on {} within {START_TIMEOUT:?}; see {}",
-                self.address,
-                self.log().display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
-    }
-
-    /// Stops the broker and removes its folder.
-    pub fn remove(mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The tansu binary `./dev up` caches: `$OUTBOX_CACHE_DIR` (default
-/// `~/.cache/outbox-toolkit`) `/tansu-0.6.0/bin/tansu`.
-pub fn default_tansu_bin() -> PathBuf {
-    let cache = std::env::var_os("OUTBOX_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/outbox-toolkit")
-        });
-    cache.join("tansu-0.6.0/bin/tansu")
-}
 
 /// librdkafka's mock cluster (3 brokers, in this process, on local ports),
 /// for the faults a real broker cannot produce on demand: produce errors, a
@@ -203,8 +74,8 @@ impl Mock {
 /// The broker a run uses instead of `KAFKA_BROKERS`, when a fault needs one
 /// under the soak's control.
 pub enum Own {
-    /// Its own tansu with durable storage (the broker-restart fault).
-    Tansu(Broker),
+    /// Its own Apache Kafka broker, storage on disk (the broker-restart fault).
+    Kafka(local_kafka::Node),
     /// librdkafka's mock cluster (the produce-errors, broker-slow and
     /// broker-down faults).
     Mock(Mock),
@@ -214,7 +85,7 @@ impl Own {
     /// The bootstrap servers.
     pub fn address(&self) -> String {
         match self {
-            Self::Tansu(b) => b.address.clone(),
+            Self::Kafka(b) => b.address.clone(),
             Self::Mock(m) => m.address(),
         }
     }
@@ -222,15 +93,15 @@ impl Own {
     /// What to call it in the run's first line.
     pub fn describe(&self) -> &'static str {
         match self {
-            Self::Tansu(_) => "the soak's own tansu, durable storage",
+            Self::Kafka(_) => "the soak's own Apache Kafka broker",
             Self::Mock(_) => "librdkafka's mock cluster, 3 brokers",
         }
     }
 
-    /// The tansu broker, if that is what runs.
-    pub fn tansu(&mut self) -> Option<&mut Broker> {
+    /// Its own Kafka broker, if that is what runs.
+    pub fn kafka(&mut self) -> Option<&mut local_kafka::Node> {
         match self {
-            Self::Tansu(b) => Some(b),
+            Self::Kafka(b) => Some(b),
             Self::Mock(_) => None,
         }
     }
@@ -238,7 +109,7 @@ impl Own {
     /// The mock cluster, if that is what runs.
     pub fn mock(&self) -> Option<&Mock> {
         match self {
-            Self::Tansu(_) => None,
+            Self::Kafka(_) => None,
             Self::Mock(m) => Some(m),
         }
     }

@@ -18,7 +18,6 @@ mod check;
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     process::{Child, Command as Process, ExitCode, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -65,8 +64,8 @@ enum Fault {
     /// offset commits), then start it again.
     ConsumerKill,
     /// SIGKILL the broker, then start it again 0.5 to 3 s later. With this
-    /// fault the soak runs its own tansu broker with durable (SQLite)
-    /// storage on a free local port, instead of using KAFKA_BROKERS.
+    /// fault the soak runs its own Apache Kafka broker (storage on disk) on
+    /// free local ports, instead of using KAFKA_BROKERS.
     BrokerRestart,
     /// The next five produce requests fail with retriable errors (request
     /// timed out, not leader, not enough replicas, a dropped connection).
@@ -123,11 +122,6 @@ enum Command {
             default_value = "relay-kill,pg-terminate,consumer-kill"
         )]
         faults: Vec<Fault>,
-        /// The tansu binary for the broker-restart fault (default: the one
-        /// `./dev up` builds, under $OUTBOX_CACHE_DIR or
-        /// ~/.cache/outbox-toolkit).
-        #[arg(long, env = "TANSU_BIN")]
-        tansu_bin: Option<PathBuf>,
     },
     /// Relay memory while it drains a backlog: RSS sampled every 250 ms.
     Memory {
@@ -144,9 +138,9 @@ enum Command {
     /// (internal) The relay, until SIGTERM.
     #[command(hide = true)]
     Relay {
-        /// Let librdkafka batch records (the soak sends one per batch).
-        #[arg(long)]
-        batching: bool,
+        /// Rows per claimed batch (what one relay fault may repeat).
+        #[arg(long, default_value_t = RELAY_BATCH)]
+        batch_size: usize,
         /// Lease TTL.
         #[arg(long, default_value = "10s", value_parser = humantime_secs)]
         lease_ttl: Duration,
@@ -179,7 +173,7 @@ fn main() -> ExitCode {
     if let Command::Run { faults, .. } = &cli.command {
         if faults.contains(&Fault::BrokerRestart) && faults.iter().any(|f| f.needs_mock()) {
             eprintln!(
-                "error: --faults: broker-restart runs a tansu broker, while produce-errors, \
+                "error: --faults: broker-restart runs an Apache Kafka broker of its own, while produce-errors, \
                  broker-slow and broker-down run on librdkafka's mock cluster; run them in \
                  separate soaks"
             );
@@ -230,14 +224,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             lease_ttl,
             fault_every,
             faults,
-            tansu_bin,
         } => {
             let mock_faults = faults.iter().any(|f| f.needs_mock());
             let own = if mock_faults {
                 Some(broker::Own::Mock(broker::Mock::start()?))
             } else if faults.contains(&Fault::BrokerRestart) {
-                let bin = tansu_bin.clone().unwrap_or_else(broker::default_tansu_bin);
-                Some(broker::Own::Tansu(broker::Broker::start(&bin)?))
+                Some(broker::Own::Kafka(
+                    local_kafka::Node::start().context("the broker-restart fault's own broker")?,
+                ))
             } else {
                 None
             };
@@ -267,19 +261,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Memory { rows } => memory(&cli, server, db, *rows).await,
         Command::Relay {
-            batching,
+            batch_size,
             lease_ttl,
             publish_timeout,
             one_in_flight,
         } => {
-            // One record per batch on the broker unless asked: tansu 0.6.0
-            // cannot serve a fetch that starts inside a batch, which a
-            // restarted consumer does (docs/architecture.md).
-            let mut kafka_properties = if *batching {
-                BTreeMap::new()
-            } else {
-                BTreeMap::from([("batch.num.messages".to_string(), "1".to_string())])
-            };
+            let mut kafka_properties = BTreeMap::new();
             if *one_in_flight {
                 kafka_properties.insert(
                     "max.in.flight.requests.per.connection".to_string(),
@@ -289,7 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let relay = outbox_relay::Relay::new(
                 outbox_relay::RelayConfig {
                     brokers: cli.kafka_brokers.clone(),
-                    batch_size: if *batching { 1000 } else { RELAY_BATCH },
+                    batch_size: *batch_size,
                     poll_interval: Duration::from_millis(100),
                     kafka_properties,
                     lease_ttl: *lease_ttl,
@@ -508,19 +495,12 @@ async fn soak(
             .unwrap_or_default()
     ));
 
-    if matches!(own, Some(broker::Own::Tansu(_))) && faults.contains(&Fault::ConsumerKill) {
-        say(
-            "warning: with tansu 0.6.0, a consumer killed after a broker restart can come back \
-             to a group whose leader is the dead member; it then holds no partitions and \
-             nothing more is applied (RELIABILITY.md, \"Known limits\")"
-                .into(),
-        );
-    }
     let ttl = format!("{}s", load.lease_ttl.as_secs_f64());
-    // Broker restarts and mock brokers down last 0.5 to 3 s. A publish
-    // timeout of 1.5 s makes the longer ones time records out (the relay then
-    // retries the batch with a fresh producer), while the shorter ones are
-    // ridden out by librdkafka's own retries.
+    // A broker restart keeps the broker away for 0.5 to 3 s plus its start
+    // (about 4 s), a mock broker down for 0.5 to 3 s. A publish timeout of
+    // 1.5 s makes the longer outages time records out (the relay then claims
+    // and sends the batch again), while the shorter ones are ridden out by
+    // librdkafka's own retries.
     let publish_timeout = if own.is_some() { "1.5s" } else { "30s" };
     let mut relay_args = vec![
         "relay",
@@ -608,7 +588,7 @@ async fn soak(
             Fault::BrokerRestart => {
                 let broker = own
                     .as_mut()
-                    .and_then(broker::Own::tansu)
+                    .and_then(broker::Own::kafka)
                     .context("the broker-restart fault needs the soak's own broker")?;
                 broker.kill();
                 tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0))).await;
@@ -718,10 +698,11 @@ async fn soak(
             "GUARANTEE BROKEN"
         }
     );
-    if let Some(broker::Own::Tansu(broker)) = own {
+    if let Some(broker::Own::Kafka(mut broker)) = own {
         if ok {
             broker.remove();
         } else {
+            broker.keep();
             println!(
                 "the soak's broker log and data are kept: {}",
                 broker.log().display()
@@ -791,7 +772,7 @@ async fn memory(
     .await?;
     pool.execute("VACUUM ANALYZE outbox").await?;
     say(format!("{rows} rows in the outbox; starting the relay"));
-    let mut relay = Role::start(cli, &["relay", "--batching"])?;
+    let mut relay = Role::start(cli, &["relay", "--batch-size", "1000"])?;
     // (one relay: this measures one process's memory)
     let mut rss: Vec<u64> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(1800);

@@ -61,38 +61,26 @@ pub fn event(
     }
 }
 
-/// Produces `records` in order (pipelined, idempotent, acks=all).
+/// Produces `records` in order (pipelined, idempotent, acks=all), many
+/// records to a batch.
 pub async fn produce(topic: &str, records: &[TestRecord]) -> anyhow::Result<()> {
-    produce_with(&brokers(), topic, records, false).await
+    produce_with(&brokers(), topic, records).await
 }
 
 /// [`produce`] to the broker at `brokers` (a mock cluster, say).
 pub async fn produce_on(brokers: &str, topic: &str, records: &[TestRecord]) -> anyhow::Result<()> {
-    produce_with(brokers, topic, records, false).await
+    produce_with(brokers, topic, records).await
 }
 
-/// Produces `records` one at a time, awaiting each acknowledgement, so each
-/// record is its own batch on the broker.
-///
-/// Tests that restart consumption in the middle of a partition need this:
-/// tansu 0.6.0 answers a fetch that starts inside a stored batch with no
-/// records at all (Apache Kafka returns the batch), so a consumer that
-/// resumes mid-batch would wait forever there.
-pub async fn produce_singly(topic: &str, records: &[TestRecord]) -> anyhow::Result<()> {
-    produce_with(&brokers(), topic, records, true).await
-}
-
-async fn produce_with(
-    brokers: &str,
-    topic: &str,
-    records: &[TestRecord],
-    singly: bool,
-) -> anyhow::Result<()> {
+async fn produce_with(brokers: &str, topic: &str, records: &[TestRecord]) -> anyhow::Result<()> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        // Everything enqueued within 50 ms shares a record batch (up to 1 MB
+        // per partition): consumers that resume or rebalance mid-stream
+        // start inside a multi-record batch, as they do in production.
+        .set("linger.ms", "50")
         .set("message.timeout.ms", "30000")
         .create()
         .context("producer")?;
@@ -117,12 +105,6 @@ async fn produce_with(
         }
         loop {
             match producer.send_result(rec) {
-                Ok(f) if singly => {
-                    f.await
-                        .context("delivery report dropped")?
-                        .map_err(|(e, _)| anyhow::anyhow!("produce failed: {e}"))?;
-                    break;
-                }
                 Ok(f) => {
                     sends.push(f);
                     break;

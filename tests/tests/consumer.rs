@@ -9,7 +9,7 @@ use consumer_kit::{
 use integration_tests::{
     consume,
     consumer::{
-        consumer_cfg, consumer_db, effect_counts, event, events, produce, produce_singly,
+        consumer_cfg, consumer_db, effect_counts, event, events, produce,
         reset_group_offsets, Effects, RunningConsumer, TestRecord,
     },
     create_topic, eventually, unique,
@@ -490,9 +490,8 @@ async fn two_members_split_the_partitions_and_rebalances_cause_no_double_effect(
     let topic = topic("ck-rebalance", 4).await?;
     let group = unique("g");
     let n = 3000;
-    // One record per batch: members resume partitions mid-stream (see
-    // produce_singly for the broker limitation this avoids).
-    produce_singly(&topic, &events(n, 200, "item.added").0).await?;
+    // Many records per batch: members resume partitions mid-batch.
+    produce(&topic, &events(n, 200, "item.added").0).await?;
     let slow = |member: &str| Effects {
         member: member.into(),
         sleep: Duration::from_millis(2),
@@ -545,7 +544,7 @@ async fn a_crash_after_the_database_commit_and_before_the_offset_commit_causes_n
     let topic = topic("ck-crash", 2).await?;
     let group = unique("g");
     let n = 1000;
-    produce_singly(&topic, &events(n, 50, "item.added").0).await?;
+    produce(&topic, &events(n, 50, "item.added").0).await?;
     // A consumer process that commits offsets only every hour, killed -9
     // mid-stream: everything it applied is committed in PostgreSQL and
     // not in Kafka.
@@ -990,5 +989,48 @@ async fn refused_offset_commits_are_counted_and_dedupe_covers_the_redelivery(
     c.stop().await?;
     assert_eq!(stats.snapshot().offset_commit_failures, 0);
     assert_eq!(effect_counts(&pool).await?, (25, 25));
+    Ok(())
+}
+
+/// A consumer resumes from a committed offset inside a record batch: 500
+/// events produced within one linger window on one partition share a batch;
+/// the group's offset is set to 137; the consumer applies exactly events
+/// 137..500, the first of them first. (A broker that returned nothing for a
+/// fetch starting inside a batch would leave it waiting forever.)
+#[sqlx::test(migrations = false)]
+async fn a_consumer_resumes_from_a_committed_offset_inside_a_record_batch(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-midbatch", 1).await?;
+    let group = unique("g");
+    let (records, ids) = events(500, 1, "item.added");
+    produce(&topic, &records).await?;
+    reset_group_offsets(&group, &topic, 1, 137).await?;
+    let c = RunningConsumer::start(
+        &pool,
+        consumer_cfg(&group, &topic),
+        "item.added",
+        Effects::default(),
+    )?;
+    let stats = c.stats.clone();
+    eventually(WAIT, "363 events applied", || async {
+        Ok(stats.snapshot().processed == 363)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.stop().await?;
+    assert_eq!(stats.snapshot().processed, 363, "nothing before 137 applied");
+    let first: (i64, i64, i64) =
+        sqlx::query_as("SELECT min(seq), max(seq), count(*) FROM effects")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(first, (137, 499, 363));
+    let first_applied: i64 = sqlx::query_scalar("SELECT seq FROM effects ORDER BY at LIMIT 1")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(first_applied, 137);
+    assert!(!dedupe::is_processed(&pool, &group, ids[136]).await?);
+    assert!(dedupe::is_processed(&pool, &group, ids[137]).await?);
     Ok(())
 }

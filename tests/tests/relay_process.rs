@@ -128,9 +128,8 @@ async fn sigterm_finishes_the_batch_flushes_and_exits_0(pool: PgPool) -> anyhow:
 
 #[sqlx::test(migrations = false)]
 async fn a_broker_outage_loses_nothing_and_reports_not_ready(pool: PgPool) -> anyhow::Result<()> {
-    // Durable storage: the broker keeps its topics and records across the
-    // kill and restart, as a real Kafka broker does.
-    let mut broker = PrivateBroker::start_with_storage("sqlite://tansu.db")?;
+    // A broker of its own: it is killed -9 and restarted with its storage.
+    let mut broker = PrivateBroker::start()?;
     outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
     let topic = unique("outage");
     create_topic_on(&broker.address, &topic, 2).await?;

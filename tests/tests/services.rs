@@ -64,7 +64,7 @@ fn a_stale_broker_pid_is_reported_as_exited() {
     // Copy the script so its .services folder is private to this test.
     std::fs::copy(format!("{root}/dev"), dir.join("dev")).unwrap();
     std::fs::create_dir_all(dir.join(".services")).unwrap();
-    std::fs::write(dir.join(".services/tansu.pid"), "999999\n").unwrap();
+    std::fs::write(dir.join(".services/kafka.pid"), "999999\n").unwrap();
     let out = Command::new("bash")
         .arg(dir.join("dev"))
         .arg("status")
@@ -74,7 +74,7 @@ fn a_stale_broker_pid_is_reported_as_exited() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
-        text.contains("tansu was started by ./dev but has exited"),
+        text.contains("the broker started by ./dev has exited"),
         "{text}"
     );
     std::fs::remove_dir_all(&dir).ok();

@@ -1,7 +1,7 @@
 //! The short version of the reliability soak (RELIABILITY.md has the long
 //! one): producers, the relay and a consumer under relay kill -9,
 //! pg_terminate_backend and consumer kill -9, then the checker; with several
-//! relays; with broker restarts on durable storage; and on librdkafka's mock
+//! relays; with broker restarts and consumer kills together; and on librdkafka's mock
 //! cluster with produce errors, a slow broker and a broker down.
 
 use std::process::Command;
@@ -14,7 +14,6 @@ fn soak(args: &[&str], faults: &[&str]) -> anyhow::Result<String> {
         .arg("run")
         .args(args)
         .env("KAFKA_BROKERS", integration_tests::brokers())
-        .env("TANSU_BIN", integration_tests::tansu_bin())
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -91,29 +90,29 @@ fn three_relays_killed_at_random_lose_and_reorder_nothing() -> anyhow::Result<()
     Ok(())
 }
 
-/// Broker restarts: the soak runs its own tansu broker with durable (SQLite)
-/// storage and kills it -9 and restarts it, between relay kills and
-/// terminated relay connections. The relays' publish timeout (1.5 s) is
-/// shorter than the longer outages, so batches time out and are sent again
-/// by a fresh producer.
+/// Broker restarts combined with consumer kills: the soak runs its own
+/// Apache Kafka broker (storage on disk), kills it -9 and restarts it,
+/// between relay kills, consumer kills and terminated relay connections, at
+/// the soak's usual rate. The relays' publish timeout (1.5 s) is shorter than
+/// the longer outages, so batches time out and are sent again.
 #[test]
-fn broker_restarts_with_durable_storage_lose_and_reorder_nothing() -> anyhow::Result<()> {
+fn broker_restarts_with_consumer_kills_lose_reorder_and_double_nothing() -> anyhow::Result<()> {
     let stdout = soak(
         &[
             "--seconds",
-            "20",
+            "25",
             "--rate",
-            "100",
+            "300",
             "--fault-every",
             "2.5s",
             "--faults",
-            "broker-restart,relay-kill,broker-restart,pg-terminate",
+            "broker-restart,consumer-kill,relay-kill,broker-restart,pg-terminate,consumer-kill",
             "--database",
             "outbox_soak_ci_broker",
         ],
-        &["broker kill -9 and restart"],
+        &["broker kill -9 and restart", "consumer kill -9"],
     )?;
-    assert!(stdout.contains("the soak's own tansu"), "{stdout}");
+    assert!(stdout.contains("the soak's own Apache Kafka broker"), "{stdout}");
     Ok(())
 }
 
