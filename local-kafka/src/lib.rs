@@ -242,7 +242,11 @@ impl Node {
             .open(self.log())?;
         let child = Command::new(java())
             .args(self.heap.split(' '))
-            .args(["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"])
+            .args([
+                "-XX:+UseG1GC",
+                "-XX:MaxGCPauseMillis=20",
+                "-Djava.awt.headless=true",
+            ])
             .arg(format!(
                 "-Dlog4j2.configurationFile={}",
                 self.dir.join("log4j2.yaml").display()
@@ -359,7 +363,8 @@ impl Cluster {
         let id = cluster_id();
         let mut nodes = Vec::new();
         for (i, (port, cport)) in ports.into_iter().enumerate() {
-            let node = Node::configure(i as u32 + 1, port, cport, &quorum, replication, "-Xmx512m")?;
+            let node =
+                Node::configure(i as u32 + 1, port, cport, &quorum, replication, "-Xmx512m")?;
             node.format(&id)?;
             nodes.push(node);
         }

@@ -346,8 +346,12 @@ impl Relay {
             return;
         };
         match self.publisher.rebuild() {
-            Ok(()) => warn!(%fatal, consecutive_failures, "replaced the Kafka producer after a fatal error"),
-            Err(e) => error!(error = %e, %fatal, "could not replace the Kafka producer after a fatal error"),
+            Ok(()) => {
+                warn!(%fatal, consecutive_failures, "replaced the Kafka producer after a fatal error")
+            }
+            Err(e) => {
+                error!(error = %e, %fatal, "could not replace the Kafka producer after a fatal error")
+            }
         }
     }
 

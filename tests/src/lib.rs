@@ -125,6 +125,12 @@ pub async fn consume_from(
                     settle_until = Some(tokio::time::Instant::now() + settle);
                 }
             }
+            // A bootstrap broker that is down (a killed cluster node) is
+            // reported and ridden out; anything else fails the test.
+            Ok(Err(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure
+                | rdkafka::types::RDKafkaErrorCode::AllBrokersDown,
+            ))) => continue,
             Ok(Err(e)) => bail!("consume error: {e}"),
             Err(_) if settle_until.is_some() => return Ok(out),
             Err(_) => {

@@ -9,8 +9,8 @@ use consumer_kit::{
 use integration_tests::{
     consume,
     consumer::{
-        consumer_cfg, consumer_db, effect_counts, event, events, produce,
-        reset_group_offsets, Effects, RunningConsumer, TestRecord,
+        consumer_cfg, consumer_db, effect_counts, event, events, produce, reset_group_offsets,
+        Effects, RunningConsumer, TestRecord,
     },
     create_topic, eventually, unique,
 };
@@ -1020,11 +1020,14 @@ async fn a_consumer_resumes_from_a_committed_offset_inside_a_record_batch(
     .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.stop().await?;
-    assert_eq!(stats.snapshot().processed, 363, "nothing before 137 applied");
-    let first: (i64, i64, i64) =
-        sqlx::query_as("SELECT min(seq), max(seq), count(*) FROM effects")
-            .fetch_one(&pool)
-            .await?;
+    assert_eq!(
+        stats.snapshot().processed,
+        363,
+        "nothing before 137 applied"
+    );
+    let first: (i64, i64, i64) = sqlx::query_as("SELECT min(seq), max(seq), count(*) FROM effects")
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(first, (137, 499, 363));
     let first_applied: i64 = sqlx::query_scalar("SELECT seq FROM effects ORDER BY at LIMIT 1")
         .fetch_one(&pool)

@@ -104,7 +104,10 @@ async fn the_cloudevents_sdk_reads_every_relay_record_as_the_outbox_row_says(
     .fetch_all(&pool)
     .await?;
     let relay = RunningRelay::start(&pool, quick_relay_config())?;
-    eventually(WAIT, "published", || async { Ok(pending(&pool).await? == 0) }).await?;
+    eventually(WAIT, "published", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
     relay.stop().await?;
 
     let lines = java_interop(&["read", &brokers(), &topic, &N.to_string()])?;
@@ -197,7 +200,10 @@ async fn the_relay_and_the_java_client_put_each_key_on_the_same_partition(
     .execute(&pool)
     .await?;
     let relay = RunningRelay::start(&pool, quick_relay_config())?;
-    eventually(WAIT, "published", || async { Ok(pending(&pool).await? == 0) }).await?;
+    eventually(WAIT, "published", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
     relay.stop().await?;
     let got = consume(&topic, KEYS as usize, WAIT, Duration::from_millis(500)).await?;
     let relay_side: HashMap<String, i32> = got
@@ -232,15 +238,28 @@ async fn kafkas_console_consumer_prints_the_relay_records_with_their_headers(
     let topic = outbox_with_topic(&pool, "interop-console", 2).await?;
     let ids = integration_tests::append_events(&pool, &topic, 5, 2).await?;
     let relay = RunningRelay::start(&pool, quick_relay_config())?;
-    eventually(WAIT, "published", || async { Ok(pending(&pool).await? == 0) }).await?;
+    eventually(WAIT, "published", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
     relay.stop().await?;
     let dev = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dev");
     let out = Command::new("bash")
         .arg(dev)
-        .args(["kafka", "console-consumer", "--bootstrap-server", &brokers()])
+        .args([
+            "kafka",
+            "console-consumer",
+            "--bootstrap-server",
+            &brokers(),
+        ])
         .args(["--topic", &topic, "--from-beginning", "--max-messages", "5"])
         .args(["--timeout-ms", "30000"])
-        .args(["--property", "print.headers=true", "--property", "print.key=true"])
+        .args([
+            "--property",
+            "print.headers=true",
+            "--property",
+            "print.key=true",
+        ])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -250,7 +269,10 @@ async fn kafkas_console_consumer_prints_the_relay_records_with_their_headers(
     );
     assert_eq!(text.lines().count(), 5, "{text}");
     for id in ids {
-        assert!(text.contains(&format!("ce_id:{id}")), "no ce_id:{id} in\n{text}");
+        assert!(
+            text.contains(&format!("ce_id:{id}")),
+            "no ce_id:{id} in\n{text}"
+        );
     }
     assert!(text.contains("ce_specversion:1.0"), "{text}");
     assert!(text.contains("ce_type:thing.happened"), "{text}");

@@ -112,7 +112,10 @@ fn broker_restarts_with_consumer_kills_lose_reorder_and_double_nothing() -> anyh
         ],
         &["broker kill -9 and restart", "consumer kill -9"],
     )?;
-    assert!(stdout.contains("the soak's own Apache Kafka broker"), "{stdout}");
+    assert!(
+        stdout.contains("the soak's own Apache Kafka broker"),
+        "{stdout}"
+    );
     Ok(())
 }
 
