@@ -89,7 +89,7 @@ pub(crate) async fn process(shared: &Shared, msg: &OwnedMessage, stop: &Cancella
     let span = info_span!(
         "consume",
         event_id = %raw.event_id,
-        correlation_id = raw.correlation_id.as_deref().unwrap_or(""),
+        correlation_id = raw.correlation_id.as_deref(),
         event_type = %raw.event_type,
         position = %raw.position,
         traceparent = raw.traceparent.as_deref().unwrap_or(""),

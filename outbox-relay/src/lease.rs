@@ -150,12 +150,22 @@ impl Leases {
                     }
                 }
                 Err(e) => {
+                    let why = match &e {
+                        LeaseError::Database(db) => {
+                            let opts = self.pool.connect_options();
+                            let why =
+                                crate::store::explain_connect(db, opts.get_host(), opts.get_port())
+                                    .await;
+                            format!("database: {why}")
+                        }
+                        other => other.to_string(),
+                    };
                     if !failing {
-                        warn!(error = %e, "lease heartbeat failed; claims stop once the lease runs out");
+                        warn!(error = %why, "lease heartbeat failed; claims stop once the lease runs out");
                     }
                     failing = true;
                     let mut st = self.state.lock().expect("ownership lock");
-                    st.last_error = Some(format!("lease heartbeat: {e}"));
+                    st.last_error = Some(format!("lease heartbeat: {why}"));
                     if matches!(e, LeaseError::PartitionsChanged { .. }) {
                         st.releasing = st.owned.clone();
                     }

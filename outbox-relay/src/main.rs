@@ -68,7 +68,11 @@ fn init_logging(format: LogFormat) {
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn,refinery_core=warn"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours on a terminal only: log files and journals get plain text.
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -81,6 +85,21 @@ fn connect_options(cli: &Cli) -> anyhow::Result<PgConnectOptions> {
             "no database given: set DATABASE_URL or pass --database-url postgres://...".into(),
         )
     })?;
+    // sqlx parses any scheme; say at once that only PostgreSQL will do.
+    // (The scheme is no secret; the rest of the URL is never echoed.)
+    let scheme = url.split_once("://").map_or("", |(s, _)| s);
+    if !matches!(scheme, "postgres" | "postgresql") {
+        return Err(UsageError(format!(
+            "DATABASE_URL must be a PostgreSQL URL (postgres://user:password@host:port/db), \
+             not {}",
+            if scheme.is_empty() {
+                "one without a scheme".to_string()
+            } else {
+                format!("{scheme}://…")
+            }
+        ))
+        .into());
+    }
     // sqlx's parse error does not echo the URL, so no secret leaks here.
     let opts: PgConnectOptions = url
         .parse()
@@ -105,18 +124,19 @@ fn describe(opts: &PgConnectOptions) -> String {
 }
 
 async fn pool(opts: &PgConnectOptions) -> anyhow::Result<sqlx::PgPool> {
-    PgPoolOptions::new()
+    match PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect_with(opts.clone())
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to PostgreSQL at {}: {}",
-                describe(opts),
-                store::explain(&e)
-            )
-        })
+    {
+        Ok(pool) => Ok(pool),
+        Err(e) => anyhow::bail!(
+            "cannot connect to PostgreSQL at {}: {}",
+            describe(opts),
+            store::explain_connect(&e, opts.get_host(), opts.get_port()).await
+        ),
+    }
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {

@@ -75,12 +75,21 @@ pub fn build(
         (None, None) => None,
         (Some(_), Some(_)) => return Err("both payload and payload_bytes are set".into()),
     };
-    let extra: serde_json::Map<String, serde_json::Value> = match serde_json::from_str(&row.headers)
-    {
-        Ok(serde_json::Value::Object(map)) => map,
-        Ok(other) => return Err(format!("headers must be a JSON object, got {other}")),
-        Err(e) => return Err(format!("headers are not valid JSON: {e}")),
-    };
+    // Raw values: a number's header is its JSON text as PostgreSQL stores
+    // it, never a float's rendering of it (`12345678901234567890123`, `1.50`).
+    let extra: std::collections::BTreeMap<String, &serde_json::value::RawValue> =
+        match serde_json::from_str(&row.headers) {
+            Ok(map) => map,
+            Err(e) if row.headers.trim_start().starts_with('{') => {
+                return Err(format!("headers are not valid JSON: {e}"))
+            }
+            Err(_) => {
+                return Err(format!(
+                    "headers must be a JSON object, got {}",
+                    row.headers.trim()
+                ))
+            }
+        };
     let id = row.event_id.to_string();
     let version = row.event_version.to_string();
     let time = row
@@ -102,7 +111,10 @@ pub fn build(
     add(h::CE_SUBJECT, &row.aggregate_id);
     add(h::CE_AGGREGATE_TYPE, &row.aggregate_type);
     add(h::CE_EVENT_VERSION, &version);
-    add(h::CONTENT_TYPE, &row.content_type);
+    // A tombstone has no data, so no data content type.
+    if value.is_some() {
+        add(h::CONTENT_TYPE, &row.content_type);
+    }
     for (name, value) in [
         (h::CE_CORRELATION_ID, &row.correlation_id),
         (h::CE_CAUSATION_ID, &row.causation_id),
@@ -114,16 +126,22 @@ pub fn build(
         }
     }
     for (name, value) in &extra {
+        if name.is_empty() {
+            return Err("a header name is empty".into());
+        }
         if h::is_reserved(name) {
             return Err(format!("header {name:?} is reserved for the envelope"));
         }
-        let text = match value {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Number(n) => n.to_string(),
-            serde_json::Value::Bool(b) => b.to_string(),
-            other => {
+        let raw = value.get();
+        let text = match raw.as_bytes().first() {
+            Some(b'"') => {
+                serde_json::from_str::<String>(raw).map_err(|e| format!("header {name:?}: {e}"))?
+            }
+            Some(b'-' | b'0'..=b'9') | None => raw.to_string(),
+            _ if raw == "true" || raw == "false" => raw.to_string(),
+            _ => {
                 return Err(format!(
-                    "header {name:?} must be a string, number or boolean, got {other}"
+                    "header {name:?} must be a string, number or boolean, got {raw}"
                 ))
             }
         };
@@ -208,6 +226,43 @@ mod tests {
     }
 
     #[test]
+    fn header_numbers_are_the_json_text_as_written() {
+        let mut r = row();
+        r.headers = r#"{"big": 12345678901234567890123, "price": 1.50, "tiny": -0.000000000000000000012345678901234567, "exp": 1e400, "ok": true, "s": "a\"b"}"#.into();
+        let rec = build(&mut r, &TopicRouter::new("t"), "s").unwrap();
+        assert_eq!(
+            header(&rec, "big").as_deref(),
+            Some("12345678901234567890123")
+        );
+        assert_eq!(header(&rec, "price").as_deref(), Some("1.50"));
+        assert_eq!(
+            header(&rec, "tiny").as_deref(),
+            Some("-0.000000000000000000012345678901234567")
+        );
+        assert_eq!(header(&rec, "exp").as_deref(), Some("1e400"));
+        assert_eq!(header(&rec, "ok").as_deref(), Some("true"));
+        assert_eq!(header(&rec, "s").as_deref(), Some("a\"b"));
+    }
+
+    #[test]
+    fn a_tombstone_has_no_content_type() {
+        let mut r = row();
+        r.payload = None;
+        let rec = build(&mut r, &TopicRouter::new("t"), "s").unwrap();
+        assert_eq!(rec.value, None);
+        assert_eq!(header(&rec, h::CONTENT_TYPE), None);
+        assert_eq!(header(&rec, h::CE_ID), Some(r.event_id.to_string()));
+    }
+
+    #[test]
+    fn an_empty_header_name_is_refused() {
+        let mut r = row();
+        r.headers = r#"{"": "x"}"#.into();
+        let err = build(&mut r, &TopicRouter::new("t"), "s").unwrap_err();
+        assert!(err.contains("header name is empty"), "{err}");
+    }
+
+    #[test]
     fn malformed_headers_are_reasons_not_panics() {
         let mut r = row();
         r.headers = "[1]".into();
@@ -222,6 +277,14 @@ mod tests {
         assert!(build(&mut r, &TopicRouter::new("t"), "s")
             .unwrap_err()
             .contains("nested"));
+        r.headers = r#"{"nothing": null}"#.into();
+        assert!(build(&mut r, &TopicRouter::new("t"), "s")
+            .unwrap_err()
+            .contains("got null"));
+        r.headers = r#"{"broken": "#.into();
+        assert!(build(&mut r, &TopicRouter::new("t"), "s")
+            .unwrap_err()
+            .contains("not valid JSON"));
     }
 
     #[test]

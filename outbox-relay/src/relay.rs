@@ -303,8 +303,10 @@ impl Relay {
                         _ = shutdown.cancelled() => {}
                     }
                 }
-                Err(e @ BatchError::Database(_)) => {
-                    self.degraded(e.to_string());
+                Err(BatchError::Database(e)) => {
+                    let opts = self.pool.connect_options();
+                    let why = store::explain_connect(&e, opts.get_host(), opts.get_port()).await;
+                    self.degraded(format!("database: {why}"));
                     backoff.sleep(shutdown).await;
                 }
                 Err(BatchError::Broker(e)) => {
@@ -499,7 +501,7 @@ impl Relay {
                     per_topic.insert(topic.to_string(), 1);
                 }
             }
-            debug!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref().unwrap_or(""),
+            debug!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref(),
                    event.r#type = %row.event_type, "published");
         };
 
@@ -536,7 +538,7 @@ impl Relay {
                     note_delivered(row, topic);
                 }
                 Some(Outcome::Permanent(reason)) => {
-                    warn!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref().unwrap_or(""),
+                    warn!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref(),
                           row.id = row.id, reason = %reason, "outbox row failed permanently; moved to failed");
                     res.failed.push((row.id, reason.clone()));
                 }

@@ -236,6 +236,36 @@ pub fn explain(e: &sqlx::Error) -> String {
     }
 }
 
+/// [`explain`], and for a connection that could not be opened (sqlx says
+/// only "pool timed out"), why: `host:port` refused it, or gave no answer.
+/// Costs one TCP connection attempt of at most 3 s, made only on failure.
+pub async fn explain_connect(e: &sqlx::Error, host: &str, port: u16) -> String {
+    if !matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) {
+        return explain(e);
+    }
+    let probe = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await;
+    let why = match probe {
+        Ok(Err(io)) if io.kind() == std::io::ErrorKind::ConnectionRefused => format!(
+            "{host}:{port} refused the connection: nothing listens there; check the host and \
+             port in DATABASE_URL and that PostgreSQL runs"
+        ),
+        Ok(Err(io)) => format!("{host}:{port} cannot be reached: {io}"),
+        Err(_) => format!(
+            "{host}:{port} gave no answer within 3 s: a wrong host, a firewall, or a server \
+             that is down"
+        ),
+        Ok(Ok(_)) => format!(
+            "{host}:{port} accepts connections but no login completed in time: is it \
+             PostgreSQL, and is it overloaded?"
+        ),
+    };
+    format!("{e} ({why})")
+}
+
 /// Who claims, for [`claim`].
 #[derive(Debug, Clone)]
 pub struct Claimant<'a> {

@@ -88,6 +88,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn,consumer_kit::process=off".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours on a terminal only: log files and journals get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -172,6 +172,15 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
     .await?;
     row("null-header", Some(&topic), "t", r#"{"x": null}"#).await?;
     row("array-header", Some(&topic), "t", r#"{"x": [1]}"#).await?;
+    row("empty-header-name", Some(&topic), "t", r#"{"": "x"}"#).await?;
+    // Healthy: numbers that a float would round travel as written.
+    row(
+        "numbers",
+        Some(&topic),
+        "t",
+        r#"{"big": 12345678901234567890123, "price": 1.50, "tiny": 0.1000000000000000055511151231257827}"#,
+    )
+    .await?;
     row("long-topic", Some(&long_topic), "t", "{}").await?;
     row("unicode-topic", Some("bestellungen-ä"), "t", "{}").await?;
     row("template-topic", None, "has space", "{}").await?;
@@ -195,17 +204,27 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
     append(&pool, &NewEvent::new("t", "gone", "deleted").topic(&topic)).await?;
 
     let relay = RunningRelay::start(&pool, cfg())?;
-    let got = consume(&topic, 22, WAIT, Duration::from_millis(1500)).await?;
-    eventually(WAIT, "seven failed rows", || async {
+    let got = consume(&topic, 23, WAIT, Duration::from_millis(1500)).await?;
+    eventually(WAIT, "eight failed rows", || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'failed'")
             .fetch_one(&pool)
             .await?;
-        Ok(n == 7)
+        Ok(n == 8)
     })
     .await?;
     assert!(relay.health.is_ready(), "{}", relay.health.reason());
     relay.stop().await?;
-    assert_eq!(got.len(), 22, "every healthy row arrived, once");
+    assert_eq!(got.len(), 23, "every healthy row arrived, once");
+    let numbers = got
+        .iter()
+        .find(|r| r.key.as_deref() == Some("numbers"))
+        .unwrap();
+    assert_eq!(numbers.header("big"), Some("12345678901234567890123"));
+    assert_eq!(numbers.header("price"), Some("1.50"));
+    assert_eq!(
+        numbers.header("tiny"),
+        Some("0.1000000000000000055511151231257827")
+    );
     let bin = got
         .iter()
         .find(|r| r.key.as_deref() == Some("bin"))
@@ -216,6 +235,11 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
         .find(|r| r.key.as_deref() == Some("gone"))
         .unwrap();
     assert_eq!(gone.value, None, "a row without payload is a tombstone");
+    assert_eq!(
+        gone.header("content-type"),
+        None,
+        "a tombstone has no content type"
+    );
 
     let failed: Vec<(String, String)> = sqlx::query_as(
         "SELECT left(aggregate_id, 20), last_error FROM outbox WHERE status = 'failed'",
@@ -236,6 +260,10 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
     );
     assert!(
         reason("array-header").contains("string, number or boolean"),
+        "{failed:?}"
+    );
+    assert!(
+        reason("empty-header-name").contains("header name is empty"),
         "{failed:?}"
     );
     assert!(reason("long-topic").contains("topic"), "{failed:?}");
@@ -369,6 +397,13 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> an
         assert_eq!(code, 2, "{args:?}: {out}");
         assert!(out.contains(says), "{args:?} should say {says:?}: {out}");
     }
+    // Another database's URL: refused before any connection, naming the
+    // scheme only.
+    let (code, out) = run(&["status"], "mysql://u:hunter2@127.0.0.1:5432/db");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("must be a PostgreSQL URL"), "{out}");
+    assert!(out.contains("mysql://"), "{out}");
+    assert!(!out.contains("hunter2"), "password leaked: {out}");
     let (code, out) = run(&["status"], "postgres://u:hunter2@:bad");
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("DATABASE_URL"), "{out}");
@@ -394,6 +429,7 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> an
     let (code, out) = run(&["status"], "postgres://u:hunter2@127.0.0.1:1/db");
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("127.0.0.1:1/db"), "{out}");
+    assert!(out.contains("127.0.0.1:1 refused the connection"), "{out}");
     assert!(!out.contains("hunter2"), "password leaked: {out}");
 
     // PostgreSQL unreachable at start: the relay runs, is not ready, says
@@ -409,7 +445,7 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> an
     );
     eventually(WAIT, "readiness answers 503 with the reason", || async {
         Ok(http_get(port, "/readyz")
-            .map(|(c, body)| c == 503 && body.contains("database"))
+            .map(|(c, body)| c == 503 && body.contains("127.0.0.1:1 refused the connection"))
             .unwrap_or(false))
     })
     .await?;

@@ -667,3 +667,46 @@ async fn status_on_an_older_schema_names_the_missing_migration(pool: PgPool) -> 
     );
     Ok(())
 }
+
+/// A failed row's log line names its event id, and its correlation id only
+/// when it has one: never `correlation.id=""`.
+#[sqlx::test(migrations = false)]
+async fn a_failed_rows_log_line_has_no_empty_correlation_id(pool: PgPool) -> anyhow::Result<()> {
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    let missing = unique("no-such-topic");
+    sqlx::query(
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, correlation_id) \
+         VALUES (gen_random_uuid(), 't', 'a', 'x', $1, NULL), (gen_random_uuid(), 't', 'b', 'x', $1, 'req-7f3a')",
+    )
+    .bind(&missing)
+    .execute(&pool)
+    .await?;
+    let name = unique("corr-log");
+    let port = free_port().to_string();
+    let relay = spawn_relay(&pool, &name, &["--http-addr", &format!("127.0.0.1:{port}")])?;
+    eventually(WAIT, "both rows failed", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'failed'")
+            .fetch_one(&pool)
+            .await?;
+        Ok(n == 2)
+    })
+    .await?;
+    relay.terminate();
+    drop(relay);
+    let log = std::fs::read_to_string(std::env::temp_dir().join(format!("{name}.log")))?;
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("moved to failed"))
+        .collect();
+    assert_eq!(failed.len(), 2, "{log}");
+    assert!(!log.contains("correlation.id=\"\""), "{log}");
+    assert_eq!(
+        failed
+            .iter()
+            .filter(|l| l.contains("correlation.id=\"req-7f3a\""))
+            .count(),
+        1,
+        "{log}"
+    );
+    Ok(())
+}
