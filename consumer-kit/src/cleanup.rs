@@ -5,7 +5,6 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use rdkafka::{
     admin::{AdminClient, AdminOptions, ResourceSpecifier},
-    client::DefaultClientContext,
     error::KafkaError,
 };
 use tokio_util::sync::CancellationToken;
@@ -81,7 +80,8 @@ pub async fn retention_check(
     topics: &[String],
     ttl: Duration,
 ) -> Result<Vec<RetentionCheck>, KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(brokers, properties).create()?;
+    let admin: AdminClient<outbox_kafka::QuietContext> =
+        client_config(brokers, properties).create_with_context(outbox_kafka::QuietContext)?;
     let specs: Vec<ResourceSpecifier<'_>> =
         topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));

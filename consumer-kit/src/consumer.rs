@@ -20,9 +20,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use outbox_kafka::{logs, QuietContext};
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::{ClientContext, DefaultClientContext},
+    client::ClientContext,
     consumer::{
         base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer as _, ConsumerContext,
         Rebalance,
@@ -248,8 +249,9 @@ fn consumer_config(cfg: &ConsumerConfig) -> rdkafka::ClientConfig {
 
 /// Checks that the topics exist and creates missing dead-letter topics.
 async fn prepare_topics(cfg: &ConsumerConfig) -> Result<(), ConsumerError> {
-    let admin: AdminClient<DefaultClientContext> =
-        dead_letter::client_config(&cfg.brokers, &cfg.kafka_properties).create()?;
+    let admin: AdminClient<QuietContext> =
+        dead_letter::client_config(&cfg.brokers, &cfg.kafka_properties)
+            .create_with_context(QuietContext)?;
     let admin = Arc::new(admin);
     let mut to_create = Vec::new();
     for topic in &cfg.topics {
@@ -296,7 +298,7 @@ async fn prepare_topics(cfg: &ConsumerConfig) -> Result<(), ConsumerError> {
 
 /// The partition count of `topic`, or `None` when it does not exist.
 async fn partition_count(
-    admin: &Arc<AdminClient<DefaultClientContext>>,
+    admin: &Arc<AdminClient<QuietContext>>,
     topic: &str,
 ) -> Result<Option<i32>, ConsumerError> {
     let admin = Arc::clone(admin);
@@ -339,7 +341,10 @@ fn poll_loop(
                     )));
                     break;
                 }
-                warn!(error = %e, "Kafka consumer error; librdkafka retries by itself");
+                logs::limited(
+                    &logs::kind_of(&e.to_string()),
+                    |more| warn!(error = %e, "Kafka consumer error; librdkafka retries by itself{more}"),
+                );
             }
         }
     }
@@ -512,9 +517,10 @@ async fn next_from_queue(
     loop {
         match queue.poll(Duration::ZERO) {
             Some(Ok(msg)) => return msg.detach(),
-            Some(Err(e)) => {
-                warn!(error = %e, "Kafka error on a partition queue; librdkafka retries by itself")
-            }
+            Some(Err(e)) => logs::limited(
+                &logs::kind_of(&e.to_string()),
+                |more| warn!(error = %e, "Kafka error on a partition queue; librdkafka retries by itself{more}"),
+            ),
             None => {
                 // Woken by the queue's non-empty callback; the timeout is a
                 // safety net only.
@@ -557,17 +563,11 @@ const COMMIT_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 impl ClientContext for KitContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
-        use rdkafka::config::RDKafkaLogLevel as L;
-        match level {
-            L::Emerg | L::Alert | L::Critical | L::Error => {
-                tracing::error!(target: "librdkafka", facility = fac, "{log_message}")
-            }
-            L::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{log_message}"),
-            L::Notice | L::Info => {
-                tracing::info!(target: "librdkafka", facility = fac, "{log_message}")
-            }
-            L::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
-        }
+        logs::librdkafka_log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        logs::librdkafka_error(&error, reason);
     }
 
     fn stats(&self, statistics: Statistics) {

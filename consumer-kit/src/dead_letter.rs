@@ -24,6 +24,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use outbox_core::headers as h;
+use outbox_kafka::QuietContext;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     error::KafkaError,
@@ -131,7 +132,7 @@ pub(crate) fn producer_config(
 /// fatally failed.
 pub(crate) struct DeadLetterProducer {
     config: ClientConfig,
-    producer: std::sync::RwLock<FutureProducer>,
+    producer: std::sync::RwLock<FutureProducer<QuietContext>>,
 }
 
 impl DeadLetterProducer {
@@ -141,14 +142,14 @@ impl DeadLetterProducer {
         timeout: Duration,
     ) -> Result<Self, KafkaError> {
         let config = producer_config(brokers, properties, timeout, false);
-        let producer = config.create()?;
+        let producer = config.create_with_context(QuietContext)?;
         Ok(Self {
             config,
             producer: std::sync::RwLock::new(producer),
         })
     }
 
-    fn get(&self) -> FutureProducer {
+    fn get(&self) -> FutureProducer<QuietContext> {
         self.producer
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -160,7 +161,7 @@ impl DeadLetterProducer {
         let producer = self.get();
         if let Some((code, reason)) = producer.client().fatal_error() {
             tracing::warn!(?code, %reason, "dead-letter producer failed fatally; creating a new one");
-            match self.config.create::<FutureProducer>() {
+            match self.config.create_with_context(QuietContext) {
                 Ok(fresh) => {
                     *self.producer.write().unwrap_or_else(|p| p.into_inner()) = fresh;
                 }
@@ -417,7 +418,7 @@ fn read_blocking(
     cc.set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("group.id", "consumer-kit-dlq-reader");
-    let consumer: BaseConsumer = cc.create()?;
+    let consumer: BaseConsumer<QuietContext> = cc.create_with_context(QuietContext)?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = metadata
@@ -496,8 +497,9 @@ pub async fn replay(
             });
         }
     }
-    let producer: FutureProducer =
-        producer_config(brokers, properties, Duration::from_secs(30), true).create()?;
+    let producer: FutureProducer<QuietContext> =
+        producer_config(brokers, properties, Duration::from_secs(30), true)
+            .create_with_context(QuietContext)?;
     let mut sends = Vec::with_capacity(letters.len());
     for l in letters {
         let mut headers = OwnedHeaders::new_with_capacity(l.headers.len());

@@ -19,6 +19,8 @@ use rdkafka::{
     types::RDKafkaRespErr,
 };
 
+use outbox_kafka::QuietContext;
+
 use crate::{config::RelayConfig, record::Record};
 
 /// How long a topic seen in the broker's metadata is trusted without asking again.
@@ -58,7 +60,7 @@ pub enum TopicState {
 
 /// The Kafka side of the relay.
 pub struct Publisher {
-    producer: std::sync::RwLock<FutureProducer>,
+    producer: std::sync::RwLock<FutureProducer<QuietContext>>,
     client_config: ClientConfig,
     timeout: Duration,
     known_topics: Mutex<HashMap<String, Instant>>,
@@ -99,7 +101,9 @@ impl Publisher {
         for (k, v) in &cfg.kafka_properties {
             cc.set(k, v);
         }
-        let producer: FutureProducer = cc.create().map_err(|e| PublisherError(e.to_string()))?;
+        let producer: FutureProducer<QuietContext> = cc
+            .create_with_context(QuietContext)
+            .map_err(|e| PublisherError(e.to_string()))?;
         Ok(Self {
             producer: std::sync::RwLock::new(producer),
             client_config: cc,
@@ -108,7 +112,7 @@ impl Publisher {
         })
     }
 
-    fn producer(&self) -> FutureProducer {
+    fn producer(&self) -> FutureProducer<QuietContext> {
         self.producer.read().expect("producer lock").clone()
     }
 
@@ -127,9 +131,9 @@ impl Publisher {
     /// queued in the old instance are abandoned; their rows were rolled back
     /// and are claimed again.
     pub fn rebuild(&self) -> Result<(), PublisherError> {
-        let fresh: FutureProducer = self
+        let fresh: FutureProducer<QuietContext> = self
             .client_config
-            .create()
+            .create_with_context(QuietContext)
             .map_err(|e| PublisherError(e.to_string()))?;
         *self.producer.write().expect("producer lock") = fresh;
         self.known_topics.lock().expect("topic cache").clear();
@@ -233,7 +237,7 @@ impl Publisher {
     }
 }
 
-async fn enqueue(producer: &FutureProducer, rec: Record) -> Slot {
+async fn enqueue(producer: &FutureProducer<QuietContext>, rec: Record) -> Slot {
     let Record {
         topic,
         key,

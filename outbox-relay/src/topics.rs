@@ -7,7 +7,6 @@ use std::{collections::BTreeMap, time::Duration};
 
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
     error::KafkaError,
     types::RDKafkaErrorCode,
     ClientConfig,
@@ -66,7 +65,9 @@ pub async fn create(
     for (k, v) in properties {
         cc.set(k, v);
     }
-    let admin: AdminClient<DefaultClientContext> = cc.create().map_err(TopicError::Client)?;
+    let admin: AdminClient<outbox_kafka::QuietContext> = cc
+        .create_with_context(outbox_kafka::QuietContext)
+        .map_err(TopicError::Client)?;
     let opts = AdminOptions::new()
         .request_timeout(Some(Duration::from_secs(15)))
         .operation_timeout(Some(Duration::from_secs(10)));

@@ -17,6 +17,13 @@ pub struct Mock {
 /// The mock cluster's brokers (ids 1 to 3).
 pub const MOCK_BROKERS: i32 = 3;
 
+/// The most events a soak on the mock cluster may commit. librdkafka's mock
+/// partition keeps at most 5 MiB (`rdkafka_mock.c`, `max_size`) and drops
+/// its oldest records beyond that; a soak event is about 290 bytes, and the
+/// soak's topic has 3 partitions: about 54,000 events fit, 40,000 leave room
+/// for duplicates and uneven keys.
+pub const MOCK_MAX_EVENTS: u64 = 40_000;
+
 impl Mock {
     /// Starts the cluster.
     pub fn start() -> anyhow::Result<Self> {

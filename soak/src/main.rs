@@ -170,7 +170,25 @@ fn humantime_secs(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Run { faults, .. } = &cli.command {
+    if let Command::Run {
+        faults,
+        seconds,
+        rate,
+        ..
+    } = &cli.command
+    {
+        if faults.iter().any(|f| f.needs_mock()) && seconds * rate > broker::MOCK_MAX_EVENTS {
+            eprintln!(
+                "error: --seconds × --rate is {} events, but librdkafka's mock cluster keeps at \
+                 most 5 MiB per partition (about {} soak events on its 3 partitions) and drops \
+                 older records, which the checker would count as lost; run the mock faults for \
+                 at most {} events, or the other faults on a real broker",
+                seconds * rate,
+                broker::MOCK_MAX_EVENTS,
+                broker::MOCK_MAX_EVENTS
+            );
+            return ExitCode::from(2);
+        }
         if faults.contains(&Fault::BrokerRestart) && faults.iter().any(|f| f.needs_mock()) {
             eprintln!(
                 "error: --faults: broker-restart runs an Apache Kafka broker of its own, while produce-errors, \

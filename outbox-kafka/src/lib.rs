@@ -1,0 +1,12 @@
+//! Kafka client plumbing that the relay (`outbox-relay`) and the consumer
+//! (`consumer-kit`) share, so both behave the same towards operators.
+//!
+//! - [`logs`]: librdkafka's log lines and global errors, each said once, and
+//!   repeats summarised ("… repeated 412 times in the last 10 s") instead of
+//!   flooding a log at dozens of lines a second during an outage.
+//! - [`QuietContext`]: the client context to create producers and admin
+//!   clients with, instead of rdkafka's `DefaultClientContext`.
+
+pub mod logs;
+
+pub use logs::QuietContext;
