@@ -80,8 +80,9 @@ pub async fn retention_check(
     topics: &[String],
     ttl: Duration,
 ) -> Result<Vec<RetentionCheck>, KafkaError> {
-    let admin: AdminClient<outbox_kafka::QuietContext> =
-        client_config(brokers, properties).create_with_context(outbox_kafka::QuietContext)?;
+    let admin: AdminClient<outbox_kafka::QuietContext> = client_config(brokers, properties)
+        .create_with_context(outbox_kafka::QuietContext)
+        .map_err(outbox_kafka::secrets::scrub)?;
     let specs: Vec<ResourceSpecifier<'_>> =
         topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));

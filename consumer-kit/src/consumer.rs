@@ -200,8 +200,9 @@ impl Consumer {
             stats: Arc::clone(&shared.stats),
             commits_failing_since: Mutex::new(None),
         };
-        let consumer: BaseConsumer<KitContext> =
-            consumer_config(cfg).create_with_context(context)?;
+        let consumer: BaseConsumer<KitContext> = consumer_config(cfg)
+            .create_with_context(context)
+            .map_err(outbox_kafka::secrets::scrub)?;
 
         let cleaner = cfg
             .cleanup_interval
@@ -239,9 +240,7 @@ fn consumer_config(cfg: &ConsumerConfig) -> rdkafka::ClientConfig {
             every.as_millis().max(1).to_string(),
         );
     }
-    for (k, v) in &cfg.kafka_properties {
-        cc.set(k, v);
-    }
+    outbox_kafka::secrets::set_all(&mut cc, &cfg.kafka_properties);
     // Stored only after the database commit; never automatically.
     cc.set("enable.auto.offset.store", "false");
     cc
@@ -251,7 +250,8 @@ fn consumer_config(cfg: &ConsumerConfig) -> rdkafka::ClientConfig {
 async fn prepare_topics(cfg: &ConsumerConfig) -> Result<(), ConsumerError> {
     let admin: AdminClient<QuietContext> =
         dead_letter::client_config(&cfg.brokers, &cfg.kafka_properties)
-            .create_with_context(QuietContext)?;
+            .create_with_context(QuietContext)
+            .map_err(outbox_kafka::secrets::scrub)?;
     let admin = Arc::new(admin);
     let mut to_create = Vec::new();
     for topic in &cfg.topics {

@@ -93,9 +93,7 @@ impl DeadLetterKind {
 pub(crate) fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", brokers);
-    for (k, v) in properties {
-        cc.set(k, v);
-    }
+    outbox_kafka::secrets::set_all(&mut cc, properties);
     cc
 }
 
@@ -119,6 +117,7 @@ pub(crate) fn producer_config(
         .set("linger.ms", "5")
         .set("message.timeout.ms", timeout.as_millis().to_string())
         .set("client.id", "consumer-kit");
+    outbox_kafka::secrets::remember(properties);
     for (k, v) in properties {
         // Consumer-only settings would make the producer refuse to start.
         if !is_consumer_only(k) {
@@ -142,7 +141,9 @@ impl DeadLetterProducer {
         timeout: Duration,
     ) -> Result<Self, KafkaError> {
         let config = producer_config(brokers, properties, timeout, false);
-        let producer = config.create_with_context(QuietContext)?;
+        let producer = config
+            .create_with_context(QuietContext)
+            .map_err(outbox_kafka::secrets::scrub)?;
         Ok(Self {
             config,
             producer: std::sync::RwLock::new(producer),
@@ -165,7 +166,10 @@ impl DeadLetterProducer {
                 Ok(fresh) => {
                     *self.producer.write().unwrap_or_else(|p| p.into_inner()) = fresh;
                 }
-                Err(e) => tracing::error!(error = %e, "cannot create a new dead-letter producer"),
+                Err(e) => tracing::error!(
+                    error = %outbox_kafka::secrets::scrub(e),
+                    "cannot create a new dead-letter producer"
+                ),
             }
         }
     }
@@ -418,7 +422,9 @@ fn read_blocking(
     cc.set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("group.id", "consumer-kit-dlq-reader");
-    let consumer: BaseConsumer<QuietContext> = cc.create_with_context(QuietContext)?;
+    let consumer: BaseConsumer<QuietContext> = cc
+        .create_with_context(QuietContext)
+        .map_err(outbox_kafka::secrets::scrub)?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = metadata
@@ -499,7 +505,8 @@ pub async fn replay(
     }
     let producer: FutureProducer<QuietContext> =
         producer_config(brokers, properties, Duration::from_secs(30), true)
-            .create_with_context(QuietContext)?;
+            .create_with_context(QuietContext)
+            .map_err(outbox_kafka::secrets::scrub)?;
     let mut sends = Vec::with_capacity(letters.len());
     for l in letters {
         let mut headers = OwnedHeaders::new_with_capacity(l.headers.len());

@@ -4,9 +4,12 @@
 //! - [`logs`]: librdkafka's log lines and global errors, each said once, and
 //!   repeats summarised ("… repeated 412 times in the last 10 s") instead of
 //!   flooding a log at dozens of lines a second during an outage.
+//! - [`secrets`]: property values are secrets until shown harmless; they are
+//!   masked in every error and log line that could echo them.
 //! - [`QuietContext`]: the client context to create producers and admin
 //!   clients with, instead of rdkafka's `DefaultClientContext`.
 
 pub mod logs;
+pub mod secrets;
 
 pub use logs::QuietContext;

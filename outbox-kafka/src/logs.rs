@@ -146,6 +146,7 @@ pub fn limited(key: &str, say: impl FnOnce(&str)) {
 /// One librdkafka log line, at its level, target `librdkafka`.
 pub fn librdkafka_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
     use RDKafkaLogLevel as L;
+    let message = &crate::secrets::redact(message);
     if matches!(level, L::Debug) {
         // Debug lines come only when asked for (`debug=…`): all of them.
         tracing::debug!(target: "librdkafka", facility, "{message}");
@@ -214,7 +215,7 @@ mod tests {
         let global = "127.0.0.1:44363/1: Connect to ipv4#127.0.0.1:44363 failed: Connection refused (after 12ms in state CONNECT, 1 identical error(s) suppressed)";
         assert_eq!(
             kind_of(line),
-            "#.#.#.#:#/#: Connect to ipv#.#.#.#:# failed: Connection refused"
+            "#.#.#.#:#/#: Connect to ipv###.#.#.#:# failed: Connection refused"
         );
         assert_eq!(kind_of(global), kind_of(line));
         assert_ne!(kind_of("Connection reset by peer"), kind_of(line));

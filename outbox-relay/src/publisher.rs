@@ -98,12 +98,10 @@ impl Publisher {
             // the key. A key lands on the partition Java producers, Kafka
             // Connect and Debezium pick (librdkafka's default is CRC32).
             .set("partitioner", PARTITIONER);
-        for (k, v) in &cfg.kafka_properties {
-            cc.set(k, v);
-        }
+        outbox_kafka::secrets::set_all(&mut cc, &cfg.kafka_properties);
         let producer: FutureProducer<QuietContext> = cc
             .create_with_context(QuietContext)
-            .map_err(|e| PublisherError(e.to_string()))?;
+            .map_err(|e| PublisherError(outbox_kafka::secrets::redact(&e.to_string())))?;
         Ok(Self {
             producer: std::sync::RwLock::new(producer),
             client_config: cc,
@@ -134,7 +132,7 @@ impl Publisher {
         let fresh: FutureProducer<QuietContext> = self
             .client_config
             .create_with_context(QuietContext)
-            .map_err(|e| PublisherError(e.to_string()))?;
+            .map_err(|e| PublisherError(outbox_kafka::secrets::redact(&e.to_string())))?;
         *self.producer.write().expect("producer lock") = fresh;
         self.known_topics.lock().expect("topic cache").clear();
         Ok(())

@@ -62,12 +62,10 @@ pub async fn create(
     outbox_core::topic::validate_topic(name).map_err(TopicError::InvalidName)?;
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", brokers);
-    for (k, v) in properties {
-        cc.set(k, v);
-    }
+    outbox_kafka::secrets::set_all(&mut cc, properties);
     let admin: AdminClient<outbox_kafka::QuietContext> = cc
         .create_with_context(outbox_kafka::QuietContext)
-        .map_err(TopicError::Client)?;
+        .map_err(|e| TopicError::Client(outbox_kafka::secrets::scrub(e)))?;
     let opts = AdminOptions::new()
         .request_timeout(Some(Duration::from_secs(15)))
         .operation_timeout(Some(Duration::from_secs(10)));
@@ -78,7 +76,7 @@ pub async fn create(
             .await
             .map_err(|error| TopicError::Unreachable {
                 brokers: brokers.to_string(),
-                error,
+                error: outbox_kafka::secrets::scrub(error),
             })?;
     let mut created = Created::New;
     for r in results {

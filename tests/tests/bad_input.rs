@@ -459,3 +459,69 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> an
     assert!(!stderr.contains("panicked"), "{stderr}");
     Ok(())
 }
+
+/// A misspelled librdkafka property, whose value librdkafka echoes in its
+/// error, is refused without the value appearing anywhere: the relay's
+/// `run` and `topic create`, `outbox-dlq`, and consumer-kit's builder.
+#[sqlx::test(migrations = false)]
+async fn a_misspelled_kafka_property_never_shows_its_value(pool: PgPool) -> anyhow::Result<()> {
+    const SECRET: &str = "hunter2-kafka-secret";
+    let url = integration_tests::database_url(&pool);
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    let property = format!("sasl.pasword={SECRET}");
+    for args in [
+        vec!["run", "--kafka-property", &property],
+        vec!["topic", "create", "x", "--kafka-property", &property],
+    ] {
+        let (code, out) = integration_tests::relay_cli(&url, &args);
+        assert_ne!(code, 0, "{args:?}: {out}");
+        assert!(
+            out.contains("sasl.pasword"),
+            "{args:?} names the property: {out}"
+        );
+        assert!(!out.contains(SECRET), "{args:?} leaked the value: {out}");
+    }
+    let out = std::process::Command::new(integration_tests::dlq_bin())
+        .args(["list", "x.dlq", "--kafka-property", &property])
+        .env("KAFKA_BROKERS", integration_tests::brokers())
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("sasl.pasword"), "{text}");
+    assert!(
+        !text.contains(SECRET),
+        "outbox-dlq leaked the value: {text}"
+    );
+
+    consumer_db(&pool).await?;
+    let topic = unique("secret");
+    integration_tests::create_topic(&topic, 1).await?;
+    let mut cfg = integration_tests::consumer::consumer_cfg(&unique("g"), &topic);
+    cfg.kafka_properties
+        .insert("sasl.pasword".into(), SECRET.into());
+    let built = consumer_kit::Consumer::builder(cfg, pool.clone())
+        .handler(
+            "item.added",
+            integration_tests::consumer::Effects::default(),
+        )
+        .build();
+    let err = match built {
+        Ok(c) => c
+            .run(tokio_util::sync::CancellationToken::new())
+            .await
+            .err()
+            .map(|e| format!("{e} / {e:?}"))
+            .unwrap_or_default(),
+        Err(e) => format!("{e} / {e:?}"),
+    };
+    assert!(err.contains("sasl.pasword"), "{err}");
+    assert!(
+        !err.contains(SECRET),
+        "consumer-kit leaked the value: {err}"
+    );
+    Ok(())
+}
