@@ -63,8 +63,8 @@ fn a_stale_broker_pid_is_reported_as_exited() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     // Copy the script so its .services folder is private to this test.
     std::fs::copy(format!("{root}/dev"), dir.join("dev")).unwrap();
-    std::fs::create_dir_all(dir.join(".services")).unwrap();
-    std::fs::write(dir.join(".services/kafka.pid"), "999999\n").unwrap();
+    std::fs::create_dir_all(dir.join(".services/kafka-3")).unwrap();
+    std::fs::write(dir.join(".services/kafka-3/kafka.pid"), "999999\n").unwrap();
     let out = Command::new("bash")
         .arg(dir.join("dev"))
         .arg("status")
