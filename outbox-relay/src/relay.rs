@@ -88,7 +88,13 @@ pub struct Relay {
     claim_sql: String,
     health: Arc<Health>,
     leases: Arc<Leases>,
+    /// When the lease failure now in force was last logged.
+    idle_warned_at: std::sync::Mutex<Option<Instant>>,
 }
+
+/// While the lease heartbeat keeps failing for the same reason (a schema
+/// not yet migrated, say), the warning is repeated this often.
+const IDLE_WARNING_EVERY: Duration = Duration::from_secs(30);
 
 impl Relay {
     /// Validates `cfg` and creates the producer. Does not connect to the
@@ -133,6 +139,7 @@ impl Relay {
             publisher,
             health: Arc::new(Health::default()),
             leases,
+            idle_warned_at: std::sync::Mutex::new(None),
         })
     }
 
@@ -323,8 +330,14 @@ impl Relay {
     /// heartbeat itself fails.
     fn idle(&self, own: &Ownership) {
         if let Some(e) = &own.last_error {
-            if self.health.reason() != *e {
+            let mut warned = self
+                .idle_warned_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let again = warned.is_some_and(|at| at.elapsed() >= IDLE_WARNING_EVERY);
+            if self.health.reason() != *e || again {
                 warn!(reason = %e, "no partitions: the lease heartbeat fails");
+                *warned = Some(Instant::now());
             }
             self.health.set(State::Degraded, e.clone());
         } else if self.health.state() != State::Standby {

@@ -248,6 +248,16 @@ impl RunningRelay {
     }
 }
 
+/// Publishes every pending row with a quick in-process relay, then stops it.
+pub async fn publish_pending(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let relay = RunningRelay::start(pool, quick_relay_config())?;
+    eventually(Duration::from_secs(60), "every row published", || async {
+        Ok(pending(pool).await? == 0)
+    })
+    .await?;
+    relay.stop().await
+}
+
 /// Pending rows in the outbox.
 pub async fn pending(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
     Ok(

@@ -16,7 +16,7 @@ use anyhow::Context;
 use integration_tests::{
     brokers, consume,
     consumer::{consumer_cfg, consumer_db, effect_counts, Effects, RunningConsumer},
-    eventually, outbox_with_topic, pending, quick_relay_config, unique, RunningRelay,
+    eventually, outbox_with_topic, publish_pending, unique,
 };
 use sqlx::PgPool;
 
@@ -103,12 +103,7 @@ async fn the_cloudevents_sdk_reads_every_relay_record_as_the_outbox_row_says(
     )
     .fetch_all(&pool)
     .await?;
-    let relay = RunningRelay::start(&pool, quick_relay_config())?;
-    eventually(WAIT, "published", || async {
-        Ok(pending(&pool).await? == 0)
-    })
-    .await?;
-    relay.stop().await?;
+    publish_pending(&pool).await?;
 
     let lines = java_interop(&["read", &brokers(), &topic, &N.to_string()])?;
     assert_eq!(lines.len(), N as usize, "{lines:?}");
@@ -199,12 +194,7 @@ async fn the_relay_and_the_java_client_put_each_key_on_the_same_partition(
     .bind(KEYS)
     .execute(&pool)
     .await?;
-    let relay = RunningRelay::start(&pool, quick_relay_config())?;
-    eventually(WAIT, "published", || async {
-        Ok(pending(&pool).await? == 0)
-    })
-    .await?;
-    relay.stop().await?;
+    publish_pending(&pool).await?;
     let got = consume(&topic, KEYS as usize, WAIT, Duration::from_millis(500)).await?;
     let relay_side: HashMap<String, i32> = got
         .iter()
@@ -237,12 +227,7 @@ async fn kafkas_console_consumer_prints_the_relay_records_with_their_headers(
 ) -> anyhow::Result<()> {
     let topic = outbox_with_topic(&pool, "interop-console", 2).await?;
     let ids = integration_tests::append_events(&pool, &topic, 5, 2).await?;
-    let relay = RunningRelay::start(&pool, quick_relay_config())?;
-    eventually(WAIT, "published", || async {
-        Ok(pending(&pool).await? == 0)
-    })
-    .await?;
-    relay.stop().await?;
+    publish_pending(&pool).await?;
     let dev = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dev");
     let out = Command::new("bash")
         .arg(dev)

@@ -710,3 +710,40 @@ async fn a_failed_rows_log_line_has_no_empty_correlation_id(pool: PgPool) -> any
     );
     Ok(())
 }
+
+/// A relay started before the schema exists says so, with the command to
+/// run, again every 30 s while it lasts (not once and then nothing), and
+/// starts publishing once the schema appears.
+#[sqlx::test(migrations = false)]
+async fn a_relay_without_the_schema_keeps_saying_so_until_it_appears(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let name = unique("no-schema");
+    let port = free_port();
+    let relay = spawn_relay(&pool, &name, &["--http-addr", &format!("127.0.0.1:{port}")])?;
+    let log = std::env::temp_dir().join(format!("{name}.log"));
+    let warnings = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("the lease heartbeat fails"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(75), "the warning repeated", || async {
+        Ok(warnings().len() >= 2)
+    })
+    .await?;
+    for line in warnings() {
+        assert!(line.contains("outbox-relay migrate"), "{line}");
+    }
+    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    eventually(WAIT, "ready once migrated", || async {
+        Ok(http_get(port, "/readyz")
+            .map(|(c, _)| c == 200)
+            .unwrap_or(false))
+    })
+    .await?;
+    relay.terminate();
+    Ok(())
+}
