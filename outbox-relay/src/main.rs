@@ -113,6 +113,14 @@ fn connect_options(cli: &Cli) -> anyhow::Result<PgConnectOptions> {
     })
 }
 
+/// `text`, or its first `max` characters and how long it was.
+fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => text.into(),
+        Some((end, _)) => format!("{}… ({} bytes in all)", &text[..end], text.len()).into(),
+    }
+}
+
 /// `host:port/db`, for messages (no user, no password).
 fn describe(opts: &PgConnectOptions) -> String {
     format!(
@@ -335,17 +343,19 @@ async fn failed(opts: &PgConnectOptions, cmd: FailedCommand) -> anyhow::Result<(
             } else if rows.is_empty() {
                 out!("no failed rows");
             } else {
+                // One line per row: long keys and reasons are clipped here
+                // (--json keeps them whole).
                 for r in rows {
                     out!(
                         "id={} event_id={} key={}/{} type={} attempts={} failed_at={} reason: {}",
                         r.id,
                         r.event_id,
-                        r.aggregate_type,
-                        r.aggregate_id,
-                        r.event_type,
+                        clip(&r.aggregate_type, 80),
+                        clip(&r.aggregate_id, 120),
+                        clip(&r.event_type, 80),
                         r.attempts,
                         r.failed_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
-                        r.last_error.unwrap_or_default()
+                        clip(r.last_error.as_deref().unwrap_or_default(), 400)
                     );
                 }
             }

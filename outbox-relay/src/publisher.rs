@@ -198,22 +198,28 @@ impl Publisher {
     /// order. A `None` entry is not sent, and its outcome is `None`.
     pub async fn publish(&self, records: Vec<Option<Record>>) -> Vec<Option<Outcome>> {
         let producer = self.producer();
+        let limit = self
+            .client_config
+            .get("message.max.bytes")
+            .unwrap_or("1000000")
+            .to_string();
+        let limit = limit.as_str();
         let mut pending = Vec::with_capacity(records.len());
         for record in records {
             let Some(rec) = record else {
                 pending.push(Slot::Skipped);
                 continue;
             };
-            pending.push(enqueue(&producer, rec).await);
+            pending.push(enqueue(&producer, rec, limit).await);
         }
         // Every record is in librdkafka's queue now; collect the reports.
         let waits = pending.into_iter().map(|slot| async move {
             match slot {
                 Slot::Skipped => None,
                 Slot::Done(outcome) => Some(outcome),
-                Slot::InFlight(fut) => Some(match fut.await {
+                Slot::InFlight(fut, size) => Some(match fut.await {
                     Ok(Ok(_)) => Outcome::Delivered,
-                    Ok(Err((err, _))) => classify(&err),
+                    Ok(Err((err, _))) => classify_sized(&err, size, limit),
                     Err(_) => Outcome::Transient("producer dropped the delivery report".into()),
                 }),
             }
@@ -235,13 +241,24 @@ impl Publisher {
     }
 }
 
-async fn enqueue(producer: &FutureProducer<QuietContext>, rec: Record) -> Slot {
+async fn enqueue(producer: &FutureProducer<QuietContext>, rec: Record, limit: &str) -> Slot {
     let Record {
         topic,
         key,
         value,
         headers,
     } = rec;
+    let size = Size {
+        key: key.len(),
+        value: value.as_ref().map_or(0, Vec::len),
+        headers: {
+            use rdkafka::message::Headers;
+            headers
+                .iter()
+                .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+                .sum()
+        },
+    };
     let mut fr = FutureRecord::to(&topic)
         .key(key.as_bytes())
         .headers(headers);
@@ -250,13 +267,13 @@ async fn enqueue(producer: &FutureProducer<QuietContext>, rec: Record) -> Slot {
     }
     loop {
         match producer.send_result(fr) {
-            Ok(fut) => return Slot::InFlight(fut),
+            Ok(fut) => return Slot::InFlight(fut, size),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 // Local queue full: wait for deliveries to drain it.
                 fr = back;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            Err((err, _)) => return Slot::Done(classify(&err)),
+            Err((err, _)) => return Slot::Done(classify_sized(&err, size, limit)),
         }
     }
 }
@@ -264,7 +281,34 @@ async fn enqueue(producer: &FutureProducer<QuietContext>, rec: Record) -> Slot {
 enum Slot {
     Skipped,
     Done(Outcome),
-    InFlight(rdkafka::producer::DeliveryFuture),
+    InFlight(rdkafka::producer::DeliveryFuture, Size),
+}
+
+/// What a record carries, in bytes, for a too-large record's reason.
+#[derive(Debug, Clone, Copy)]
+struct Size {
+    key: usize,
+    value: usize,
+    headers: usize,
+}
+
+/// [`classify`], and for a record too large, its size and the limits.
+fn classify_sized(err: &KafkaError, size: Size, producer_limit: &str) -> Outcome {
+    use RDKafkaErrorCode as C;
+    match (classify(err), err.rdkafka_error_code()) {
+        (Outcome::Permanent(reason), Some(C::MessageSizeTooLarge | C::InvalidMessageSize)) => {
+            Outcome::Permanent(format!(
+                "{reason}: the record is {} bytes (key {}, value {}, headers {}; the key is \
+                 sent twice, as the key and as ce_subject); the limits are the producer's \
+                 message.max.bytes ({producer_limit}) and the topic's max.message.bytes",
+                size.key + size.value + size.headers,
+                size.key,
+                size.value,
+                size.headers
+            ))
+        }
+        (outcome, _) => outcome,
+    }
 }
 
 fn is_missing_topic(e: RDKafkaRespErr) -> bool {

@@ -273,7 +273,36 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
         reason("kkkk").to_lowercase().contains("too large"),
         "{failed:?}"
     );
+    // The reason gives the record's size and the limit.
+    assert!(reason("kkkk").contains("key 2000000"), "{failed:?}");
+    assert!(
+        reason("kkkk").contains("message.max.bytes (1000000)"),
+        "{failed:?}"
+    );
     assert_eq!(pending(&pool).await?, 0);
+
+    // `failed list` keeps to one readable line per row: the 2 MB key is
+    // clipped with its size; --json keeps it whole.
+    let url = integration_tests::database_url(&pool);
+    let (code, out) = integration_tests::relay_cli(&url, &["failed", "list"]);
+    assert_eq!(code, 0, "{}", &out[..out.len().min(2000)]);
+    assert_eq!(out.lines().count(), 8, "one line per failed row");
+    assert!(
+        out.lines().all(|l| l.len() < 1000),
+        "a line of {} bytes",
+        out.lines().map(str::len).max().unwrap_or(0)
+    );
+    assert!(
+        out.contains("… (2000000 bytes in all)"),
+        "{}",
+        &out[..out.len().min(2000)]
+    );
+    let (code, json) = integration_tests::relay_cli(&url, &["failed", "list", "--json"]);
+    assert_eq!(code, 0);
+    assert!(
+        json.contains(&"k".repeat(2_000_000)),
+        "--json keeps the whole key"
+    );
     Ok(())
 }
 
