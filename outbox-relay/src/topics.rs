@@ -1,5 +1,5 @@
 //! Creating topics: the relay does not route to missing topics, and some
-//! brokers (tansu, Kafka with `auto.create.topics.enable=false`) never create
+//! brokers (Kafka with `auto.create.topics.enable=false`, the default here) never create
 //! them on demand. Used by `outbox-relay topic create`, the demo, the soak,
 //! the benchmarks and the tests.
 

@@ -178,11 +178,9 @@ async fn a_broker_outage_loses_nothing_and_reports_not_ready(pool: PgPool) -> an
     let killed = integration_tests::kill_relay_connections(&pool).await?;
     assert!(killed >= 1, "the relay's connections were killed");
 
-    // The relay's producer timed out batch after batch meanwhile; librdkafka
-    // bumped its epoch locally each time. The relay starts a fresh producer
-    // after every failed batch, so the restarted broker never sees an epoch
-    // it does not know (tansu 0.6.0's durable engine stops serving requests
-    // when it does; see docs/architecture.md).
+    // The relay's producer timed out batch after batch meanwhile, and
+    // librdkafka bumped its idempotent epoch each time; the relay keeps that
+    // producer, and the restarted broker accepts the bumped epoch.
     broker.restart()?;
     eventually(WAIT, "backlog drained after the outage", || async {
         Ok(pending(&pool).await? == 0)
