@@ -23,6 +23,11 @@ pub enum AppendError {
     /// An event with this id is already in the outbox.
     #[error("an outbox event with id {0} already exists")]
     DuplicateEventId(Uuid),
+    /// An event with this id was published already: the relay remembers
+    /// the ids it published (and deleted) for its `--remember-published`
+    /// window. Consumers would drop it as a duplicate; give it a new id.
+    #[error("an outbox event with id {0} was published already; every event needs a new id")]
+    AlreadyPublished(Uuid),
     /// The database refused the insert (for example the outbox table is
     /// missing: run `outbox-relay migrate`).
     #[error("could not insert the outbox row: {0}")]
@@ -85,6 +90,9 @@ pub async fn append<'e, E: PgExecutor<'e>>(
     .map_err(|e| match &e {
         sqlx::Error::Database(db) if db.constraint() == Some("outbox_event_id_key") => {
             AppendError::DuplicateEventId(event.event_id)
+        }
+        sqlx::Error::Database(db) if db.constraint() == Some("outbox_published_ids_pkey") => {
+            AppendError::AlreadyPublished(event.event_id)
         }
         _ => AppendError::Database(e),
     })?;

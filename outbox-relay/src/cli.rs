@@ -159,6 +159,11 @@ pub struct RunArgs {
     #[arg(long, env = "RELAY_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub retention: Duration,
 
+    /// With `--after-publish delete`: how long published event ids are
+    /// remembered, so that an insert reusing one fails; 0 turns it off.
+    #[arg(long, env = "RELAY_REMEMBER_PUBLISHED", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub remember_published: Duration,
+
     /// What a permanently failed row does to later rows of its key.
     #[arg(long, env = "RELAY_POISON_POLICY", value_enum, default_value_t = PoisonArg::BlockKey)]
     pub poison_policy: PoisonArg,
@@ -249,6 +254,7 @@ impl RunArgs {
                     retention: self.retention,
                 },
             },
+            remember_published: self.remember_published,
             poison_policy: match self.poison_policy {
                 PoisonArg::BlockKey => PoisonPolicy::BlockKey,
                 PoisonArg::SkipRow => PoisonPolicy::SkipRow,

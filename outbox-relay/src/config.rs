@@ -57,6 +57,14 @@ pub struct RelayConfig {
     pub topic_template: String,
     /// CloudEvents `source` for rows that do not set one. Default `outbox-relay`.
     pub default_source: String,
+    /// In [`AfterPublish::Delete`] mode, how long the id of a published
+    /// (deleted) row is remembered in `outbox_published_ids`, so that an
+    /// insert reusing it fails in the producer's transaction instead of
+    /// being published again and dropped by every consumer as a duplicate.
+    /// Zero: ids are not remembered; uniqueness then holds only among the
+    /// rows in `outbox`. In mark mode the kept rows play this part, for the
+    /// retention period. Default 7 days (consumer-kit's `processed_ttl`).
+    pub remember_published: Duration,
     /// Delete or mark rows after publishing. Default [`AfterPublish::Delete`].
     pub after_publish: AfterPublish,
     /// Poison-row policy. Default [`PoisonPolicy::BlockKey`].
@@ -117,6 +125,7 @@ impl Default for RelayConfig {
             topic_template: "{aggregate_type}".into(),
             default_source: "outbox-relay".into(),
             after_publish: AfterPublish::Delete,
+            remember_published: Duration::from_secs(7 * 24 * 3600),
             poison_policy: PoisonPolicy::BlockKey,
             publish_timeout: Duration::from_secs(30),
             min_backoff: Duration::from_millis(200),
@@ -138,6 +147,12 @@ impl Default for RelayConfig {
 pub struct ConfigError(pub String);
 
 impl RelayConfig {
+    /// Whether published ids are remembered (delete mode, non-zero
+    /// [`RelayConfig::remember_published`]).
+    pub fn remembers_published(&self) -> bool {
+        self.after_publish == AfterPublish::Delete && !self.remember_published.is_zero()
+    }
+
     /// Checks the values against each other; [`crate::Relay::new`] calls it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError(m));

@@ -6,7 +6,7 @@ use axum::{extract::State as AxState, http::StatusCode, routing::get, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::Health;
+use crate::health::{Health, State};
 
 #[derive(Clone)]
 struct AppState {
@@ -18,7 +18,9 @@ struct AppState {
 ///
 /// - `/metrics`: Prometheus text format.
 /// - `/healthz`: 200 while the process runs.
-/// - `/readyz`: 200 when active or on standby, 503 with the reason otherwise.
+/// - `/readyz`: 200 when the relay can publish now (active or on standby,
+///   connected to Kafka), 503 otherwise; the body names the state and why
+///   (see [`crate::health`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
@@ -39,9 +41,9 @@ pub async fn serve(
 }
 
 async fn readyz(AxState(s): AxState<AppState>) -> (StatusCode, String) {
-    let state = s.health.state();
-    let body = format!("{state:?}: {}\n", s.health.reason()).to_lowercase();
-    if s.health.is_ready() {
+    let (state, reason) = s.health.now();
+    let body = format!("{}: {reason}\n", state.name());
+    if matches!(state, State::Active | State::Standby) {
         (StatusCode::OK, body)
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body)

@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,7 @@ use rdkafka::{
     types::RDKafkaRespErr,
 };
 
-use outbox_kafka::QuietContext;
+use outbox_kafka::{Reach, WatchedContext};
 
 use crate::{config::RelayConfig, record::Record};
 
@@ -60,7 +60,9 @@ pub enum TopicState {
 
 /// The Kafka side of the relay.
 pub struct Publisher {
-    producer: std::sync::RwLock<FutureProducer<QuietContext>>,
+    /// Whether the producer is connected to a broker now, for readiness.
+    reach: Arc<Reach>,
+    producer: std::sync::RwLock<FutureProducer<WatchedContext>>,
     client_config: ClientConfig,
     timeout: Duration,
     known_topics: Mutex<HashMap<String, Instant>>,
@@ -97,12 +99,21 @@ impl Publisher {
             // The Java client's partitioner for keyed records: murmur2 of
             // the key. A key lands on the partition Java producers, Kafka
             // Connect and Debezium pick (librdkafka's default is CRC32).
-            .set("partitioner", PARTITIONER);
+            .set("partitioner", PARTITIONER)
+            // Broker connection states every second, for readiness.
+            .set("statistics.interval.ms", outbox_kafka::reach::STATS_INTERVAL_MS);
         outbox_kafka::secrets::set_all(&mut cc, &cfg.kafka_properties);
-        let producer: FutureProducer<QuietContext> = cc
-            .create_with_context(QuietContext)
+        let reach = Arc::new(Reach::default());
+        if cc.get("statistics.interval.ms").is_some_and(|v| v.trim() == "0") {
+            // Statistics turned off: connected until librdkafka says all
+            // brokers are down, and again after the next delivery.
+            reach.up();
+        }
+        let producer: FutureProducer<WatchedContext> = cc
+            .create_with_context(WatchedContext::new(Arc::clone(&reach)))
             .map_err(|e| PublisherError(outbox_kafka::secrets::redact(&e.to_string())))?;
         Ok(Self {
+            reach,
             producer: std::sync::RwLock::new(producer),
             client_config: cc,
             timeout: cfg.publish_timeout,
@@ -110,7 +121,7 @@ impl Publisher {
         })
     }
 
-    fn producer(&self) -> FutureProducer<QuietContext> {
+    fn producer(&self) -> FutureProducer<WatchedContext> {
         self.producer.read().expect("producer lock").clone()
     }
 
@@ -129,13 +140,18 @@ impl Publisher {
     /// queued in the old instance are abandoned; their rows were rolled back
     /// and are claimed again.
     pub fn rebuild(&self) -> Result<(), PublisherError> {
-        let fresh: FutureProducer<QuietContext> = self
+        let fresh: FutureProducer<WatchedContext> = self
             .client_config
-            .create_with_context(QuietContext)
+            .create_with_context(WatchedContext::new(Arc::clone(&self.reach)))
             .map_err(|e| PublisherError(outbox_kafka::secrets::redact(&e.to_string())))?;
         *self.producer.write().expect("producer lock") = fresh;
         self.known_topics.lock().expect("topic cache").clear();
         Ok(())
+    }
+
+    /// The producer's connection to the cluster, for readiness.
+    pub fn reach(&self) -> Arc<Reach> {
+        Arc::clone(&self.reach)
     }
 
     /// Asks the broker whether `topic` exists (cached for known topics).
@@ -180,20 +196,6 @@ impl Publisher {
         self.known_topics.lock().expect("topic cache").remove(topic);
     }
 
-    /// Checks that the broker answers, for readiness.
-    pub async fn ping(&self) -> Result<(), String> {
-        let producer = self.producer();
-        tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(None, Duration::from_secs(5))
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?
-    }
-
     /// Publishes `records` pipelined and returns one outcome per record, in
     /// order. A `None` entry is not sent, and its outcome is `None`.
     pub async fn publish(&self, records: Vec<Option<Record>>) -> Vec<Option<Outcome>> {
@@ -226,7 +228,12 @@ impl Publisher {
         });
         let deadline = self.timeout + Duration::from_secs(5);
         match tokio::time::timeout(deadline, futures::future::join_all(waits)).await {
-            Ok(outcomes) => outcomes,
+            Ok(outcomes) => {
+                if outcomes.contains(&Some(Outcome::Delivered)) {
+                    self.reach.up();
+                }
+                outcomes
+            }
             // librdkafka reports every message by message.timeout.ms; this is
             // a safety net only.
             Err(_) => vec![Some(Outcome::Transient(
@@ -235,13 +242,19 @@ impl Publisher {
         }
     }
 
-    /// Waits up to `timeout` for queued records to be delivered.
+    /// Waits up to `timeout` for queued records to be delivered; what is
+    /// still queued then is dropped (its rows were rolled back and stay
+    /// pending), so that closing the producer does not wait on it.
     pub fn flush(&self, timeout: Duration) -> Result<(), String> {
-        self.producer().flush(timeout).map_err(|e| e.to_string())
+        let producer = self.producer();
+        producer.flush(timeout).map_err(|e| {
+            producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+            e.to_string()
+        })
     }
 }
 
-async fn enqueue(producer: &FutureProducer<QuietContext>, rec: Record, limit: &str) -> Slot {
+async fn enqueue(producer: &FutureProducer<WatchedContext>, rec: Record, limit: &str) -> Slot {
     let Record {
         topic,
         key,

@@ -92,6 +92,11 @@ pub struct Relay {
     idle_warned_at: std::sync::Mutex<Option<Instant>>,
 }
 
+/// Of the shutdown timeout, the batch in flight may use all but this much
+/// (or a fifth of it, if less), which is left for handing the partitions
+/// back and flushing the producer.
+const SHUTDOWN_RESERVE: Duration = Duration::from_secs(1);
+
 /// While the lease heartbeat keeps failing for the same reason (a schema
 /// not yet migrated, say), the warning is repeated this often.
 const IDLE_WARNING_EVERY: Duration = Duration::from_secs(30);
@@ -133,11 +138,15 @@ impl Relay {
         Ok(Self {
             claim_pool,
             router: TopicRouter::new(cfg.topic_template.clone()),
-            claim_sql: store::claim_sql(cfg.after_publish, cfg.poison_policy),
+            claim_sql: store::claim_sql(
+                cfg.after_publish,
+                cfg.poison_policy,
+                cfg.remembers_published(),
+            ),
             cfg,
             pool,
+            health: Arc::new(Health::new(publisher.reach())),
             publisher,
-            health: Arc::new(Health::default()),
             leases,
             idle_warned_at: std::sync::Mutex::new(None),
         })
@@ -154,10 +163,12 @@ impl Relay {
         self.leases.relay_id()
     }
 
-    /// Runs until `shutdown` is cancelled. Then stops claiming, lets the
-    /// batch in flight finish for up to [`RelayConfig::shutdown_timeout`]
-    /// (else rolls it back: its rows stay pending), hands its partitions
-    /// back, flushes the producer and returns.
+    /// Runs until `shutdown` is cancelled. Then, all within
+    /// [`RelayConfig::shutdown_timeout`] of the cancellation: stops claiming,
+    /// lets the batch in flight finish (else rolls it back: its rows stay
+    /// pending), hands its partitions back, flushes the producer and
+    /// returns. Whatever is left when the time is up is abandoned: other
+    /// relays take the partitions over when the lease runs out.
     pub async fn run(self, shutdown: CancellationToken) {
         let wake = Arc::new(Notify::new());
         let background = shutdown.child_token();
@@ -179,36 +190,45 @@ impl Relay {
             self.cfg.stats_interval,
             background.clone(),
         ));
-        if let AfterPublish::Mark { retention } = self.cfg.after_publish {
-            tasks.spawn(clean_published(
-                self.pool.clone(),
-                retention,
-                background.clone(),
-            ));
+        let expired = match self.cfg.after_publish {
+            AfterPublish::Mark { retention } => Some(Expired::Rows(retention)),
+            _ if self.cfg.remembers_published() => {
+                Some(Expired::Ids(self.cfg.remember_published))
+            }
+            _ => None,
+        };
+        if let Some(expired) = expired {
+            tasks.spawn(clean_up(self.pool.clone(), expired, background.clone()));
         }
         info!(relay.id = %self.relay_id(), "relay started; waiting for its share of the partitions");
 
-        self.publish(&wake, &listening, &shutdown).await;
+        let deadline = self.publish(&wake, &listening, &shutdown).await;
 
         self.health.set(State::Stopping, "shutting down");
         background.cancel();
-        while tasks.join_next().await.is_some() {}
-        // Closing the claim connections ends any claim still open, so the
-        // release below never waits on this relay's own locks.
-        self.claim_pool.close().await;
-        match self.leases.release_all().await {
-            Ok(n) => info!(partitions = n, "partitions handed back"),
-            Err(e) => warn!(error = %e, "could not hand the partitions back; \
-                                        other relays take them over when this relay's lease runs out"),
+        let hand_back = async {
+            while tasks.join_next().await.is_some() {}
+            // Closing the claim connections ends any claim still open, so the
+            // release below never waits on this relay's own locks.
+            self.claim_pool.close().await;
+            match self.leases.release_all().await {
+                Ok(n) => info!(partitions = n, "partitions handed back"),
+                Err(e) => warn!(error = %e, "could not hand the partitions back; \
+                                            other relays take them over when this relay's lease runs out"),
+            }
+        };
+        if tokio::time::timeout_at(deadline, hand_back).await.is_err() {
+            warn!("the shutdown timeout ran out before the partitions were handed back; \
+                   other relays take them over when this relay's lease runs out");
         }
         let publisher = self.publisher.clone();
-        let timeout = self.cfg.shutdown_timeout;
-        match tokio::task::spawn_blocking(move || publisher.flush(timeout)).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::task::spawn_blocking(move || publisher.flush(left)).await {
             Ok(Ok(())) => info!("producer flushed"),
             Ok(Err(e)) => warn!(error = %e, "producer flush incomplete"),
             Err(e) => warn!(error = %e, "producer flush task failed"),
         }
-        self.pool.close().await;
+        let _ = tokio::time::timeout_at(deadline, self.pool.close()).await;
     }
 
     /// Claims and publishes batches of the owned partitions until shutdown.
@@ -218,7 +238,16 @@ impl Relay {
     /// only then raises its waiting flag and sleeps (see [`crate::wake`]).
     /// Otherwise it sleeps for the poll interval after every batch that was
     /// not full.
-    async fn publish(&self, wake: &Notify, listening: &AtomicBool, shutdown: &CancellationToken) {
+    ///
+    /// Returns when `shutdown` fires, with the moment the whole shutdown
+    /// must be over by ([`RelayConfig::shutdown_timeout`] after it fired).
+    async fn publish(
+        &self,
+        wake: &Notify,
+        listening: &AtomicBool,
+        shutdown: &CancellationToken,
+    ) -> tokio::time::Instant {
+        let stop_by = || tokio::time::Instant::now() + self.cfg.shutdown_timeout;
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
         let mut broker_failures = 0u32;
         let mut prefetched: Option<Claim> = None;
@@ -227,10 +256,11 @@ impl Relay {
         let mut recheck = false;
         loop {
             if shutdown.is_cancelled() {
+                let deadline = stop_by();
                 if let Some(next) = prefetched.take() {
-                    let _ = next.tx.rollback().await;
+                    let _ = tokio::time::timeout_at(deadline, next.tx.rollback()).await;
                 }
-                return;
+                return deadline;
             }
             let current = match prefetched.take() {
                 Some(c) => c,
@@ -247,7 +277,14 @@ impl Relay {
                         continue;
                     }
                     match self.claim(&own, InFlight::none()).await {
-                        Ok(c) => c,
+                        Ok(c) => {
+                            // After a failure, only a batch that goes
+                            // through makes the relay active again.
+                            if self.health.phase() != State::Degraded {
+                                self.active(&own);
+                            }
+                            c
+                        }
                         Err(e) => {
                             self.degraded(e.to_string());
                             backoff.sleep(shutdown).await;
@@ -261,22 +298,29 @@ impl Relay {
             tokio::pin!(batch);
             let result = tokio::select! {
                 r = &mut batch => r,
-                _ = shutdown.cancelled() => match tokio::time::timeout(self.cfg.shutdown_timeout, &mut batch).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        warn!("the batch in flight did not finish within the shutdown timeout; \
-                               it was rolled back and its rows stay pending");
-                        return; // dropping the claim rolls it back
+                _ = shutdown.cancelled() => {
+                    let deadline = stop_by();
+                    // The batch may take the time the rest of the shutdown
+                    // (hand back, flush) does not need.
+                    let batch_by = deadline - (self.cfg.shutdown_timeout / 5).min(SHUTDOWN_RESERVE);
+                    match tokio::time::timeout_at(batch_by, &mut batch).await {
+                        Ok(Ok(Some(next))) => {
+                            let _ = tokio::time::timeout_at(deadline, next.tx.rollback()).await;
+                            return deadline;
+                        }
+                        Ok(_) => return deadline,
+                        Err(_) => {
+                            warn!("the batch in flight did not finish within the shutdown timeout; \
+                                   it was rolled back and its rows stay pending");
+                            return deadline; // dropping the claim rolls it back
+                        }
                     }
-                },
+                }
             };
             match result {
                 Ok(next) => {
                     broker_failures = 0;
-                    if self.health.state() != State::Active {
-                        info!("publishing");
-                        self.health.set(State::Active, "active");
-                    }
+                    self.active(&self.leases.ownership());
                     backoff.reset();
                     prefetched = next;
                     if claimed > 0 {
@@ -326,7 +370,8 @@ impl Relay {
         }
     }
 
-    /// Owns nothing to claim from: on standby, or degraded if the lease
+    /// Owns nothing to claim from: starting (no lease yet), on standby
+    /// (other relays own every partition), or degraded if the lease
     /// heartbeat itself fails.
     fn idle(&self, own: &Ownership) {
         if let Some(e) = &own.last_error {
@@ -335,18 +380,61 @@ impl Relay {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             let again = warned.is_some_and(|at| at.elapsed() >= IDLE_WARNING_EVERY);
-            if self.health.reason() != *e || again {
+            if self.health.phase_reason() != *e || again {
                 warn!(reason = %e, "no partitions: the lease heartbeat fails");
                 *warned = Some(Instant::now());
             }
             self.health.set(State::Degraded, e.clone());
-        } else if self.health.state() != State::Standby {
-            info!(
-                live_relays = own.live_relays,
-                "owning no partitions (other relays own them all); on standby"
-            );
-            self.health
-                .set(State::Standby, "standby: other relays own every partition");
+            return;
+        }
+        let (state, reason) = if own.partitions == 0 {
+            (
+                State::Starting,
+                "waiting for its share of the outbox partitions".to_string(),
+            )
+        } else if own.owned.is_empty() && own.live_relays > 1 {
+            (
+                State::Standby,
+                format!(
+                    "the {} other relays own all {} partitions; ready to take over",
+                    own.live_relays - 1,
+                    own.partitions
+                ),
+            )
+        } else {
+            (
+                State::Starting,
+                format!(
+                    "handing over or taking over partitions (owns {} of {})",
+                    own.owned.len(),
+                    own.partitions
+                ),
+            )
+        };
+        if self.health.phase() != state || self.health.phase_reason() != reason {
+            if state == State::Standby {
+                info!(live_relays = own.live_relays, "on standby: {reason}");
+            }
+            self.health.set(state, reason);
+        }
+    }
+
+    /// Owns partitions and can claim from them.
+    fn active(&self, own: &Ownership) {
+        let reason = format!(
+            "publishing; owns {} of {} outbox partitions",
+            own.owned.len(),
+            own.partitions
+        );
+        if self.health.phase() != State::Active || self.health.phase_reason() != reason {
+            if self.health.phase() != State::Active {
+                info!(
+                    owned = own.owned.len(),
+                    partitions = own.partitions,
+                    "publishing"
+                );
+            }
+            self.health.set(State::Active, reason);
         }
     }
 
@@ -480,6 +568,7 @@ impl Relay {
         };
         let (mut outcomes, next) = match (sent > 0, in_flight) {
             (true, Some(in_flight)) => {
+                let _awaiting = self.health.awaiting(sent);
                 let (outcomes, next) = tokio::join!(self.publisher.publish(records), async {
                     let own = self.leases.ownership();
                     self.claim(&own, in_flight).await
@@ -488,7 +577,10 @@ impl Relay {
                 // claim will meet the error again.
                 (outcomes, next.ok())
             }
-            (true, None) => (self.publisher.publish(records).await, None),
+            (true, None) => {
+                let _awaiting = self.health.awaiting(sent);
+                (self.publisher.publish(records).await, None)
+            }
             (false, _) => (vec![None; rows.len()], None),
         };
         if outcomes.len() != rows.len() {
@@ -560,7 +652,13 @@ impl Relay {
             }
         }
         let mut conn = self.claim_pool.acquire().await?;
-        store::resolve(&mut conn, self.cfg.after_publish, &res).await?;
+        store::resolve(
+            &mut conn,
+            self.cfg.after_publish,
+            self.cfg.remembers_published(),
+            &res,
+        )
+        .await?;
         for (topic, n) in per_topic {
             telemetry::published(&topic, n);
         }
@@ -642,13 +740,30 @@ async fn report_stats(
     }
 }
 
-async fn clean_published(pool: PgPool, retention: Duration, shutdown: CancellationToken) {
+/// What the relay deletes once it is old enough.
+#[derive(Debug, Clone, Copy)]
+enum Expired {
+    /// Published rows kept in mark mode, after their retention.
+    Rows(Duration),
+    /// Remembered published ids in delete mode, after their window.
+    Ids(Duration),
+}
+
+/// Deletes what has `expired`, in chunks, once a minute.
+async fn clean_up(pool: PgPool, expired: Expired, shutdown: CancellationToken) {
     const CHUNK: i64 = 5000;
     loop {
         loop {
             let deleted = async {
                 let mut tx = pool.begin().await?;
-                let n = store::delete_expired(&mut *tx, retention, CHUNK).await?;
+                let n = match expired {
+                    Expired::Rows(retention) => {
+                        store::delete_expired(&mut *tx, retention, CHUNK).await?
+                    }
+                    Expired::Ids(window) => {
+                        store::forget_published_ids(&mut *tx, window, CHUNK).await?
+                    }
+                };
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(n)
             };
@@ -656,12 +771,12 @@ async fn clean_published(pool: PgPool, retention: Duration, shutdown: Cancellati
                 Ok(n) if n as i64 == CHUNK && !shutdown.is_cancelled() => continue,
                 Ok(n) => {
                     if n > 0 {
-                        debug!(rows = n, "deleted published rows past retention");
+                        debug!(rows = n, ?expired, "deleted what expired");
                     }
                     break;
                 }
                 Err(e) => {
-                    debug!(error = %e, "retention cleanup failed; will retry");
+                    debug!(error = %e, ?expired, "cleanup failed; will retry");
                     break;
                 }
             }

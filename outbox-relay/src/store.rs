@@ -199,9 +199,19 @@ const FENCE: &str = "WITH owned AS MATERIALIZED ( \
 /// Parameters: `$1` batch size, `$2` relay id, `$3` number of partitions,
 /// `$4` synchronous commit, `$5` partitions to leave out (`int[]`), `$6`–`$8`
 /// the batch in flight ([`InFlight`]). See [`claim`] and [`crate::lease`].
-pub fn claim_sql(after: AfterPublish, policy: PoisonPolicy) -> String {
+///
+/// In delete mode with `remember` set, the claimed ids go into
+/// `outbox_published_ids` in the same statement: they are remembered if and
+/// only if the claim commits, that is, once Kafka acknowledged them.
+pub fn claim_sql(after: AfterPublish, policy: PoisonPolicy, remember: bool) -> String {
     let pending = pending_subquery(policy);
     match after {
+        AfterPublish::Delete if remember => format!(
+            "{FENCE}, claimed AS (DELETE FROM outbox o WHERE o.ctid = ANY (ARRAY({pending})) RETURNING {COLUMNS}), \
+             remembered AS (INSERT INTO outbox_published_ids (event_id) SELECT event_id FROM claimed \
+                            ON CONFLICT (event_id) DO NOTHING) \
+             SELECT * FROM claimed"
+        ),
         AfterPublish::Delete => {
             format!("{FENCE}DELETE FROM outbox o WHERE o.ctid = ANY (ARRAY({pending})) RETURNING {COLUMNS}")
         }
@@ -331,11 +341,17 @@ pub struct Resolution {
 pub async fn resolve(
     conn: &mut PgConnection,
     after: AfterPublish,
+    remember: bool,
     res: &Resolution,
 ) -> Result<(), sqlx::Error> {
     let mut tx = sqlx::Connection::begin(conn).await?;
     if !res.delivered.is_empty() {
         let sql = match after {
+            AfterPublish::Delete if remember => {
+                "WITH gone AS (DELETE FROM outbox WHERE id = ANY($1) RETURNING event_id) \
+                 INSERT INTO outbox_published_ids (event_id) SELECT event_id FROM gone \
+                 ON CONFLICT (event_id) DO NOTHING"
+            }
             AfterPublish::Delete => "DELETE FROM outbox WHERE id = ANY($1)",
             AfterPublish::Mark { .. } => {
                 "UPDATE outbox SET status = 'published', published_at = now(), attempts = attempts + 1 \
@@ -366,6 +382,25 @@ pub async fn resolve(
         .await?;
     }
     tx.commit().await
+}
+
+/// Forgets up to `limit` published ids remembered longer than `window`
+/// (delete mode). Returns how many were forgotten.
+pub async fn forget_published_ids<'e>(
+    db: impl PgExecutor<'e>,
+    window: std::time::Duration,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM outbox_published_ids WHERE event_id IN (SELECT event_id FROM outbox_published_ids \
+           WHERE published_at < now() - make_interval(secs => $1) LIMIT $2)",
+    )
+    .persistent(false)
+    .bind(window.as_secs_f64())
+    .bind(limit)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// Deletes up to `limit` published rows older than `retention` (mark mode).

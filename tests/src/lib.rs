@@ -477,17 +477,33 @@ impl Drop for Child {
 /// Starts `outbox-relay run` on `pool`'s database with extra `args`; its
 /// output goes to a log file named after `name` in the temp dir.
 pub fn spawn_relay(pool: &sqlx::PgPool, name: &str, args: &[&str]) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(std::env::temp_dir().join(format!("{name}.log")))?;
+    spawn_relay_on(pool, &brokers(), name, args)
+}
+
+/// [`spawn_relay`] publishing to `brokers` (a private broker, or an address
+/// nothing listens on).
+pub fn spawn_relay_on(
+    pool: &sqlx::PgPool,
+    brokers: &str,
+    name: &str,
+    args: &[&str],
+) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(relay_log(name))?;
     let child = std::process::Command::new(relay_bin())
         .arg("run")
         .args(args)
         .env("DATABASE_URL", database_url(pool))
-        .env("KAFKA_BROKERS", brokers())
+        .env("KAFKA_BROKERS", brokers)
         .env("RUST_LOG", "info")
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
     Ok(Child(child))
+}
+
+/// The log file of a relay started by [`spawn_relay`] as `name`.
+pub fn relay_log(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("{name}.log"))
 }
 
 /// Runs the `outbox-relay` binary with `args` against `database_url`:

@@ -554,3 +554,71 @@ async fn a_misspelled_kafka_property_never_shows_its_value(pool: PgPool) -> anyh
     );
     Ok(())
 }
+
+/// An event id inserted again after its row was published and deleted:
+/// the insert fails in the producer's transaction, naming the id, through
+/// plain SQL and through `append`. Ids of rows settled one by one (a batch
+/// with a failed row) are remembered too. With `remember_published` zero,
+/// the documented trade-off: the id is accepted again.
+#[sqlx::test(migrations = false)]
+async fn a_published_event_id_cannot_be_inserted_again(pool: PgPool) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "dup-id", 1).await?;
+    let ids = append_events(&pool, &topic, 3, 3).await?;
+    // A row for a topic that does not exist fails permanently, so this
+    // batch is settled row by row (`store::resolve`).
+    let lost = NewEvent::new("thing", "other-key", "thing.happened").topic(unique("no-such-topic"));
+    append(&pool, &lost).await?;
+    let relay = RunningRelay::start(&pool, cfg())?;
+    eventually(WAIT, "published", || async { Ok(pending(&pool).await? == 0) }).await?;
+    relay.stop().await?;
+
+    for id in &ids {
+        let err = sqlx::query(
+            "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, payload) \
+             VALUES ($1, 'thing', 'key-0', 'thing.happened', $2, '{\"other\": true}')",
+        )
+        .bind(id)
+        .bind(&topic)
+        .execute(&pool)
+        .await
+        .expect_err("a published id is refused");
+        let db = err.as_database_error().expect("a database error");
+        assert_eq!(db.code().as_deref(), Some("23505"), "{err}");
+        assert!(db.message().contains(&id.to_string()), "{err}");
+        assert!(db.message().contains("already published"), "{err}");
+    }
+    let again = NewEvent::new("thing", "key-0", "thing.happened")
+        .topic(&topic)
+        .event_id(ids[0]);
+    match append(&pool, &again).await {
+        Err(AppendError::AlreadyPublished(id)) => assert_eq!(id, ids[0]),
+        other => panic!("expected AlreadyPublished, got {other:?}"),
+    }
+    // The failed row is still in the outbox: its id is refused by the
+    // table's own unique constraint.
+    assert!(matches!(
+        append(&pool, &lost).await,
+        Err(AppendError::DuplicateEventId(_))
+    ));
+
+    // Forgotten after the window (the relay's cleanup), or never remembered
+    // with the window at zero: the id is accepted again.
+    let forgotten = outbox_relay::store::forget_published_ids(&pool, Duration::ZERO, 100).await?;
+    assert_eq!(forgotten, 3);
+    append(&pool, &again).await?;
+    let relay = RunningRelay::start(
+        &pool,
+        outbox_relay::RelayConfig {
+            remember_published: Duration::ZERO,
+            ..cfg()
+        },
+    )?;
+    eventually(WAIT, "published", || async { Ok(pending(&pool).await? == 0) }).await?;
+    relay.stop().await?;
+    let remembered: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_published_ids")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(remembered, 0, "nothing remembered with the window at zero");
+    append(&pool, &again).await?;
+    Ok(())
+}

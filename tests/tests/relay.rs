@@ -543,7 +543,7 @@ async fn claims_are_fenced_by_partition_ownership(pool: PgPool) -> anyhow::Resul
     use outbox_relay::store::{claim, claim_sql};
     outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
     integration_tests::insert_sql_rows(&pool, "fence", 500, 50).await?;
-    let sql = claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey);
+    let sql = claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey, false);
     sqlx::query(
         "INSERT INTO outbox_relays (relay_id, lease_until) VALUES \
            ('A', now() + interval '1 hour'), ('B', now() + interval '1 hour')",
@@ -650,13 +650,15 @@ async fn an_overlapping_claim_skips_the_batch_in_flight_and_no_late_row(
         .execute(&pool)
         .await?;
     let modes = [
-        claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey),
+        claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey, false),
         claim_sql(
             AfterPublish::Mark {
                 retention: Duration::from_secs(60),
             },
             PoisonPolicy::SkipRow,
+            false,
         ),
+        claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey, true),
     ];
     for sql in modes {
         sqlx::query("TRUNCATE outbox").execute(&pool).await?;
