@@ -116,7 +116,10 @@ impl Reach {
             .values()
             .filter(|b| b.source != "internal" && b.source != "logical")
             .collect();
-        if brokers.iter().any(|b| b.state == "UP" || b.state == "UPDATE") {
+        if brokers
+            .iter()
+            .any(|b| b.state == "UP" || b.state == "UPDATE")
+        {
             self.up();
         } else if !brokers.is_empty() {
             let mut states: Vec<String> = brokers

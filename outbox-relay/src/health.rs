@@ -123,7 +123,10 @@ impl Health {
 
     /// The reason the loop last gave.
     pub(crate) fn phase_reason(&self) -> String {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Notes that `records` were just sent; until the returned guard is

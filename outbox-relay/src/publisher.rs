@@ -101,10 +101,16 @@ impl Publisher {
             // Connect and Debezium pick (librdkafka's default is CRC32).
             .set("partitioner", PARTITIONER)
             // Broker connection states every second, for readiness.
-            .set("statistics.interval.ms", outbox_kafka::reach::STATS_INTERVAL_MS);
+            .set(
+                "statistics.interval.ms",
+                outbox_kafka::reach::STATS_INTERVAL_MS,
+            );
         outbox_kafka::secrets::set_all(&mut cc, &cfg.kafka_properties);
         let reach = Arc::new(Reach::default());
-        if cc.get("statistics.interval.ms").is_some_and(|v| v.trim() == "0") {
+        if cc
+            .get("statistics.interval.ms")
+            .is_some_and(|v| v.trim() == "0")
+        {
             // Statistics turned off: connected until librdkafka says all
             // brokers are down, and again after the next delivery.
             reach.up();

@@ -192,9 +192,7 @@ impl Relay {
         ));
         let expired = match self.cfg.after_publish {
             AfterPublish::Mark { retention } => Some(Expired::Rows(retention)),
-            _ if self.cfg.remembers_published() => {
-                Some(Expired::Ids(self.cfg.remember_published))
-            }
+            _ if self.cfg.remembers_published() => Some(Expired::Ids(self.cfg.remember_published)),
             _ => None,
         };
         if let Some(expired) = expired {
@@ -218,8 +216,10 @@ impl Relay {
             }
         };
         if tokio::time::timeout_at(deadline, hand_back).await.is_err() {
-            warn!("the shutdown timeout ran out before the partitions were handed back; \
-                   other relays take them over when this relay's lease runs out");
+            warn!(
+                "the shutdown timeout ran out before the partitions were handed back; \
+                   other relays take them over when this relay's lease runs out"
+            );
         }
         let publisher = self.publisher.clone();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

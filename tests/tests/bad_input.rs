@@ -569,7 +569,10 @@ async fn a_published_event_id_cannot_be_inserted_again(pool: PgPool) -> anyhow::
     let lost = NewEvent::new("thing", "other-key", "thing.happened").topic(unique("no-such-topic"));
     append(&pool, &lost).await?;
     let relay = RunningRelay::start(&pool, cfg())?;
-    eventually(WAIT, "published", || async { Ok(pending(&pool).await? == 0) }).await?;
+    eventually(WAIT, "published", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
     relay.stop().await?;
 
     for id in &ids {
@@ -613,7 +616,10 @@ async fn a_published_event_id_cannot_be_inserted_again(pool: PgPool) -> anyhow::
             ..cfg()
         },
     )?;
-    eventually(WAIT, "published", || async { Ok(pending(&pool).await? == 0) }).await?;
+    eventually(WAIT, "published", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
     relay.stop().await?;
     let remembered: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_published_ids")
         .fetch_one(&pool)

@@ -21,7 +21,10 @@ async fn an_idle_client_sees_the_broker_go_and_come_back() -> anyhow::Result<()>
     let reach = context.reach();
     let _producer: FutureProducer<WatchedContext> = ClientConfig::new()
         .set("bootstrap.servers", &broker.address)
-        .set("statistics.interval.ms", outbox_kafka::reach::STATS_INTERVAL_MS)
+        .set(
+            "statistics.interval.ms",
+            outbox_kafka::reach::STATS_INTERVAL_MS,
+        )
         .create_with_context(context)?;
     eventually(Duration::from_secs(15), "connected", || async {
         Ok(reach.now() == Connection::Up)
@@ -39,7 +42,11 @@ async fn an_idle_client_sees_the_broker_go_and_come_back() -> anyhow::Result<()>
         Ok(matches!(reach.now(), Connection::Down { .. }))
     })
     .await?;
-    println!("down seen {:.1?} after the kill: {:?}", killed.elapsed(), reach.now());
+    println!(
+        "down seen {:.1?} after the kill: {:?}",
+        killed.elapsed(),
+        reach.now()
+    );
     let restarted = Instant::now();
     let _broker = tokio::task::spawn_blocking(move || broker.restart().map(|()| broker)).await??;
     eventually(Duration::from_secs(30), "up again", || async {
@@ -85,7 +92,10 @@ async fn with_no_broker_at_start_the_relay_is_never_ready(pool: PgPool) -> anyho
         assert!(!body.contains("standby"), "{body}");
     }
     let (_, last) = seen.last().expect("answers");
-    assert!(last.starts_with("degraded: kafka: no broker connected"), "{last}");
+    assert!(
+        last.starts_with("degraded: kafka: no broker connected"),
+        "{last}"
+    );
     assert_eq!(pending(&pool).await?, 5, "nothing lost");
     Ok(())
 }
@@ -106,7 +116,8 @@ async fn a_healthy_start_says_active_and_publishing(pool: PgPool) -> anyhow::Res
     let partitions: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_relay_partitions")
         .fetch_one(&pool)
         .await?;
-    let expected = format!("active: publishing; owns {partitions} of {partitions} outbox partitions");
+    let expected =
+        format!("active: publishing; owns {partitions} of {partitions} outbox partitions");
     assert!(body.starts_with(&expected), "{body}");
     insert_sql_rows(&pool, &topic, 5, 5).await?;
     eventually(Duration::from_secs(20), "published", || async {
@@ -116,7 +127,10 @@ async fn a_healthy_start_says_active_and_publishing(pool: PgPool) -> anyhow::Res
     relay.terminate();
     let log = std::fs::read_to_string(relay_log("healthy-start"))?;
     for wrong in ["standby", "other relays own"] {
-        assert!(!log.contains(wrong), "a healthy start logs {wrong:?}:\n{log}");
+        assert!(
+            !log.contains(wrong),
+            "a healthy start logs {wrong:?}:\n{log}"
+        );
     }
     Ok(())
 }
@@ -166,8 +180,8 @@ async fn a_dead_broker_makes_the_relay_unready_at_once_and_shutdown_keeps_its_bo
     assert!(pending(&pool).await? > 0, "rows wait for the broker");
     let stopping = Instant::now();
     relay.terminate();
-    let code = tokio::task::spawn_blocking(move || relay.wait_exit(Duration::from_secs(20)))
-        .await??;
+    let code =
+        tokio::task::spawn_blocking(move || relay.wait_exit(Duration::from_secs(20))).await??;
     let took = stopping.elapsed();
     println!("stopped {took:.2?} after SIGTERM (--shutdown-timeout 3s)");
     assert_eq!(code, Some(0));
@@ -175,6 +189,10 @@ async fn a_dead_broker_makes_the_relay_unready_at_once_and_shutdown_keeps_its_bo
         took <= Duration::from_millis(3300),
         "shutdown took {took:?}, past its 3 s bound"
     );
-    assert_eq!(pending(&pool).await?, 50, "the rolled-back batch stays pending");
+    assert_eq!(
+        pending(&pool).await?,
+        50,
+        "the rolled-back batch stays pending"
+    );
     Ok(())
 }
