@@ -326,7 +326,7 @@ async fn drain(
     batch_size: usize,
 ) -> anyhow::Result<()> {
     println!("== drain: {rows} rows backlog, ~200-byte payloads, {KEYS} keys, {PARTITIONS} partitions, relay batch {batch_size}");
-    let (mut raw_db, mut raw_kafka, mut relay) = (vec![], vec![], vec![]);
+    let (mut raw_db, mut raw_kafka, mut relay, mut forgetful) = (vec![], vec![], vec![], vec![]);
     for run in 1..=runs {
         // Raw PostgreSQL drain: DELETE … LIMIT 1000 … RETURNING, one connection.
         let topic = env.topic("drain-db").await?;
@@ -356,32 +356,19 @@ async fn drain(
         let kafka_rate = raw_produce(env, &topic, rows as usize).await?;
         env.drop_topic(&topic).await;
 
-        // The relay draining the same backlog.
-        let topic = env.topic("drain-relay").await?;
-        env.fill(&topic, rows).await?;
-        let shutdown = CancellationToken::new();
-        let r = env.relay(RelayConfig {
-            batch_size,
-            ..RelayConfig::default()
-        })?;
-        let started = Instant::now();
-        recorder.clear();
-        let task = tokio::spawn(r.run(shutdown.clone()));
-        // One commit-to-ack sample per acknowledged row: watching the sample
-        // count puts no load on the database while the relay drains.
-        while (recorder.len() as i64) < rows {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let relay_rate = rows as f64 / started.elapsed().as_secs_f64();
-        shutdown.cancel();
-        task.await?;
-        env.drop_topic(&topic).await;
+        // The relay draining the same backlog: as configured by default
+        // (remembering published ids, migration V5), and without that.
+        let relay_rate = relay_drain(env, recorder, rows, batch_size, true).await?;
+        let forgetful_rate = relay_drain(env, recorder, rows, batch_size, false).await?;
+        forgetful.push(forgetful_rate);
 
         println!(
             "run {run}: raw drain {db_rate:>9.0}/s  raw producer {kafka_rate:>9.0}/s  relay {relay_rate:>9.0}/s  \
-             relay/drain {:.2}  relay/producer {:.2}",
+             relay/drain {:.2}  relay/producer {:.2}  relay without remembering ids {forgetful_rate:>9.0}/s \
+             (remembering costs {:.3})",
             relay_rate / db_rate,
-            relay_rate / kafka_rate
+            relay_rate / kafka_rate,
+            forgetful_rate / relay_rate,
         );
         raw_db.push(db_rate);
         raw_kafka.push(kafka_rate);
@@ -396,15 +383,51 @@ async fn drain(
         .collect();
     println!(
         "median: raw drain {:.0}/s  raw producer {:.0}/s  relay {:.0}/s  relay/drain {:.2}  relay/producer {:.2}  \
-         relay/slower-baseline {:.2} (target >= 0.5)",
+         relay/slower-baseline {:.2} (target >= 0.5); remembering published ids costs {:.3}",
         median(raw_db),
         median(raw_kafka),
-        median(relay),
+        median(relay.clone()),
         median(ratios_db),
         median(ratios_k),
-        median(ratios_slow)
+        median(ratios_slow),
+        median(forgetful.iter().zip(&relay).map(|(f, r)| f / r).collect()),
     );
     Ok(())
+}
+
+/// The relay draining a backlog of `rows` on a fresh topic; rows per second.
+async fn relay_drain(
+    env: &Env,
+    recorder: &samples::Samples,
+    rows: i64,
+    batch_size: usize,
+    remember: bool,
+) -> anyhow::Result<f64> {
+    let topic = env.topic("drain-relay").await?;
+    env.fill(&topic, rows).await?;
+    let shutdown = CancellationToken::new();
+    let r = env.relay(RelayConfig {
+        batch_size,
+        remember_published: if remember {
+            RelayConfig::default().remember_published
+        } else {
+            Duration::ZERO
+        },
+        ..RelayConfig::default()
+    })?;
+    let started = Instant::now();
+    recorder.clear();
+    let task = tokio::spawn(r.run(shutdown.clone()));
+    // One commit-to-ack sample per acknowledged row: watching the sample
+    // count puts no load on the database while the relay drains.
+    while (recorder.len() as i64) < rows {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    task.await?;
+    env.drop_topic(&topic).await;
+    Ok(rate)
 }
 
 /// Produces `n` records shaped like the relay's (key, ~200-byte JSON value,
@@ -606,6 +629,17 @@ async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
             anyhow::Ok(())
         }
     };
+    // A week of remembered published ids at ~1.6 events/s... or a day at
+    // ~12/s: the index a producer's insert probes (migration V5) is not empty.
+    env.pool
+        .execute(
+            "INSERT INTO outbox_published_ids (event_id, published_at) \
+             SELECT gen_random_uuid(), now() - interval '1 hour' FROM generate_series(1, 1000000)",
+        )
+        .await?;
+    env.pool
+        .execute("VACUUM ANALYZE outbox_published_ids")
+        .await?;
     for shape in [Shape::NewOrder, Shape::Credit] {
         println!(
             "== producer: {}, with and without an outbox row, {seconds}s each, a LISTEN session open, \
@@ -613,8 +647,8 @@ async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
             shape.describe()
         );
         for clients in [1usize, 8] {
-            let (mut empty, mut off, mut busy, mut waiting, mut message) =
-                (vec![], vec![], vec![], vec![], vec![]);
+            let (mut empty, mut off, mut busy, mut waiting, mut message, mut unchecked) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
             for run in 1..=runs {
                 let measure = |variant| tps(env, clients, seconds, shape, variant);
                 let base = measure(Variant::Plain).await?;
@@ -629,6 +663,13 @@ async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
                     .await?;
                 stand_in(false).await?;
                 let gated = measure(Variant::WithOutbox).await?;
+                env.pool
+                    .execute("ALTER TABLE outbox DISABLE TRIGGER outbox_refuse_published_ids")
+                    .await?;
+                let no_id_check = measure(Variant::WithOutbox).await?;
+                env.pool
+                    .execute("ALTER TABLE outbox ENABLE TRIGGER outbox_refuse_published_ids")
+                    .await?;
                 stand_in(true).await?;
                 let notify = measure(Variant::WithOutbox).await?;
                 env.pool
@@ -639,13 +680,16 @@ async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
                 println!(
                     "{clients} client(s) run {run}: plain {base:.0} tx/s  +SELECT 1 {select:.0}  \
                      +outbox: trigger off {quiet:.0}, relay busy {gated:.0}, relay waiting {notify:.0} tx/s  \
-                     cost {:.2} / {:.2} / {:.2} (empty statement {:.2}, WAL message {:.2})",
+                     cost {:.2} / {:.2} / {:.2} (empty statement {:.2}, WAL message {:.2}); \
+                     published-id check off {no_id_check:.0} tx/s, its cost {:.3}",
                     base / quiet,
                     base / gated,
                     base / notify,
                     base / select,
                     base / wal,
+                    no_id_check / gated,
                 );
+                unchecked.push(no_id_check / gated);
                 empty.push(base / select);
                 off.push(base / quiet);
                 busy.push(base / gated);
@@ -656,13 +700,15 @@ async fn producer(env: &Env, runs: usize, seconds: u64) -> anyhow::Result<()> {
                 "median, {}, {clients} client(s): cost with the outbox row: trigger off {:.2}, \
                  relay busy (no NOTIFY) {:.2}, relay waiting (every commit notifies) {:.2} (target <= 1.25); \
                  an empty extra statement alone {:.2}; the event as a WAL message instead of a row \
-                 (reference, not a relay mode) {:.2}",
+                 (reference, not a relay mode) {:.2}; the published-id check (V5, 1M ids \
+                 remembered) costs {:.3}× the transaction",
                 shape.name(),
                 median(off),
                 median(busy),
                 median(waiting),
                 median(empty),
                 median(message),
+                median(unchecked),
             );
         }
     }

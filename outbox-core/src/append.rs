@@ -91,7 +91,7 @@ pub async fn append<'e, E: PgExecutor<'e>>(
         sqlx::Error::Database(db) if db.constraint() == Some("outbox_event_id_key") => {
             AppendError::DuplicateEventId(event.event_id)
         }
-        sqlx::Error::Database(db) if db.constraint() == Some("outbox_published_ids_pkey") => {
+        sqlx::Error::Database(db) if db.constraint() == Some("outbox_published_ids") => {
             AppendError::AlreadyPublished(event.event_id)
         }
         _ => AppendError::Database(e),

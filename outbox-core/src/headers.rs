@@ -25,8 +25,16 @@ pub const CE_TYPE: &str = "ce_type";
 pub const CE_SOURCE: &str = "ce_source";
 /// `ce_time`: when the event occurred (RFC 3339).
 pub const CE_TIME: &str = "ce_time";
-/// `ce_subject`: the aggregate id (also the record key).
+/// `ce_subject`: the aggregate id (also the record key), when it is at most
+/// [`SUBJECT_MAX_BYTES`] long.
 pub const CE_SUBJECT: &str = "ce_subject";
+
+/// The longest aggregate id repeated in `ce_subject`, in bytes. A longer id
+/// travels in the record key only, and the record has no `ce_subject`: it
+/// is never truncated, since a shortened subject could name another
+/// aggregate. Without this, a key of 600 KiB went out twice and made a
+/// record over Kafka's 1 MB default limit.
+pub const SUBJECT_MAX_BYTES: usize = 1024;
 /// `ce_aggregatetype`: the aggregate type (extension attribute).
 pub const CE_AGGREGATE_TYPE: &str = "ce_aggregatetype";
 /// `ce_eventversion`: the event's schema version, a positive integer

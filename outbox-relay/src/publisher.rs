@@ -317,9 +317,9 @@ fn classify_sized(err: &KafkaError, size: Size, producer_limit: &str) -> Outcome
     match (classify(err), err.rdkafka_error_code()) {
         (Outcome::Permanent(reason), Some(C::MessageSizeTooLarge | C::InvalidMessageSize)) => {
             Outcome::Permanent(format!(
-                "{reason}: the record is {} bytes (key {}, value {}, headers {}; the key is \
-                 sent twice, as the key and as ce_subject); the limits are the producer's \
-                 message.max.bytes ({producer_limit}) and the topic's max.message.bytes",
+                "{reason}: the record is {} bytes (key {}, value {}, headers {}); the limits \
+                 are the producer's message.max.bytes ({producer_limit}) and the topic's \
+                 max.message.bytes",
                 size.key + size.value + size.headers,
                 size.key,
                 size.value,

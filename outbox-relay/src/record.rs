@@ -108,7 +108,9 @@ pub fn build(
     add(h::CE_TYPE, &row.event_type);
     add(h::CE_SOURCE, source);
     add(h::CE_TIME, &time);
-    add(h::CE_SUBJECT, &row.aggregate_id);
+    if row.aggregate_id.len() <= h::SUBJECT_MAX_BYTES {
+        add(h::CE_SUBJECT, &row.aggregate_id);
+    }
     add(h::CE_AGGREGATE_TYPE, &row.aggregate_type);
     add(h::CE_EVENT_VERSION, &version);
     // A tombstone has no data, so no data content type.

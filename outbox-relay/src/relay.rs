@@ -300,6 +300,7 @@ impl Relay {
                 r = &mut batch => r,
                 _ = shutdown.cancelled() => {
                     let deadline = stop_by();
+                    self.health.set(State::Stopping, "shutting down; finishing the batch in flight");
                     // The batch may take the time the rest of the shutdown
                     // (hand back, flush) does not need.
                     let batch_by = deadline - (self.cfg.shutdown_timeout / 5).min(SHUTDOWN_RESERVE);

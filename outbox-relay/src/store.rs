@@ -208,8 +208,7 @@ pub fn claim_sql(after: AfterPublish, policy: PoisonPolicy, remember: bool) -> S
     match after {
         AfterPublish::Delete if remember => format!(
             "{FENCE}, claimed AS (DELETE FROM outbox o WHERE o.ctid = ANY (ARRAY({pending})) RETURNING {COLUMNS}), \
-             remembered AS (INSERT INTO outbox_published_ids (event_id) SELECT event_id FROM claimed \
-                            ON CONFLICT (event_id) DO NOTHING) \
+             remembered AS (INSERT INTO outbox_published_ids (event_id) SELECT event_id FROM claimed) \
              SELECT * FROM claimed"
         ),
         AfterPublish::Delete => {
@@ -349,8 +348,7 @@ pub async fn resolve(
         let sql = match after {
             AfterPublish::Delete if remember => {
                 "WITH gone AS (DELETE FROM outbox WHERE id = ANY($1) RETURNING event_id) \
-                 INSERT INTO outbox_published_ids (event_id) SELECT event_id FROM gone \
-                 ON CONFLICT (event_id) DO NOTHING"
+                 INSERT INTO outbox_published_ids (event_id) SELECT event_id FROM gone"
             }
             AfterPublish::Delete => "DELETE FROM outbox WHERE id = ANY($1)",
             AfterPublish::Mark { .. } => {
@@ -392,8 +390,8 @@ pub async fn forget_published_ids<'e>(
     limit: i64,
 ) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
-        "DELETE FROM outbox_published_ids WHERE event_id IN (SELECT event_id FROM outbox_published_ids \
-           WHERE published_at < now() - make_interval(secs => $1) LIMIT $2)",
+        "DELETE FROM outbox_published_ids WHERE ctid = ANY (ARRAY(SELECT ctid FROM outbox_published_ids \
+           WHERE published_at < now() - make_interval(secs => $1) LIMIT $2))",
     )
     .persistent(false)
     .bind(window.as_secs_f64())

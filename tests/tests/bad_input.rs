@@ -192,6 +192,18 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
     .bind(&topic)
     .execute(&pool)
     .await?;
+    // A key of 600 KiB fits once (the record key), and is not repeated in
+    // ce_subject; a key of exactly 1 KiB still is.
+    for len in [600 * 1024, 1024] {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, payload) \
+             VALUES (gen_random_uuid(), 't', repeat('b', $2), 'big.key', $1, '{}')",
+        )
+        .bind(&topic)
+        .bind(len)
+        .execute(&pool)
+        .await?;
+    }
     // Healthy rows: JSON, binary, and a tombstone (no payload).
     append_events(&pool, &topic, 20, 4).await?;
     append(
@@ -204,7 +216,7 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
     append(&pool, &NewEvent::new("t", "gone", "deleted").topic(&topic)).await?;
 
     let relay = RunningRelay::start(&pool, cfg())?;
-    let got = consume(&topic, 23, WAIT, Duration::from_millis(1500)).await?;
+    let got = consume(&topic, 25, WAIT, Duration::from_millis(1500)).await?;
     eventually(WAIT, "eight failed rows", || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'failed'")
             .fetch_one(&pool)
@@ -214,7 +226,7 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
     .await?;
     assert!(relay.health.is_ready(), "{}", relay.health.reason());
     relay.stop().await?;
-    assert_eq!(got.len(), 23, "every healthy row arrived, once");
+    assert_eq!(got.len(), 25, "every healthy row arrived, once");
     let numbers = got
         .iter()
         .find(|r| r.key.as_deref() == Some("numbers"))
@@ -230,6 +242,19 @@ async fn unpublishable_rows_fail_with_a_reason_and_the_rest_flows(
         .find(|r| r.key.as_deref() == Some("bin"))
         .unwrap();
     assert_eq!(bin.value, Some(vec![0xff, 0x00, 0xfe]));
+    for len in [600 * 1024, 1024] {
+        let key = "b".repeat(len);
+        let big = got
+            .iter()
+            .find(|r| r.key.as_deref() == Some(key.as_str()))
+            .unwrap_or_else(|| panic!("the {len}-byte key arrived whole"));
+        let subject = big.header("ce_subject");
+        if len > outbox_core::headers::SUBJECT_MAX_BYTES {
+            assert_eq!(subject, None, "a {len}-byte key is not repeated");
+        } else {
+            assert_eq!(subject, Some(key.as_str()));
+        }
+    }
     let gone = got
         .iter()
         .find(|r| r.key.as_deref() == Some("gone"))
