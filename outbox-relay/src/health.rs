@@ -116,6 +116,14 @@ impl Health {
         self.phase.store(state as u8, Ordering::Relaxed);
     }
 
+    /// A database connection was lost (the LISTEN connection's, say):
+    /// degraded until a batch goes through, unless already stopping.
+    pub(crate) fn database_lost(&self, why: &str) {
+        if self.phase() != State::Stopping {
+            self.set(State::Degraded, format!("database: {why}"));
+        }
+    }
+
     /// The phase the loop last set (without the broker's connection).
     pub(crate) fn phase(&self) -> State {
         State::from_u8(self.phase.load(Ordering::Relaxed))

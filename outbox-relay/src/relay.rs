@@ -180,6 +180,7 @@ impl Relay {
                 self.cfg.channel.clone(),
                 wake.clone(),
                 listening.clone(),
+                self.health.clone(),
                 background.clone(),
             ));
         }
@@ -286,7 +287,7 @@ impl Relay {
                             c
                         }
                         Err(e) => {
-                            self.degraded(e.to_string());
+                            self.degraded(self.explain(e).await);
                             backoff.sleep(shutdown).await;
                             continue;
                         }
@@ -355,10 +356,8 @@ impl Relay {
                         _ = shutdown.cancelled() => {}
                     }
                 }
-                Err(BatchError::Database(e)) => {
-                    let opts = self.pool.connect_options();
-                    let why = store::explain_connect(&e, opts.get_host(), opts.get_port()).await;
-                    self.degraded(format!("database: {why}"));
+                Err(e @ BatchError::Database(_)) => {
+                    self.degraded(self.explain(e).await);
                     backoff.sleep(shutdown).await;
                 }
                 Err(BatchError::Broker(e)) => {
@@ -456,6 +455,19 @@ impl Relay {
             Err(e) => {
                 error!(error = %e, %fatal, "could not replace the Kafka producer after a fatal error")
             }
+        }
+    }
+
+    /// A batch's failure in words, and for a database connection that could
+    /// not be opened, why (refused, or no answer).
+    async fn explain(&self, e: BatchError) -> String {
+        match e {
+            BatchError::Database(e) => {
+                let opts = self.pool.connect_options();
+                let why = store::explain_connect(&e, opts.get_host(), opts.get_port()).await;
+                format!("database: {why}")
+            }
+            BatchError::Broker(e) => format!("kafka: {e}"),
         }
     }
 

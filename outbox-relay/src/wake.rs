@@ -40,7 +40,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::{relay::Backoff, store};
+use crate::{health::Health, relay::Backoff, store};
 
 /// How long the first sleep after raising the flag lasts at most, before the
 /// relay claims once more (step 3 above).
@@ -111,6 +111,10 @@ impl WaitFlag {
 /// Wakes the relay on every notification; wakes it too whenever the
 /// listening connection was lost (notifications may have been missed).
 /// `listening` is true while a listening connection is known to work.
+/// A lost connection makes the relay unready at once (`health`): it is
+/// usually the first sign of a database gone, seconds before a claim's
+/// connection attempt gives up; the next batch that goes through makes it
+/// ready again.
 ///
 /// Each new listening connection first sends itself a probe notification.
 /// If it never comes back (a connection pooler in transaction mode drops
@@ -120,6 +124,7 @@ pub async fn listen(
     channel: String,
     wake: Arc<Notify>,
     listening: Arc<AtomicBool>,
+    health: Arc<Health>,
     shutdown: CancellationToken,
 ) {
     const PROBE_WAIT: Duration = Duration::from_secs(5);
@@ -135,6 +140,9 @@ pub async fn listen(
                 continue;
             }
         };
+        // Say a lost connection at once (Ok(None)); this loop opens the
+        // next one itself, and probes it.
+        listener.eager_reconnect(false);
         if let Err(e) = listener.listen(&channel).await {
             warn!(error = %store::explain(&e), "LISTEN failed; polling meanwhile");
             backoff.sleep(&shutdown).await;
@@ -171,11 +179,13 @@ pub async fn listen(
                         // Notifications sent meanwhile are lost. Reconnect
                         // and probe again before relying on them.
                         debug!("LISTEN connection lost; reconnecting");
+                        health.database_lost("the LISTEN connection was lost; reconnecting");
                         wake.notify_one();
                         break;
                     }
                     Err(e) => {
                         warn!(error = %e, "LISTEN connection failed; reconnecting");
+                        health.database_lost("the LISTEN connection failed; reconnecting");
                         wake.notify_one();
                         break;
                     }

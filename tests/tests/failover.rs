@@ -3,7 +3,8 @@
 //! producers write and the relay publishes, the node that leads every
 //! partition of the topic is killed -9. Expected: nothing lost, per-key
 //! order kept, publishing resumes on the new leaders; the test prints the
-//! relay's readiness timeline and how long publishing paused
+//! relay's readiness timeline (unready while a batch waits on the dead
+//! leader for 5 s or more) and how long publishing paused
 //! (RELIABILITY.md quotes the figures).
 
 use std::{
@@ -163,6 +164,16 @@ async fn killing_the_partition_leader_loses_and_reorders_nothing(
         "{new_leaders:?}"
     );
     assert!(ready_at_end, "the relay is ready again after the failover");
+    // Readiness does not lie through the pause: a batch left unacknowledged
+    // for STALLED_AFTER makes the relay unready.
+    if longest > outbox_relay::health::STALLED_AFTER + Duration::from_secs(1) {
+        assert!(
+            samples
+                .iter()
+                .any(|(at, _, state)| *at > killed_at && *state == State::Degraded),
+            "publishing paused {longest:?}, and readiness never said so"
+        );
+    }
 
     let got = consume_from(
         &bootstrap,
