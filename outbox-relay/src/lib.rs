@@ -7,6 +7,8 @@
 //!
 //! - [`store`]: every SQL statement, including the claim query;
 //! - [`relay`]: the publish loop, wake-ups and shutdown;
+//! - `batch`: one batch's decisions: which rows are sent, held or failed, and
+//!   what becomes of each (per-key order lives here);
 //! - [`lease`]: key partitions, leases and hand-over between relays;
 //! - [`publisher`]: pipelined sends and error classification;
 //! - [`record`]: the row-to-record mapping (topic routing, headers);
@@ -28,6 +30,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod batch;
 pub mod config;
 pub mod health;
 pub mod http;

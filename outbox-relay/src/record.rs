@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use crate::store::OutboxRow;
 
 /// A row ready to send.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Record {
     /// Destination topic.
     pub topic: String,

@@ -45,12 +45,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    config::{AfterPublish, ConfigError, PoisonPolicy, RelayConfig},
+    batch::{self, Batch, Fate},
+    config::{AfterPublish, ConfigError, RelayConfig},
     health::{Health, State},
     lease::{Leases, Ownership},
     publisher::{Outcome, Publisher, PublisherError, TopicState},
     record::{self, Record, TopicRouter},
-    store::{self, Claimant, InFlight, Resolution},
+    store::{self, Claimant, InFlight},
     telemetry,
     wake::{self, WaitFlag},
 };
@@ -499,11 +500,11 @@ impl Relay {
         }
     }
 
-    /// Publishes and settles one claimed batch. While its delivery reports
-    /// are awaited, the next batch is claimed on another connection (only if
-    /// this one was full); it is returned, unsent, when this batch committed,
-    /// and rolled back otherwise, so no row ever overtakes an earlier row of
-    /// its key.
+    /// Publishes and settles one claimed batch (the decisions are
+    /// [`Batch`]'s). While its delivery reports are awaited, the next batch
+    /// is claimed on another connection (only if this one was full); it is
+    /// returned, unsent, when this batch committed, and rolled back
+    /// otherwise, so no row ever overtakes an earlier row of its key.
     #[tracing::instrument(name = "relay_batch", skip_all, fields(batch.size = current.rows.len()))]
     async fn relay_batch(&self, current: Claim) -> Result<Option<Claim>, BatchError> {
         let started = Instant::now();
@@ -512,74 +513,18 @@ impl Relay {
             tx.commit().await?;
             return Ok(None);
         }
+        let (prepared, topics) = self.prepare(&mut rows).await;
+        let (batch, records) = Batch::plan(rows, prepared, self.cfg.poison_policy);
 
-        // Build records. `early` holds outcomes decided before sending.
-        let mut records: Vec<Option<Record>> = Vec::with_capacity(rows.len());
-        let mut early: Vec<Option<Outcome>> = Vec::with_capacity(rows.len());
-        let mut topics: HashMap<String, TopicState> = HashMap::new();
-        let mut row_topics: Vec<Option<String>> = Vec::with_capacity(rows.len());
-        let mut held_keys: HashSet<(String, String)> = HashSet::new();
-        for row in &mut rows {
-            row_topics.push(None);
-            let is_held = !held_keys.is_empty()
-                && held_keys.contains(&(row.aggregate_type.clone(), row.aggregate_id.clone()));
-            if is_held {
-                records.push(None);
-                early.push(None); // held: stays pending, untouched
-                continue;
-            }
-            let outcome = match record::build(row, &self.router, &self.cfg.default_source) {
-                Err(reason) => Some(Outcome::Permanent(format!("malformed row: {reason}"))),
-                Ok(rec) => {
-                    let state = match topics.get(&rec.topic) {
-                        Some(s) => s.clone(),
-                        None => {
-                            let s = self.publisher.topic_state(&rec.topic).await;
-                            topics.insert(rec.topic.clone(), s.clone());
-                            s
-                        }
-                    };
-                    match state {
-                        TopicState::Exists => {
-                            *row_topics.last_mut().expect("pushed above") = Some(rec.topic.clone());
-                            records.push(Some(rec));
-                            early.push(None);
-                            continue;
-                        }
-                        TopicState::Missing => Some(Outcome::Permanent(format!(
-                            "topic {:?} does not exist; create it (the relay never creates topics), \
-                             then run `outbox-relay failed retry`",
-                            rec.topic
-                        ))),
-                        TopicState::Unknown(e) => {
-                            Some(Outcome::Transient(format!("cannot read topic metadata: {e}")))
-                        }
-                    }
-                }
-            };
-            // Not sent: later rows of this key must not overtake it, unless
-            // the policy skips permanently failed rows.
-            let holds = match &outcome {
-                Some(Outcome::Transient(_)) => true,
-                Some(Outcome::Permanent(_)) => self.cfg.poison_policy == PoisonPolicy::BlockKey,
-                _ => false,
-            };
-            if holds {
-                held_keys.insert((row.aggregate_type.clone(), row.aggregate_id.clone()));
-            }
-            records.push(None);
-            early.push(outcome);
-        }
-
-        let sent = records.iter().filter(|r| r.is_some()).count();
         // Overlap the next claim only if this batch was full (else the
         // backlog is drained) and its ids are close enough to leave out.
-        let in_flight = if rows.len() == self.cfg.batch_size {
-            InFlight::of(&rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        let in_flight = if batch.rows().len() == self.cfg.batch_size {
+            InFlight::of(&batch.rows().iter().map(|r| r.id).collect::<Vec<_>>())
         } else {
             None
         };
-        let (mut outcomes, next) = match (sent > 0, in_flight) {
+        let sent = batch.sent();
+        let (outcomes, next) = match (sent > 0, in_flight) {
             (true, Some(in_flight)) => {
                 let _awaiting = self.health.awaiting(sent);
                 let (outcomes, next) = tokio::join!(self.publisher.publish(records), async {
@@ -594,51 +539,20 @@ impl Relay {
                 let _awaiting = self.health.awaiting(sent);
                 (self.publisher.publish(records).await, None)
             }
-            (false, _) => (vec![None; rows.len()], None),
+            (false, _) => (Vec::new(), None),
         };
-        if outcomes.len() != rows.len() {
-            // The delivery safety net fired: treat everything as transient.
-            outcomes =
-                vec![Some(Outcome::Transient("no delivery report in time".into())); rows.len()];
-        }
-        for (slot, pre) in outcomes.iter_mut().zip(early) {
-            if pre.is_some() {
-                *slot = pre;
-            }
-        }
+        let fates = batch.settle(&outcomes);
 
-        let all_delivered = outcomes.iter().all(|o| o == &Some(Outcome::Delivered));
-        let now = Utc::now();
-        let mut per_topic: HashMap<String, u64> = HashMap::new();
-        let mut note_delivered = |row: &store::OutboxRow, topic: &Option<String>| {
-            telemetry::commit_to_ack((now - row.created_at).as_seconds_f64());
-            let topic = topic.as_deref().unwrap_or_default();
-            match per_topic.get_mut(topic) {
-                Some(n) => *n += 1,
-                None => {
-                    per_topic.insert(topic.to_string(), 1);
-                }
-            }
-            debug!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref(),
-                   event.r#type = %row.event_type, "published");
-        };
-
-        if all_delivered {
+        if batch::all_delivered(&fates) {
             if let Err(e) = tx.commit().await {
-                error!(error = %e, rows = rows.len(),
+                error!(error = %e, rows = fates.len(),
                        "commit after publishing failed; the batch will be published again (duplicates)");
                 if let Some(next) = next {
                     let _ = next.tx.rollback().await;
                 }
                 return Err(e.into());
             }
-            rows.iter()
-                .zip(&row_topics)
-                .for_each(|(row, topic)| note_delivered(row, topic));
-            for (topic, n) in per_topic {
-                telemetry::published(&topic, n);
-            }
-            telemetry::batch(rows.len(), started.elapsed());
+            note_delivered(batch.rows(), &fates, started);
             return Ok(next);
         }
 
@@ -648,22 +562,13 @@ impl Relay {
             next.tx.rollback().await?;
         }
         tx.rollback().await?;
-        let mut res = Resolution::default();
-        for ((row, outcome), topic) in rows.iter().zip(&outcomes).zip(&row_topics) {
-            match outcome {
-                Some(Outcome::Delivered) => {
-                    res.delivered.push(row.id);
-                    note_delivered(row, topic);
-                }
-                Some(Outcome::Permanent(reason)) => {
-                    warn!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref(),
-                          row.id = row.id, reason = %reason, "outbox row failed permanently; moved to failed");
-                    res.failed.push((row.id, reason.clone()));
-                }
-                Some(Outcome::Transient(reason)) => res.retry.push((row.id, reason.clone())),
-                None => {} // held behind an earlier row of its key
+        for (row, fate) in batch.rows().iter().zip(&fates) {
+            if let Fate::Failed(reason) = fate {
+                warn!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref(),
+                      row.id = row.id, reason = %reason, "outbox row failed permanently; moved to failed");
             }
         }
+        let res = batch.resolution(&fates);
         let mut conn = self.claim_pool.acquire().await?;
         store::resolve(
             &mut conn,
@@ -672,12 +577,9 @@ impl Relay {
             &res,
         )
         .await?;
-        for (topic, n) in per_topic {
-            telemetry::published(&topic, n);
-        }
+        note_delivered(batch.rows(), &fates, started);
         telemetry::publish_errors("permanent", res.failed.len() as u64);
         telemetry::publish_errors("transient", res.retry.len() as u64);
-        telemetry::batch(rows.len(), started.elapsed());
         if let Some((_, reason)) = res.retry.first() {
             for (topic, state) in &topics {
                 if *state == TopicState::Exists {
@@ -691,6 +593,64 @@ impl Relay {
         }
         Ok(None)
     }
+
+    /// Builds each row's record and looks up its topic (cached): the record
+    /// to send, or the outcome that stops it. Also returns the topics' states.
+    /// The payloads move into the records.
+    async fn prepare(
+        &self,
+        rows: &mut [store::OutboxRow],
+    ) -> (Vec<Result<Record, Outcome>>, HashMap<String, TopicState>) {
+        let mut topics: HashMap<String, TopicState> = HashMap::new();
+        let mut prepared = Vec::with_capacity(rows.len());
+        for row in rows {
+            let rec = match record::build(row, &self.router, &self.cfg.default_source) {
+                Ok(rec) => rec,
+                Err(reason) => {
+                    prepared.push(Err(Outcome::Permanent(format!("malformed row: {reason}"))));
+                    continue;
+                }
+            };
+            let state = match topics.get(&rec.topic) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = self.publisher.topic_state(&rec.topic).await;
+                    topics.insert(rec.topic.clone(), s.clone());
+                    s
+                }
+            };
+            prepared.push(match state {
+                TopicState::Exists => Ok(rec),
+                TopicState::Missing => Err(Outcome::Permanent(format!(
+                    "topic {:?} does not exist; create it (the relay never creates topics), \
+                     then run `outbox-relay failed retry`",
+                    rec.topic
+                ))),
+                TopicState::Unknown(e) => Err(Outcome::Transient(format!(
+                    "cannot read topic metadata: {e}"
+                ))),
+            });
+        }
+        (prepared, topics)
+    }
+}
+
+/// Counts and logs the delivered rows of a settled batch.
+fn note_delivered(rows: &[store::OutboxRow], fates: &[Fate<'_>], started: Instant) {
+    let now = Utc::now();
+    let mut per_topic: HashMap<&str, u64> = HashMap::new();
+    for (row, fate) in rows.iter().zip(fates) {
+        if let Fate::Delivered { topic } = fate {
+            telemetry::commit_to_ack((now - row.created_at).as_seconds_f64());
+            *per_topic.entry(topic).or_default() += 1;
+            debug!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref(),
+                   event.r#type = %row.event_type, "published");
+        }
+    }
+    for (topic, n) in per_topic {
+        telemetry::published(topic, n);
+    }
+    telemetry::batch(rows.len(), started.elapsed());
 }
 
 /// An open claim transaction and the rows it claimed.
