@@ -301,14 +301,9 @@ fn position_of(msg: &OwnedMessage) -> String {
     format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset())
 }
 
-/// Exponential backoff with jitter: `min_backoff × 2^(n-1)`, capped at
-/// `max_backoff`, then scaled by a random factor in [0.5, 1].
+/// The `n`-th retry delay, see [`outbox_core::backoff`].
 pub(crate) fn backoff(n: u32, cfg: &ConsumerConfig) -> Duration {
-    let exp = cfg
-        .min_backoff
-        .saturating_mul(2u32.saturating_pow(n.saturating_sub(1).min(30)));
-    exp.min(cfg.max_backoff)
-        .mul_f64(rand::random_range(0.5..=1.0))
+    outbox_core::backoff::nth(n, cfg.min_backoff, cfg.max_backoff)
 }
 
 /// Sleeps `d`; false when `stop` fired first.
@@ -316,25 +311,5 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
         _ = stop.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        let cfg = ConsumerConfig {
-            min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_millis(1000),
-            ..ConsumerConfig::new("g", ["t"])
-        };
-        let b1 = backoff(1, &cfg);
-        assert!(b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(100));
-        let b3 = backoff(3, &cfg);
-        assert!(b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(400));
-        let b40 = backoff(40, &cfg);
-        assert!(b40 <= Duration::from_millis(1000) && b40 >= Duration::from_millis(500));
     }
 }

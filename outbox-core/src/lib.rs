@@ -7,6 +7,7 @@
 //!   outbox **inside the caller's transaction**;
 //! - [`headers`]: the Kafka header names the relay writes and consumers read
 //!   (the CloudEvents Kafka binary binding plus W3C trace context);
+//! - [`backoff`]: the retry delay the relay and consumer-kit share;
 //! - [`migrate`]: the SQL migrations (outbox set and consumer set), run with
 //!   refinery over an sqlx pool.
 //!
@@ -31,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod append;
+pub mod backoff;
 pub mod event;
 pub mod headers;
 pub mod migrate;

@@ -38,9 +38,11 @@ pub mod lease;
 pub mod publisher;
 pub mod record;
 pub mod relay;
+mod retry;
 pub mod store;
 pub mod telemetry;
 pub mod topics;
+mod upkeep;
 pub mod wake;
 
 pub use config::{AfterPublish, PoisonPolicy, RelayConfig};

@@ -27,7 +27,7 @@
 //! while a relay sleeps: [`crate::wake`] explains the waiting flag.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -36,6 +36,7 @@ use std::{
 };
 
 use chrono::Utc;
+use outbox_core::backoff::Backoff;
 use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
     PgPool, Postgres, Transaction,
@@ -51,8 +52,10 @@ use crate::{
     lease::{Leases, Ownership},
     publisher::{Outcome, Publisher, PublisherError, TopicState},
     record::{self, Record, TopicRouter},
+    retry::back_off,
     store::{self, Claimant, InFlight},
     telemetry,
+    upkeep::{self, Expired},
     wake::{self, WaitFlag},
 };
 
@@ -186,7 +189,7 @@ impl Relay {
             ));
         }
         tasks.spawn(self.leases.clone().run(wake.clone(), background.clone()));
-        tasks.spawn(report_stats(
+        tasks.spawn(upkeep::report_stats(
             self.pool.clone(),
             self.leases.clone(),
             self.cfg.stats_interval,
@@ -198,7 +201,11 @@ impl Relay {
             _ => None,
         };
         if let Some(expired) = expired {
-            tasks.spawn(clean_up(self.pool.clone(), expired, background.clone()));
+            tasks.spawn(upkeep::clean_up(
+                self.pool.clone(),
+                expired,
+                background.clone(),
+            ));
         }
         info!(relay.id = %self.relay_id(), "relay started; waiting for its share of the partitions");
 
@@ -289,7 +296,7 @@ impl Relay {
                         }
                         Err(e) => {
                             self.degraded(self.explain(e).await);
-                            backoff.sleep(shutdown).await;
+                            back_off(&mut backoff, shutdown).await;
                             continue;
                         }
                     }
@@ -359,13 +366,13 @@ impl Relay {
                 }
                 Err(e @ BatchError::Database(_)) => {
                     self.degraded(self.explain(e).await);
-                    backoff.sleep(shutdown).await;
+                    back_off(&mut backoff, shutdown).await;
                 }
                 Err(BatchError::Broker(e)) => {
                     self.degraded(format!("kafka: {e}"));
                     broker_failures += 1;
                     self.replace_producer_if_fatal(broker_failures);
-                    backoff.sleep(shutdown).await;
+                    back_off(&mut backoff, shutdown).await;
                 }
             }
         }
@@ -657,163 +664,4 @@ fn note_delivered(rows: &[store::OutboxRow], fates: &[Fate<'_>], started: Instan
 struct Claim {
     tx: Transaction<'static, Postgres>,
     rows: Vec<store::OutboxRow>,
-}
-
-/// The backlog queries may take at most 1/`STATS_TIME_SHARE` of the time:
-/// after a refresh that took `t`, the next waits at least `t ×` this.
-/// Counting a large backlog per partition reads every pending row (about
-/// 0.85 s for a million rows on 2 cores), work that would otherwise slow the
-/// very drain it reports on, once per relay per interval.
-const STATS_TIME_SHARE: u32 = 20;
-
-/// Refreshes the backlog gauges every `every`, or less often when the
-/// queries are slow (see [`STATS_TIME_SHARE`]).
-async fn report_stats(
-    pool: PgPool,
-    leases: Arc<Leases>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut reported: HashSet<i32> = HashSet::new();
-    loop {
-        let started = Instant::now();
-        // In a transaction, so that it works through a transaction-mode pooler.
-        let figures = async {
-            let mut tx = pool.begin().await?;
-            let totals = store::stats(&mut *tx).await?;
-            let partitions = store::partition_stats(&mut *tx).await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>((totals, partitions))
-        };
-        match figures.await {
-            Ok((totals, partitions)) => {
-                telemetry::backlog(&totals);
-                // Per partition, for the partitions this relay owns; those it
-                // gave up drop to zero here (their new owner reports them).
-                let own = leases.ownership();
-                for p in &partitions {
-                    if own.owned.contains(&p.partition) {
-                        telemetry::partition_backlog(
-                            p.partition,
-                            p.pending,
-                            p.oldest_pending_age_seconds,
-                        );
-                        reported.insert(p.partition);
-                    } else if reported.remove(&p.partition) {
-                        telemetry::partition_backlog(p.partition, 0, 0.0);
-                    }
-                }
-            }
-            Err(e) => debug!(error = %e, "backlog stats unavailable"),
-        }
-        let pause = every.max(started.elapsed() * STATS_TIME_SHARE);
-        if sleep_or_cancel(pause, &shutdown).await {
-            return;
-        }
-    }
-}
-
-/// What the relay deletes once it is old enough.
-#[derive(Debug, Clone, Copy)]
-enum Expired {
-    /// Published rows kept in mark mode, after their retention.
-    Rows(Duration),
-    /// Remembered published ids in delete mode, after their window.
-    Ids(Duration),
-}
-
-/// Deletes what has `expired`, in chunks, once a minute.
-async fn clean_up(pool: PgPool, expired: Expired, shutdown: CancellationToken) {
-    const CHUNK: i64 = 5000;
-    loop {
-        loop {
-            let deleted = async {
-                let mut tx = pool.begin().await?;
-                let n = match expired {
-                    Expired::Rows(retention) => {
-                        store::delete_expired(&mut *tx, retention, CHUNK).await?
-                    }
-                    Expired::Ids(window) => {
-                        store::forget_published_ids(&mut *tx, window, CHUNK).await?
-                    }
-                };
-                tx.commit().await?;
-                Ok::<_, sqlx::Error>(n)
-            };
-            match deleted.await {
-                Ok(n) if n as i64 == CHUNK && !shutdown.is_cancelled() => continue,
-                Ok(n) => {
-                    if n > 0 {
-                        debug!(rows = n, ?expired, "deleted what expired");
-                    }
-                    break;
-                }
-                Err(e) => {
-                    debug!(error = %e, ?expired, "cleanup failed; will retry");
-                    break;
-                }
-            }
-        }
-        if sleep_or_cancel(Duration::from_secs(60), &shutdown).await {
-            return;
-        }
-    }
-}
-
-/// Sleeps for `d`; returns true if `shutdown` fired first.
-async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => false,
-        _ = shutdown.cancelled() => true,
-    }
-}
-
-/// Exponential backoff with full jitter.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = self.min;
-    }
-
-    fn delay(&mut self) -> Duration {
-        let upper = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let jitter: f64 = rand::random_range(0.5..=1.0);
-        upper.mul_f64(jitter)
-    }
-
-    pub(crate) async fn sleep(&mut self, shutdown: &CancellationToken) {
-        let d = self.delay();
-        sleep_or_cancel(d, shutdown).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_max_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
-        let delays: Vec<_> = (0..6).map(|_| b.delay()).collect();
-        assert!(delays[0] <= Duration::from_millis(100) && delays[0] >= Duration::from_millis(50));
-        assert!(delays[3] <= Duration::from_millis(800) && delays[3] >= Duration::from_millis(400));
-        assert!(delays[5] <= Duration::from_millis(800));
-        b.reset();
-        assert!(b.delay() <= Duration::from_millis(100));
-    }
 }

@@ -40,7 +40,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::{health::Health, relay::Backoff, store};
+use outbox_core::backoff::Backoff;
+
+use crate::{health::Health, retry::back_off, store};
 
 /// How long the first sleep after raising the flag lasts at most, before the
 /// relay claims once more (step 3 above).
@@ -136,7 +138,7 @@ pub async fn listen(
             Ok(l) => l,
             Err(e) => {
                 warn!(error = %store::explain(&e), "cannot open the LISTEN connection; polling meanwhile");
-                backoff.sleep(&shutdown).await;
+                back_off(&mut backoff, &shutdown).await;
                 continue;
             }
         };
@@ -145,7 +147,7 @@ pub async fn listen(
         listener.eager_reconnect(false);
         if let Err(e) = listener.listen(&channel).await {
             warn!(error = %store::explain(&e), "LISTEN failed; polling meanwhile");
-            backoff.sleep(&shutdown).await;
+            back_off(&mut backoff, &shutdown).await;
             continue;
         }
         backoff.reset();
