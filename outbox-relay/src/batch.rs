@@ -33,10 +33,10 @@
 use std::collections::HashSet;
 
 use crate::{
+    claim::{OutboxRow, Resolution},
     config::PoisonPolicy,
     publisher::Outcome,
     record::Record,
-    store::{OutboxRow, Resolution},
 };
 
 /// What the batch does with one row before anything is sent.

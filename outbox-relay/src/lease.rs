@@ -13,7 +13,7 @@
 //!    its share.
 //!
 //! **Fencing.** Ownership is checked inside every claim transaction, not in
-//! memory: the claim statement ([`crate::store::claim_sql`]) locks the relay's
+//! memory: the claim statement ([`crate::claim::claim_sql`]) locks the relay's
 //! partition rows `FOR SHARE` and claims only rows of partitions that the
 //! relay owns, under a live lease, at that moment. Taking a partition over or
 //! releasing it is an `UPDATE` of its row (after `FOR UPDATE SKIP LOCKED`),

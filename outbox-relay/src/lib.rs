@@ -5,7 +5,8 @@
 //!
 //! Where to look:
 //!
-//! - [`store`]: every SQL statement, including the claim query;
+//! - [`claim`]: the claim query, its fence, and settling a batch row by row;
+//! - [`store`]: operator queries, backlog figures, expiry, error hints;
 //! - [`relay`]: the publish loop, wake-ups and shutdown;
 //! - `batch`: one batch's decisions: which rows are sent, held or failed, and
 //!   what becomes of each (per-key order lives here);
@@ -31,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 mod batch;
+pub mod claim;
 pub mod config;
 pub mod health;
 pub mod http;

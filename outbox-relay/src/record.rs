@@ -9,7 +9,7 @@
 use outbox_core::{headers as h, topic::validate_topic};
 use rdkafka::message::{Header, OwnedHeaders};
 
-use crate::store::OutboxRow;
+use crate::claim::OutboxRow;
 
 /// A row ready to send.
 #[derive(Debug, Clone)]

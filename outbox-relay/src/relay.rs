@@ -5,13 +5,13 @@
 //! [`crate::lease`] heartbeat shares them out and hands them over when a relay
 //! joins, leaves or dies. A relay claims only rows of partitions it owns, and
 //! every claim checks that ownership in the database (the *fence*, see
-//! [`crate::store::claim_sql`]), so per-key order holds across hand-overs.
+//! [`crate::claim::claim_sql`]), so per-key order holds across hand-overs.
 //!
 //! The loop, per batch (`Relay::relay_batch`):
 //!
 //! 1. `BEGIN`; claim the oldest pending rows of the owned partitions with one
 //!    fenced `DELETE … RETURNING` (or `UPDATE … RETURNING` in mark mode), see
-//!    [`crate::store::claim`];
+//!    [`crate::claim::claim`];
 //! 2. build the records; rows that can never be sent (malformed, bad or
 //!    missing topic) are set aside, and later rows of their key are held back;
 //! 3. send all records pipelined; while their delivery reports come in,
@@ -28,10 +28,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::{atomic::AtomicBool, Arc},
     time::{Duration, Instant},
 };
 
@@ -47,16 +44,16 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     batch::{self, Batch, Fate},
+    claim::{self, Claimant, InFlight, OutboxRow},
     config::{AfterPublish, ConfigError, RelayConfig},
     health::{Health, State},
     lease::{Leases, Ownership},
     publisher::{Outcome, Publisher, PublisherError, TopicState},
     record::{self, Record, TopicRouter},
     retry::back_off,
-    store::{self, Claimant, InFlight},
-    telemetry,
+    store, telemetry,
     upkeep::{self, Expired},
-    wake::{self, WaitFlag},
+    wake::{self, WaitFlag, Wakeups},
 };
 
 /// Why the relay could not start.
@@ -142,7 +139,7 @@ impl Relay {
         Ok(Self {
             claim_pool,
             router: TopicRouter::new(cfg.topic_template.clone()),
-            claim_sql: store::claim_sql(
+            claim_sql: claim::claim_sql(
                 cfg.after_publish,
                 cfg.poison_policy,
                 cfg.remembers_published(),
@@ -209,7 +206,7 @@ impl Relay {
         }
         info!(relay.id = %self.relay_id(), "relay started; waiting for its share of the partitions");
 
-        let deadline = self.publish(&wake, &listening, &shutdown).await;
+        let deadline = self.publish(wake, listening, &shutdown).await;
 
         self.health.set(State::Stopping, "shutting down");
         background.cancel();
@@ -252,17 +249,20 @@ impl Relay {
     /// must be over by ([`RelayConfig::shutdown_timeout`] after it fired).
     async fn publish(
         &self,
-        wake: &Notify,
-        listening: &AtomicBool,
+        wake: Arc<Notify>,
+        listening: Arc<AtomicBool>,
         shutdown: &CancellationToken,
     ) -> tokio::time::Instant {
         let stop_by = || tokio::time::Instant::now() + self.cfg.shutdown_timeout;
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
         let mut broker_failures = 0u32;
         let mut prefetched: Option<Claim> = None;
-        let mut flag = WaitFlag::new(self.pool.clone(), self.relay_id().to_string());
-        // The next sleep is the short one right after raising the flag.
-        let mut recheck = false;
+        let mut wakeups = Wakeups::new(
+            WaitFlag::new(self.pool.clone(), self.relay_id().to_string()),
+            wake,
+            listening,
+            self.cfg.poll_interval,
+        );
         loop {
             if shutdown.is_cancelled() {
                 let deadline = stop_by();
@@ -277,12 +277,7 @@ impl Relay {
                     let own = self.leases.ownership();
                     if own.claimable() == 0 {
                         self.idle(&own);
-                        flag.lower().await;
-                        tokio::select! {
-                            _ = wake.notified() => {}
-                            _ = tokio::time::sleep(self.cfg.poll_interval) => {}
-                            _ = shutdown.cancelled() => {}
-                        }
+                        wakeups.idle(shutdown).await;
                         continue;
                     }
                     match self.claim(&own, InFlight::none()).await {
@@ -333,36 +328,8 @@ impl Relay {
                     self.active(&self.leases.ownership());
                     backoff.reset();
                     prefetched = next;
-                    if claimed > 0 {
-                        // Busy: producers need not notify.
-                        flag.lower().await;
-                    }
-                    if prefetched.is_some() || claimed == self.cfg.batch_size {
-                        continue;
-                    }
-                    if listening.load(Ordering::SeqCst) {
-                        if claimed > 0 {
-                            // Claim again at once, until a claim finds nothing.
-                            continue;
-                        }
-                        if !flag.is_raised() && flag.raise().await {
-                            // Claim once more, now that producers notify.
-                            recheck = true;
-                            continue;
-                        }
-                    } else {
-                        flag.lower().await;
-                    }
-                    let nap = if std::mem::take(&mut recheck) {
-                        wake::RECHECK_AFTER.min(self.cfg.poll_interval)
-                    } else {
-                        self.cfg.poll_interval
-                    };
-                    tokio::select! {
-                        _ = wake.notified() => telemetry::wakeup("notify"),
-                        _ = tokio::time::sleep(nap) => telemetry::wakeup("timer"),
-                        _ = shutdown.cancelled() => {}
-                    }
+                    let more = prefetched.is_some() || claimed == self.cfg.batch_size;
+                    wakeups.after_batch(claimed, more, shutdown).await;
                 }
                 Err(e @ BatchError::Database(_)) => {
                     self.degraded(self.explain(e).await);
@@ -485,7 +452,7 @@ impl Relay {
     }
 
     /// Opens a claim transaction and claims the oldest pending rows of the
-    /// partitions this relay owns, fenced in the database, see [`store::claim`].
+    /// partitions this relay owns, fenced in the database, see [`claim::claim`].
     async fn claim(&self, own: &Ownership, in_flight: InFlight) -> Result<Claim, BatchError> {
         let mut tx = self.claim_pool.begin().await?;
         let who = Claimant {
@@ -498,7 +465,7 @@ impl Relay {
         };
         // Roll back explicitly on error: a dropped transaction only queues
         // its rollback, and would keep the partition locks a take-over waits for.
-        match store::claim(&mut tx, &self.claim_sql, self.cfg.batch_size, &who).await {
+        match claim::claim(&mut tx, &self.claim_sql, self.cfg.batch_size, &who).await {
             Ok(rows) => Ok(Claim { tx, rows }),
             Err(e) => {
                 let _ = tx.rollback().await;
@@ -577,7 +544,7 @@ impl Relay {
         }
         let res = batch.resolution(&fates);
         let mut conn = self.claim_pool.acquire().await?;
-        store::resolve(
+        claim::resolve(
             &mut conn,
             self.cfg.after_publish,
             self.cfg.remembers_published(),
@@ -606,7 +573,7 @@ impl Relay {
     /// The payloads move into the records.
     async fn prepare(
         &self,
-        rows: &mut [store::OutboxRow],
+        rows: &mut [OutboxRow],
     ) -> (Vec<Result<Record, Outcome>>, HashMap<String, TopicState>) {
         let mut topics: HashMap<String, TopicState> = HashMap::new();
         let mut prepared = Vec::with_capacity(rows.len());
@@ -643,7 +610,7 @@ impl Relay {
 }
 
 /// Counts and logs the delivered rows of a settled batch.
-fn note_delivered(rows: &[store::OutboxRow], fates: &[Fate<'_>], started: Instant) {
+fn note_delivered(rows: &[OutboxRow], fates: &[Fate<'_>], started: Instant) {
     let now = Utc::now();
     let mut per_topic: HashMap<&str, u64> = HashMap::new();
     for (row, fate) in rows.iter().zip(fates) {
@@ -663,5 +630,5 @@ fn note_delivered(rows: &[store::OutboxRow], fates: &[Fate<'_>], started: Instan
 /// An open claim transaction and the rows it claimed.
 struct Claim {
     tx: Transaction<'static, Postgres>,
-    rows: Vec<store::OutboxRow>,
+    rows: Vec<OutboxRow>,
 }

@@ -42,11 +42,96 @@ use tracing::{debug, warn};
 
 use outbox_core::backoff::Backoff;
 
-use crate::{health::Health, retry::back_off, store};
+use crate::{health::Health, retry::back_off, store, telemetry};
 
 /// How long the first sleep after raising the flag lasts at most, before the
 /// relay claims once more (step 3 above).
 pub const RECHECK_AFTER: Duration = Duration::from_millis(25);
+
+/// The wake protocol as the publish loop runs it: after each batch, claim
+/// again at once or raise the flag and sleep (steps 1 to 4 above).
+#[derive(Debug)]
+pub(crate) struct Wakeups {
+    flag: WaitFlag,
+    wake: Arc<Notify>,
+    listening: Arc<AtomicBool>,
+    poll_interval: Duration,
+    /// The next sleep is the short one right after raising the flag.
+    recheck: bool,
+}
+
+impl Wakeups {
+    /// `wake` is notified by [`listen`], which sets `listening` while its
+    /// connection works.
+    pub(crate) fn new(
+        flag: WaitFlag,
+        wake: Arc<Notify>,
+        listening: Arc<AtomicBool>,
+        poll_interval: Duration,
+    ) -> Self {
+        Self {
+            flag,
+            wake,
+            listening,
+            poll_interval,
+            recheck: false,
+        }
+    }
+
+    /// The relay owns nothing to claim from: flag down, and sleep for the
+    /// poll interval or until woken (a take-over wakes it too).
+    pub(crate) async fn idle(&mut self, shutdown: &CancellationToken) {
+        self.flag.lower().await;
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(self.poll_interval) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+
+    /// After a batch that went through: returns at once when the relay
+    /// should claim again (`claimed` rows were found, or `more` are known to
+    /// wait: the batch was full or the next one is prefetched), else sleeps
+    /// until a notification, the timer, or shutdown.
+    pub(crate) async fn after_batch(
+        &mut self,
+        claimed: usize,
+        more: bool,
+        shutdown: &CancellationToken,
+    ) {
+        if claimed > 0 {
+            // Busy: producers need not notify (step 4).
+            self.flag.lower().await;
+        }
+        if more {
+            return;
+        }
+        if self.listening.load(Ordering::SeqCst) {
+            if claimed > 0 {
+                // Claim again at once, until a claim finds nothing.
+                return;
+            }
+            if !self.flag.is_raised() && self.flag.raise().await {
+                // Claim once more, now that producers notify (steps 1, 2).
+                self.recheck = true;
+                return;
+            }
+        } else {
+            // Producers must not notify a relay that cannot hear them.
+            self.flag.lower().await;
+        }
+        let nap = if std::mem::take(&mut self.recheck) {
+            RECHECK_AFTER.min(self.poll_interval)
+        } else {
+            self.poll_interval
+        };
+        tokio::select! {
+            _ = self.wake.notified() => telemetry::wakeup("notify"),
+            _ = tokio::time::sleep(nap) => telemetry::wakeup("timer"),
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}
 
 /// This relay's waiting flag (`outbox_relays.waiting_since`).
 #[derive(Debug)]

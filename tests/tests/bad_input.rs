@@ -590,7 +590,7 @@ async fn a_published_event_id_cannot_be_inserted_again(pool: PgPool) -> anyhow::
     let topic = outbox_with_topic(&pool, "dup-id", 1).await?;
     let ids = append_events(&pool, &topic, 3, 3).await?;
     // A row for a topic that does not exist fails permanently, so this
-    // batch is settled row by row (`store::resolve`).
+    // batch is settled row by row (`claim::resolve`).
     let lost = NewEvent::new("thing", "other-key", "thing.happened").topic(unique("no-such-topic"));
     append(&pool, &lost).await?;
     let relay = RunningRelay::start(&pool, cfg())?;

@@ -524,14 +524,14 @@ async fn missing_topic_then_failed_retry_republishes(pool: PgPool) -> anyhow::Re
     Ok(())
 }
 
-fn claimant(relay_id: &str) -> outbox_relay::store::Claimant<'_> {
-    outbox_relay::store::Claimant {
+fn claimant(relay_id: &str) -> outbox_relay::claim::Claimant<'_> {
+    outbox_relay::claim::Claimant {
         relay_id,
         partitions: 32,
         exclude: Vec::new(),
         synchronous_commit: true,
         prepared: true,
-        in_flight: outbox_relay::store::InFlight::none(),
+        in_flight: outbox_relay::claim::InFlight::none(),
     }
 }
 
@@ -540,7 +540,7 @@ fn claimant(relay_id: &str) -> outbox_relay::store::Claimant<'_> {
 /// old owner's later claims see the new owner.
 #[sqlx::test(migrations = false)]
 async fn claims_are_fenced_by_partition_ownership(pool: PgPool) -> anyhow::Result<()> {
-    use outbox_relay::store::{claim, claim_sql};
+    use outbox_relay::claim::{claim, claim_sql};
     outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
     integration_tests::insert_sql_rows(&pool, "fence", 500, 50).await?;
     let sql = claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey, false);
@@ -639,7 +639,7 @@ async fn claims_are_fenced_by_partition_ownership(pool: PgPool) -> anyhow::Resul
 async fn an_overlapping_claim_skips_the_batch_in_flight_and_no_late_row(
     pool: PgPool,
 ) -> anyhow::Result<()> {
-    use outbox_relay::store::{claim, claim_sql, InFlight};
+    use outbox_relay::claim::{claim, claim_sql, InFlight};
     outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
     sqlx::query(
         "INSERT INTO outbox_relays (relay_id, lease_until) VALUES ('A', now() + interval '1 hour')",
