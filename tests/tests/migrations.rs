@@ -32,10 +32,11 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
             "V1__create_outbox",
             "V2__relay_partitions",
             "V3__failed_key_hash_index",
-            "V4__notify_only_waiting_relays"
+            "V4__notify_only_waiting_relays",
+            "V5__remember_published_ids"
         ]
     );
-    assert_eq!(first.current_version, Some(4));
+    assert_eq!(first.current_version, Some(5));
     assert_eq!(
         columns(&pool, "outbox_relays").await,
         [
@@ -107,6 +108,24 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
     .await
     .unwrap();
     assert_eq!(trigger, 1);
+    assert_eq!(
+        columns(&pool, "outbox_published_ids").await,
+        ["event_id", "published_at"]
+    );
+    assert_eq!(
+        indexes(&pool, "outbox_published_ids").await,
+        [
+            "outbox_published_ids_event_id",
+            "outbox_published_ids_published_at"
+        ]
+    );
+    let refuse: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgname = 'outbox_refuse_published_ids' AND NOT tgisinternal",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(refuse, 1);
 
     let again = migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
     assert!(
@@ -118,7 +137,7 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(history, 4);
+    assert_eq!(history, 5);
     // The consumer set is separate: nothing of it exists yet.
     assert!(columns(&pool, "processed_events").await.is_empty());
 }
@@ -317,5 +336,5 @@ async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
     for r in futures::future::join_all(runs).await {
         applied += r.unwrap().unwrap().applied.len();
     }
-    assert_eq!(applied, 4, "V1 to V4, once each");
+    assert_eq!(applied, 5, "V1 to V5, once each");
 }
