@@ -205,11 +205,91 @@ impl Health {
     }
 }
 
+/// The phase of a relay with no partition to claim from, its lease
+/// heartbeat working: starting before its first lease (or while partitions
+/// change hands), on standby once other live relays own every partition.
+pub(crate) fn idle_phase(partitions: i32, owned: usize, live_relays: i32) -> (State, String) {
+    if partitions == 0 {
+        (
+            State::Starting,
+            "waiting for its share of the outbox partitions".into(),
+        )
+    } else if owned == 0 && live_relays > 1 {
+        (
+            State::Standby,
+            format!(
+                "the {} other relays own all {partitions} partitions; ready to take over",
+                live_relays - 1
+            ),
+        )
+    } else {
+        (
+            State::Starting,
+            format!("handing over or taking over partitions (owns {owned} of {partitions})"),
+        )
+    }
+}
+
+/// The reason of an active relay.
+pub(crate) fn active_reason(owned: usize, partitions: i32) -> String {
+    format!("publishing; owns {owned} of {partitions} outbox partitions")
+}
+
 /// Records awaiting acknowledgement, see [`Health::awaiting`].
 pub(crate) struct Awaiting<'a>(&'a Health);
 
 impl Drop for Awaiting<'_> {
     fn drop(&mut self) {
         *self.0.awaiting.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standby_only_when_other_live_relays_own_every_partition() {
+        // Before the first lease: starting, not standby.
+        assert_eq!(idle_phase(0, 0, 0).0, State::Starting);
+        assert_eq!(idle_phase(0, 0, 3).0, State::Starting);
+        // Alone and owning nothing: partitions are changing hands.
+        assert_eq!(idle_phase(32, 0, 1).0, State::Starting);
+        let (state, reason) = idle_phase(32, 0, 3);
+        assert_eq!(state, State::Standby);
+        assert_eq!(
+            reason,
+            "the 2 other relays own all 32 partitions; ready to take over"
+        );
+    }
+
+    #[test]
+    fn ready_needs_a_connected_broker_and_no_stalled_batch() {
+        let reach = Arc::new(Reach::default());
+        let health = Health::new(Arc::clone(&reach));
+        health.set(State::Active, active_reason(32, 32));
+        // Not heard from Kafka yet.
+        assert_eq!(health.state(), State::Starting);
+        reach.up();
+        assert!(health.is_ready());
+        assert_eq!(
+            health.reason(),
+            "publishing; owns 32 of 32 outbox partitions"
+        );
+        // A batch sent long ago and not acknowledged.
+        *health.awaiting.lock().unwrap() = Some((Instant::now() - STALLED_AFTER, 10));
+        assert_eq!(health.state(), State::Degraded);
+        assert!(
+            health.reason().contains("10 records sent"),
+            "{}",
+            health.reason()
+        );
+        {
+            let _fresh = health.awaiting(10);
+            assert!(health.is_ready(), "a fresh batch is fine");
+        }
+        assert!(health.is_ready(), "acknowledged");
+        health.set(State::Stopping, "shutting down");
+        assert!(!health.is_ready());
     }
 }

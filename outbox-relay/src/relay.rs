@@ -13,7 +13,8 @@
 //!    fenced `DELETE … RETURNING` (or `UPDATE … RETURNING` in mark mode), see
 //!    [`crate::claim::claim`];
 //! 2. build the records; rows that can never be sent (malformed, bad or
-//!    missing topic) are set aside, and later rows of their key are held back;
+//!    missing topic) are set aside, and later rows of their key are held back
+//!    (the decisions are in `batch.rs`);
 //! 3. send all records pipelined; while their delivery reports come in,
 //!    claim the next batch on the other connection (not sent yet);
 //! 4. all acknowledged: `COMMIT`, and the next batch becomes current.
@@ -25,6 +26,13 @@
 //! empty. Then it sleeps until a `NOTIFY` from the outbox trigger, the poll
 //! timer (the fallback), or a partition take-over. Producers notify only
 //! while a relay sleeps: [`crate::wake`] explains the waiting flag.
+//!
+//! Why one file of ~600 lines: the loop, one batch's I/O (claim, publish,
+//! commit or settle) and shutdown share the claim connections, the
+//! prefetched claim and the shutdown deadline, and each step's failure
+//! decides the loop's next one. The decisions that can be pure are in
+//! `batch`, `health` and `wake`; splitting the I/O further would pass the
+//! same state around.
 
 use std::{
     collections::HashMap,
@@ -46,7 +54,7 @@ use crate::{
     batch::{self, Batch, Fate},
     claim::{self, Claimant, InFlight, OutboxRow},
     config::{AfterPublish, ConfigError, RelayConfig},
-    health::{Health, State},
+    health::{self, Health, State},
     lease::{Leases, Ownership},
     publisher::{Outcome, Publisher, PublisherError, TopicState},
     record::{self, Record, TopicRouter},
@@ -362,30 +370,7 @@ impl Relay {
             self.health.set(State::Degraded, e.clone());
             return;
         }
-        let (state, reason) = if own.partitions == 0 {
-            (
-                State::Starting,
-                "waiting for its share of the outbox partitions".to_string(),
-            )
-        } else if own.owned.is_empty() && own.live_relays > 1 {
-            (
-                State::Standby,
-                format!(
-                    "the {} other relays own all {} partitions; ready to take over",
-                    own.live_relays - 1,
-                    own.partitions
-                ),
-            )
-        } else {
-            (
-                State::Starting,
-                format!(
-                    "handing over or taking over partitions (owns {} of {})",
-                    own.owned.len(),
-                    own.partitions
-                ),
-            )
-        };
+        let (state, reason) = health::idle_phase(own.partitions, own.owned.len(), own.live_relays);
         if self.health.phase() != state || self.health.phase_reason() != reason {
             if state == State::Standby {
                 info!(live_relays = own.live_relays, "on standby: {reason}");
@@ -396,11 +381,7 @@ impl Relay {
 
     /// Owns partitions and can claim from them.
     fn active(&self, own: &Ownership) {
-        let reason = format!(
-            "publishing; owns {} of {} outbox partitions",
-            own.owned.len(),
-            own.partitions
-        );
+        let reason = health::active_reason(own.owned.len(), own.partitions);
         if self.health.phase() != State::Active || self.health.phase_reason() != reason {
             if self.health.phase() != State::Active {
                 info!(
