@@ -6,7 +6,7 @@ use axum::{extract::State as AxState, http::StatusCode, routing::get, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{Health, State};
+use outbox_relay::health::{Health, State};
 
 #[derive(Clone)]
 struct AppState {
@@ -20,7 +20,7 @@ struct AppState {
 /// - `/healthz`: 200 while the process runs.
 /// - `/readyz`: 200 when the relay can publish now (active or on standby,
 ///   connected to Kafka), 503 otherwise; the body names the state and why
-///   (see [`crate::health`]).
+///   (see `outbox_relay::health`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,

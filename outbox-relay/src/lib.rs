@@ -1,7 +1,12 @@
 //! outbox-relay: publishes committed PostgreSQL outbox rows to Kafka.
 //!
 //! Most users run the `outbox-relay` binary as a sidecar. The library is
-//! what the binary is built from, and what tests and benchmarks embed.
+//! what the binary is built from, and what tests and benchmarks embed. The
+//! binary's own dependencies (CLI parser, HTTP server, Prometheus exporter)
+//! sit behind the `cli` feature, on by default; embed the library with
+//! `default-features = false` to leave them out. The relay then reports its
+//! metrics through the `metrics` facade to whatever recorder the service
+//! installs, and its readiness through [`Relay::health`].
 //!
 //! Where to look:
 //!
@@ -35,7 +40,6 @@ mod batch;
 pub mod claim;
 pub mod config;
 pub mod health;
-pub mod http;
 pub mod lease;
 pub mod publisher;
 pub mod record;

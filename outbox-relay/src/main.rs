@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 bad flags or configuration.
 
 mod cli;
+mod http;
 
 use std::{process::ExitCode, sync::Arc};
 
@@ -11,7 +12,6 @@ use clap::Parser;
 use cli::{Cli, Command, FailedCommand, LogFormat, TopicCommand};
 use outbox_core::{migrate, MigrationSet};
 use outbox_relay::{
-    http,
     store::{self, Selection},
     telemetry, Relay,
 };
