@@ -262,11 +262,7 @@ impl RunArgs {
             publish_timeout: self.publish_timeout,
             shutdown_timeout: self.shutdown_timeout,
             synchronous_commit: self.sync_commit,
-            relay_id: Some(format!(
-                "{name}-{}-{:06x}",
-                std::process::id(),
-                rand::random::<u32>() & 0xff_ffff
-            )),
+            relay_id: Some(outbox_relay::config::new_relay_id(&name)),
             lease_ttl: self.lease_ttl,
             heartbeat_interval: self.heartbeat_interval,
             transaction_pooler,

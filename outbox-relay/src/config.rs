@@ -5,6 +5,37 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+/// The relay's database connection settings, made in one place for the
+/// relay and every CLI subcommand: `application_name` is `outbox-relay`
+/// unless `connect` sets one (operators and the tests find the relay's
+/// sessions by it), and through a transaction-mode pooler the
+/// `extra_float_digits` startup parameter is left out (PgBouncer refuses
+/// startup parameters it does not know).
+pub fn connect_options(
+    connect: sqlx::postgres::PgConnectOptions,
+    transaction_pooler: bool,
+) -> sqlx::postgres::PgConnectOptions {
+    let connect = match connect.get_application_name() {
+        Some(_) => connect,
+        None => connect.application_name("outbox-relay"),
+    };
+    if transaction_pooler {
+        connect.extra_float_digits(None)
+    } else {
+        connect
+    }
+}
+
+/// A new relay id: `<name>-<pid>-<6 hex digits>`, new at every start (see
+/// [`RelayConfig::relay_id`]).
+pub fn new_relay_id(name: &str) -> String {
+    format!(
+        "{name}-{}-{:06x}",
+        std::process::id(),
+        rand::random::<u32>() & 0xff_ffff
+    )
+}
+
 /// What happens to an outbox row once Kafka acknowledged it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AfterPublish {

@@ -104,13 +104,10 @@ fn connect_options(cli: &Cli) -> anyhow::Result<PgConnectOptions> {
     let opts: PgConnectOptions = url
         .parse()
         .map_err(|e| UsageError(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?;
-    let opts = opts.application_name("outbox-relay");
-    Ok(if cli.transaction_pooler {
-        // PgBouncer refuses startup parameters it does not know.
-        opts.extra_float_digits(None)
-    } else {
-        opts
-    })
+    Ok(outbox_relay::config::connect_options(
+        opts,
+        cli.transaction_pooler,
+    ))
 }
 
 /// `text`, or its first `max` characters and how long it was.

@@ -53,7 +53,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     batch::{self, Batch, Fate},
     claim::{self, Claimant, InFlight, OutboxRow},
-    config::{AfterPublish, ConfigError, RelayConfig},
+    config::{self, AfterPublish, ConfigError, RelayConfig},
     health::{self, Health, State},
     lease::{Leases, Ownership},
     publisher::{Outcome, Publisher, PublisherError, TopicState},
@@ -116,16 +116,7 @@ impl Relay {
     pub fn new(cfg: RelayConfig, connect: PgConnectOptions) -> Result<Self, RelayError> {
         cfg.validate()?;
         let publisher = Arc::new(Publisher::new(&cfg)?);
-        let connect = match connect.get_application_name() {
-            Some(_) => connect,
-            None => connect.application_name("outbox-relay"),
-        };
-        let connect = if cfg.transaction_pooler {
-            // PgBouncer refuses startup parameters it does not know.
-            connect.extra_float_digits(None)
-        } else {
-            connect
-        };
+        let connect = config::connect_options(connect, cfg.transaction_pooler);
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
@@ -135,9 +126,10 @@ impl Relay {
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(connect);
-        let relay_id = cfg.relay_id.clone().unwrap_or_else(|| {
-            format!("relay-{}-{:08x}", std::process::id(), rand::random::<u32>())
-        });
+        let relay_id = cfg
+            .relay_id
+            .clone()
+            .unwrap_or_else(|| config::new_relay_id("relay"));
         let leases = Arc::new(Leases::new(
             pool.clone(),
             relay_id,
