@@ -52,4 +52,4 @@ mod upkeep;
 pub mod wake;
 
 pub use config::{AfterPublish, PoisonPolicy, RelayConfig};
-pub use relay::{Relay, RelayError};
+pub use relay::{Relay, RelayError, RelayHandle};

@@ -158,6 +158,21 @@ impl Relay {
         self.health.clone()
     }
 
+    /// Runs the relay on a task of its own: [`RelayHandle::stop`] shuts it
+    /// down (as [`Relay::run`] does on cancellation) and waits for it.
+    pub fn start(self) -> RelayHandle {
+        let health = self.health();
+        let relay_id = self.relay_id().to_string();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(self.run(shutdown.clone()));
+        RelayHandle {
+            health,
+            relay_id,
+            shutdown,
+            task,
+        }
+    }
+
     /// This relay's id (its row in `outbox_relays`, the owner of its
     /// partitions).
     pub fn relay_id(&self) -> &str {
@@ -598,6 +613,35 @@ fn note_delivered(rows: &[OutboxRow], fates: &[Fate<'_>], started: Instant) {
         telemetry::published(topic, n);
     }
     telemetry::batch(rows.len(), started.elapsed());
+}
+
+/// A relay running on its own task, from [`Relay::start`].
+#[derive(Debug)]
+pub struct RelayHandle {
+    health: Arc<Health>,
+    relay_id: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RelayHandle {
+    /// The relay's health, as `/readyz` reports it.
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
+    }
+
+    /// The relay's id.
+    pub fn relay_id(&self) -> &str {
+        &self.relay_id
+    }
+
+    /// Shuts the relay down and waits for it: the shutdown takes at most
+    /// [`RelayConfig::shutdown_timeout`]. Errs only if the relay's task
+    /// panicked.
+    pub async fn stop(self) -> Result<(), tokio::task::JoinError> {
+        self.shutdown.cancel();
+        self.task.await
+    }
 }
 
 /// An open claim transaction and the rows it claimed.

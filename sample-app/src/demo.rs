@@ -114,8 +114,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
             ..Default::default()
         },
         db.clone(),
-    )?;
-    let relay_task = tokio::spawn(relay.run(stop.clone()));
+    )?
+    .start();
     let listener = tokio::net::TcpListener::bind(opts.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", opts.http_addr))?;
@@ -354,7 +354,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         task.await?
             .with_context(|| format!("consumer {name} failed"))?;
     }
-    relay_task.await?;
+    relay.stop().await?;
     http_task.await??;
     drop(shutdown);
     say("stopped cleanly".into());

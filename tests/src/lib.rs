@@ -191,12 +191,12 @@ pub fn quick_relay_config() -> outbox_relay::RelayConfig {
     }
 }
 
-/// A relay running in-process, stopped by [`RunningRelay::stop`].
+/// A relay running in-process ([`outbox_relay::RelayHandle`]), stopped by
+/// [`RunningRelay::stop`].
 pub struct RunningRelay {
     /// The relay's health, as `/readyz` reports it.
     pub health: std::sync::Arc<outbox_relay::health::Health>,
-    shutdown: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    handle: outbox_relay::RelayHandle,
 }
 
 impl RunningRelay {
@@ -227,21 +227,16 @@ impl RunningRelay {
                 .with_test_writer()
                 .try_init();
         }
-        let relay = outbox_relay::Relay::new(cfg, connect)?;
-        let health = relay.health();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(relay.run(shutdown.clone()));
+        let handle = outbox_relay::Relay::new(cfg, connect)?.start();
         Ok(Self {
-            health,
-            shutdown,
-            task,
+            health: handle.health(),
+            handle,
         })
     }
 
     /// Signals shutdown and waits for the relay to return.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
+        tokio::time::timeout(Duration::from_secs(30), self.handle.stop())
             .await
             .context("relay did not stop within 30s")??;
         Ok(())
