@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS soak_effects (event_id uuid NOT NULL, key text NOT NU
 ";
 
 /// What the checker counted.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Verdict {
     /// Events committed by producers.
     pub committed: u64,

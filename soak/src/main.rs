@@ -122,6 +122,10 @@ enum Command {
             default_value = "relay-kill,pg-terminate,consumer-kill"
         )]
         faults: Vec<Fault>,
+        /// Also write the result as JSON to this file (faults injected, the
+        /// checker's counts, the duplicate bound, the verdict).
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
     },
     /// Relay memory while it drains a backlog: RSS sampled every 250 ms.
     Memory {
@@ -243,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             lease_ttl,
             fault_every,
             faults,
+            json,
         } => {
             let mock_faults = faults.iter().any(|f| f.needs_mock());
             let own = if mock_faults {
@@ -265,6 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     keys: *keys,
                     relays: (*relays).max(1),
                     lease_ttl: *lease_ttl,
+                    json: json.clone(),
                 },
                 *fault_every,
                 faults,
@@ -376,6 +382,8 @@ impl Handler for Apply {
 const RELAY_BATCH: usize = 200;
 
 struct Load {
+    /// Where to write the result as JSON, if anywhere.
+    json: Option<std::path::PathBuf>,
     seconds: u64,
     rate: u64,
     producers: u64,
@@ -709,6 +717,22 @@ async fn soak(
         consumer.peak_rss_kib / 1024
     );
     let ok = v.ok() && within;
+    if let Some(path) = &load.json {
+        let result = serde_json::json!({
+            "topic": topic,
+            "faults": injected,
+            "verdict": v,
+            "duplicate_bound": bound,
+            "duplicates_within_bound": within,
+            "peak_rss_mib": {
+                "relay": relays.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0) / 1024,
+                "consumer": consumer.peak_rss_kib / 1024,
+            },
+            "guarantees_held": ok,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&result)?)
+            .with_context(|| format!("cannot write the result to {}", path.display()))?;
+    }
     println!(
         "verdict:                    {}",
         if ok {

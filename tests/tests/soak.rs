@@ -6,34 +6,43 @@
 
 use std::process::Command;
 
-/// Runs `outbox-soak run <args>` and checks its verdict: it exited 0, every
-/// fault in `faults` was injected, and nothing was lost, reordered or
-/// applied twice, with duplicates within the printed bound. Returns stdout.
+/// Runs `outbox-soak run <args> --json <file>` and checks its verdict from
+/// the JSON: it exited 0, every fault in `faults` was injected, and nothing
+/// was lost, invented, reordered or applied twice, with duplicates within
+/// the bound. Returns stdout.
 fn soak(args: &[&str], faults: &[&str]) -> anyhow::Result<String> {
+    let json = std::env::temp_dir().join(format!("{}.json", integration_tests::unique("soak")));
     let out = Command::new(integration_tests::soak_bin())
         .arg("run")
         .args(args)
+        .arg("--json")
+        .arg(&json)
         .env("KAFKA_BROKERS", integration_tests::brokers())
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "soak failed:\n{stdout}\n{stderr}");
+    let result: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+    let _ = std::fs::remove_file(&json);
     for fault in faults {
         assert!(
-            stdout.contains(&format!("× {fault}")),
-            "no {fault} injected:\n{stdout}"
+            result["faults"][*fault].as_u64().unwrap_or(0) > 0,
+            "no {fault} injected: {result:#}"
         );
     }
-    for line in [
-        "lost (must be 0):           0",
-        "out of order per key (0):   0",
-        "not applied (must be 0):    0",
-        "applied more than once (0): 0",
-        "verdict:                    guarantees held",
+    let verdict = &result["verdict"];
+    for count in [
+        "lost",
+        "phantom",
+        "out_of_order",
+        "not_applied",
+        "applied_more_than_once",
     ] {
-        assert!(stdout.contains(line), "missing {line:?}:\n{stdout}");
+        assert_eq!(verdict[count].as_u64(), Some(0), "{count}: {result:#}");
     }
-    assert!(!stdout.contains("EXCEEDED"), "{stdout}");
+    assert!(verdict["committed"].as_u64().unwrap_or(0) > 0, "{result:#}");
+    assert_eq!(result["duplicates_within_bound"], true, "{result:#}");
+    assert_eq!(result["guarantees_held"], true, "{result:#}");
     Ok(stdout)
 }
 
