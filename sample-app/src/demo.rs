@@ -63,12 +63,27 @@ pub struct Report {
     pub events: u64,
     /// Records on the topic, duplicates included.
     pub records: u64,
-    /// Per consumer: (name, applied, duplicates suppressed, skipped, dead-lettered).
-    pub consumers: Vec<(String, u64, u64, u64, u64)>,
+    /// What each consumer did, in start order.
+    pub consumers: Vec<ConsumerReport>,
     /// Dead letters found before the replay: (event type, reason).
     pub dead_letters: Vec<(String, String)>,
     /// Failed consistency checks (empty when all hold).
     pub problems: Vec<String>,
+}
+
+/// What one consumer of the demo did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerReport {
+    /// The consumer's name (its group).
+    pub name: String,
+    /// Events its handler applied.
+    pub applied: u64,
+    /// Redeliveries its dedupe suppressed.
+    pub duplicates: u64,
+    /// Records of event types it does not handle.
+    pub skipped: u64,
+    /// Events it dead-lettered.
+    pub dead_lettered: u64,
 }
 
 const DATABASE: &str = "sample_demo";
@@ -309,21 +324,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     };
     for (name, s) in &stats {
         let s = s.snapshot();
-        report.consumers.push((
-            name.to_string(),
-            s.processed,
-            s.duplicates,
-            s.skipped,
-            s.dead_lettered,
-        ));
+        report.consumers.push(ConsumerReport {
+            name: name.to_string(),
+            applied: s.processed,
+            duplicates: s.duplicates,
+            skipped: s.skipped,
+            dead_lettered: s.dead_lettered,
+        });
     }
     report.problems = check(&pool, &consumer_pools).await?;
     println!();
     println!("== what happened ==");
     println!("events committed and published:  {events} (plus {duplicated} duplicate deliveries, {} replayed)", letters.len());
     println!("consumer        applied  duplicates-suppressed  skipped(other types)  dead-lettered");
-    for (name, applied, dups, skipped, dead) in &report.consumers {
-        println!("{name:<15} {applied:>7}  {dups:>21}  {skipped:>20}  {dead:>13}");
+    for c in &report.consumers {
+        println!(
+            "{:<15} {:>7}  {:>21}  {:>20}  {:>13}",
+            c.name, c.applied, c.duplicates, c.skipped, c.dead_lettered
+        );
     }
     for (event_type, reason) in &report.dead_letters {
         println!("dead letter:    {event_type}: {reason} (replayed after the fix, applied once)");

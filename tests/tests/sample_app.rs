@@ -125,20 +125,21 @@ async fn the_demo_applies_every_event_once_per_consumer_and_replays_the_poison_e
     assert_eq!(report.records, report.events + 20);
     assert_eq!(report.dead_letters.len(), 1, "{:?}", report.dead_letters);
     assert!(report.dead_letters[0].1.contains("bounce@example.invalid"));
-    for (name, applied, duplicates, skipped, dead) in &report.consumers {
-        assert!(*applied > 0, "{name} applied nothing");
+    for c in &report.consumers {
+        let name = &c.name;
+        assert!(c.applied > 0, "{name} applied nothing");
         // Duplicates of event types a consumer does not handle are skipped
         // rather than deduped; analytics handles every type.
-        assert!(*duplicates > 0, "{name} suppressed no duplicates");
+        assert!(c.duplicates > 0, "{name} suppressed no duplicates");
         // Every record (and the replayed one) settled exactly once per consumer.
         assert_eq!(
-            applied + duplicates + skipped + dead,
+            c.applied + c.duplicates + c.skipped + c.dead_lettered,
             report.records + 1,
             "{name}"
         );
     }
     assert_eq!(
-        report.consumers[1].4, 1,
+        report.consumers[1].dead_lettered, 1,
         "notifications dead-lettered the poison event"
     );
     Ok(())
