@@ -388,22 +388,13 @@ async fn unreachable_broker_is_not_ready_with_the_reason(pool: PgPool) -> anyhow
     insert_sql_rows(&pool, &topic, 5, 5).await?;
     let port = free_port();
     let dead = format!("127.0.0.1:{}", free_port());
-    let log = std::fs::File::create(std::env::temp_dir().join("nobroker.log"))?;
-    let mut relay = integration_tests::Child(
-        std::process::Command::new(relay_bin())
-            .args([
-                "run",
-                "--http-addr",
-                &format!("127.0.0.1:{port}"),
-                "--publish-timeout",
-                "2s",
-            ])
-            .env("DATABASE_URL", database_url(&pool))
-            .env("KAFKA_BROKERS", &dead)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?,
-    );
+    let http = format!("127.0.0.1:{port}");
+    let mut relay = integration_tests::spawn_relay_on(
+        &pool,
+        &dead,
+        "nobroker",
+        &["--http-addr", &http, "--publish-timeout", "2s"],
+    )?;
     eventually(WAIT, "not ready with a kafka reason", || async {
         Ok(match http_get(port, "/readyz") {
             Ok((503, body)) => body.contains("kafka"),
