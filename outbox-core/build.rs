@@ -2,6 +2,5 @@
 //! reads `migrations/` at compile time.
 
 fn main() {
-    println!("cargo:rerun-if-changed=../migrations/outbox");
-    println!("cargo:rerun-if-changed=../migrations/consumer");
+    println!("cargo:rerun-if-changed=migrations");
 }

@@ -235,7 +235,7 @@ impl Env {
             .max_connections(16)
             .connect_with(opts.database(DATABASE))
             .await?;
-        outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+        outbox_core::migrate(&pool).await?;
         Ok(Self {
             pool,
             brokers: args.kafka_brokers.clone(),

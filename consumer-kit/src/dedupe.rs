@@ -102,7 +102,7 @@ pub(crate) async fn check_schema(pool: &PgPool) -> Result<(), crate::ConsumerErr
         Ok(())
     } else {
         Err(crate::ConsumerError::Config(
-            "table processed_events does not exist in the consumer's database: run consumer_kit::migrate(&pool) at start, or apply migrations/consumer/*.sql with your own tool".into(),
+            "table processed_events does not exist in the consumer's database: run consumer_kit::migrate(&pool) at start, or apply the SQL in consumer-kit/migrations/ with your own tool".into(),
         ))
     }
 }

@@ -80,11 +80,23 @@ pub use handler::{BoxError, Handler, HandlerError};
 pub use outbox_core::{MigrateError, MigrationReport};
 pub use telemetry::{ConsumerStats, StatsSnapshot};
 
+mod schema_files {
+    refinery::embed_migrations!("migrations");
+}
+
+/// consumer-kit's schema: the `processed_events` table, shipped in this
+/// crate (`consumer-kit/migrations/`). It lives in each consumer's database.
+pub const SCHEMA: outbox_core::migrate::Schema = outbox_core::migrate::Schema::new(
+    "consumer_kit_schema_history",
+    0x6f75_7462_6f78_0002,
+    schema_files::migrations::runner,
+);
+
 /// Applies consumer-kit's migrations (the `processed_events` table) to the
 /// consumer's database, recording them in `consumer_kit_schema_history`.
 ///
-/// Re-running is a no-op. See `migrations/README.md` for the schema, to
-/// apply the same SQL with your own tool instead.
+/// Re-running is a no-op. See `docs/schema.md` for the schema, to apply the
+/// same SQL with your own tool instead.
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<MigrationReport, MigrateError> {
-    outbox_core::migrate::run(pool, outbox_core::MigrationSet::Consumer).await
+    SCHEMA.apply(pool).await
 }

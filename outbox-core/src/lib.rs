@@ -8,14 +8,18 @@
 //! - [`headers`]: the Kafka header names the relay writes and consumers read
 //!   (the CloudEvents Kafka binary binding plus W3C trace context);
 //! - [`backoff`]: the retry delay the relay and consumer-kit share;
-//! - [`migrate`]: the SQL migrations (outbox set and consumer set), run with
-//!   refinery over an sqlx pool.
+//! - [`migrate()`]: the outbox schema's SQL migrations, shipped in this
+//!   crate and run with refinery over an sqlx pool ([`migrate::Schema`] is
+//!   the runner consumer-kit uses for its own schema).
 //!
 //! # Quick start (producer)
 //!
 //! ```no_run
 //! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
 //! use outbox_core::{append, NewEvent};
+//!
+//! // Once at start (or run `outbox-relay migrate`): creates the outbox table.
+//! outbox_core::migrate(&pool).await?;
 //!
 //! let mut tx = pool.begin().await?;
 //! sqlx::query("UPDATE orders SET status = 'paid' WHERE id = $1")
@@ -40,4 +44,14 @@ pub mod topic;
 
 pub use append::{append, AppendError, Appended};
 pub use event::{NewEvent, Payload};
-pub use migrate::{MigrateError, MigrationReport, MigrationSet};
+pub use migrate::{MigrateError, MigrationReport};
+
+/// Applies the outbox schema ([`migrate::OUTBOX`]) to the producer's
+/// database, recording it in `outbox_schema_history`.
+///
+/// Re-running is a no-op, and concurrent runs apply each migration once.
+/// `docs/schema.md` documents the tables, to apply the same SQL with your
+/// own tool instead.
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<MigrationReport, MigrateError> {
+    migrate::OUTBOX.apply(pool).await
+}

@@ -1,17 +1,18 @@
 //! The SQL migrations, run with refinery over an sqlx pool.
 //!
-//! Two independent sets, each with its own history table:
+//! A [`Schema`] is one independent set of migrations with its own history
+//! table. Each crate ships the set it needs:
 //!
-//! | set | files | history table | lives in |
+//! | schema | files | history table | lives in |
 //! |---|---|---|---|
-//! | [`MigrationSet::Outbox`] | `migrations/outbox/V*__*.sql` | `outbox_schema_history` | the producer's database |
-//! | [`MigrationSet::Consumer`] | `migrations/consumer/V*__*.sql` | `consumer_kit_schema_history` | each consumer's database |
+//! | [`OUTBOX`] (this crate) | `outbox-core/migrations/V*__*.sql` | `outbox_schema_history` | the producer's database |
+//! | `consumer_kit::SCHEMA` | `consumer-kit/migrations/V*__*.sql` | `consumer_kit_schema_history` | each consumer's database |
 //!
 //! The files are plain PostgreSQL in refinery's naming, so they can also be
-//! applied with psql or Flyway (then skip [`run`]; it would see an empty
-//! history and try again). Running [`run`] twice is a no-op. Migrations are
+//! applied with psql or Flyway (then skip [`Schema::apply`]; it would see an
+//! empty history and try again). Applying twice is a no-op. Migrations are
 //! forward-only: an applied file whose content changed is refused with
-//! [`MigrateError::Changed`].
+//! [`MigrateError::Changed`]. `docs/schema.md` documents every table.
 //!
 //! Concurrent runs (several relays starting at once) serialize on a
 //! PostgreSQL advisory lock, so each migration applies once.
@@ -23,41 +24,63 @@ use sqlx::{pool::PoolConnection, postgres::PgRow, PgPool, Postgres, Row};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 mod outbox_files {
-    refinery::embed_migrations!("../migrations/outbox");
-}
-mod consumer_files {
-    refinery::embed_migrations!("../migrations/consumer");
+    refinery::embed_migrations!("migrations");
 }
 
-/// Which set of migrations to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrationSet {
-    /// The `outbox` table and its notify trigger (producer's database).
-    Outbox,
-    /// The `processed_events` table (consumer's database).
-    Consumer,
+/// The outbox schema: the `outbox` table, its notify trigger, the relays'
+/// partition leases and the published-id memory. It lives in the
+/// producer's database; [`crate::migrate()`] applies it.
+pub const OUTBOX: Schema = Schema::new(
+    "outbox_schema_history",
+    0x6f75_7462_6f78_0001,
+    outbox_files::migrations::runner,
+);
+
+/// One set of migrations, with its own history table and advisory lock.
+///
+/// [`OUTBOX`] is this crate's; consumer-kit ships its own
+/// (`consumer_kit::SCHEMA`).
+#[derive(Clone, Copy)]
+pub struct Schema {
+    history_table: &'static str,
+    lock_key: i64,
+    migrations: fn() -> Runner,
 }
 
-impl MigrationSet {
-    /// The refinery history table of this set.
-    pub fn history_table(self) -> &'static str {
-        match self {
-            MigrationSet::Outbox => "outbox_schema_history",
-            MigrationSet::Consumer => "consumer_kit_schema_history",
+impl std::fmt::Debug for Schema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Schema")
+            .field("history_table", &self.history_table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Schema {
+    /// A schema from files embedded with `refinery::embed_migrations!`.
+    /// For crates of this toolkit that ship their own migrations; the
+    /// `lock_key` must differ between schemas.
+    #[doc(hidden)]
+    pub const fn new(history_table: &'static str, lock_key: i64, migrations: fn() -> Runner) -> Self {
+        Schema {
+            history_table,
+            lock_key,
+            migrations,
         }
     }
 
-    fn runner(self) -> Runner {
-        let mut runner = match self {
-            MigrationSet::Outbox => outbox_files::migrations::runner(),
-            MigrationSet::Consumer => consumer_files::migrations::runner(),
-        };
-        runner.set_migration_table_name(self.history_table());
+    /// The refinery history table of this schema.
+    pub fn history_table(&self) -> &'static str {
+        self.history_table
+    }
+
+    fn runner(&self) -> Runner {
+        let mut runner = (self.migrations)();
+        runner.set_migration_table_name(self.history_table);
         runner.set_abort_divergent(true).set_abort_missing(true)
     }
 
     /// The `(version, name)` of every migration in this build, in order.
-    pub fn known(self) -> Vec<(i32, String)> {
+    pub fn known(&self) -> Vec<(i32, String)> {
         self.runner()
             .get_migrations()
             .iter()
@@ -65,16 +88,19 @@ impl MigrationSet {
             .collect()
     }
 
-    // Arbitrary constants; one advisory lock per set.
-    fn lock_key(self) -> i64 {
-        match self {
-            MigrationSet::Outbox => 0x6f75_7462_6f78_0001,
-            MigrationSet::Consumer => 0x6f75_7462_6f78_0002,
-        }
+    /// Applies the migrations that are not applied yet.
+    pub async fn apply(&self, pool: &PgPool) -> Result<MigrationReport, MigrateError> {
+        run(pool, self).await
+    }
+
+    /// The highest applied version, or `None` if none is applied (or the
+    /// history table does not exist yet).
+    pub async fn current_version(&self, pool: &PgPool) -> Result<Option<i32>, MigrateError> {
+        current_version(pool, self).await
     }
 }
 
-/// What a [`run`] did.
+/// What [`Schema::apply`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationReport {
     /// Migrations applied by this run, as `V{version}__{name}`. Empty when
@@ -125,16 +151,15 @@ pub enum MigrateError {
     },
 }
 
-/// Applies the migrations of `set` that are not applied yet.
-pub async fn run(pool: &PgPool, set: MigrationSet) -> Result<MigrationReport, MigrateError> {
-    let table = set.history_table();
+async fn run(pool: &PgPool, set: &Schema) -> Result<MigrationReport, MigrateError> {
+    let table = set.history_table;
     let db_err = |e: sqlx::Error| MigrateError::Database {
         table,
         source: Box::new(e),
     };
     let mut conn = SqlxConnection(pool.acquire().await.map_err(db_err)?);
     sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(set.lock_key())
+        .bind(set.lock_key)
         .execute(&mut *conn.0)
         .await
         .map_err(db_err)?;
@@ -142,7 +167,7 @@ pub async fn run(pool: &PgPool, set: MigrationSet) -> Result<MigrationReport, Mi
     // Unlock on the same connection; if that fails the connection is
     // closed below, which releases the lock too.
     let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(set.lock_key())
+        .bind(set.lock_key)
         .execute(&mut *conn.0)
         .await;
     if unlocked.is_err() {
@@ -161,13 +186,8 @@ pub async fn run(pool: &PgPool, set: MigrationSet) -> Result<MigrationReport, Mi
     })
 }
 
-/// The highest applied version of `set`, or `None` if none is applied (or
-/// its history table does not exist yet).
-pub async fn current_version(
-    pool: &PgPool,
-    set: MigrationSet,
-) -> Result<Option<i32>, MigrateError> {
-    let table = set.history_table();
+async fn current_version(pool: &PgPool, set: &Schema) -> Result<Option<i32>, MigrateError> {
+    let table = set.history_table;
     let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(table)
         .fetch_one(pool)
@@ -179,7 +199,7 @@ pub async fn current_version(
     if !exists {
         return Ok(None);
     }
-    // `table` is one of two constants, never user input.
+    // `table` is a constant of a crate of this toolkit, never user input.
     sqlx::query_scalar(&format!("SELECT max(version) FROM {table}"))
         .fetch_one(pool)
         .await

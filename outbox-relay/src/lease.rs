@@ -75,7 +75,7 @@ pub enum LeaseError {
     /// `outbox_relay_partitions` is empty or not numbered 0..n-1.
     #[error(
         "outbox_relay_partitions must hold the partitions 0..n-1 (it holds {count} rows, \
-         numbered {min}..{max}); stop every relay, then refill it (see migrations/README.md)"
+         numbered {min}..{max}); stop every relay, then refill it (see docs/schema.md in the outbox-toolkit repository)"
     )]
     BadPartitions {
         /// Rows in the table.

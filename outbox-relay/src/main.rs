@@ -10,7 +10,6 @@ use std::{process::ExitCode, sync::Arc};
 use anyhow::Context;
 use clap::Parser;
 use cli::{Cli, Command, FailedCommand, LogFormat, TopicCommand};
-use outbox_core::{migrate, MigrationSet};
 use outbox_relay::{
     store::{self, Selection},
     telemetry, Relay,
@@ -152,7 +151,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate => {
             let pool = pool(&opts).await?;
-            let report = migrate::run(&pool, MigrationSet::Outbox).await?;
+            let report = outbox_core::migrate(&pool).await?;
             if report.applied.is_empty() {
                 out!(
                     "outbox schema is current (V{})",
@@ -379,7 +378,7 @@ async fn run(
     cfg.validate().map_err(|e| UsageError(e.to_string()))?;
     if args.migrate {
         let pool = pool(&opts).await?;
-        let report = migrate::run(&pool, MigrationSet::Outbox).await?;
+        let report = outbox_core::migrate(&pool).await?;
         info!(applied = ?report.applied, version = ?report.current_version, "outbox migrations checked");
         pool.close().await;
     }

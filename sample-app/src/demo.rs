@@ -109,7 +109,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         .max_connections(12)
         .connect_with(db.clone())
         .await?;
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     pool.execute(orders::SCHEMA).await?;
     let consumer_pools = consumers::prepare(&db).await?;
     let topic = format!(

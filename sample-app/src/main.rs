@@ -216,7 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let stop = ctrl_c();
             serve_metrics(metrics_addr, install_metrics()?, stop.clone()).await?;
             let pool = sqlx::PgPool::connect_with(database).await?;
-            outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+            outbox_core::migrate(&pool).await?;
             sqlx::query(orders::SCHEMA).execute(&pool).await?;
             let listener = tokio::net::TcpListener::bind(http_addr).await?;
             println!("order service on http://{http_addr}/orders, events to topic {topic}");

@@ -781,7 +781,7 @@ async fn fresh_database(
         .max_connections(connections)
         .connect_with(db)
         .await?;
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     consumer_kit::migrate(&pool).await?;
     sqlx::raw_sql(check::SCHEMA).execute(&pool).await?;
     Ok(pool)

@@ -269,7 +269,7 @@ pub async fn outbox_with_topic(
     prefix: &str,
     partitions: i32,
 ) -> anyhow::Result<String> {
-    outbox_core::migrate::run(pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(pool).await?;
     let topic = unique(prefix);
     create_topic(&topic, partitions).await?;
     Ok(topic)

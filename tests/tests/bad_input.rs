@@ -24,7 +24,7 @@ use integration_tests::quick_relay_config as cfg;
 async fn malformed_rows_are_refused_at_insert_with_the_rule_named(
     pool: PgPool,
 ) -> anyhow::Result<()> {
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     let cases: &[(&str, &str, &str)] = &[
         (
             "null aggregate id",
@@ -465,7 +465,7 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> an
 
     // A reader that goes away early (`outbox-relay status | head -1`): the
     // command stops quietly instead of panicking on the closed pipe.
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     let mut status = std::process::Command::new(relay_bin())
         .arg("status")
         .env("DATABASE_URL", &url)
@@ -521,7 +521,7 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> an
 async fn a_misspelled_kafka_property_never_shows_its_value(pool: PgPool) -> anyhow::Result<()> {
     const SECRET: &str = "hunter2-kafka-secret";
     let url = integration_tests::database_url(&pool);
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     let property = format!("sasl.pasword={SECRET}");
     for args in [
         vec!["run", "--kafka-property", &property],

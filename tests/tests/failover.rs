@@ -49,7 +49,7 @@ async fn killing_the_partition_leader_loses_and_reorders_nothing(
     let mut cluster = tokio::task::spawn_blocking(PrivateCluster::start).await??;
     let bootstrap = cluster.bootstrap();
     println!("three-node cluster started in {:.1?}", started.elapsed());
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
 
     // Every partition led by node 1 (first in each replica list), replicated
     // on all three nodes.

@@ -28,7 +28,7 @@ fn lines_since(path: &std::path::Path, offset: usize) -> Vec<String> {
 async fn a_broker_outage_logs_a_few_lines_a_second_in_the_relay_and_the_consumer(
     pool: PgPool,
 ) -> anyhow::Result<()> {
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     consumer_db(&pool).await?;
     let mut broker = tokio::task::spawn_blocking(PrivateBroker::start).await??;
     let topic = unique("floods");

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use outbox_core::{migrate, MigrateError, MigrationSet};
+use outbox_core::{migrate, MigrateError};
 use sqlx::PgPool;
 
 async fn columns(pool: &PgPool, table: &str) -> Vec<String> {
@@ -25,7 +25,7 @@ async fn indexes(pool: &PgPool, table: &str) -> Vec<String> {
 
 #[sqlx::test(migrations = false)]
 async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: PgPool) {
-    let first = migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    let first = migrate::OUTBOX.apply(&pool).await.unwrap();
     assert_eq!(
         first.applied,
         vec![
@@ -127,7 +127,7 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
     .unwrap();
     assert_eq!(refuse, 1);
 
-    let again = migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    let again = migrate::OUTBOX.apply(&pool).await.unwrap();
     assert!(
         again.applied.is_empty(),
         "re-run applied {:?}",
@@ -153,7 +153,7 @@ async fn notifications(listener: &mut sqlx::postgres::PgListener, wait: Duration
 
 #[sqlx::test(migrations = false)]
 async fn producers_notify_only_while_a_live_relay_waits(pool: PgPool) {
-    migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    migrate::OUTBOX.apply(&pool).await.unwrap();
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
         .await
         .unwrap();
@@ -283,9 +283,9 @@ async fn consumer_set_has_its_own_history(pool: PgPool) {
         "the consumer set must not touch the outbox history"
     );
     // Both sets can live in one database.
-    migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    migrate::OUTBOX.apply(&pool).await.unwrap();
     assert_eq!(
-        migrate::current_version(&pool, MigrationSet::Consumer)
+        consumer_kit::SCHEMA.current_version(&pool)
             .await
             .unwrap(),
         Some(1)
@@ -294,13 +294,13 @@ async fn consumer_set_has_its_own_history(pool: PgPool) {
 
 #[sqlx::test(migrations = false)]
 async fn a_changed_applied_migration_is_a_clear_error(pool: PgPool) {
-    migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    migrate::OUTBOX.apply(&pool).await.unwrap();
     // Simulate an edited file: the recorded checksum no longer matches.
     sqlx::query("UPDATE outbox_schema_history SET checksum = '1' WHERE version = 1")
         .execute(&pool)
         .await
         .unwrap();
-    let err = migrate::run(&pool, MigrationSet::Outbox).await.unwrap_err();
+    let err = migrate::OUTBOX.apply(&pool).await.unwrap_err();
     assert!(
         matches!(err, MigrateError::Changed { version: 1, .. }),
         "{err:?}"
@@ -314,7 +314,7 @@ async fn a_changed_applied_migration_is_a_clear_error(pool: PgPool) {
 
 #[sqlx::test(migrations = false)]
 async fn an_unknown_applied_migration_is_a_clear_error(pool: PgPool) {
-    migrate::run(&pool, MigrationSet::Outbox).await.unwrap();
+    migrate::OUTBOX.apply(&pool).await.unwrap();
     sqlx::query(
         "INSERT INTO outbox_schema_history (version, name, applied_on, checksum) \
          VALUES (99, 'from_the_future', '2026-01-01T00:00:00Z', '42')",
@@ -322,7 +322,7 @@ async fn an_unknown_applied_migration_is_a_clear_error(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    let err = migrate::run(&pool, MigrationSet::Outbox).await.unwrap_err();
+    let err = migrate::OUTBOX.apply(&pool).await.unwrap_err();
     assert!(err.to_string().contains("newer release"), "{err}");
 }
 
@@ -330,7 +330,7 @@ async fn an_unknown_applied_migration_is_a_clear_error(pool: PgPool) {
 async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
     let runs = (0..4).map(|_| {
         let pool = pool.clone();
-        tokio::spawn(async move { migrate::run(&pool, MigrationSet::Outbox).await })
+        tokio::spawn(async move { migrate::OUTBOX.apply(&pool).await })
     });
     let mut applied = 0;
     for r in futures::future::join_all(runs).await {

@@ -144,7 +144,7 @@ async fn a_dead_broker_makes_the_relay_unready_at_once_and_shutdown_keeps_its_bo
     pool: PgPool,
 ) -> anyhow::Result<()> {
     let mut broker = tokio::task::spawn_blocking(PrivateBroker::start).await??;
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     let topic = unique("dead-broker");
     create_topic_on(&broker.address, &topic, 1).await?;
     let port = free_port();

@@ -502,7 +502,7 @@ async fn a_second_relay_shares_the_partitions_and_takes_over_when_the_first_stop
 #[sqlx::test(migrations = false)]
 async fn missing_topic_then_failed_retry_republishes(pool: PgPool) -> anyhow::Result<()> {
     let topic_later = unique("created-later");
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     append(
         &pool,
         &NewEvent::new("t", "k", "waits-for-topic").topic(&topic_later),
@@ -541,7 +541,7 @@ fn claimant(relay_id: &str) -> outbox_relay::claim::Claimant<'_> {
 #[sqlx::test(migrations = false)]
 async fn claims_are_fenced_by_partition_ownership(pool: PgPool) -> anyhow::Result<()> {
     use outbox_relay::claim::{claim, claim_sql};
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     integration_tests::insert_sql_rows(&pool, "fence", 500, 50).await?;
     let sql = claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey, false);
     sqlx::query(
@@ -640,7 +640,7 @@ async fn an_overlapping_claim_skips_the_batch_in_flight_and_no_late_row(
     pool: PgPool,
 ) -> anyhow::Result<()> {
     use outbox_relay::claim::{claim, claim_sql, InFlight};
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     sqlx::query(
         "INSERT INTO outbox_relays (relay_id, lease_until) VALUES ('A', now() + interval '1 hour')",
     )
@@ -717,7 +717,7 @@ async fn leases_share_partitions_and_take_over_from_a_dead_relay(
     pool: PgPool,
 ) -> anyhow::Result<()> {
     use outbox_relay::lease::Leases;
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     let ttl = Duration::from_secs(1);
     let lease = |id: &str| Leases::new(pool.clone(), id.into(), ttl, ttl / 4);
     let (a, b, c) = (lease("A"), lease("B"), lease("C"));

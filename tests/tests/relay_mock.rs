@@ -16,7 +16,7 @@ use sqlx::PgPool;
 
 #[sqlx::test(migrations = false)]
 async fn a_slow_and_erroring_broker_loses_and_reorders_nothing(pool: PgPool) -> anyhow::Result<()> {
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     let cluster = MockCluster::new(3)?;
     let topic = "mock-orders";
     cluster.create_topic(topic, 3, 3)?;

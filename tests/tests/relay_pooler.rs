@@ -101,7 +101,7 @@ async fn a_relay_not_told_about_the_pooler_says_what_to_do(pool: PgPool) -> anyh
 /// they work; without it they say what to do.
 #[sqlx::test(migrations = false)]
 async fn operator_commands_work_through_the_pooler_when_told(pool: PgPool) -> anyhow::Result<()> {
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     let db = pool
         .connect_options()
         .get_database()

@@ -130,7 +130,7 @@ async fn sigterm_finishes_the_batch_flushes_and_exits_0(pool: PgPool) -> anyhow:
 async fn a_broker_outage_loses_nothing_and_reports_not_ready(pool: PgPool) -> anyhow::Result<()> {
     // A broker of its own: it is killed -9 and restarted with its storage.
     let mut broker = PrivateBroker::start()?;
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     let topic = unique("outage");
     create_topic_on(&broker.address, &topic, 2).await?;
     let relay = RunningRelay::start_exactly(
@@ -532,7 +532,7 @@ async fn relay_memory_stays_flat_through_a_broker_outage_while_producers_write(
     const RATE_PER_TICK: i64 = 50; // every 100 ms: 500 events/s
     let mut broker = PrivateBroker::start()?;
     let topic = unique("outage-mem");
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     create_topic_on(&broker.address, &topic, 3).await?;
     let port = free_port().to_string();
     let relay = spawn_relay(
@@ -642,9 +642,9 @@ async fn relay_memory_stays_flat_through_a_broker_outage_while_producers_write(
 async fn status_on_an_older_schema_names_the_missing_migration(pool: PgPool) -> anyhow::Result<()> {
     // The outbox schema as it was before V4, applied with another tool.
     for sql in [
-        include_str!("../../migrations/outbox/V1__create_outbox.sql"),
-        include_str!("../../migrations/outbox/V2__relay_partitions.sql"),
-        include_str!("../../migrations/outbox/V3__failed_key_hash_index.sql"),
+        include_str!("../../outbox-core/migrations/V1__create_outbox.sql"),
+        include_str!("../../outbox-core/migrations/V2__relay_partitions.sql"),
+        include_str!("../../outbox-core/migrations/V3__failed_key_hash_index.sql"),
     ] {
         sqlx::raw_sql(sql).execute(&pool).await?;
     }
@@ -661,7 +661,7 @@ async fn status_on_an_older_schema_names_the_missing_migration(pool: PgPool) -> 
 /// when it has one: never `correlation.id=""`.
 #[sqlx::test(migrations = false)]
 async fn a_failed_rows_log_line_has_no_empty_correlation_id(pool: PgPool) -> anyhow::Result<()> {
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     let missing = unique("no-such-topic");
     sqlx::query(
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, correlation_id) \
@@ -726,7 +726,7 @@ async fn a_relay_without_the_schema_keeps_saying_so_until_it_appears(
     for line in warnings() {
         assert!(line.contains("outbox-relay migrate"), "{line}");
     }
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     eventually(WAIT, "ready once migrated", || async {
         Ok(http_get(port, "/readyz")
             .map(|(c, _)| c == 200)

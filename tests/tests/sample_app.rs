@@ -12,7 +12,7 @@ use sqlx::PgPool;
 async fn the_api_writes_each_change_with_its_event_and_answers_bad_requests_with_json_errors(
     pool: PgPool,
 ) -> anyhow::Result<()> {
-    outbox_core::migrate::run(&pool, outbox_core::MigrationSet::Outbox).await?;
+    outbox_core::migrate(&pool).await?;
     sqlx::query(orders::SCHEMA).execute(&pool).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
