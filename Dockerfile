@@ -3,7 +3,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release -p outbox-relay --bin outbox-relay -p sample-app --bin sample-app
+RUN cargo build --release -p outbox-toolkit-relay --bin outbox-relay -p sample-app --bin sample-app
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \

@@ -338,7 +338,7 @@ async fn drain(
                 "DELETE FROM outbox o WHERE o.id IN (SELECT id FROM outbox WHERE status = 'pending' ORDER BY id LIMIT 1000) \
                  RETURNING o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, o.event_version, o.topic, \
                  o.payload::text, o.payload_bytes, o.content_type, o.headers::text, o.correlation_id, o.causation_id, \
-                 o.traceparent, o.tracestate, o.source, o.occurred_at, o.created_at, o.attempts",
+                 o.traceparent, o.tracestate, o.source, o.occurred_at, o.created_at",
             )
             .fetch_all(&mut *conn)
             .await?

@@ -10,7 +10,7 @@ use rdkafka::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{dead_letter::client_config, dedupe, process::Shared};
+use crate::{dedupe, kafka_config::client_config, process::Shared};
 
 /// Runs [`dedupe::delete_expired`] for the consumer's group every `every`,
 /// until `shutdown`.

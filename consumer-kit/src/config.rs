@@ -10,6 +10,7 @@ use outbox_core::topic::validate_topic;
 
 /// What to do with a message whose `ce_type` has no registered handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum UnknownEventType {
     /// Send it to the dead-letter topic with the reason
     /// `no handler for event type …`. The default: nothing passes unnoticed.

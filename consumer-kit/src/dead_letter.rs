@@ -1,5 +1,5 @@
-//! The dead-letter topic: what a dead letter carries, how the consumer
-//! publishes one, and how an operator reads and replays them.
+//! The dead-letter topic: what a dead letter carries, and how the consumer
+//! publishes one. `replay.rs` reads and replays them for operators.
 //!
 //! A dead letter is the original record (same key, value and headers) sent
 //! to the dead-letter topic (default `<topic>.dlq`) with these headers added:
@@ -15,7 +15,7 @@
 //! | `dlq_consumer_group` | the consumer group that gave up on it |
 //! | `dlq_time` | when it was dead-lettered (RFC 3339, UTC) |
 //!
-//! [`replay`] sends dead letters back to their original topic with the
+//! [`crate::replay::replay`] sends dead letters back to their original topic with the
 //! original key, value and headers (the `dlq_*` ones removed), so the event
 //! keeps its `ce_id` and dedupes as usual: a replayed event that some group
 //! already applied is skipped there.
@@ -26,13 +26,14 @@ use chrono::{DateTime, Utc};
 use outbox_core::headers as h;
 use outbox_kafka::QuietContext;
 use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
     error::KafkaError,
     message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord, Producer},
-    ClientConfig, Offset, TopicPartitionList,
+    ClientConfig,
 };
 use uuid::Uuid;
+
+use crate::kafka_config::producer_config;
 
 /// `dlq_reason`: why the message was dead-lettered.
 pub const REASON: &str = "dlq_reason";
@@ -65,6 +66,7 @@ pub const DLQ_HEADERS: &[&str] = &[
 
 /// Why a message was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DeadLetterKind {
     /// Not an outbox event: a required header is missing or invalid, or the
     /// payload does not decode into the handler's type.
@@ -89,56 +91,22 @@ impl DeadLetterKind {
     }
 }
 
-/// Builds librdkafka client settings: bootstrap servers, then `properties`.
-pub(crate) fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", brokers);
-    outbox_kafka::secrets::set_all(&mut cc, properties);
-    cc
-}
-
-/// An `acks=all` producer for dead letters (`idempotent = false`) and
-/// replays (`idempotent = true`, so a pipelined replay keeps its order).
-///
-/// Dead letters are sent one at a time per partition and awaited, so order
-/// needs no idempotence there; and an idempotent producer turns fatal after a
-/// send times out (a missing topic, a long outage), which would stop
-/// dead-lettering for good.
-pub(crate) fn producer_config(
-    brokers: &str,
-    properties: &BTreeMap<String, String>,
-    timeout: Duration,
-    idempotent: bool,
-) -> ClientConfig {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", brokers)
-        .set("enable.idempotence", idempotent.to_string())
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", timeout.as_millis().to_string())
-        .set("client.id", "consumer-kit");
-    outbox_kafka::secrets::remember(properties);
-    for (k, v) in properties {
-        // Consumer-only settings would make the producer refuse to start.
-        if !is_consumer_only(k) {
-            cc.set(k, v);
-        }
-    }
-    cc
-}
-
 /// The consumer's dead-letter producer, replaced when librdkafka declares it
 /// fatally failed.
 pub(crate) struct DeadLetterProducer {
     config: ClientConfig,
+    group: String,
+    timeout: Duration,
     producer: std::sync::RwLock<FutureProducer<QuietContext>>,
 }
 
 impl DeadLetterProducer {
+    /// A producer for `group`'s dead letters, each awaited up to `timeout`.
     pub(crate) fn new(
         brokers: &str,
         properties: &BTreeMap<String, String>,
         timeout: Duration,
+        group: &str,
     ) -> Result<Self, KafkaError> {
         let config = producer_config(brokers, properties, timeout, false);
         let producer = config
@@ -146,6 +114,8 @@ impl DeadLetterProducer {
             .map_err(outbox_kafka::secrets::scrub)?;
         Ok(Self {
             config,
+            group: group.to_owned(),
+            timeout,
             producer: std::sync::RwLock::new(producer),
         })
     }
@@ -173,73 +143,57 @@ impl DeadLetterProducer {
             }
         }
     }
-}
 
-fn is_consumer_only(key: &str) -> bool {
-    key.starts_with("enable.auto.")
-        || key.starts_with("auto.")
-        || key.starts_with("session.")
-        || key.starts_with("heartbeat.")
-        || key.starts_with("max.poll.")
-        || key.starts_with("fetch.")
-        || key.starts_with("group.")
-        || key.starts_with("partition.assignment")
-        || key == "isolation.level"
-        || key.starts_with("queued.")
-}
-
-/// Sends `msg` to `dlq_topic` with the dead-letter headers and waits for
-/// Kafka's acknowledgement.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn publish(
-    producer: &DeadLetterProducer,
-    msg: &OwnedMessage,
-    dlq_topic: &str,
-    kind: DeadLetterKind,
-    reason: &str,
-    attempts: u32,
-    group: &str,
-    timeout: Duration,
-) -> Result<(), String> {
-    let mut headers = OwnedHeaders::new_with_capacity(DLQ_HEADERS.len() + 16);
-    if let Some(original) = msg.headers() {
-        for header in original.iter() {
-            if !DLQ_HEADERS.contains(&header.key) {
-                headers = headers.insert(header);
+    /// Sends `msg` to `dlq_topic` with the dead-letter headers (`attempts`
+    /// handler tries made) and waits for Kafka's acknowledgement.
+    pub(crate) async fn send(
+        &self,
+        msg: &OwnedMessage,
+        dlq_topic: &str,
+        kind: DeadLetterKind,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<(), String> {
+        let mut headers = OwnedHeaders::new_with_capacity(DLQ_HEADERS.len() + 16);
+        if let Some(original) = msg.headers() {
+            for header in original.iter() {
+                if !DLQ_HEADERS.contains(&header.key) {
+                    headers = headers.insert(header);
+                }
             }
         }
+        let partition = msg.partition().to_string();
+        let offset = msg.offset().to_string();
+        let attempts = attempts.to_string();
+        let time = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        for (key, value) in [
+            (REASON, reason),
+            (KIND, kind.as_str()),
+            (ATTEMPTS, &attempts),
+            (ORIGINAL_TOPIC, msg.topic()),
+            (ORIGINAL_PARTITION, &partition),
+            (ORIGINAL_OFFSET, &offset),
+            (CONSUMER_GROUP, &self.group),
+            (TIME, &time),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut record = FutureRecord::to(dlq_topic).headers(headers);
+        if let Some(key) = msg.key() {
+            record = record.key(key);
+        }
+        if let Some(value) = msg.payload() {
+            record = record.payload(value);
+        }
+        let result = self.get().send(record, self.timeout).await;
+        result.map(|_| ()).map_err(|(e, _)| {
+            self.recover();
+            format!("dead-letter publish to {dlq_topic} failed: {e}")
+        })
     }
-    let partition = msg.partition().to_string();
-    let offset = msg.offset().to_string();
-    let attempts = attempts.to_string();
-    let time = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    for (key, value) in [
-        (REASON, reason),
-        (KIND, kind.as_str()),
-        (ATTEMPTS, &attempts),
-        (ORIGINAL_TOPIC, msg.topic()),
-        (ORIGINAL_PARTITION, &partition),
-        (ORIGINAL_OFFSET, &offset),
-        (CONSUMER_GROUP, group),
-        (TIME, &time),
-    ] {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value),
-        });
-    }
-    let mut record = FutureRecord::to(dlq_topic).headers(headers);
-    if let Some(key) = msg.key() {
-        record = record.key(key);
-    }
-    if let Some(value) = msg.payload() {
-        record = record.payload(value);
-    }
-    let result = producer.get().send(record, timeout).await;
-    result.map(|_| ()).map_err(|(e, _)| {
-        producer.recover();
-        format!("dead-letter publish to {dlq_topic} failed: {e}")
-    })
 }
 
 /// One record of a dead-letter topic, decoded for operators.
@@ -366,173 +320,6 @@ impl DeadLetterFilter {
         }
         true
     }
-}
-
-/// Why dead letters could not be read or replayed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum DeadLetterError {
-    /// The Kafka client could not be created or the broker did not answer.
-    #[error("Kafka: {0}")]
-    Kafka(#[from] KafkaError),
-    /// The dead-letter topic does not exist.
-    #[error("topic {0} does not exist on the broker; check the name (the default is <topic>.dlq)")]
-    MissingTopic(String),
-    /// Reading stopped before the end of the topic.
-    #[error("reading dead letters stopped: {0}")]
-    Interrupted(String),
-    /// A dead letter lacks `dlq_original_topic`, so it cannot be replayed.
-    #[error("dead letter {topic}/{partition}@{offset} has no {ORIGINAL_TOPIC} header; it was not written by consumer-kit")]
-    NoOriginalTopic {
-        /// Its dead-letter topic.
-        topic: String,
-        /// Its partition.
-        partition: i32,
-        /// Its offset.
-        offset: i64,
-    },
-}
-
-/// Reads every record of `dlq_topic` present when the call starts (up to
-/// the high watermarks, so it ends) and returns those `filter` matches, in
-/// partition then offset order. It uses no consumer group and commits
-/// nothing, so it can run any number of times.
-pub async fn read(
-    brokers: &str,
-    properties: &BTreeMap<String, String>,
-    dlq_topic: &str,
-    filter: &DeadLetterFilter,
-) -> Result<Vec<DeadLetter>, DeadLetterError> {
-    let brokers = brokers.to_string();
-    let properties = properties.clone();
-    let topic = dlq_topic.to_string();
-    let filter = filter.clone();
-    tokio::task::spawn_blocking(move || read_blocking(&brokers, &properties, &topic, &filter))
-        .await
-        .map_err(|e| DeadLetterError::Interrupted(format!("the reader task failed: {e}")))?
-}
-
-fn read_blocking(
-    brokers: &str,
-    properties: &BTreeMap<String, String>,
-    topic: &str,
-    filter: &DeadLetterFilter,
-) -> Result<Vec<DeadLetter>, DeadLetterError> {
-    let mut cc = client_config(brokers, properties);
-    cc.set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("group.id", "consumer-kit-dlq-reader");
-    let consumer: BaseConsumer<QuietContext> = cc
-        .create_with_context(QuietContext)
-        .map_err(outbox_kafka::secrets::scrub)?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
-    if partitions.is_empty() {
-        return Err(DeadLetterError::MissingTopic(topic.to_string()));
-    }
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = BTreeMap::new();
-    for p in partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-        if high > low {
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
-            remaining.insert(p, high);
-        }
-    }
-    let mut out = Vec::new();
-    if remaining.is_empty() {
-        return Ok(out);
-    }
-    consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !remaining.is_empty() {
-        if std::time::Instant::now() > deadline {
-            return Err(DeadLetterError::Interrupted(format!(
-                "reading {topic} did not reach its end within 60 s; is the broker answering?"
-            )));
-        }
-        let Some(result) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let msg = result?.detach();
-        let p = msg.partition();
-        if let Some(high) = remaining.get(&p).copied() {
-            if msg.offset() + 1 >= high {
-                remaining.remove(&p);
-            }
-            if msg.offset() < high {
-                let letter = DeadLetter::from_message(&msg);
-                if filter.matches(&letter) {
-                    out.push(letter);
-                }
-            }
-        }
-    }
-    out.sort_by_key(|l| (l.dlq_partition, l.dlq_offset));
-    Ok(out)
-}
-
-/// What [`replay`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReplayReport {
-    /// Dead letters sent back to their original topic.
-    pub replayed: usize,
-}
-
-/// Sends each dead letter back to its original topic, with its original
-/// key, value and headers, and waits for every acknowledgement. Letters are
-/// sent in the order given (per original partition, that is the order they
-/// were dead-lettered in when they come from [`read`]).
-pub async fn replay(
-    brokers: &str,
-    properties: &BTreeMap<String, String>,
-    letters: &[DeadLetter],
-) -> Result<ReplayReport, DeadLetterError> {
-    for l in letters {
-        if l.original_topic.is_none() {
-            return Err(DeadLetterError::NoOriginalTopic {
-                topic: l.dlq_topic.clone(),
-                partition: l.dlq_partition,
-                offset: l.dlq_offset,
-            });
-        }
-    }
-    let producer: FutureProducer<QuietContext> =
-        producer_config(brokers, properties, Duration::from_secs(30), true)
-            .create_with_context(QuietContext)
-            .map_err(outbox_kafka::secrets::scrub)?;
-    let mut sends = Vec::with_capacity(letters.len());
-    for l in letters {
-        let mut headers = OwnedHeaders::new_with_capacity(l.headers.len());
-        for (key, value) in &l.headers {
-            headers = headers.insert(Header {
-                key: key.as_str(),
-                value: value.as_deref(),
-            });
-        }
-        let topic = l.original_topic.as_deref().unwrap_or_default();
-        let mut record = FutureRecord::to(topic).headers(headers);
-        if let Some(key) = &l.key {
-            record = record.key(key.as_slice());
-        }
-        if let Some(value) = &l.payload {
-            record = record.payload(value.as_slice());
-        }
-        // Enqueue all, then await all: one round of acknowledgements.
-        sends.push(producer.send(record, Duration::from_secs(30)));
-    }
-    for result in futures::future::join_all(sends).await {
-        result.map_err(|(e, _)| DeadLetterError::Kafka(e))?;
-    }
-    Ok(ReplayReport {
-        replayed: letters.len(),
-    })
 }
 
 #[cfg(test)]

@@ -91,18 +91,3 @@ pub async fn delete_expired(
         tokio::task::yield_now().await;
     }
 }
-
-/// Fails with a clear message when `processed_events` is missing.
-pub(crate) async fn check_schema(pool: &PgPool) -> Result<(), crate::ConsumerError> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('processed_events') IS NOT NULL")
-        .fetch_one(pool)
-        .await
-        .map_err(crate::ConsumerError::Database)?;
-    if exists {
-        Ok(())
-    } else {
-        Err(crate::ConsumerError::Config(
-            "table processed_events does not exist in the consumer's database: run consumer_kit::migrate(&pool) at start, or apply the SQL in consumer-kit/migrations/ with your own tool".into(),
-        ))
-    }
-}

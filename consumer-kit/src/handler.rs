@@ -14,6 +14,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// How a handler failed. The transaction is rolled back either way, so none
 /// of the handler's writes (nor the dedupe row) remain.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandlerError {
     /// May succeed later (a lock timeout, a remote service that is down): the
     /// message is retried with backoff, up to

@@ -65,19 +65,26 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod dedupe;
 pub mod envelope;
+mod error;
 pub mod handler;
+mod kafka_config;
+mod member;
+mod preflight;
 pub(crate) mod process;
+pub mod replay;
 pub mod telemetry;
 
 /// Re-exported so handlers can be written without depending on async-trait:
 /// `#[consumer_kit::async_trait]`.
 pub use async_trait::async_trait;
 pub use config::{ConsumerConfig, UnknownEventType};
-pub use consumer::{Consumer, ConsumerBuilder, ConsumerError};
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle};
 pub use dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterKind};
 pub use envelope::{DecodeError, Envelope, Position, RawEnvelope};
+pub use error::ConsumerError;
 pub use handler::{BoxError, Handler, HandlerError};
 pub use outbox_core::{MigrateError, MigrationReport};
+pub use replay::{DeadLetterError, ReplayReport};
 pub use telemetry::{ConsumerStats, StatsSnapshot};
 
 mod schema_files {

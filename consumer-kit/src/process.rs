@@ -268,17 +268,10 @@ async fn dead_letter(
     error!(kind = kind.as_str(), reason, dead_letter_topic = %topic, "dead-lettering message");
     let mut failures = 0;
     loop {
-        match dead_letter::publish(
-            &shared.producer,
-            msg,
-            &topic,
-            kind,
-            reason,
-            attempts,
-            &cfg.group_id,
-            cfg.dead_letter_timeout,
-        )
-        .await
+        match shared
+            .producer
+            .send(msg, &topic, kind, reason, attempts)
+            .await
         {
             Ok(()) => {
                 shared.stats.add(StatField::DeadLettered);

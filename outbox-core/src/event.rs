@@ -17,6 +17,7 @@ pub const MAX_PAYLOAD_BYTES: usize = 10 * 1024 * 1024;
 
 /// The record value of an event.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Payload {
     /// A JSON document, stored in the `payload` column (jsonb).
     Json(serde_json::Value),

@@ -60,7 +60,11 @@ impl Schema {
     /// For crates of this toolkit that ship their own migrations; the
     /// `lock_key` must differ between schemas.
     #[doc(hidden)]
-    pub const fn new(history_table: &'static str, lock_key: i64, migrations: fn() -> Runner) -> Self {
+    pub const fn new(
+        history_table: &'static str,
+        lock_key: i64,
+        migrations: fn() -> Runner,
+    ) -> Self {
         Schema {
             history_table,
             lock_key,

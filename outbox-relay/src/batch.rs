@@ -213,7 +213,6 @@ mod tests {
             source: None,
             occurred_at: chrono::Utc::now(),
             created_at: chrono::Utc::now(),
-            attempts: 0,
         }
     }
 

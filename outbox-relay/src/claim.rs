@@ -20,12 +20,13 @@ use sqlx::{postgres::PgRow, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::config::{AfterPublish, PoisonPolicy};
+use crate::lease::FENCE;
 
 /// The columns the relay reads, shared by the claim statements.
 const COLUMNS: &str = "o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, \
     o.event_version, o.topic, o.payload::text AS payload, o.payload_bytes, o.content_type, \
     o.headers::text AS headers, o.correlation_id, o.causation_id, o.traceparent, o.tracestate, \
-    o.source, o.occurred_at, o.created_at, o.attempts";
+    o.source, o.occurred_at, o.created_at";
 
 /// One claimed outbox row, as stored.
 #[derive(Debug, Clone)]
@@ -66,8 +67,6 @@ pub struct OutboxRow {
     pub occurred_at: DateTime<Utc>,
     /// When the row was inserted (the commit-to-ack clock starts here).
     pub created_at: DateTime<Utc>,
-    /// Earlier publish attempts.
-    pub attempts: i32,
 }
 
 impl OutboxRow {
@@ -91,7 +90,6 @@ impl OutboxRow {
             source: r.try_get("source")?,
             occurred_at: r.try_get("occurred_at")?,
             created_at: r.try_get("created_at")?,
-            attempts: r.try_get("attempts")?,
         })
     }
 }
@@ -180,21 +178,6 @@ impl InFlight {
         })
     }
 }
-
-/// The fence at the head of every claim: the partitions this relay owns right
-/// now, under a live lease, minus those it is releasing, each locked
-/// `FOR SHARE` until the claim commits or rolls back. A take-over or release
-/// updates a partition row, so it waits for (or skips) every open claim on
-/// it, and a claim that starts after it sees the new owner (PostgreSQL
-/// re-reads a row updated under a lock). It also sets the transaction's
-/// `synchronous_commit` (see [`crate::RelayConfig::synchronous_commit`]).
-const FENCE: &str = "WITH owned AS MATERIALIZED ( \
-      SELECT rp.partition, \
-             set_config('synchronous_commit', \
-                        CASE WHEN $4 THEN current_setting('synchronous_commit') ELSE 'off' END, true) \
-      FROM outbox_relay_partitions rp JOIN outbox_relays r ON r.relay_id = rp.owner \
-      WHERE rp.owner = $2 AND r.lease_until > clock_timestamp() AND rp.partition <> ALL($5) \
-      FOR SHARE OF rp) ";
 
 /// The claim statement for a mode and policy (built once per relay).
 ///

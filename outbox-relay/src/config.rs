@@ -38,6 +38,7 @@ pub fn new_relay_id(name: &str) -> String {
 
 /// What happens to an outbox row once Kafka acknowledged it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum AfterPublish {
     /// Delete the row in the claiming statement (`DELETE … RETURNING`). The
     /// default: the table stays small and nothing needs cleaning.
@@ -53,6 +54,7 @@ pub enum AfterPublish {
 
 /// What a permanently failed row does to later rows of the same key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum PoisonPolicy {
     /// Later rows of the key wait until the failed row is retried or
     /// discarded (`outbox-relay failed retry|discard`). Keeps per-key order.

@@ -101,7 +101,7 @@ impl Default for Health {
 impl Health {
     /// Starts in [`State::Starting`], reading the broker connection from
     /// `broker`.
-    pub fn new(broker: Arc<Reach>) -> Self {
+    pub(crate) fn new(broker: Arc<Reach>) -> Self {
         Self {
             phase: AtomicU8::new(State::Starting as u8),
             reason: Mutex::new("waiting for its share of the outbox partitions".into()),

@@ -12,8 +12,9 @@
 //!    and takes free partitions, or those of relays whose lease ran out, up to
 //!    its share.
 //!
-//! **Fencing.** Ownership is checked inside every claim transaction, not in
-//! memory: the claim statement ([`crate::claim::claim_sql`]) locks the relay's
+//! **Fencing.** This file is fencing's one home. Ownership is checked inside
+//! every claim transaction, not in memory: the claim statement
+//! ([`crate::claim::claim_sql`]) starts with [`FENCE`], which locks the relay's
 //! partition rows `FOR SHARE` and claims only rows of partitions that the
 //! relay owns, under a live lease, at that moment. Taking a partition over or
 //! releasing it is an `UPDATE` of its row (after `FOR UPDATE SKIP LOCKED`),
@@ -39,6 +40,21 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::telemetry;
+
+/// The fence at the head of every claim: the partitions this relay owns right
+/// now, under a live lease, minus those it is releasing, each locked
+/// `FOR SHARE` until the claim commits or rolls back. A take-over or release
+/// updates a partition row, so it waits for (or skips) every open claim on
+/// it, and a claim that starts after it sees the new owner (PostgreSQL
+/// re-reads a row updated under a lock). It also sets the transaction's
+/// `synchronous_commit` (see [`crate::RelayConfig::synchronous_commit`]).
+pub(crate) const FENCE: &str = "WITH owned AS MATERIALIZED ( \
+      SELECT rp.partition, \
+             set_config('synchronous_commit', \
+                        CASE WHEN $4 THEN current_setting('synchronous_commit') ELSE 'off' END, true) \
+      FROM outbox_relay_partitions rp JOIN outbox_relays r ON r.relay_id = rp.owner \
+      WHERE rp.owner = $2 AND r.lease_until > clock_timestamp() AND rp.partition <> ALL($5) \
+      FOR SHARE OF rp) ";
 
 /// What this relay owns, as of its last heartbeat. The claim statement checks
 /// ownership again in the database; this view decides whether to claim at

@@ -36,20 +36,27 @@
 //! ```
 #![forbid(unsafe_code)]
 
-mod batch;
-pub mod claim;
+// The public API: the relay itself (re-exported below), its config, its
+// readiness, the operator's queries, the metric names and topic creation.
 pub mod config;
 pub mod health;
-pub mod lease;
-pub mod publisher;
-pub mod record;
-pub mod relay;
-mod retry;
 pub mod store;
 pub mod telemetry;
 pub mod topics;
+
+// The machinery: see docs/architecture.md's map for which file holds what.
+mod batch;
+mod claim;
+mod lease;
+mod publisher;
+mod record;
+mod relay;
+mod retry;
 mod upkeep;
-pub mod wake;
+mod wake;
+
+#[cfg(test)]
+mod fencing_tests;
 
 pub use config::{AfterPublish, PoisonPolicy, RelayConfig};
 pub use relay::{Relay, RelayError, RelayHandle};

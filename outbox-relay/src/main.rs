@@ -185,7 +185,8 @@ async fn topic(cmd: TopicCommand) -> anyhow::Result<()> {
     let properties = kafka_properties.into_iter().collect();
     match topics::create(&kafka_brokers, &properties, &name, partitions, replication).await {
         Ok(Created::New) => out!("created topic {name} ({partitions} partitions)"),
-        Ok(Created::AlreadyExists) => out!("topic {name} already exists"),
+        // Created::AlreadyExists (the enum is non_exhaustive).
+        Ok(_) => out!("topic {name} already exists"),
         Err(e @ (TopicError::InvalidName(_) | TopicError::Client(_))) => {
             return Err(UsageError(e.to_string()).into())
         }

@@ -185,7 +185,6 @@ mod tests {
             source: None,
             occurred_at: Utc::now(),
             created_at: Utc::now(),
-            attempts: 0,
         }
     }
 

@@ -102,27 +102,6 @@ pub async fn delete_expired<'e>(
     Ok(done.rows_affected())
 }
 
-/// Raises (`waiting`) or lowers the waiting flag of `relay_id`, in its own
-/// transaction: the outbox trigger notifies only while some live relay's
-/// flag is up (see [`crate::wake`]). Returns whether the relay's row exists.
-pub async fn set_waiting<'e>(
-    db: impl PgExecutor<'e>,
-    relay_id: &str,
-    waiting: bool,
-) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE outbox_relays \
-         SET waiting_since = CASE WHEN $2 THEN clock_timestamp() END \
-         WHERE relay_id = $1",
-    )
-    .persistent(false)
-    .bind(relay_id)
-    .bind(waiting)
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
 /// Backlog figures for `status`, the gauges and `/readyz`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Stats {
@@ -278,6 +257,7 @@ pub struct FailedRow {
 
 /// Which failed rows an operator command acts on.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Selection {
     /// Every failed row.
     All,

@@ -14,6 +14,7 @@ use rdkafka::{
 
 /// What [`create`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Created {
     /// The topic was created.
     New,

@@ -35,7 +35,7 @@ use std::{
     time::Duration,
 };
 
-use sqlx::{postgres::PgListener, PgPool};
+use sqlx::{postgres::PgListener, PgExecutor, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -180,7 +180,7 @@ impl WaitFlag {
     /// Sets the flag; `Some(whether the relay's row exists)`, or `None` when
     /// the database failed (warned once).
     async fn set(&mut self, waiting: bool) -> Option<bool> {
-        match store::set_waiting(&self.pool, &self.relay_id, waiting).await {
+        match set_waiting(&self.pool, &self.relay_id, waiting).await {
             Ok(updated) => Some(updated),
             Err(e) => {
                 if !self.warned {
@@ -294,4 +294,25 @@ pub async fn listen(
         }
     }
     listening.store(false, Ordering::SeqCst);
+}
+
+/// Raises (`waiting`) or lowers the waiting flag of `relay_id`, in its own
+/// transaction: the outbox trigger notifies only while some live relay's
+/// flag is up. Returns whether the relay's row exists.
+async fn set_waiting<'e>(
+    db: impl PgExecutor<'e>,
+    relay_id: &str,
+    waiting: bool,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE outbox_relays \
+         SET waiting_since = CASE WHEN $2 THEN clock_timestamp() END \
+         WHERE relay_id = $1",
+    )
+    .persistent(false)
+    .bind(relay_id)
+    .bind(waiting)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }

@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use consumer_kit::{dead_letter, DeadLetterFilter};
+use consumer_kit::{replay, DeadLetterFilter};
 use rdkafka::{
     consumer::{BaseConsumer, Consumer as _},
     message::{Header, Headers, Message, OwnedHeaders},
@@ -270,7 +270,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
 
     // 6. The dead letter, the fix, the replay.
     let dlq_topic = format!("{topic}.dlq");
-    let letters = dead_letter::read(
+    let letters = replay::read(
         &opts.brokers,
         &BTreeMap::new(),
         &dlq_topic,
@@ -298,7 +298,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     }
     fix.deploy();
     let before = stats[1].1.snapshot().processed;
-    let replayed = dead_letter::replay(&opts.brokers, &BTreeMap::new(), &letters).await?;
+    let replayed = replay::replay(&opts.brokers, &BTreeMap::new(), &letters).await?;
     say(format!(
         "fix deployed to notifications; replayed {} dead letter(s) to {topic}",
         replayed.replayed

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::Context;
-use consumer_kit::{Consumer, ConsumerConfig, ConsumerStats, Envelope, Handler, HandlerError};
+use consumer_kit::{Consumer, ConsumerConfig, ConsumerHandle, Envelope, Handler, HandlerError};
 use outbox_core::headers as h;
 use rdkafka::{
     message::{Header, OwnedHeaders},
@@ -259,62 +259,24 @@ pub fn consumer_cfg(group: &str, topic: &str) -> ConsumerConfig {
     }
 }
 
-/// A consumer running in-process.
-pub struct RunningConsumer {
-    /// Its totals.
-    pub stats: Arc<ConsumerStats>,
-    shutdown: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), consumer_kit::ConsumerError>>,
-}
-
-impl RunningConsumer {
-    /// Starts a consumer with `handler` for `event_type`.
-    pub fn start(
-        pool: &sqlx::PgPool,
-        cfg: ConsumerConfig,
-        event_type: &str,
-        handler: Effects,
-    ) -> anyhow::Result<Self> {
-        if let Ok(filter) = std::env::var("TEST_LOG") {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_test_writer()
-                .try_init();
-        }
-        let consumer = Consumer::builder(cfg, pool.clone())
-            .handler(event_type, handler)
-            .build()?;
-        let stats = consumer.stats();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(consumer.run(shutdown.clone()));
-        Ok(Self {
-            stats,
-            shutdown,
-            task,
-        })
+/// Starts a consumer in-process with `handler` for `event_type`
+/// ([`Consumer::start`]); `TEST_LOG` (an env filter) turns its logs on.
+pub fn start_consumer(
+    pool: &sqlx::PgPool,
+    cfg: ConsumerConfig,
+    event_type: &str,
+    handler: Effects,
+) -> anyhow::Result<ConsumerHandle> {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
     }
-
-    /// Whether the consumer task ended (with an error, usually).
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
-
-    /// Signals shutdown and waits for the consumer to return.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
-        tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .context("consumer did not stop within 30s")???;
-        Ok(())
-    }
-}
-
-impl Drop for RunningConsumer {
-    fn drop(&mut self) {
-        // A failing test must not leave its consumer holding the database.
-        self.shutdown.cancel();
-    }
+    Ok(Consumer::builder(cfg, pool.clone())
+        .handler(event_type, handler)
+        .build()?
+        .start())
 }
 
 /// Commits `offset` for every partition of `topic` in `group` (the group

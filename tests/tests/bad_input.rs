@@ -387,13 +387,13 @@ async fn records_that_are_not_outbox_events_are_dead_lettered(pool: PgPool) -> a
         event("k", good[2], "item.added", serde_json::json!({ "seq": 2 })),
     ];
     produce(&topic, &records).await?;
-    let c = RunningConsumer::start(
+    let c = start_consumer(
         &pool,
         consumer_cfg(&group, &topic),
         "item.added",
         Effects::default(),
     )?;
-    let stats = c.stats.clone();
+    let stats = c.stats();
     eventually(WAIT, "all settled", || async {
         let s = stats.snapshot();
         Ok(s.processed + s.dead_lettered == 9)

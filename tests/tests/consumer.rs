@@ -2,15 +2,12 @@
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use consumer_kit::{
-    dead_letter::{self, DeadLetterFilter},
-    dedupe, ConsumerError, UnknownEventType,
-};
+use consumer_kit::{dedupe, replay, ConsumerError, DeadLetterFilter, UnknownEventType};
 use integration_tests::{
     consume,
     consumer::{
         consumer_cfg, consumer_db, effect_counts, event, events, produce, reset_group_offsets,
-        Effects, RunningConsumer, TestRecord,
+        start_consumer, Effects, TestRecord,
     },
     create_topic, eventually, unique,
 };
@@ -47,13 +44,13 @@ async fn a_duplicate_delivery_and_a_whole_replay_change_state_once(
     records.push(records[7].clone());
     produce(&topic, &records).await?;
 
-    let c = RunningConsumer::start(
+    let c = start_consumer(
         &pool,
         consumer_cfg(&group, &topic),
         "item.added",
         Effects::default(),
     )?;
-    let stats = c.stats.clone();
+    let stats = c.stats();
     eventually(WAIT, "201 records settled", || async {
         let s = stats.snapshot();
         Ok(s.processed + s.duplicates == 201)
@@ -66,13 +63,13 @@ async fn a_duplicate_delivery_and_a_whole_replay_change_state_once(
 
     // Replay the whole topic from offset 0 for the same group.
     reset_group_offsets(&group, &topic, 3, 0).await?;
-    let c = RunningConsumer::start(
+    let c = start_consumer(
         &pool,
         consumer_cfg(&group, &topic),
         "item.added",
         Effects::default(),
     )?;
-    let stats = c.stats.clone();
+    let stats = c.stats();
     eventually(WAIT, "the replay settled", || async {
         Ok(stats.snapshot().duplicates == 201)
     })
@@ -95,16 +92,16 @@ async fn offsets_are_committed_on_shutdown(pool: PgPool) -> anyhow::Result<()> {
         commit_interval: Duration::from_secs(3600),
         ..consumer_cfg(&group, &topic)
     };
-    let c = RunningConsumer::start(&pool, cfg(), "item.added", Effects::default())?;
-    let stats = c.stats.clone();
+    let c = start_consumer(&pool, cfg(), "item.added", Effects::default())?;
+    let stats = c.stats();
     eventually(WAIT, "50 processed", || async {
         Ok(stats.snapshot().processed == 50)
     })
     .await?;
     c.stop().await?;
 
-    let c = RunningConsumer::start(&pool, cfg(), "item.added", Effects::default())?;
-    let stats = c.stats.clone();
+    let c = start_consumer(&pool, cfg(), "item.added", Effects::default())?;
+    let stats = c.stats();
     produce(&topic, &events(10, 5, "item.added").0).await?;
     eventually(WAIT, "10 new processed", || async {
         Ok(stats.snapshot().processed == 10)
@@ -138,8 +135,8 @@ async fn a_retryable_error_then_success_applies_once(pool: PgPool) -> anyhow::Re
     .await?;
     let handler = Effects::default();
     let calls = handler.calls.clone();
-    let c = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
-    let stats = c.stats.clone();
+    let c = start_consumer(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
+    let stats = c.stats();
     eventually(WAIT, "processed", || async {
         Ok(stats.snapshot().processed == 1)
     })
@@ -205,13 +202,13 @@ async fn poison_and_exhausted_messages_land_in_the_dead_letter_topic_while_later
         event("k", good[4], "item.added", serde_json::json!({ "seq": 9 })),
     ];
     produce(&topic, &records).await?;
-    let c = RunningConsumer::start(
+    let c = start_consumer(
         &pool,
         consumer_cfg(&group, &topic),
         "item.added",
         Effects::default(),
     )?;
-    let stats = c.stats.clone();
+    let stats = c.stats();
     eventually(WAIT, "all settled", || async {
         let s = stats.snapshot();
         Ok(s.processed + s.dead_lettered == 10)
@@ -303,8 +300,8 @@ async fn unknown_event_types_can_be_skipped(pool: PgPool) -> anyhow::Result<()> 
         unknown_event_type: UnknownEventType::Skip,
         ..consumer_cfg(&group, &topic)
     };
-    let c = RunningConsumer::start(&pool, cfg, "item.added", Effects::default())?;
-    let stats = c.stats.clone();
+    let c = start_consumer(&pool, cfg, "item.added", Effects::default())?;
+    let stats = c.stats();
     eventually(WAIT, "settled", || async {
         let s = stats.snapshot();
         Ok(s.processed + s.skipped == 2)
@@ -367,8 +364,8 @@ async fn a_failing_dead_letter_publish_holds_the_message_until_it_succeeds(
         dead_letter_timeout: Duration::from_secs(1),
         ..consumer_cfg(&group, &topic)
     };
-    let c = RunningConsumer::start(&pool, cfg, "item.added", Effects::default())?;
-    let stats = c.stats.clone();
+    let c = start_consumer(&pool, cfg, "item.added", Effects::default())?;
+    let stats = c.stats();
     eventually(WAIT, "the other partition flows", || async {
         Ok(stats.snapshot().processed == 1)
     })
@@ -429,8 +426,8 @@ async fn a_fixed_event_replayed_from_the_dead_letter_topic_applies_once(
     .await?;
     let handler = Effects::default();
     let fixed = handler.fixed.clone();
-    let c = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
-    let stats = c.stats.clone();
+    let c = start_consumer(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
+    let stats = c.stats();
     eventually(WAIT, "both dead-lettered", || async {
         Ok(stats.snapshot().dead_lettered == 2)
     })
@@ -441,7 +438,7 @@ async fn a_fixed_event_replayed_from_the_dead_letter_topic_applies_once(
     // only the event type that is fixed.
     let dlq_topic = format!("{topic}.dlq");
     let brokers = integration_tests::brokers();
-    let all = dead_letter::read(
+    let all = replay::read(
         &brokers,
         &Default::default(),
         &dlq_topic,
@@ -453,7 +450,7 @@ async fn a_fixed_event_replayed_from_the_dead_letter_topic_applies_once(
         event_type: Some("item.added".into()),
         ..Default::default()
     };
-    let chosen = dead_letter::read(&brokers, &Default::default(), &dlq_topic, &filter).await?;
+    let chosen = replay::read(&brokers, &Default::default(), &dlq_topic, &filter).await?;
     assert_eq!(chosen.len(), 1);
     assert_eq!(chosen[0].event_id, Some(poison));
     assert_eq!(chosen[0].kind.as_deref(), Some("permanent"));
@@ -463,14 +460,14 @@ async fn a_fixed_event_replayed_from_the_dead_letter_topic_applies_once(
         .iter()
         .all(|(k, _)| !k.starts_with("dlq_")));
     fixed.store(true, Ordering::SeqCst);
-    let report = dead_letter::replay(&brokers, &Default::default(), &chosen).await?;
+    let report = replay::replay(&brokers, &Default::default(), &chosen).await?;
     assert_eq!(report.replayed, 1);
     eventually(WAIT, "the replayed event applied", || async {
         Ok(stats.snapshot().processed == 1)
     })
     .await?;
     // Replaying it again is harmless: it dedupes.
-    dead_letter::replay(&brokers, &Default::default(), &chosen).await?;
+    replay::replay(&brokers, &Default::default(), &chosen).await?;
     eventually(WAIT, "the second replay deduped", || async {
         Ok(stats.snapshot().duplicates == 1)
     })
@@ -497,15 +494,15 @@ async fn two_members_split_the_partitions_and_rebalances_cause_no_double_effect(
         sleep: Duration::from_millis(2),
         ..Effects::default()
     };
-    let a = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", slow("a"))?;
-    let a_stats = a.stats.clone();
+    let a = start_consumer(&pool, consumer_cfg(&group, &topic), "item.added", slow("a"))?;
+    let a_stats = a.stats();
     eventually(WAIT, "a is under way", || async {
         Ok(a_stats.snapshot().processed >= 300)
     })
     .await?;
     // B joins mid-stream: a rebalance.
-    let b = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", slow("b"))?;
-    let b_stats = b.stats.clone();
+    let b = start_consumer(&pool, consumer_cfg(&group, &topic), "item.added", slow("b"))?;
+    let b_stats = b.stats();
     eventually(WAIT, "b takes partitions", || async {
         Ok(b_stats.snapshot().processed >= 200)
     })
@@ -569,13 +566,13 @@ async fn a_crash_after_the_database_commit_and_before_the_offset_commit_causes_n
     let applied_before = effect_counts(&pool).await?.0;
     assert!(applied_before < n as i64, "killed mid-stream");
 
-    let c = RunningConsumer::start(
+    let c = start_consumer(
         &pool,
         consumer_cfg(&group, &topic),
         "item.added",
         Effects::default(),
     )?;
-    let stats = c.stats.clone();
+    let stats = c.stats();
     eventually(WAIT, "everything applied", || async {
         Ok(effect_counts(&pool).await?.1 == n as i64)
     })
@@ -642,7 +639,7 @@ async fn cleanup_removes_only_expired_rows_of_its_group(pool: PgPool) -> anyhow:
         cleanup_batch_size: 5,
         ..consumer_cfg(&group, &topic)
     };
-    let c = RunningConsumer::start(&pool, cfg, "item.added", Effects::default())?;
+    let c = start_consumer(&pool, cfg, "item.added", Effects::default())?;
     eventually(WAIT, "background cleanup", || async {
         Ok(processed_rows(&pool, &group).await? == 5)
     })
@@ -656,7 +653,7 @@ async fn cleanup_removes_only_expired_rows_of_its_group(pool: PgPool) -> anyhow:
 async fn start_up_problems_are_clear_errors(pool: PgPool) -> anyhow::Result<()> {
     let topic = topic("ck-startup", 1).await?;
     // No processed_events table yet.
-    let c = RunningConsumer::start(
+    let c = start_consumer(
         &pool,
         consumer_cfg("g", &topic),
         "item.added",
@@ -670,7 +667,7 @@ async fn start_up_problems_are_clear_errors(pool: PgPool) -> anyhow::Result<()> 
 
     consumer_db(&pool).await?;
     let missing = unique("ck-missing");
-    let c = RunningConsumer::start(
+    let c = start_consumer(
         &pool,
         consumer_cfg("g", &missing),
         "item.added",
@@ -758,8 +755,8 @@ async fn the_outbox_dlq_command_lists_shows_and_replays(pool: PgPool) -> anyhow:
     .await?;
     let handler = Effects::default();
     let fixed = handler.fixed.clone();
-    let c = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
-    let stats = c.stats.clone();
+    let c = start_consumer(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
+    let stats = c.stats();
     eventually(WAIT, "both dead-lettered", || async {
         Ok(stats.snapshot().dead_lettered == 2)
     })
@@ -863,8 +860,8 @@ async fn a_handler_slower_than_max_poll_interval_keeps_the_member_in_its_group(
     let mut cfg = consumer_cfg(&group, &topic);
     cfg.kafka_properties
         .insert("max.poll.interval.ms".into(), "6000".into());
-    let c = RunningConsumer::start(&pool, cfg, "item.added", Effects::default())?;
-    let stats = c.stats.clone();
+    let c = start_consumer(&pool, cfg, "item.added", Effects::default())?;
+    let stats = c.stats();
     eventually(WAIT, "the other partition flows meanwhile", || async {
         Ok(stats.snapshot().processed == 20)
     })
@@ -900,8 +897,8 @@ async fn database_connections_killed_mid_stream_lose_and_double_nothing(
         sleep: Duration::from_millis(1),
         ..Effects::default()
     };
-    let c = RunningConsumer::start(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
-    let stats = c.stats.clone();
+    let c = start_consumer(&pool, consumer_cfg(&group, &topic), "item.added", handler)?;
+    let stats = c.stats();
     // Terminate every other backend of this database, five times, while the
     // consumer works: transactions die at any statement, commits included.
     for round in 1..=5_i64 {
@@ -966,8 +963,8 @@ async fn refused_offset_commits_are_counted_and_dedupe_covers_the_redelivery(
         RDKafkaApiKey::OffsetCommit,
         &[E::RD_KAFKA_RESP_ERR_INVALID_COMMIT_OFFSET_SIZE; 200],
     );
-    let c = RunningConsumer::start(&pool, cfg(), "item.added", Effects::default())?;
-    let stats = c.stats.clone();
+    let c = start_consumer(&pool, cfg(), "item.added", Effects::default())?;
+    let stats = c.stats();
     eventually(WAIT, "20 processed and a commit refused", || async {
         let s = stats.snapshot();
         Ok(s.processed == 20 && s.offset_commit_failures > 0)
@@ -979,8 +976,8 @@ async fn refused_offset_commits_are_counted_and_dedupe_covers_the_redelivery(
     // and applies the 5 new ones.
     cluster.clear_request_errors(RDKafkaApiKey::OffsetCommit);
     integration_tests::consumer::produce_on(&brokers, topic, &events(5, 4, "item.added").0).await?;
-    let c = RunningConsumer::start(&pool, cfg(), "item.added", Effects::default())?;
-    let stats = c.stats.clone();
+    let c = start_consumer(&pool, cfg(), "item.added", Effects::default())?;
+    let stats = c.stats();
     eventually(WAIT, "5 new processed, 20 skipped", || async {
         let s = stats.snapshot();
         Ok(s.processed == 5 && s.duplicates == 20)
@@ -1007,13 +1004,13 @@ async fn a_consumer_resumes_from_a_committed_offset_inside_a_record_batch(
     let (records, ids) = events(500, 1, "item.added");
     produce(&topic, &records).await?;
     reset_group_offsets(&group, &topic, 1, 137).await?;
-    let c = RunningConsumer::start(
+    let c = start_consumer(
         &pool,
         consumer_cfg(&group, &topic),
         "item.added",
         Effects::default(),
     )?;
-    let stats = c.stats.clone();
+    let stats = c.stats();
     eventually(WAIT, "363 events applied", || async {
         Ok(stats.snapshot().processed == 363)
     })

@@ -15,7 +15,7 @@ use std::{collections::HashMap, path::PathBuf, process::Command, time::Duration}
 use anyhow::Context;
 use integration_tests::{
     brokers, consume,
-    consumer::{consumer_cfg, consumer_db, effect_counts, Effects, RunningConsumer},
+    consumer::{consumer_cfg, consumer_db, effect_counts, start_consumer, Effects},
     eventually, outbox_with_topic, publish_pending, unique,
 };
 use sqlx::PgPool;
@@ -155,13 +155,13 @@ async fn consumer_kit_applies_events_the_java_sdk_produced(pool: PgPool) -> anyh
     let ids = java_interop(&["write", &brokers(), &topic, "40", "item.added"])?;
     assert_eq!(ids.len(), 40);
     let group = unique("g");
-    let c = RunningConsumer::start(
+    let c = start_consumer(
         &pool,
         consumer_cfg(&group, &topic),
         "item.added",
         Effects::default(),
     )?;
-    let stats = c.stats.clone();
+    let stats = c.stats();
     eventually(WAIT, "40 Java events applied", || async {
         Ok(stats.snapshot().processed == 40)
     })

@@ -285,9 +285,7 @@ async fn consumer_set_has_its_own_history(pool: PgPool) {
     // Both sets can live in one database.
     migrate::OUTBOX.apply(&pool).await.unwrap();
     assert_eq!(
-        consumer_kit::SCHEMA.current_version(&pool)
-            .await
-            .unwrap(),
+        consumer_kit::SCHEMA.current_version(&pool).await.unwrap(),
         Some(1)
     );
 }

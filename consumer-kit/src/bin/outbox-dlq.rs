@@ -8,7 +8,10 @@ use std::{collections::BTreeMap, process::ExitCode};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
-use consumer_kit::dead_letter::{self, DeadLetter, DeadLetterFilter};
+use consumer_kit::{
+    dead_letter::{DeadLetter, DeadLetterFilter},
+    replay,
+};
 use uuid::Uuid;
 
 /// Prints a line to stdout. When the reader has gone (`… | head`), the
@@ -250,11 +253,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     letters.len()
                 );
             } else {
-                let report = dead_letter::replay(&brokers, &props, &letters)
-                    .await
-                    .context(
-                        "replay failed; nothing is lost: the dead letters stay in their topic",
-                    )?;
+                let report = replay::replay(&brokers, &props, &letters).await.context(
+                    "replay failed; nothing is lost: the dead letters stay in their topic",
+                )?;
                 eprintln!(
                     "replayed {} dead letter(s) to their original topics",
                     report.replayed
@@ -271,7 +272,7 @@ async fn read(
     topic: &str,
     filter: &FilterArgs,
 ) -> anyhow::Result<Vec<DeadLetter>> {
-    dead_letter::read(brokers, props, topic, &filter.filter())
+    replay::read(brokers, props, topic, &filter.filter())
         .await
         .with_context(|| format!("cannot read dead letters from {topic} at {brokers}"))
 }

@@ -1,0 +1,417 @@
+//! The group member: the consumer's librdkafka client, the poll thread and
+//! the partition workers. One piece because they are one protocol:
+//! librdkafka calls the context (`KitContext`) on the poll thread when
+//! partitions are assigned or revoked, the context starts and stops the
+//! workers, and each worker settles its partition's records in offset order
+//! (`process.rs`), storing each offset only after its database commit.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use outbox_kafka::logs;
+use rdkafka::{
+    client::ClientContext,
+    consumer::{
+        base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer as _, ConsumerContext,
+        Rebalance,
+    },
+    error::{KafkaError, KafkaResult, RDKafkaErrorCode},
+    message::{Message, OwnedMessage},
+    statistics::Statistics,
+    Offset, TopicPartitionList,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    error::ConsumerError,
+    kafka_config,
+    process::{process, Done, Shared},
+    telemetry::{self, ConsumerStats, StatField},
+};
+
+/// A member of the consumer group, subscribed and ready to serve.
+pub(crate) struct Member {
+    consumer: Arc<KitConsumer>,
+    workers: Arc<Mutex<Workers>>,
+}
+
+impl Member {
+    /// Creates the group consumer and subscribes to the configured topics.
+    pub(crate) fn join(shared: &Arc<Shared>) -> Result<Self, ConsumerError> {
+        let cfg = &shared.cfg;
+        let workers = Arc::new(Mutex::new(Workers::new(
+            tokio::runtime::Handle::current(),
+            Arc::clone(shared),
+        )));
+        let context = KitContext {
+            workers: Arc::clone(&workers),
+            group: cfg.group_id.clone(),
+            drain_timeout: cfg.drain_timeout,
+            consumer: std::sync::OnceLock::new(),
+            stats: Arc::clone(&shared.stats),
+            commits_failing_since: Mutex::new(None),
+        };
+        let consumer: BaseConsumer<KitContext> = kafka_config::consumer_config(cfg)
+            .create_with_context(context)
+            .map_err(outbox_kafka::secrets::scrub)?;
+
+        let consumer = Arc::new(consumer);
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(Self { consumer, workers })
+    }
+
+    /// Serves the group on a blocking thread until `shutdown`, then drains
+    /// the workers, commits and leaves.
+    pub(crate) async fn serve(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let Self { consumer, workers } = self;
+        tokio::task::spawn_blocking(move || poll_loop(consumer, workers, shutdown))
+            .await
+            .map_err(|e| ConsumerError::Internal(e.to_string()))?
+    }
+}
+
+/// The poll thread: serves rebalances, statistics and errors until
+/// shutdown, then drains the workers and commits.
+fn poll_loop(
+    consumer: Arc<BaseConsumer<KitContext>>,
+    workers: Arc<Mutex<Workers>>,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumerError> {
+    let mut result = Ok(());
+    while !shutdown.is_cancelled() {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(msg)) => {
+                // Records normally arrive on their partition's own queue; one
+                // fetched just before its queue was split lands here.
+                let msg = msg.detach();
+                lock(&workers).hand_over(&consumer, msg);
+            }
+            Some(Err(e)) => {
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    result = Err(ConsumerError::Internal(format!(
+                        "fatal Kafka consumer error {code:?}: {reason}"
+                    )));
+                    break;
+                }
+                logs::limited(
+                    &logs::kind_of(&e.to_string()),
+                    |more| warn!(error = %e, "Kafka consumer error; librdkafka retries by itself{more}"),
+                );
+            }
+        }
+    }
+    let drain = consumer.context().drain_timeout;
+    lock(&workers).stop_all(drain);
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => debug!("offsets committed on shutdown"),
+        Err(e) if is_nothing_to_commit(&e) => {}
+        Err(e) => {
+            warn!(error = %e, "could not commit offsets on shutdown; the next owner will see redeliveries, which dedupe")
+        }
+    }
+    // Dropping the last handle closes the consumer and leaves the group.
+    drop(consumer);
+    result
+}
+
+fn is_nothing_to_commit(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))
+}
+
+fn lock(workers: &Mutex<Workers>) -> std::sync::MutexGuard<'_, Workers> {
+    // A poisoned lock only means a panic elsewhere; the map is still usable.
+    workers.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type PartitionKey = (String, i32);
+type KitConsumer = BaseConsumer<KitContext>;
+
+/// The partition workers of this member: one per assigned partition.
+struct Workers {
+    runtime: tokio::runtime::Handle,
+    shared: Arc<Shared>,
+    map: HashMap<PartitionKey, Worker>,
+}
+
+struct Worker {
+    /// Records that reached the main queue instead of the partition queue.
+    side: mpsc::UnboundedSender<OwnedMessage>,
+    stop: CancellationToken,
+    /// Disconnected when the worker task has ended.
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Workers {
+    fn new(runtime: tokio::runtime::Handle, shared: Arc<Shared>) -> Self {
+        Self {
+            runtime,
+            shared,
+            map: HashMap::new(),
+        }
+    }
+
+    /// Starts the worker of a newly assigned partition, reading the
+    /// partition's own queue.
+    fn start(&mut self, consumer: &Arc<KitConsumer>, key: PartitionKey) {
+        if self.map.contains_key(&key) {
+            return;
+        }
+        let (side, side_rx) = mpsc::unbounded_channel();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let stop = CancellationToken::new();
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let queue = consumer.split_partition_queue(&key.0, key.1).map(|mut q| {
+            let wake = Arc::clone(&notify);
+            q.set_nonempty_callback(move || wake.notify_one());
+            q
+        });
+        if queue.is_none() {
+            warn!(topic = %key.0, partition = key.1, "could not give the partition its own queue; its records arrive through the main queue");
+        }
+        self.runtime.spawn(run_worker(
+            Arc::clone(&self.shared),
+            Arc::clone(consumer),
+            queue,
+            notify,
+            side_rx,
+            stop.clone(),
+            done_tx,
+        ));
+        self.map.insert(key, Worker { side, stop, done });
+    }
+
+    /// Gives a record that arrived on the main queue to its worker.
+    fn hand_over(&mut self, consumer: &Arc<KitConsumer>, msg: OwnedMessage) {
+        let key = (msg.topic().to_string(), msg.partition());
+        self.start(consumer, key.clone());
+        if let Some(worker) = self.map.get(&key) {
+            let _ = worker.side.send(msg);
+        }
+    }
+
+    /// Stops the workers of `keys` and waits, up to `timeout` in all, for the
+    /// messages they are handling to settle (and their offsets to be stored).
+    fn stop(&mut self, keys: &[PartitionKey], timeout: Duration) {
+        let stopped: Vec<(PartitionKey, Worker)> = keys
+            .iter()
+            .filter_map(|k| self.map.remove(k).map(|w| (k.clone(), w)))
+            .collect();
+        for (_, w) in &stopped {
+            w.stop.cancel();
+        }
+        let deadline = Instant::now() + timeout;
+        for ((topic, partition), w) in stopped {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let finished = matches!(
+                w.done.recv_timeout(left),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+            );
+            if !finished {
+                warn!(%topic, partition, "a message of this partition was still being handled after drain_timeout; going on without it (it is redelivered later and dedupes)");
+            }
+        }
+    }
+
+    fn stop_all(&mut self, timeout: Duration) {
+        let keys: Vec<PartitionKey> = self.map.keys().cloned().collect();
+        self.stop(&keys, timeout);
+    }
+}
+
+/// One partition's worker: settles records in offset order, storing each
+/// offset after its record settled. It reads at its own pace, so a slow
+/// partition holds back only itself; librdkafka stops prefetching a
+/// partition whose queue is full (`queued.max.messages.kbytes`).
+async fn run_worker(
+    shared: Arc<Shared>,
+    consumer: Arc<KitConsumer>,
+    queue: Option<PartitionQueue<KitContext>>,
+    notify: Arc<tokio::sync::Notify>,
+    mut side: mpsc::UnboundedReceiver<OwnedMessage>,
+    stop: CancellationToken,
+    _done: std::sync::mpsc::Sender<()>,
+) {
+    let mut next_offset = -1;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            Some(msg) = side.recv() => msg,
+            msg = next_from_queue(queue.as_ref(), &notify) => msg,
+        };
+        if msg.offset() < next_offset {
+            // Seen already (the same record by both routes).
+            continue;
+        }
+        next_offset = msg.offset() + 1;
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            permit = shared.permits.acquire() => permit,
+        };
+        match process(&shared, &msg, &stop).await {
+            Done::Completed => store_offset(&consumer, &msg),
+            Done::Abandoned => break,
+        }
+        drop(permit);
+    }
+}
+
+/// The next record of the partition queue, waiting (without blocking a
+/// thread) until one arrives. Never returns without a queue.
+async fn next_from_queue(
+    queue: Option<&PartitionQueue<KitContext>>,
+    notify: &tokio::sync::Notify,
+) -> OwnedMessage {
+    let Some(queue) = queue else {
+        return std::future::pending().await;
+    };
+    loop {
+        match queue.poll(Duration::ZERO) {
+            Some(Ok(msg)) => return msg.detach(),
+            Some(Err(e)) => logs::limited(
+                &logs::kind_of(&e.to_string()),
+                |more| warn!(error = %e, "Kafka error on a partition queue; librdkafka retries by itself{more}"),
+            ),
+            None => {
+                // Woken by the queue's non-empty callback; the timeout is a
+                // safety net only.
+                let _ = tokio::time::timeout(Duration::from_millis(200), notify.notified()).await;
+            }
+        }
+    }
+}
+
+fn store_offset(consumer: &KitConsumer, msg: &OwnedMessage) {
+    let mut tpl = TopicPartitionList::new();
+    let stored = tpl
+        .add_partition_offset(
+            msg.topic(),
+            msg.partition(),
+            Offset::Offset(msg.offset() + 1),
+        )
+        .and_then(|()| consumer.store_offsets(&tpl));
+    if let Err(e) = stored {
+        // The partition was revoked meanwhile: the new owner redelivers the
+        // record, and dedupe skips it.
+        debug!(topic = msg.topic(), partition = msg.partition(), error = %e, "offset not stored");
+    }
+}
+
+/// Receives rebalance and statistics callbacks on the poll thread.
+struct KitContext {
+    workers: Arc<Mutex<Workers>>,
+    group: String,
+    drain_timeout: Duration,
+    /// The consumer itself, to split partition queues on assignment.
+    consumer: std::sync::OnceLock<std::sync::Weak<KitConsumer>>,
+    stats: Arc<ConsumerStats>,
+    /// Since when offset commits fail, and when that was last said.
+    commits_failing_since: Mutex<Option<(Instant, Instant)>>,
+}
+
+/// While offset commits keep failing, the warning is repeated this often.
+const COMMIT_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+impl ClientContext for KitContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        logs::librdkafka_log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        logs::librdkafka_error(&error, reason);
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    telemetry::lag(&self.group, topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for KitContext {
+    /// Every offset commit's outcome (the periodic ones and those on revoke
+    /// and shutdown). A failure is counted, and said once, then once a
+    /// minute while commits keep failing, and again when they work.
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        let mut failing = self
+            .commits_failing_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => {
+                if let Some((since, _)) = failing.take() {
+                    info!(group = %self.group, failing_for = ?since.elapsed(), "offset commits work again");
+                }
+            }
+            Err(e) if is_nothing_to_commit(&e) => {}
+            Err(e) => {
+                self.stats.add(StatField::OffsetCommitFailure);
+                telemetry::offset_commit_failed(&self.group);
+                let now = Instant::now();
+                match failing.as_mut() {
+                    None => {
+                        warn!(group = %self.group, error = %e, "offset commit failed; processing goes on, and a restart redelivers what was applied since the last commit (dedupe skips it)");
+                        *failing = Some((now, now));
+                    }
+                    Some((since, said)) if said.elapsed() >= COMMIT_WARNING_EVERY => {
+                        warn!(group = %self.group, error = %e, failing_for = ?since.elapsed(), "offset commits still fail");
+                        *said = now;
+                    }
+                    Some(_) => debug!(group = %self.group, error = %e, "offset commit failed"),
+                }
+            }
+        }
+    }
+
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let keys: Vec<PartitionKey> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        info!(group = %self.group, partitions = ?keys, "partitions revoked; finishing their messages and committing offsets");
+        lock(&self.workers).stop(&keys, self.drain_timeout);
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => {}
+            Err(e) if is_nothing_to_commit(&e) => {}
+            Err(e) => {
+                warn!(error = %e, "could not commit offsets on revoke; the next owner will see redeliveries, which dedupe")
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let keys: Vec<(String, i32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            info!(group = %self.group, partitions = ?keys, "partitions assigned");
+            // Give each partition its own queue and worker before any of its
+            // records is fetched.
+            if let Some(consumer) = self.consumer.get().and_then(std::sync::Weak::upgrade) {
+                let mut workers = lock(&self.workers);
+                for key in keys {
+                    workers.start(&consumer, key);
+                }
+            }
+        }
+    }
+}
