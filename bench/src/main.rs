@@ -68,7 +68,7 @@ enum Which {
         #[arg(long)]
         no_notify: bool,
         /// The relay's poll interval.
-        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        #[arg(long, default_value = "500ms", value_parser = test_kit::parse_duration)]
         poll_interval: Duration,
     },
     /// Producer transaction with the outbox row vs without it.
@@ -107,7 +107,7 @@ enum Which {
         #[arg(long, default_value_t = 500)]
         rate: u64,
         /// The relays' lease TTL (default: the relay's default).
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = test_kit::parse_duration)]
         lease_ttl: Duration,
     },
     /// Everything, with the defaults (the consumer with and without duplicates).
@@ -124,15 +124,6 @@ enum Which {
 
 const KEYS: i64 = 1000;
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        _ => Err(format!("bad duration unit in {s:?}; use ms or s")),
-    }
-}
 const PARTITIONS: i32 = 6;
 /// The benchmark's own database, dropped and created by each run.
 const DATABASE: &str = "outbox_bench";
@@ -220,20 +211,11 @@ struct Env {
 
 impl Env {
     async fn new(args: &Args) -> anyhow::Result<Self> {
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&args.database_url)
-            .await
-            .context("connect")?;
-        admin
-            .execute("DROP DATABASE IF EXISTS outbox_bench WITH (FORCE)")
-            .await?;
-        admin.execute("CREATE DATABASE outbox_bench").await?;
-        admin.close().await;
-        let opts: sqlx::postgres::PgConnectOptions = args.database_url.parse()?;
+        let server: sqlx::postgres::PgConnectOptions =
+            args.database_url.parse().context("DATABASE_URL")?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .connect_with(opts.database(DATABASE))
+            .connect_with(test_kit::db::recreate(&server, DATABASE).await?)
             .await?;
         outbox_core::migrate(&pool).await?;
         Ok(Self {
@@ -244,8 +226,7 @@ impl Env {
 
     async fn topic(&self, name: &str) -> anyhow::Result<String> {
         let topic = format!("bench-{name}-{}", uuid::Uuid::new_v4().simple());
-        outbox_relay::topics::create(&self.brokers, &Default::default(), &topic, PARTITIONS, 1)
-            .await?;
+        test_kit::topic::create(&self.brokers, &topic, PARTITIONS).await?;
         Ok(topic)
     }
 

@@ -3,7 +3,7 @@
 //! again. Method in `BENCHMARKS.md`.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -14,6 +14,7 @@ use std::{
 use outbox_core::{append, NewEvent};
 use outbox_relay::RelayConfig;
 use sqlx::Executor;
+use test_kit::process::Child;
 use tokio_util::sync::CancellationToken;
 
 use crate::{median, samples, Env, KEYS};
@@ -124,41 +125,14 @@ pub async fn scaling(
 }
 
 /// A relay in a child process of this binary, so it can be killed with -9.
-struct ChildRelay(Child);
-
-impl ChildRelay {
-    fn start(id: &str, lease_ttl: Duration) -> anyhow::Result<Self> {
-        let child = Command::new(std::env::current_exe()?)
+fn start_child_relay(id: &str, lease_ttl: Duration) -> anyhow::Result<Child> {
+    Child::spawn(
+        Command::new(std::env::current_exe()?)
             .args(["relay-child", "--relay-id", id, "--lease-ttl-ms"])
             .arg(lease_ttl.as_millis().to_string())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()?;
-        Ok(Self(child))
-    }
-
-    fn terminate(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for ChildRelay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+            .stdout(Stdio::null()),
+    )
 }
 
 /// The hidden `relay-child` command: one relay on the benchmark database
@@ -222,8 +196,8 @@ pub async fn failover(
     for run in 1..=runs {
         reset(env).await?;
         let topic = env.topic("failover").await?;
-        let mut a = ChildRelay::start(&format!("failover-a-{run}"), lease_ttl)?;
-        let mut b = ChildRelay::start(&format!("failover-b-{run}"), lease_ttl)?;
+        let mut a = start_child_relay(&format!("failover-a-{run}"), lease_ttl)?;
+        let mut b = start_child_relay(&format!("failover-b-{run}"), lease_ttl)?;
         let relays = balanced(env, 2).await?;
         let a_parts = relays
             .iter()
@@ -254,8 +228,7 @@ pub async fn failover(
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = pending_in(env, &a_parts).await?;
         let killed = Instant::now();
-        let _ = a.0.kill();
-        let _ = a.0.wait();
+        let _ = a.kill();
         let mut takeover = None;
         let deadline = killed + lease_ttl * 3 + Duration::from_secs(30);
         let caught_up = loop {
@@ -285,7 +258,7 @@ pub async fn failover(
         let takeover = takeover.unwrap_or(caught_up);
         stop.store(true, Ordering::Relaxed);
         producer.await??;
-        b.terminate();
+        b.stop(Duration::from_secs(20));
         env.drop_topic(&topic).await;
         println!(
             "run {run}: {} partitions; taken over after {:.2} s; their backlog back to its level after {:.2} s",

@@ -52,7 +52,7 @@ pub const CONSUMER_GROUP: &str = "dlq_consumer_group";
 /// `dlq_time`: when it was dead-lettered (RFC 3339).
 pub const TIME: &str = "dlq_time";
 
-/// Every header a dead letter adds; [`replay`] removes them.
+/// Every header a dead letter adds; [`replay`](crate::replay::replay) removes them.
 pub const DLQ_HEADERS: &[&str] = &[
     REASON,
     KIND,
@@ -215,7 +215,7 @@ pub struct DeadLetter {
     pub reason: Option<String>,
     /// `dlq_attempts`.
     pub attempts: Option<u32>,
-    /// `dlq_original_topic`: where [`replay`] sends it.
+    /// `dlq_original_topic`: where [`replay`](crate::replay::replay) sends it.
     pub original_topic: Option<String>,
     /// `dlq_original_partition`.
     pub original_partition: Option<i32>,

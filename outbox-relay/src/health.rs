@@ -92,7 +92,7 @@ pub struct Health {
 impl Default for Health {
     /// A health whose broker connection is never heard of: it starts as
     /// [`State::Starting`] and cannot become ready until a
-    /// [`Reach`] says connected (see [`Health::new`]).
+    /// [`Reach`] says connected (see `Health::new`).
     fn default() -> Self {
         Self::new(Arc::new(Reach::default()))
     }

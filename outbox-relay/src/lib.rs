@@ -8,20 +8,12 @@
 //! metrics through the `metrics` facade to whatever recorder the service
 //! installs, and its readiness through [`Relay::health`].
 //!
-//! Where to look:
-//!
-//! - [`claim`]: the claim query, its fence, and settling a batch row by row;
-//! - [`store`]: operator queries, backlog figures, expiry, error hints;
-//! - [`relay`]: the publish loop, wake-ups and shutdown;
-//! - `batch`: one batch's decisions: which rows are sent, held or failed, and
-//!   what becomes of each (per-key order lives here);
-//! - [`lease`]: key partitions, leases and hand-over between relays;
-//! - [`publisher`]: pipelined sends and error classification;
-//! - [`record`]: the row-to-record mapping (topic routing, headers);
-//! - [`config`]: settings and their defaults;
-//! - [`telemetry`]: metric names;
-//! - [`topics`]: creating topics;
-//! - [`wake`]: LISTEN, and the waiting flag that tells producers when to notify.
+//! The public API is small: [`Relay`] (run it with [`Relay::run`], or on
+//! its own task with [`Relay::start`] and a [`RelayHandle`]), its
+//! [`RelayConfig`], [`health`] (readiness), [`store`] (the operator's
+//! queries: backlog, failed rows, relays), [`telemetry`] (metric names) and
+//! [`topics`]. The machinery (claim, batch, lease, publisher, record, wake)
+//! is private; `docs/architecture.md` maps which file holds what.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -32,6 +24,12 @@
 //! let relay = Relay::new(RelayConfig { brokers: "localhost:9092".into(), ..Default::default() }, connect)?;
 //! let shutdown = CancellationToken::new();
 //! relay.run(shutdown.clone()).await; // returns after shutdown.cancel()
+//!
+//! // Or on its own task:
+//! # let connect: sqlx::postgres::PgConnectOptions = "postgres://localhost/app".parse()?;
+//! let handle = Relay::new(RelayConfig::default(), connect)?.start();
+//! println!("ready: {}", handle.health().is_ready());
+//! handle.stop().await?;
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]

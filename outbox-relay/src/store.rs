@@ -1,7 +1,7 @@
-//! The relay's other SQL: operator queries (`status`, `failed …`), the
-//! backlog gauges, expiry, the waiting flag, and the hints that explain a
-//! database error. The claim and its settlement are in [`crate::claim`],
-//! the leases in [`crate::lease`].
+//! The operator's SQL: queries behind `status`, `failed …` and `relays`,
+//! the backlog figures, expiry, and the hints that explain a database
+//! error. The claim and its settlement are in `claim.rs`, the leases in
+//! `lease.rs`, the waiting flag in `wake.rs`.
 //!
 //! Every statement here runs rarely and is sent unnamed, so it works
 //! through any connection pooler when run inside a transaction.

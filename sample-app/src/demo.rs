@@ -31,7 +31,7 @@ use rdkafka::{
     ClientConfig, Offset, TopicPartitionList,
 };
 use sqlx::{postgres::PgConnectOptions, Executor, PgPool};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use test_kit::wait::eventually;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -94,17 +94,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let say = |msg: String| println!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
 
     // 1. A fresh database and topic.
-    let admin = PgPool::connect_with(opts.database.clone())
-        .await
-        .context("cannot connect to PostgreSQL (DATABASE_URL)")?;
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)").as_str())
-        .await?;
-    admin
-        .execute(format!("CREATE DATABASE {DATABASE}").as_str())
-        .await?;
-    admin.close().await;
-    let db = opts.database.clone().database(DATABASE);
+    let db = test_kit::db::recreate(&opts.database, DATABASE).await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(12)
         .connect_with(db.clone())
@@ -116,7 +106,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         "sample.orders.{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    create_topic(&opts.brokers, &topic, 3).await?;
+    test_kit::topic::create(&opts.brokers, &topic, 3).await?;
     say(format!("database {DATABASE} ready (outbox, orders, schemas inventory/notifications/analytics); topic {topic} (3 partitions)"));
 
     // 2. Relay, order service, consumers.
@@ -234,7 +224,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     say(format!("{events} events committed with their orders"));
 
     // 4. Duplicates, as a relay crash would cause them.
-    wait_until(Duration::from_secs(60), || async {
+    eventually(Duration::from_secs(60), "the outbox to drain", || async {
         Ok(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
             .fetch_one(&pool)
             .await?
@@ -303,11 +293,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         "fix deployed to notifications; replayed {} dead letter(s) to {topic}",
         replayed.replayed
     ));
-    wait_until(Duration::from_secs(60), || async {
-        Ok(stats
-            .iter()
-            .all(|(_, s)| settled(&s.snapshot()) >= records + letters.len() as u64))
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the replayed dead letters to be consumed",
+        || async {
+            Ok(stats
+                .iter()
+                .all(|(_, s)| settled(&s.snapshot()) >= records + letters.len() as u64))
+        },
+    )
     .await
     .context("the replayed dead letters were not consumed within 60 s")?;
     say(format!(
@@ -469,11 +463,6 @@ async fn check(orders: &PgPool, pools: &[PgPool]) -> anyhow::Result<Vec<String>>
     Ok(problems)
 }
 
-async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    outbox_relay::topics::create(brokers, &BTreeMap::new(), topic, partitions, 1).await?;
-    Ok(())
-}
-
 /// Publishes the first `n` records of `topic` again, unchanged: what
 /// consumers see when a relay crashes after publishing and before its
 /// commit. Returns how many were republished.
@@ -542,45 +531,5 @@ async fn republish(brokers: &str, topic: &str, n: usize) -> anyhow::Result<usize
     Ok(copies.len())
 }
 
-async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = Instant::now() + timeout;
-    while !cond().await? {
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
-/// A minimal HTTP/1.1 client for the demo: (status, body).
-pub async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> anyhow::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(request.as_bytes()).await?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .context("no HTTP status line")?
-        .parse()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
+/// The demo's HTTP client: (status, body).
+pub use test_kit::http::request as http;

@@ -1,5 +1,5 @@
 //! The brokers a soak run uses instead of `KAFKA_BROKERS`: its own Apache
-//! Kafka (the `local-kafka` crate) for the broker-restart fault, or
+//! Kafka (`test_kit::kafka`) for the broker-restart fault, or
 //! librdkafka's mock cluster for the faults a real broker cannot show on
 //! demand.
 
@@ -82,7 +82,7 @@ impl Mock {
 /// under the soak's control.
 pub enum Own {
     /// Its own Apache Kafka broker, storage on disk (the broker-restart fault).
-    Kafka(local_kafka::Node),
+    Kafka(test_kit::kafka::Node),
     /// librdkafka's mock cluster (the produce-errors, broker-slow and
     /// broker-down faults).
     Mock(Mock),
@@ -106,7 +106,7 @@ impl Own {
     }
 
     /// Its own Kafka broker, if that is what runs.
-    pub fn kafka(&mut self) -> Option<&mut local_kafka::Node> {
+    pub fn kafka(&mut self) -> Option<&mut test_kit::kafka::Node> {
         match self {
             Self::Kafka(b) => Some(b),
             Self::Mock(_) => None,

@@ -18,7 +18,7 @@ mod check;
 
 use std::{
     collections::BTreeMap,
-    process::{Child, Command as Process, ExitCode, Stdio},
+    process::{Command as Process, ExitCode, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -31,6 +31,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use consumer_kit::{Consumer, ConsumerConfig, Envelope, Handler, HandlerError};
 use outbox_core::{append, NewEvent};
 use sqlx::{postgres::PgConnectOptions, Executor, PgPool};
+use test_kit::process::Child;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Parser)]
@@ -110,10 +111,10 @@ enum Command {
         relays: usize,
         /// The relays' lease TTL: a killed relay's partitions are taken
         /// over after this.
-        #[arg(long, default_value = "3s", value_parser = humantime_secs)]
+        #[arg(long, default_value = "3s", value_parser = test_kit::parse_duration)]
         lease_ttl: Duration,
         /// Time between faults.
-        #[arg(long, default_value = "5s", value_parser = humantime_secs)]
+        #[arg(long, default_value = "5s", value_parser = test_kit::parse_duration)]
         fault_every: Duration,
         /// Fault kinds, taken in turn.
         #[arg(
@@ -146,10 +147,10 @@ enum Command {
         #[arg(long, default_value_t = RELAY_BATCH)]
         batch_size: usize,
         /// Lease TTL.
-        #[arg(long, default_value = "10s", value_parser = humantime_secs)]
+        #[arg(long, default_value = "10s", value_parser = test_kit::parse_duration)]
         lease_ttl: Duration,
         /// How long a record may wait for its acknowledgement.
-        #[arg(long, default_value = "30s", value_parser = humantime_secs)]
+        #[arg(long, default_value = "30s", value_parser = test_kit::parse_duration)]
         publish_timeout: Duration,
         /// One produce request in flight per connection (for the mock
         /// cluster, which checks idempotent sequence numbers only for
@@ -163,13 +164,6 @@ enum Command {
         #[arg(long)]
         topic: String,
     },
-}
-
-fn humantime_secs(s: &str) -> Result<Duration, String> {
-    let n = s.trim_end_matches('s');
-    n.parse::<f64>()
-        .map(Duration::from_secs_f64)
-        .map_err(|_| format!("{s:?} is not a number of seconds such as 5s"))
 }
 
 fn main() -> ExitCode {
@@ -254,7 +248,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(broker::Own::Mock(broker::Mock::start()?))
             } else if faults.contains(&Fault::BrokerRestart) {
                 Some(broker::Own::Kafka(
-                    local_kafka::Node::start().context("the broker-restart fault's own broker")?,
+                    test_kit::kafka::Node::start()
+                        .context("the broker-restart fault's own broker")?,
                 ))
             } else {
                 None
@@ -262,7 +257,6 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             soak(
                 &cli,
                 server,
-                db,
                 Load {
                     seconds: *seconds,
                     rate: *rate,
@@ -284,7 +278,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("{v}");
             Ok(v.ok())
         }
-        Command::Memory { rows } => memory(&cli, server, db, *rows).await,
+        Command::Memory { rows } => memory(&cli, server, *rows).await,
         Command::Relay {
             batch_size,
             lease_ttl,
@@ -392,11 +386,13 @@ struct Load {
     lease_ttl: Duration,
 }
 
-/// A child process of this binary, killed when dropped.
+/// A child process of this binary (a relay or a consumer), killed when
+/// dropped, restarted with the same arguments after a kill fault.
 struct Role {
     args: Vec<String>,
     child: Child,
-    peak_rss_kib: u64,
+    /// The peak RSS of the processes this role ran before the current one.
+    earlier_peak_rss_kib: u64,
 }
 
 impl Role {
@@ -406,72 +402,49 @@ impl Role {
         Ok(Self {
             args,
             child,
-            peak_rss_kib: 0,
+            earlier_peak_rss_kib: 0,
         })
     }
 
     fn kill_and_restart(&mut self, cli: &Cli) -> anyhow::Result<()> {
-        self.sample_rss();
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.earlier_peak_rss_kib = self.peak_rss_kib();
         self.child = spawn(cli, &self.args)?;
         Ok(())
     }
 
     fn sample_rss(&mut self) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()));
-        if let Some(kib) = status.ok().and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-        }) {
-            self.peak_rss_kib = self.peak_rss_kib.max(kib);
-        }
+        self.child.sample_rss();
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        self.earlier_peak_rss_kib.max(self.child.peak_rss_kib())
     }
 
     fn terminate(&mut self) {
-        self.sample_rss();
-        let _ = Process::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.stop(Duration::from_secs(20));
     }
 }
 
 fn spawn(cli: &Cli, args: &[String]) -> anyhow::Result<Child> {
-    Ok(Process::new(std::env::current_exe()?)
-        .args(args)
-        .env(
-            "DATABASE_URL",
-            cli.database_url.as_deref().unwrap_or_default(),
-        )
-        .env("KAFKA_BROKERS", &cli.kafka_brokers)
-        .arg("--database")
-        .arg(&cli.database)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()?)
+    Child::spawn(
+        Process::new(std::env::current_exe()?)
+            .args(args)
+            .env(
+                "DATABASE_URL",
+                cli.database_url.as_deref().unwrap_or_default(),
+            )
+            .env("KAFKA_BROKERS", &cli.kafka_brokers)
+            .arg("--database")
+            .arg(&cli.database)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    )
 }
 
 async fn soak(
     cli: &Cli,
     server: PgConnectOptions,
-    db: PgConnectOptions,
     load: Load,
     fault_every: Duration,
     faults: &[Fault],
@@ -493,7 +466,7 @@ async fn soak(
     let started = Instant::now();
     let say = |m: String| println!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
     let name = &cli.database;
-    let pool = fresh_database(cli, server, db, load.producers as u32 + 4).await?;
+    let pool = fresh_database(cli, server, load.producers as u32 + 4).await?;
     sqlx::query("INSERT INTO soak_keys (key) SELECT 'k' || g FROM generate_series(1, $1) g")
         .bind(load.keys)
         .execute(&pool)
@@ -504,7 +477,7 @@ async fn soak(
             m.create_topic(&topic, 3)?;
             m.create_topic(&format!("{topic}.dlq"), 3)?;
         }
-        None => create_topic(&cli.kafka_brokers, &topic).await?,
+        None => test_kit::topic::create(&cli.kafka_brokers, &topic, 3).await?,
     }
     say(format!(
         "database {name}, topic {topic}: {} producers at {} events/s over {} keys for {} s; \
@@ -713,8 +686,8 @@ async fn soak(
     );
     println!(
         "peak RSS sampled: relay {} MiB, consumer {} MiB",
-        relays.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0) / 1024,
-        consumer.peak_rss_kib / 1024
+        relays.iter().map(|r| r.peak_rss_kib()).max().unwrap_or(0) / 1024,
+        consumer.peak_rss_kib() / 1024
     );
     let ok = v.ok() && within;
     if let Some(path) = &load.json {
@@ -725,8 +698,8 @@ async fn soak(
             "duplicate_bound": bound,
             "duplicates_within_bound": within,
             "peak_rss_mib": {
-                "relay": relays.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0) / 1024,
-                "consumer": consumer.peak_rss_kib / 1024,
+                "relay": relays.iter().map(|r| r.peak_rss_kib()).max().unwrap_or(0) / 1024,
+                "consumer": consumer.peak_rss_kib() / 1024,
             },
             "guarantees_held": ok,
         });
@@ -759,24 +732,9 @@ async fn soak(
 async fn fresh_database(
     cli: &Cli,
     server: PgConnectOptions,
-    db: PgConnectOptions,
     connections: u32,
 ) -> anyhow::Result<PgPool> {
-    let admin = PgPool::connect_with(server)
-        .await
-        .context("connect to PostgreSQL")?;
-    let name = &cli.database;
-    anyhow::ensure!(
-        name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-        "--database must be letters, digits and _"
-    );
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
-        .await?;
-    admin
-        .execute(format!("CREATE DATABASE \"{name}\"").as_str())
-        .await?;
-    admin.close().await;
+    let db = test_kit::db::recreate(&server, &cli.database).await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(connections)
         .connect_with(db)
@@ -789,20 +747,15 @@ async fn fresh_database(
 
 /// Fills the outbox with `rows` rows, starts the relay, and samples its RSS
 /// every 250 ms until the backlog is drained.
-async fn memory(
-    cli: &Cli,
-    server: PgConnectOptions,
-    db: PgConnectOptions,
-    rows: i64,
-) -> anyhow::Result<bool> {
+async fn memory(cli: &Cli, server: PgConnectOptions, rows: i64) -> anyhow::Result<bool> {
     let started = Instant::now();
     let say = |m: String| println!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
-    let pool = fresh_database(cli, server, db, 4).await?;
+    let pool = fresh_database(cli, server, 4).await?;
     let topic = format!(
         "soak-mem-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    create_topic(&cli.kafka_brokers, &topic).await?;
+    test_kit::topic::create(&cli.kafka_brokers, &topic, 3).await?;
     sqlx::query(
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, payload) \
          SELECT gen_random_uuid(), 'soak', 'k' || (g % 1000), 'soak.row', $1, \
@@ -822,10 +775,9 @@ async fn memory(
     let drain_started = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        relay.peak_rss_kib = 0;
-        relay.sample_rss();
-        if relay.peak_rss_kib > 0 {
-            rss.push(relay.peak_rss_kib);
+        let now = test_kit::process::rss_kib(relay.child.id()).unwrap_or(0);
+        if now > 0 {
+            rss.push(now);
         }
         let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
             .fetch_one(&pool)
@@ -833,7 +785,7 @@ async fn memory(
         if rss.len() % 20 == 0 {
             say(format!(
                 "{pending} rows left; relay RSS {} MiB",
-                relay.peak_rss_kib / 1024
+                rss.last().copied().unwrap_or(0) / 1024
             ));
         }
         if pending == 0 {
@@ -893,10 +845,5 @@ async fn produce_one(pool: &PgPool, topic: &str, key: &str) -> anyhow::Result<()
         .await?;
     append(&mut *tx, &event).await?;
     tx.commit().await?;
-    Ok(())
-}
-
-async fn create_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
-    outbox_relay::topics::create(brokers, &BTreeMap::new(), topic, 3, 1).await?;
     Ok(())
 }

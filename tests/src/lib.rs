@@ -29,8 +29,7 @@ pub async fn create_topic(topic: &str, partitions: i32) -> anyhow::Result<()> {
 
 /// [`create_topic`] on a given broker list; an existing topic is fine.
 pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    outbox_relay::topics::create(brokers, &Default::default(), topic, partitions, 1).await?;
-    Ok(())
+    test_kit::topic::create(brokers, topic, partitions).await
 }
 
 /// A record as the tests look at it.
@@ -152,23 +151,7 @@ pub async fn consume_from(
     }
 }
 
-/// Waits until `cond` holds, polling every 50 ms, for at most `timeout`.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if cond().await? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub use test_kit::{process::Child, wait::eventually};
 
 /// How many partitions each live relay owns, as `outbox_relays` shows them
 /// (live relays ordered by id).
@@ -434,41 +417,6 @@ pub fn check_delivery(got: &[Received], n: i64) -> anyhow::Result<usize> {
     Ok(got.len() - seen.len())
 }
 
-/// A child process killed when dropped (so a failing test leaves nothing behind).
-pub struct Child(pub std::process::Child);
-
-impl Child {
-    /// Sends SIGTERM.
-    pub fn terminate(&self) {
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .status();
-    }
-
-    /// Waits up to `timeout` for the exit code.
-    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait()? {
-                return Ok(status.code());
-            }
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "process did not exit within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `outbox-relay run` on `pool`'s database with extra `args`; its
 /// output goes to a log file named after `name` in the temp dir.
 pub fn spawn_relay(pool: &sqlx::PgPool, name: &str, args: &[&str]) -> anyhow::Result<Child> {
@@ -493,7 +441,7 @@ pub fn spawn_relay_on(
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
-    Ok(Child(child))
+    Ok(Child::from(child))
 }
 
 /// The log file of a relay started by [`spawn_relay`] as `name`.
@@ -520,30 +468,13 @@ pub fn relay_cli(database_url: &str, args: &[&str]) -> (i32, String) {
     )
 }
 
-/// A minimal HTTP GET against 127.0.0.1:`port`: (status code, body).
-pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .context("status line")?
-        .parse()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
-}
+/// A GET against 127.0.0.1:`port`: (status code, body).
+pub use test_kit::http::get_blocking as http_get;
 
 /// A private Apache Kafka broker on its own ports (storage on disk), for
 /// outage tests that must not disturb the shared broker: `kill` and
 /// `restart` keep its topics, records and offsets.
-pub use local_kafka::{Cluster as PrivateCluster, Node as PrivateBroker};
+pub use test_kit::kafka::{Cluster as PrivateCluster, Node as PrivateBroker};
 
 /// Terminates every database connection of the relays in `pool`'s
 /// database (application name `outbox-relay`, the relay's default); returns

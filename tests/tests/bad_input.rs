@@ -489,7 +489,7 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> an
     // PostgreSQL unreachable at start: the relay runs, is not ready, says
     // why, and stops cleanly on SIGTERM.
     let port = free_port();
-    let mut relay = integration_tests::Child(
+    let mut relay = integration_tests::Child::from(
         std::process::Command::new(relay_bin())
             .args(["run", "--http-addr", &format!("127.0.0.1:{port}")])
             .env("DATABASE_URL", "postgres://u:hunter2@127.0.0.1:1/db")
@@ -506,7 +506,7 @@ async fn bad_flags_and_unreachable_services_get_clear_errors(pool: PgPool) -> an
     relay.terminate();
     assert_eq!(relay.wait_exit(Duration::from_secs(20))?, Some(0));
     let mut stderr = String::new();
-    if let Some(mut e) = relay.0.stderr.take() {
+    if let Some(mut e) = relay.process.stderr.take() {
         std::io::Read::read_to_string(&mut e, &mut stderr)?;
     }
     assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");

@@ -556,13 +556,12 @@ async fn a_crash_after_the_database_commit_and_before_the_offset_commit_causes_n
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
-    let mut child = integration_tests::Child(child);
+    let mut child = integration_tests::Child::from(child);
     eventually(WAIT, "the process applied 300", || async {
         Ok(effect_counts(&pool).await?.0 >= 300)
     })
     .await?;
-    child.0.kill()?; // SIGKILL
-    child.0.wait()?;
+    child.kill()?; // SIGKILL
     let applied_before = effect_counts(&pool).await?.0;
     assert!(applied_before < n as i64, "killed mid-stream");
 

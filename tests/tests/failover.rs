@@ -1,4 +1,4 @@
-//! Leader failover on a three-node Apache Kafka cluster (`local-kafka`):
+//! Leader failover on a three-node Apache Kafka cluster (`test_kit::kafka`):
 //! replication factor 3, `min.insync.replicas=2`, `acks=all`. While
 //! producers write and the relay publishes, the node that leads every
 //! partition of the topic is killed -9. Expected: nothing lost, per-key

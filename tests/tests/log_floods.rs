@@ -49,7 +49,7 @@ async fn a_broker_outage_logs_a_few_lines_a_second_in_the_relay_and_the_consumer
     )?;
     let consumer_log = std::env::temp_dir().join(format!("{}.log", unique("floods-consumer")));
     let log = std::fs::File::create(&consumer_log)?;
-    let consumer = integration_tests::Child(
+    let consumer = integration_tests::Child::from(
         std::process::Command::new(env!("CARGO_BIN_EXE_consumer-fixture"))
             .env("DATABASE_URL", database_url(&pool))
             .env("KAFKA_BROKERS", &broker.address)

@@ -35,7 +35,7 @@ async fn kill_9_mid_batch_then_restart_loses_nothing(pool: PgPool) -> anyhow::Re
         Ok(pending(&pool).await? < N - 1000)
     })
     .await?;
-    relay.0.kill()?; // SIGKILL, mid-drain
+    relay.kill()?; // SIGKILL, mid-drain
     relay.wait_exit(Duration::from_secs(5))?;
     let left = pending(&pool).await?;
     assert!(
@@ -459,7 +459,7 @@ async fn a_killed_relays_partitions_are_taken_over_when_its_lease_runs_out(
         .map(|r| r.relay_id)
         .expect("the first relay is registered");
     let mut victim = victim;
-    victim.0.kill()?; // SIGKILL
+    victim.kill()?; // SIGKILL
     let killed = std::time::Instant::now();
     victim.wait_exit(Duration::from_secs(5))?;
     eventually(
@@ -549,7 +549,7 @@ async fn relay_memory_stays_flat_through_a_broker_outage_while_producers_write(
             &format!("127.0.0.1:{port}"),
         ],
     )?;
-    let pid = relay.0.id();
+    let pid = relay.id();
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let producer = {
