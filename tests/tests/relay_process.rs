@@ -509,18 +509,6 @@ async fn a_killed_relays_partitions_are_taken_over_when_its_lease_runs_out(
     Ok(())
 }
 
-/// The resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// Resource bound: the relay's memory stays flat through a 30 s broker outage
 /// while producers keep writing (the backlog grows in PostgreSQL, not in the
 /// relay), and the backlog drains once the broker is back. Prints its figures
@@ -579,7 +567,7 @@ async fn relay_memory_stays_flat_through_a_broker_outage_while_producers_write(
         let mut peak = 0;
         let until = std::time::Instant::now() + Duration::from_secs(secs);
         while std::time::Instant::now() < until {
-            peak = peak.max(rss_kib(pid).unwrap_or(0));
+            peak = peak.max(test_kit::process::rss_kib(pid).unwrap_or(0));
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         peak
@@ -601,7 +589,7 @@ async fn relay_memory_stays_flat_through_a_broker_outage_while_producers_write(
     // Rows the relay tried before the topic was back failed as "topic does
     // not exist": an operator's `failed retry` puts them back, in order.
     eventually(WAIT, "backlog drained after the outage", || {
-        after = after.max(rss_kib(pid).unwrap_or(0));
+        after = after.max(test_kit::process::rss_kib(pid).unwrap_or(0));
         async {
             outbox_relay::store::failed_retry(&pool, &outbox_relay::store::Selection::All).await?;
             let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
