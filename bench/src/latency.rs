@@ -1,0 +1,125 @@
+//! `latency`: commit-to-ack at a fixed offered load.
+
+use std::time::{Duration, Instant};
+
+use outbox_core::{append, NewEvent};
+use outbox_relay::RelayConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::Executor;
+use tokio_util::sync::CancellationToken;
+
+use crate::{median, samples, Env, KEYS};
+
+/// Hands `record` to librdkafka without waiting for its delivery, waiting
+/// only while the local queue is full.
+pub(crate) async fn enqueue(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> rdkafka::producer::DeliveryFuture {
+    loop {
+        match producer.send_result(record) {
+            Ok(f) => return f,
+            Err((_, back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- latency
+
+pub(crate) async fn latency(
+    env: &Env,
+    recorder: &samples::Samples,
+    runs: usize,
+    rate: u64,
+    seconds: u64,
+    notify: bool,
+    poll_interval: Duration,
+) -> anyhow::Result<()> {
+    const PRODUCERS: u64 = 8;
+    println!(
+        "== latency: {rate} events/s offered for {seconds}s by {PRODUCERS} producers (one event per transaction), \
+         relay defaults but {} and poll interval {poll_interval:?}",
+        if notify { "LISTEN/NOTIFY on" } else { "NOTIFY trigger off (polling only)" }
+    );
+    let trigger = if notify { "ENABLE" } else { "DISABLE" };
+    env.pool
+        .execute(format!("ALTER TABLE outbox {trigger} TRIGGER outbox_notify").as_str())
+        .await?;
+    let relay_cfg = RelayConfig {
+        listen: notify,
+        poll_interval,
+        ..RelayConfig::default()
+    };
+    let (mut p50s, mut p99s, mut p999s) = (vec![], vec![], vec![]);
+    for run in 1..=runs {
+        let topic = env.topic("latency").await?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(env.relay(relay_cfg.clone())?.run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        recorder.clear();
+        let per_producer = Duration::from_secs_f64(PRODUCERS as f64 / rate as f64);
+        let total = rate * seconds;
+        let started = Instant::now();
+        let producers = (0..PRODUCERS).map(|p| {
+            let pool = env.pool.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(per_producer);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                for i in 0..total / PRODUCERS {
+                    tick.tick().await;
+                    let e = NewEvent::new(
+                        "bench",
+                        format!("k{}", (i * PRODUCERS + p) % KEYS as u64),
+                        "bench.latency",
+                    )
+                    .topic(&topic)
+                    .json_payload(&serde_json::json!({ "i": i }))?;
+                    append(&pool, &e).await?;
+                }
+                anyhow::Ok(())
+            })
+        });
+        for p in futures::future::join_all(producers).await {
+            p??;
+        }
+        let offered = total as f64 / started.elapsed().as_secs_f64();
+        while env.pending().await? > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        shutdown.cancel();
+        task.await?;
+        env.drop_topic(&topic).await;
+        let mut v = recorder.take();
+        anyhow::ensure!(
+            v.len() as u64 >= total,
+            "only {} latency samples for {total} events",
+            v.len()
+        );
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| v[((v.len() as f64 * p).ceil() as usize).min(v.len()) - 1] * 1000.0;
+        let (p50, p99, p999) = (q(0.50), q(0.99), q(0.999));
+        println!(
+            "run {run}: achieved {offered:.0} events/s, {} samples: p50 {p50:.1} ms  p99 {p99:.1} ms  p99.9 {p999:.1} ms  max {:.1} ms",
+            v.len(),
+            v[v.len() - 1] * 1000.0
+        );
+        p50s.push(p50);
+        p99s.push(p99);
+        p999s.push(p999);
+    }
+    println!(
+        "median: p50 {:.1} ms  p99 {:.1} ms (target <= 20)  p99.9 {:.1} ms",
+        median(p50s),
+        median(p99s),
+        median(p999s)
+    );
+    env.pool
+        .execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! `outbox-soak run`: producers at a fixed rate, relays and a consumer as
+//! child processes, faults injected on a timer, then the checker's verdict.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use outbox_core::{append, NewEvent};
+use sqlx::{postgres::PgConnectOptions, PgPool};
+
+use crate::{broker, check, role::Role, Cli, Fault};
+
+/// The soak relays' batch size (one batch is what a relay fault may repeat).
+pub(crate) const RELAY_BATCH: usize = 200;
+
+pub(crate) struct Load {
+    /// Where to write the result as JSON, if anywhere.
+    pub(crate) json: Option<std::path::PathBuf>,
+    pub(crate) seconds: u64,
+    pub(crate) rate: u64,
+    pub(crate) producers: u64,
+    pub(crate) keys: i64,
+    pub(crate) relays: usize,
+    pub(crate) lease_ttl: Duration,
+}
+
+pub(crate) async fn soak(
+    cli: &Cli,
+    server: PgConnectOptions,
+    load: Load,
+    fault_every: Duration,
+    faults: &[Fault],
+    mut own: Option<broker::Own>,
+) -> anyhow::Result<bool> {
+    // With its own broker or the mock cluster, the soak's relays, consumer
+    // and checker use it.
+    let with_own_broker;
+    let cli = match &own {
+        Some(o) => {
+            with_own_broker = Cli {
+                kafka_brokers: o.address(),
+                ..cli.clone()
+            };
+            &with_own_broker
+        }
+        None => cli,
+    };
+    let started = Instant::now();
+    let say = |m: String| println!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
+    let name = &cli.database;
+    let pool = fresh_database(cli, server, load.producers as u32 + 4).await?;
+    sqlx::query("INSERT INTO soak_keys (key) SELECT 'k' || g FROM generate_series(1, $1) g")
+        .bind(load.keys)
+        .execute(&pool)
+        .await?;
+    let topic = format!("soak-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    match own.as_ref().and_then(broker::Own::mock) {
+        Some(m) => {
+            m.create_topic(&topic, 3)?;
+            m.create_topic(&format!("{topic}.dlq"), 3)?;
+        }
+        None => test_kit::topic::create(&cli.kafka_brokers, &topic, 3).await?,
+    }
+    say(format!(
+        "database {name}, topic {topic}: {} producers at {} events/s over {} keys for {} s; \
+         {} relay(s), lease TTL {:?}; a fault every {:?} ({faults:?}); broker {}{}",
+        load.producers,
+        load.rate,
+        load.keys,
+        load.seconds,
+        load.relays,
+        load.lease_ttl,
+        fault_every,
+        cli.kafka_brokers,
+        own.as_ref()
+            .map(|o| format!(" ({})", o.describe()))
+            .unwrap_or_default()
+    ));
+
+    let ttl = format!("{}s", load.lease_ttl.as_secs_f64());
+    // A broker restart keeps the broker away for 0.5 to 3 s plus its start
+    // (about 4 s), a mock broker down for 0.5 to 3 s. A publish timeout of
+    // 1.5 s makes the longer outages time records out (the relay then claims
+    // and sends the batch again), while the shorter ones are ridden out by
+    // librdkafka's own retries.
+    let publish_timeout = if own.is_some() { "1.5s" } else { "30s" };
+    let mut relay_args = vec![
+        "relay",
+        "--lease-ttl",
+        &ttl,
+        "--publish-timeout",
+        publish_timeout,
+    ];
+    if matches!(own, Some(broker::Own::Mock(_))) {
+        relay_args.push("--one-in-flight");
+    }
+    let mut relays: Vec<Role> = (0..load.relays)
+        .map(|_| Role::start(cli, &relay_args))
+        .collect::<anyhow::Result<_>>()?;
+    let mut consumer = Role::start(cli, &["consume", "--topic", &topic])?;
+
+    // Producers: ledger row + outbox row in one transaction, serialized per
+    // key by the key's row lock, so seq order is commit order per key.
+    let stop = Arc::new(AtomicBool::new(false));
+    let produced = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for p in 0..load.producers {
+        let pool = pool.clone();
+        let stop = Arc::clone(&stop);
+        let produced = Arc::clone(&produced);
+        let errors = Arc::clone(&errors);
+        let topic = topic.clone();
+        let every = Duration::from_secs_f64(load.producers as f64 / load.rate.max(1) as f64);
+        let keys = load.keys;
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            let mut i: i64 = p as i64;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let key = format!("k{}", 1 + (i * 7919) % keys);
+                i += 1;
+                match produce_one(&pool, &topic, &key).await {
+                    Ok(()) => produced.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+
+    let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let end = Instant::now() + Duration::from_secs(load.seconds);
+    let mut next = 0;
+    let mut relay_kills = 0usize;
+    // Broker faults hit every relay at once.
+    let mut broker_faults = 0usize;
+    // Faults come at jittered times (0.5 to 1.5 × --fault-every), and a
+    // relay kill hits a relay picked at random.
+    loop {
+        let wait = fault_every.mul_f64(rand::random_range(0.5..1.5));
+        if Instant::now() + wait > end {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        relays.iter_mut().for_each(Role::sample_rss);
+        let Some(fault) = faults.get(next % faults.len().max(1)).copied() else {
+            break;
+        };
+        next += 1;
+        let name = match fault {
+            Fault::RelayKill => {
+                let victim = rand::random_range(0..relays.len());
+                relays[victim].kill_and_restart(cli)?;
+                relay_kills += 1;
+                "relay kill -9"
+            }
+            Fault::PgTerminate => {
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = 'outbox-soak-relay' AND datname = current_database()",
+                )
+                .execute(&pool)
+                .await?;
+                "pg_terminate_backend (relay)"
+            }
+            Fault::ConsumerKill => {
+                consumer.kill_and_restart(cli)?;
+                "consumer kill -9"
+            }
+            Fault::BrokerRestart => {
+                let broker = own
+                    .as_mut()
+                    .and_then(broker::Own::kafka)
+                    .context("the broker-restart fault needs the soak's own broker")?;
+                broker.kill();
+                tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0))).await;
+                tokio::task::block_in_place(|| broker.restart())?;
+                broker_faults += 1;
+                "broker kill -9 and restart"
+            }
+            Fault::ProduceErrors | Fault::BrokerSlow | Fault::BrokerDown => {
+                let m = own
+                    .as_ref()
+                    .and_then(broker::Own::mock)
+                    .context("this fault needs the mock cluster")?;
+                let victim = || rand::random_range(1..=broker::MOCK_BROKERS);
+                broker_faults += 1;
+                match fault {
+                    Fault::ProduceErrors => {
+                        m.fail_next_produce_requests();
+                        "5 produce requests failed (mock)"
+                    }
+                    Fault::BrokerSlow => {
+                        let b = victim();
+                        m.round_trip_time(b, Duration::from_millis(300))?;
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        m.round_trip_time(b, Duration::ZERO)?;
+                        "a broker 300 ms slow for 2 s (mock)"
+                    }
+                    _ => {
+                        let b = victim();
+                        m.set_down(b, true)?;
+                        tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0)))
+                            .await;
+                        m.set_down(b, false)?;
+                        "a broker down for 0.5-3 s (mock)"
+                    }
+                }
+            }
+        };
+        *injected.entry(name).or_default() += 1;
+        say(format!(
+            "fault: {name}; {} events committed so far",
+            produced.load(Ordering::Relaxed)
+        ));
+    }
+    tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await?;
+    }
+    let committed = produced.load(Ordering::Relaxed);
+    say(format!(
+        "producers stopped: {committed} events committed ({} producer transactions failed and were not committed)",
+        errors.load(Ordering::Relaxed)
+    ));
+
+    // Let the relay and consumer finish, bounded.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        relays.iter_mut().for_each(Role::sample_rss);
+        let (pending, applied): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox), (SELECT count(DISTINCT event_id) FROM soak_effects)",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if pending == 0 && applied as u64 >= committed {
+            break;
+        }
+        if Instant::now() > deadline {
+            say(format!("gave up waiting: {pending} rows still in the outbox, {applied} of {committed} applied"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    relays.iter_mut().for_each(Role::terminate);
+    consumer.terminate();
+
+    let v = check::check(&pool, &cli.kafka_brokers, &topic).await?;
+    // A relay fault repeats at most the batch that relay had in flight; a
+    // pg_terminate_backend or a broker fault hits every relay at once.
+    let terminations = injected
+        .get("pg_terminate_backend (relay)")
+        .copied()
+        .unwrap_or(0) as usize;
+    let relay_faults = relay_kills + (terminations + broker_faults) * load.relays;
+    let bound = relay_faults * RELAY_BATCH;
+    let within = v.duplicated_in_kafka as usize <= bound;
+    println!();
+    println!("== soak result (topic {topic}) ==");
+    for (name, n) in &injected {
+        println!("faults injected: {n:>4} × {name}");
+    }
+    println!("{v}");
+    println!(
+        "duplicate bound:            {bound} ({relay_faults} relay faults × batch {RELAY_BATCH}){}",
+        if within { "" } else { " EXCEEDED" }
+    );
+    println!(
+        "peak RSS sampled: relay {} MiB, consumer {} MiB",
+        relays.iter().map(|r| r.peak_rss_kib()).max().unwrap_or(0) / 1024,
+        consumer.peak_rss_kib() / 1024
+    );
+    let ok = v.ok() && within;
+    if let Some(path) = &load.json {
+        let result = serde_json::json!({
+            "topic": topic,
+            "faults": injected,
+            "verdict": v,
+            "duplicate_bound": bound,
+            "duplicates_within_bound": within,
+            "peak_rss_mib": {
+                "relay": relays.iter().map(|r| r.peak_rss_kib()).max().unwrap_or(0) / 1024,
+                "consumer": consumer.peak_rss_kib() / 1024,
+            },
+            "guarantees_held": ok,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&result)?)
+            .with_context(|| format!("cannot write the result to {}", path.display()))?;
+    }
+    println!(
+        "verdict:                    {}",
+        if ok {
+            "guarantees held"
+        } else {
+            "GUARANTEE BROKEN"
+        }
+    );
+    if let Some(broker::Own::Kafka(mut broker)) = own {
+        if ok {
+            broker.remove();
+        } else {
+            broker.keep();
+            println!(
+                "the soak's broker log and data are kept: {}",
+                broker.log().display()
+            );
+        }
+    }
+    Ok(ok)
+}
+
+/// Drops and creates the run's database with every schema the soak uses.
+pub(crate) async fn fresh_database(
+    cli: &Cli,
+    server: PgConnectOptions,
+    connections: u32,
+) -> anyhow::Result<PgPool> {
+    let db = test_kit::db::recreate(&server, &cli.database).await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(connections)
+        .connect_with(db)
+        .await?;
+    outbox_core::migrate(&pool).await?;
+    consumer_kit::migrate(&pool).await?;
+    sqlx::raw_sql(check::SCHEMA).execute(&pool).await?;
+    Ok(pool)
+}
+
+pub(crate) async fn produce_one(pool: &PgPool, topic: &str, key: &str) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let seq: i64 =
+        sqlx::query_scalar("UPDATE soak_keys SET seq = seq + 1 WHERE key = $1 RETURNING seq")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
+    let event = NewEvent::new("soak", key, "soak.event")
+        .topic(topic)
+        .json_payload(&serde_json::json!({ "key": key, "seq": seq }))?;
+    sqlx::query("INSERT INTO soak_ledger (event_id, key, seq) VALUES ($1, $2, $3)")
+        .bind(event.event_id)
+        .bind(key)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+    append(&mut *tx, &event).await?;
+    tx.commit().await?;
+    Ok(())
+}
