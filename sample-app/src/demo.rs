@@ -19,11 +19,12 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
-use consumer_kit::{replay, DeadLetterFilter};
+use consumer_kit::{replay, ConsumerStats, DeadLetter, DeadLetterFilter};
 use rdkafka::{
     consumer::{BaseConsumer, Consumer as _},
     message::{Header, Headers, Message, OwnedHeaders},
@@ -88,10 +89,22 @@ pub struct ConsumerReport {
 
 const DATABASE: &str = "sample_demo";
 
-/// Runs the demo and prints as it goes.
+/// Prints the demo's progress, each line stamped with the time since start.
+#[derive(Clone, Copy)]
+struct Narrator(Instant);
+
+impl Narrator {
+    fn say(&self, msg: impl std::fmt::Display) {
+        println!("[{:>5.1}s] {msg}", self.0.elapsed().as_secs_f64());
+    }
+}
+
+/// Runs the demo and prints as it goes: a fresh database and topic, the
+/// stack, a burst of orders through HTTP, duplicate deliveries, a dead
+/// letter fixed and replayed, and the report with its consistency checks.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
-    let started = Instant::now();
-    let say = |msg: String| println!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
+    let n = Narrator(Instant::now());
+    let say = |msg: String| n.say(msg);
 
     // 1. A fresh database and topic.
     let db = test_kit::db::recreate(&opts.database, DATABASE).await?;
@@ -137,24 +150,130 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let fix = Fix::default();
     let consumers = Consumers::build(&opts.brokers, &topic, &consumer_pools, &latencies, &fix)?;
     let stats = consumers.stats();
-    let consumer_tasks: Vec<_> = consumers
+    let consumer_handles: Vec<_> = consumers
         .consumers
         .into_iter()
-        .map(|(name, c)| (name, tokio::spawn(c.run(stop.clone()))))
+        .map(|(name, c)| (name, c.start()))
         .collect();
     say(format!("relay, order service (http://{addr}/orders) and consumers inventory, notifications, analytics running"));
 
     // 3. The burst, through HTTP.
-    say(format!(
+    let events = drive_orders(n, addr, opts.orders).await?;
+
+    // 4. Duplicates, as a relay crash would cause them.
+    eventually(Duration::from_secs(60), "the outbox to drain", || async {
+        Ok(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+            .fetch_one(&pool)
+            .await?
+            == 0)
+    })
+    .await
+    .context("the relay did not publish every event within 60 s")?;
+    let duplicated = republish(&opts.brokers, &topic, opts.duplicates).await?;
+    let records = events + duplicated as u64;
+    say(format!("relay published all {events} events; {duplicated} of them published again (duplicate deliveries)"));
+
+    // 5. Progress until every consumer settled every record.
+    wait_settled(n, &stats, records).await?;
+
+    // 6. The dead letter, the fix, the replay.
+    let letters = replay_dead_letters(n, &opts.brokers, &topic, &fix, &stats, records).await?;
+    let dead_letters: Vec<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l.event_type.clone().unwrap_or_default(),
+                l.reason.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+
+    // 7. Report and checks.
+    let mut report = Report {
+        events,
+        records,
+        dead_letters,
+        ..Default::default()
+    };
+    for (name, s) in &stats {
+        let s = s.snapshot();
+        report.consumers.push(ConsumerReport {
+            name: name.to_string(),
+            applied: s.processed,
+            duplicates: s.duplicates,
+            skipped: s.skipped,
+            dead_lettered: s.dead_lettered,
+        });
+    }
+    report.problems = check(&pool, &consumer_pools).await?;
+    print_report(&report, duplicated, letters.len(), &latencies);
+
+    if let Some(token) = &opts.keep_running {
+        println!();
+        println!("still running: order service at http://{addr}/orders, relay and consumers on topic {topic}; Ctrl-C stops everything");
+        token.cancelled().await;
+    }
+    stop.cancel();
+    for (name, handle) in consumer_handles {
+        handle
+            .stop()
+            .await
+            .with_context(|| format!("consumer {name} failed"))?;
+    }
+    relay.stop().await?;
+    http_task.await??;
+    drop(shutdown);
+    say("stopped cleanly".into());
+    Ok(report)
+}
+
+/// Prints what happened: events, each consumer's counts, the dead letters,
+/// the end-to-end latency and the checks.
+fn print_report(report: &Report, duplicated: usize, replayed: usize, latencies: &Latencies) {
+    println!();
+    println!("== what happened ==");
+    println!("events committed and published:  {} (plus {duplicated} duplicate deliveries, {replayed} replayed)", report.events);
+    println!("consumer        applied  duplicates-suppressed  skipped(other types)  dead-lettered");
+    for c in &report.consumers {
+        println!(
+            "{:<15} {:>7}  {:>21}  {:>20}  {:>13}",
+            c.name, c.applied, c.duplicates, c.skipped, c.dead_lettered
+        );
+    }
+    for (event_type, reason) in &report.dead_letters {
+        println!("dead letter:    {event_type}: {reason} (replayed after the fix, applied once)");
+    }
+    if let Some((p50, p99, max)) = latencies.summary() {
+        println!(
+            "end-to-end latency (event committed -> consumer handler): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            p50 * 1e3,
+            p99 * 1e3,
+            max * 1e3
+        );
+    }
+    if report.problems.is_empty() {
+        println!("checks:         every consumer's state matches the orders table exactly (no effect lost or doubled)");
+    } else {
+        for p in &report.problems {
+            println!("CHECK FAILED:   {p}");
+        }
+    }
+}
+
+/// Drives `orders` orders through the order service's HTTP API (create,
+/// then pay, ship or cancel), one with a customer whose confirmation
+/// e-mail bounces, and a few invalid requests. Returns the events committed.
+async fn drive_orders(n: Narrator, addr: SocketAddr, orders: usize) -> anyhow::Result<u64> {
+    n.say(format!(
         "driving {} orders through the HTTP API (create, pay, ship, cancel)",
-        opts.orders
+        orders
     ));
     let mut events = 0u64;
     let mut ids = Vec::new();
     // The poison order is one that is only cancelled later, so exactly one
     // of its events (its confirmation e-mail) bounces.
-    let poison = opts.orders / 2 / 6 * 6;
-    for i in 0..opts.orders {
+    let poison = orders / 2 / 6 * 6;
+    for i in 0..orders {
         let customer = if i == poison {
             POISON_CUSTOMER.to_string()
         } else {
@@ -216,68 +335,35 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         ("unknown order", "GET", "/orders/999999".to_string(), None),
     ] {
         let (status, body) = http(addr, method, &path, body).await?;
-        say(format!(
+        n.say(format!(
             "  invalid request ({what}): {status} {}",
             body.trim()
         ));
     }
-    say(format!("{events} events committed with their orders"));
+    n.say(format!("{events} events committed with their orders"));
+    Ok(events)
+}
 
-    // 4. Duplicates, as a relay crash would cause them.
-    eventually(Duration::from_secs(60), "the outbox to drain", || async {
-        Ok(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
-            .fetch_one(&pool)
-            .await?
-            == 0)
-    })
-    .await
-    .context("the relay did not publish every event within 60 s")?;
-    let duplicated = republish(&opts.brokers, &topic, opts.duplicates).await?;
-    let records = events + duplicated as u64;
-    say(format!("relay published all {events} events; {duplicated} of them published again (duplicate deliveries)"));
-
-    // 5. Progress until every consumer settled every record.
-    let settled =
-        |s: &consumer_kit::StatsSnapshot| s.processed + s.duplicates + s.skipped + s.dead_lettered;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let line: Vec<String> = stats
-            .iter()
-            .map(|(name, s)| {
-                let s = s.snapshot();
-                format!("{name} {}/{records}", settled(&s))
-            })
-            .collect();
-        say(format!("  consumed: {}", line.join("  ")));
-        if stats.iter().all(|(_, s)| settled(&s.snapshot()) >= records) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("consumers did not settle all {records} records within 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-
-    // 6. The dead letter, the fix, the replay.
+/// Reads the dead letters, deploys the fix to the notifications consumer,
+/// replays them and waits until every consumer settled them. Returns them.
+async fn replay_dead_letters(
+    n: Narrator,
+    brokers: &str,
+    topic: &str,
+    fix: &Fix,
+    stats: &[(&'static str, Arc<ConsumerStats>)],
+    records: u64,
+) -> anyhow::Result<Vec<DeadLetter>> {
     let dlq_topic = format!("{topic}.dlq");
     let letters = replay::read(
-        &opts.brokers,
+        brokers,
         &BTreeMap::new(),
         &dlq_topic,
         &DeadLetterFilter::default(),
     )
     .await?;
-    let dead_letters: Vec<(String, String)> = letters
-        .iter()
-        .map(|l| {
-            (
-                l.event_type.clone().unwrap_or_default(),
-                l.reason.clone().unwrap_or_default(),
-            )
-        })
-        .collect();
     for l in &letters {
-        say(format!(
+        n.say(format!(
             "dead letter in {dlq_topic}: {} {} for group {} ({}): {}",
             l.event_type.as_deref().unwrap_or("?"),
             l.event_id.map(|i| i.to_string()).unwrap_or_default(),
@@ -288,8 +374,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     }
     fix.deploy();
     let before = stats[1].1.snapshot().processed;
-    let replayed = replay::replay(&opts.brokers, &BTreeMap::new(), &letters).await?;
-    say(format!(
+    let replayed = replay::replay(brokers, &BTreeMap::new(), &letters).await?;
+    n.say(format!(
         "fix deployed to notifications; replayed {} dead letter(s) to {topic}",
         replayed.replayed
     ));
@@ -304,73 +390,42 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     )
     .await
     .context("the replayed dead letters were not consumed within 60 s")?;
-    say(format!(
+    n.say(format!(
         "notifications applied {} replayed event(s); the other consumers skipped them as duplicates or unhandled types",
         stats[1].1.snapshot().processed - before
     ));
+    Ok(letters)
+}
 
-    // 7. Report and checks.
-    let mut report = Report {
-        events,
-        records,
-        dead_letters,
-        ..Default::default()
-    };
-    for (name, s) in &stats {
-        let s = s.snapshot();
-        report.consumers.push(ConsumerReport {
-            name: name.to_string(),
-            applied: s.processed,
-            duplicates: s.duplicates,
-            skipped: s.skipped,
-            dead_lettered: s.dead_lettered,
-        });
-    }
-    report.problems = check(&pool, &consumer_pools).await?;
-    println!();
-    println!("== what happened ==");
-    println!("events committed and published:  {events} (plus {duplicated} duplicate deliveries, {} replayed)", letters.len());
-    println!("consumer        applied  duplicates-suppressed  skipped(other types)  dead-lettered");
-    for c in &report.consumers {
-        println!(
-            "{:<15} {:>7}  {:>21}  {:>20}  {:>13}",
-            c.name, c.applied, c.duplicates, c.skipped, c.dead_lettered
-        );
-    }
-    for (event_type, reason) in &report.dead_letters {
-        println!("dead letter:    {event_type}: {reason} (replayed after the fix, applied once)");
-    }
-    if let Some((p50, p99, max)) = latencies.summary() {
-        println!(
-            "end-to-end latency (event committed -> consumer handler): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            p50 * 1e3,
-            p99 * 1e3,
-            max * 1e3
-        );
-    }
-    if report.problems.is_empty() {
-        println!("checks:         every consumer's state matches the orders table exactly (no effect lost or doubled)");
-    } else {
-        for p in &report.problems {
-            println!("CHECK FAILED:   {p}");
+/// A record a consumer is done with, whatever it did with it.
+fn settled(s: &consumer_kit::StatsSnapshot) -> u64 {
+    s.processed + s.duplicates + s.skipped + s.dead_lettered
+}
+
+/// Prints progress until every consumer settled `records` records.
+async fn wait_settled(
+    n: Narrator,
+    stats: &[(&'static str, Arc<ConsumerStats>)],
+    records: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line: Vec<String> = stats
+            .iter()
+            .map(|(name, s)| {
+                let s = s.snapshot();
+                format!("{name} {}/{records}", settled(&s))
+            })
+            .collect();
+        n.say(format!("  consumed: {}", line.join("  ")));
+        if stats.iter().all(|(_, s)| settled(&s.snapshot()) >= records) {
+            return Ok(());
         }
+        if Instant::now() > deadline {
+            bail!("consumers did not settle all {records} records within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-
-    if let Some(token) = &opts.keep_running {
-        println!();
-        println!("still running: order service at http://{addr}/orders, relay and consumers on topic {topic}; Ctrl-C stops everything");
-        token.cancelled().await;
-    }
-    stop.cancel();
-    for (name, task) in consumer_tasks {
-        task.await?
-            .with_context(|| format!("consumer {name} failed"))?;
-    }
-    relay.stop().await?;
-    http_task.await??;
-    drop(shutdown);
-    say("stopped cleanly".into());
-    Ok(report)
 }
 
 /// Compares each consumer's state with the orders table.

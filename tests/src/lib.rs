@@ -283,7 +283,7 @@ pub fn relay_bin() -> std::path::PathBuf {
     BUILT
         .get_or_init(|| {
             workspace_bin(
-                &["-p", "outbox-relay", "--bin", "outbox-relay"],
+                &["-p", "outbox-toolkit-relay", "--bin", "outbox-relay"],
                 "outbox-relay",
             )
         })
