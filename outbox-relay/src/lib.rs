@@ -57,4 +57,5 @@ mod wake;
 mod fencing_tests;
 
 pub use config::{AfterPublish, PoisonPolicy, RelayConfig};
+pub use publisher::PublisherError;
 pub use relay::{Relay, RelayError, RelayHandle};

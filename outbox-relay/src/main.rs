@@ -384,7 +384,8 @@ async fn run(
         pool.close().await;
     }
     let metrics = install_metrics()?;
-    let relay = Relay::new(cfg.clone(), opts.clone()).map_err(|e| UsageError(e.to_string()))?;
+    let relay = Relay::new(cfg.clone(), opts.clone())
+        .map_err(|e| UsageError(format!("{:#}", anyhow::Error::from(e))))?;
     let health = relay.health();
     let listener = http::bind(args.http_addr)
         .await

@@ -42,10 +42,12 @@ pub enum Outcome {
     Transient(String),
 }
 
-/// Why a publisher could not be created.
+/// Why the Kafka producer could not be created (usually a bad
+/// `--kafka-property`). The source is librdkafka's error, with the values
+/// of secret properties masked.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot create the Kafka producer: {0}")]
-pub struct PublisherError(String);
+#[error("cannot create the Kafka producer")]
+pub struct PublisherError(#[source] KafkaError);
 
 /// A topic's state in the broker's metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +119,7 @@ impl Publisher {
         }
         let producer: FutureProducer<WatchedContext> = cc
             .create_with_context(WatchedContext::new(Arc::clone(&reach)))
-            .map_err(|e| PublisherError(outbox_kafka::secrets::redact(&e.to_string())))?;
+            .map_err(|e| PublisherError(outbox_kafka::secrets::scrub(e)))?;
         Ok(Self {
             reach,
             producer: std::sync::RwLock::new(producer),
@@ -149,7 +151,7 @@ impl Publisher {
         let fresh: FutureProducer<WatchedContext> = self
             .client_config
             .create_with_context(WatchedContext::new(Arc::clone(&self.reach)))
-            .map_err(|e| PublisherError(outbox_kafka::secrets::redact(&e.to_string())))?;
+            .map_err(|e| PublisherError(outbox_kafka::secrets::scrub(e)))?;
         *self.producer.write().expect("producer lock") = fresh;
         self.known_topics.lock().expect("topic cache").clear();
         Ok(())

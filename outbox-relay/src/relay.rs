@@ -72,7 +72,7 @@ pub enum RelayError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The Kafka producer could not be created (usually a bad
-    /// `--kafka-property`).
+    /// `--kafka-property`); the source says why.
     #[error(transparent)]
     Publisher(#[from] PublisherError),
 }
@@ -416,7 +416,8 @@ impl Relay {
                 warn!(%fatal, consecutive_failures, "replaced the Kafka producer after a fatal error")
             }
             Err(e) => {
-                error!(error = %e, %fatal, "could not replace the Kafka producer after a fatal error")
+                let cause = std::error::Error::source(&e).map(ToString::to_string);
+                error!(error = %e, cause, %fatal, "could not replace the Kafka producer after a fatal error")
             }
         }
     }

@@ -13,7 +13,10 @@ use integration_tests::{
 };
 use sqlx::PgPool;
 
-const OUTAGE: Duration = Duration::from_secs(15);
+/// Long enough that a repeat lands past the 10 s window (whose summary the
+/// test asserts) however librdkafka's reconnect backoff (at most 10 s, with
+/// jitter) falls: with 15 s a run saw no repeat between 10 and 15 s.
+const OUTAGE: Duration = Duration::from_secs(25);
 
 fn lines_since(path: &std::path::Path, offset: usize) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
