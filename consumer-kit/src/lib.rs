@@ -12,14 +12,21 @@
 //!
 //! - [`handler`]: the [`Handler`] trait and [`HandlerError`] (retryable or
 //!   permanent);
-//! - `process.rs`: one message's life (dedupe transaction,
-//!   retries, dead letter);
+//! - [`consumer`]: building a [`Consumer`] and its life, [`ConsumerHandle`];
+//! - `process.rs`: one message's life (dedupe transaction, retries, dead
+//!   letter), with outages kept apart from handler failures;
 //! - [`dedupe`]: every SQL statement on `processed_events`;
-//! - [`consumer`]: the Kafka loop, partition workers, offsets, rebalances;
-//! - [`dead_letter`]: dead-letter headers, reading and replaying them;
+//! - `member.rs`: the group member (poll thread, rebalances, offsets,
+//!   partition workers); `preflight.rs`: the checks before it joins;
+//! - [`dead_letter`]: what a dead letter carries, and publishing one;
+//!   [`replay`]: reading and replaying them;
 //! - [`cleanup`]: the TTL cleanup and the retention check;
 //! - [`config`]: every setting with its default;
 //! - [`telemetry`]: metric names.
+//!
+//! The schema ships in this crate (`migrations/`); [`migrate()`] applies it.
+//! `examples/consume.rs` is a complete consumer to run against a broker:
+//! `cargo run -p consumer-kit --example consume`.
 //!
 //! # Example
 //!
