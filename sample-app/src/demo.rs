@@ -15,6 +15,10 @@
 //! 7. A report: events published, consumed per consumer, duplicates
 //!    suppressed, dead letters, end-to-end latency, and checks of each
 //!    consumer's state against the orders table.
+//!
+//! One piece because it is one script: [`run`] reads as the seven steps
+//! above, each step a function below it, and the consistency checks at the
+//! end compare every consumer's tables with the orders table.
 
 use std::{
     collections::BTreeMap,

@@ -18,6 +18,9 @@
 //!
 //! A broker is killed when dropped; its folder is removed unless
 //! `KEEP_KAFKA` is set (its log is `<dir>/broker.log`).
+//!
+//! One piece because a node and a cluster share everything but the quorum:
+//! the properties, the process, the wait for "started" and the folders.
 
 use std::{
     fmt::Write as _,

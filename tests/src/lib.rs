@@ -2,6 +2,11 @@
 //! PostgreSQL (`DATABASE_URL`, one fresh database per test through
 //! `#[sqlx::test]`) and the real broker (`KAFKA_BROKERS`, one fresh topic
 //! per test). `./dev test` brings both up.
+//!
+//! One piece of small helpers the test files share (brokers and topics,
+//! reading records back, relays in-process and as processes, the delivery
+//! check); the generic ones come from `test-kit`, consumer helpers are in
+//! [`consumer`].
 
 use std::{collections::HashMap, time::Duration};
 
