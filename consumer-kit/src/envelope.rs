@@ -81,6 +81,15 @@ pub enum DecodeError {
         /// What is wrong.
         reason: String,
     },
+    /// An identity header ([`outbox_core::headers::IDENTITY`]) appears more
+    /// than once, or under a name that differs from it only in case.
+    #[error("header {name} is ambiguous: {reason}; the record cannot be identified safely")]
+    AmbiguousHeader {
+        /// The identity header.
+        name: &'static str,
+        /// What makes it ambiguous.
+        reason: String,
+    },
     /// The value does not deserialize into the handler's payload type.
     #[error("payload does not decode as {type_name}: {reason}")]
     Payload {
@@ -91,8 +100,36 @@ pub enum DecodeError {
     },
 }
 
+/// Refuses a header that makes the record's identity ambiguous: a second
+/// identity header of one name (`seen` holds those decoded so far), or one
+/// whose name differs from an identity header's only in case.
+fn check_identity(
+    key: &str,
+    value: &str,
+    seen: &BTreeMap<&'static str, String>,
+) -> Result<(), DecodeError> {
+    for name in h::IDENTITY {
+        if key == *name {
+            if let Some(first) = seen.get(name) {
+                return Err(DecodeError::AmbiguousHeader {
+                    name,
+                    reason: format!("it appears more than once ({first:?} and {value:?})"),
+                });
+            }
+        } else if key.eq_ignore_ascii_case(name) {
+            return Err(DecodeError::AmbiguousHeader {
+                name,
+                reason: format!("the record has a header {key:?} ({value:?}), which differs from {name} only in case"),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl RawEnvelope {
-    /// Decodes the envelope of `msg`, leaving the payload raw.
+    /// Decodes the envelope of `msg`, leaving the payload raw. A record
+    /// whose identity is ambiguous (see [`outbox_core::headers::IDENTITY`])
+    /// is refused with [`DecodeError::AmbiguousHeader`].
     pub fn decode(msg: &OwnedMessage) -> Result<Self, DecodeError> {
         let mut ce: BTreeMap<&'static str, String> = BTreeMap::new();
         let mut extra = BTreeMap::new();
@@ -102,6 +139,7 @@ impl RawEnvelope {
                     .value
                     .map(|v| String::from_utf8_lossy(v).into_owned())
                     .unwrap_or_default();
+                check_identity(header.key, &text, &ce)?;
                 match h::RESERVED.iter().find(|n| **n == header.key) {
                     Some(name) => {
                         ce.insert(name, text);
@@ -267,6 +305,69 @@ mod tests {
         assert!(err.to_string().contains("ce_id"), "{err}");
         let err = RawEnvelope::decode(&msg(&[("ce_id", ID)], None)).unwrap_err();
         assert_eq!(err, DecodeError::MissingHeader("ce_type"));
+    }
+
+    #[test]
+    fn a_second_or_case_varied_identity_header_is_refused_by_name() {
+        const OTHER: &str = "0190a5b2-7c1e-7d3a-9a51-2b4c6d8e0f99";
+        for (headers, name, says) in [
+            (
+                vec![("ce_id", ID), ("ce_type", "t"), ("ce_id", OTHER)],
+                "ce_id",
+                "more than once",
+            ),
+            (
+                vec![("ce_id", ID), ("ce_id", ID), ("ce_type", "t")],
+                "ce_id",
+                "more than once",
+            ),
+            (
+                vec![("ce_id", ID), ("CE_ID", OTHER), ("ce_type", "t")],
+                "ce_id",
+                "\"CE_ID\"",
+            ),
+            (
+                vec![("Ce_Id", ID), ("ce_type", "t")],
+                "ce_id",
+                "only in case",
+            ),
+            (
+                vec![("ce_id", ID), ("ce_type", "a"), ("ce_type", "b")],
+                "ce_type",
+                "more than once",
+            ),
+            (
+                vec![
+                    ("ce_id", ID),
+                    ("ce_type", "t"),
+                    ("ce_eventversion", "1"),
+                    ("CE_EVENTVERSION", "2"),
+                ],
+                "ce_eventversion",
+                "only in case",
+            ),
+        ] {
+            let err = RawEnvelope::decode(&msg(&headers, None)).unwrap_err();
+            assert!(
+                matches!(&err, DecodeError::AmbiguousHeader { name: n, .. } if *n == name),
+                "{headers:?}: {err}"
+            );
+            assert!(err.to_string().contains(name), "{err}");
+            assert!(err.to_string().contains(says), "{err}");
+        }
+        // Informative headers may repeat; a custom header named like no
+        // identity header is the producer's own.
+        let ok = RawEnvelope::decode(&msg(
+            &[
+                ("ce_id", ID),
+                ("ce_type", "t"),
+                ("ce_time", "2026-11-23T10:00:00Z"),
+                ("x-ce-id", "mine"),
+            ],
+            None,
+        ))
+        .unwrap();
+        assert_eq!(ok.headers.get("x-ce-id").map(String::as_str), Some("mine"));
     }
 
     #[test]

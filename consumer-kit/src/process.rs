@@ -15,9 +15,12 @@
 //! ```
 //!
 //! "Done" lets the caller store the offset. A database that fails (begin,
-//! dedupe insert, commit) is retried with backoff for as long as it takes,
-//! without using up the handler's tries; so is a dead-letter publish that
-//! fails. A message is never acknowledged before it was applied, found
+//! dedupe insert, commit, or a lost connection under the handler's own
+//! statements: see [`is_outage`]) is retried for as long as it takes,
+//! without using up the handler's tries, probing at least every
+//! [`OUTAGE_PROBE_MAX`] so that work resumes within about a second of the
+//! database's return; a dead-letter publish that fails is retried with
+//! backoff. A message is never acknowledged before it was applied, found
 //! duplicate, or dead-lettered.
 
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration, time::Instant};
@@ -32,7 +35,7 @@ use crate::{
     dead_letter::{self, DeadLetterKind},
     dedupe,
     envelope::RawEnvelope,
-    handler::{HandlerError, Prepared, Route},
+    handler::{BoxError, HandlerError, Prepared, Route},
     telemetry::{self, ConsumerStats, StatField},
 };
 
@@ -63,8 +66,48 @@ enum Applied {
 
 enum Failure {
     /// The database itself failed: retry without counting a handler try.
-    Infrastructure(sqlx::Error),
+    Infrastructure(BoxError),
     Handler(HandlerError),
+}
+
+/// The longest wait between tries while the database is unreachable: each
+/// try is a probe, so work resumes within about this long of its return.
+pub(crate) const OUTAGE_PROBE_MAX: Duration = Duration::from_secs(1);
+
+/// Whether `err` says the database is unreachable or going away, rather
+/// than that this statement failed: lost or refused connections, an empty
+/// or closed pool, SQLSTATE class 08 (connection exception) and 57P
+/// (operator intervention: admin or crash shutdown, cannot connect now).
+/// Such an error inside a handler is an outage, not the handler's failure.
+pub(crate) fn is_outage(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
+
+/// The outage in a handler's error, if any: an [`is_outage`] database
+/// error anywhere in its source chain.
+fn outage_in(err: &HandlerError) -> Option<String> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = match err {
+        HandlerError::Retryable(e) | HandlerError::Permanent(e) => Some(e.as_ref()),
+    };
+    while let Some(e) = next {
+        if let Some(db) = e.downcast_ref::<sqlx::Error>() {
+            if is_outage(db) {
+                return Some(db.to_string());
+            }
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// Settles `msg`. Only sleeps are cut short by `stop`; a transaction in
@@ -169,9 +212,9 @@ async fn settle(
             Err(Failure::Infrastructure(e)) => {
                 attempt -= 1;
                 outages += 1;
-                warn!(error = %e, "database failed; retrying the message with backoff");
+                warn!(error = %e, "database unreachable; the message waits for it without spending a handler try");
                 telemetry::infra_error(&cfg.group_id, "database");
-                if !sleep_or_stop(backoff(outages, cfg), stop).await {
+                if !sleep_or_stop(outage_backoff(outages, cfg), stop).await {
                     return Done::Abandoned;
                 }
             }
@@ -217,10 +260,11 @@ async fn apply_once(
     raw: &RawEnvelope,
     prepared: &dyn Prepared,
 ) -> Result<Applied, Failure> {
-    let mut tx = shared.pool.begin().await.map_err(Failure::Infrastructure)?;
+    let infra = |e: sqlx::Error| Failure::Infrastructure(e.into());
+    let mut tx = shared.pool.begin().await.map_err(infra)?;
     let new = dedupe::record(&mut tx, &shared.cfg.group_id, raw.event_id, &raw.position)
         .await
-        .map_err(Failure::Infrastructure)?;
+        .map_err(infra)?;
     if !new {
         // Nothing was written; ending the transaction is all that is left.
         let _ = tx.rollback().await;
@@ -231,12 +275,17 @@ async fn apply_once(
         .await
     {
         Ok(Ok(())) => {
-            tx.commit().await.map_err(Failure::Infrastructure)?;
+            tx.commit().await.map_err(infra)?;
             Ok(Applied::New)
         }
         Ok(Err(e)) => {
             let _ = tx.rollback().await;
-            Err(Failure::Handler(e))
+            match outage_in(&e) {
+                Some(outage) => Err(Failure::Infrastructure(
+                    format!("the handler's statement lost the database: {outage}").into(),
+                )),
+                None => Err(Failure::Handler(e)),
+            }
         }
         Err(panic) => {
             // The transaction is dropped, which rolls it back.
@@ -299,10 +348,102 @@ pub(crate) fn backoff(n: u32, cfg: &ConsumerConfig) -> Duration {
     outbox_core::backoff::nth(n, cfg.min_backoff, cfg.max_backoff)
 }
 
+/// The wait before the `n`-th try during a database outage: the usual
+/// backoff, but never longer than [`OUTAGE_PROBE_MAX`].
+fn outage_backoff(n: u32, cfg: &ConsumerConfig) -> Duration {
+    outbox_core::backoff::nth(n, cfg.min_backoff, cfg.max_backoff.min(OUTAGE_PROBE_MAX))
+}
+
 /// Sleeps `d`; false when `stop` fired first.
 async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
         _ = stop.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db_error(code: &str) -> sqlx::Error {
+        // The smallest DatabaseError: sqlx builds PgDatabaseError only from
+        // the wire, so the tests use their own.
+        #[derive(Debug)]
+        struct Db(String);
+        impl std::fmt::Display for Db {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "SQLSTATE {}", self.0)
+            }
+        }
+        impl std::error::Error for Db {}
+        impl sqlx::error::DatabaseError for Db {
+            fn message(&self) -> &str {
+                "test"
+            }
+            fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+                Some(self.0.as_str().into())
+            }
+            fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+                self
+            }
+            fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+                self
+            }
+            fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+                self
+            }
+            fn kind(&self) -> sqlx::error::ErrorKind {
+                sqlx::error::ErrorKind::Other
+            }
+        }
+        sqlx::Error::Database(Box::new(Db(code.into())))
+    }
+
+    #[test]
+    fn lost_connections_are_outages_and_statement_errors_are_not() {
+        let io = || sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        for outage in [
+            io(),
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            db_error("08006"), // connection failure
+            db_error("57P01"), // admin shutdown (pg_terminate_backend)
+            db_error("57P03"), // cannot connect now
+        ] {
+            assert!(is_outage(&outage), "{outage}");
+        }
+        for statement in [
+            db_error("23505"), // unique violation
+            db_error("40001"), // serialization failure: the handler's to retry
+            db_error("57014"), // query canceled (a statement timeout)
+            sqlx::Error::RowNotFound,
+        ] {
+            assert!(!is_outage(&statement), "{statement}");
+        }
+        // Through a handler's error, as `?` makes it or wrapped in its own.
+        assert!(outage_in(&HandlerError::from(io())).is_some());
+        #[derive(Debug, thiserror::Error)]
+        #[error("saving the order")]
+        struct Saving(#[source] sqlx::Error);
+        assert!(outage_in(&HandlerError::retryable(Saving(io()))).is_some());
+        assert!(outage_in(&HandlerError::from(db_error("23505"))).is_none());
+        assert!(outage_in(&HandlerError::retryable("remote service down")).is_none());
+    }
+
+    #[test]
+    fn outages_are_probed_at_least_every_second() {
+        let cfg = ConsumerConfig::new("g", ["t"]);
+        assert!(
+            cfg.max_backoff > OUTAGE_PROBE_MAX,
+            "the default cap is longer"
+        );
+        for n in 1..40 {
+            assert!(outage_backoff(n, &cfg) <= OUTAGE_PROBE_MAX);
+        }
+        assert!(
+            backoff(30, &cfg) > OUTAGE_PROBE_MAX,
+            "handler retries keep theirs"
+        );
     }
 }

@@ -70,6 +70,14 @@ pub const RESERVED: &[&str] = &[
     TRACESTATE,
 ];
 
+/// The headers that say which event a record is and how to read it: its id
+/// (the consumers' idempotency key), its type (which handler runs), its
+/// source and its schema version. A consumer refuses a record that has
+/// any of them twice, or under a name that differs only in case: which one
+/// counts would be a guess, and a wrong guess skips a different event as a
+/// duplicate.
+pub const IDENTITY: &[&str] = &[CE_ID, CE_TYPE, CE_SOURCE, CE_EVENT_VERSION];
+
 /// Whether `name` is one of the [`RESERVED`] header names (case-insensitive).
 pub fn is_reserved(name: &str) -> bool {
     RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))

@@ -191,6 +191,9 @@ pub struct Effects {
     pub calls: Arc<Mutex<HashMap<Uuid, u32>>>,
     /// Sleep per event, for slow-consumer tests.
     pub sleep: Duration,
+    /// Sleep before the handler's own statement, so that a connection
+    /// killed meanwhile fails that statement (not the dedupe or commit).
+    pub pause_before: Duration,
 }
 
 #[async_trait::async_trait]
@@ -208,6 +211,9 @@ impl Handler for Effects {
             *c += 1;
             *c
         };
+        if !self.pause_before.is_zero() {
+            tokio::time::sleep(self.pause_before).await;
+        }
         // The effect first, so a failure after it proves the rollback.
         sqlx::query("INSERT INTO effects (event_id, seq, member) VALUES ($1, $2, $3)")
             .bind(event.event_id)

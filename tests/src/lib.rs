@@ -481,6 +481,18 @@ pub use test_kit::http::get_blocking as http_get;
 /// `restart` keep its topics, records and offsets.
 pub use test_kit::kafka::{Cluster as PrivateCluster, Node as PrivateBroker};
 
+/// Terminates every other connection to `pool`'s database (a consumer's,
+/// a relay's); returns how many were terminated.
+pub async fn kill_connections_except_mine(pool: &sqlx::PgPool) -> anyhow::Result<usize> {
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(killed.len())
+}
+
 /// Terminates every database connection of the relays in `pool`'s
 /// database (application name `outbox-relay`, the relay's default); returns
 /// how many were terminated.

@@ -12,7 +12,7 @@ use integration_tests::{
     create_topic, eventually, unique,
 };
 use outbox_core::headers as h;
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgPool};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -928,6 +928,112 @@ async fn database_connections_killed_mid_stream_lose_and_double_nothing(
         stats.snapshot().processed + stats.snapshot().duplicates,
         n as u64
     );
+    Ok(())
+}
+
+/// A flapping database under a healthy, slow handler: connections are
+/// killed again and again while handlers wait before their own statement,
+/// so those statements fail on a dead connection. Outages are not handler
+/// failures: nothing is dead-lettered, no handler try is spent on them, and
+/// every event is applied once.
+#[sqlx::test(migrations = false)]
+async fn a_flapping_database_never_spends_a_healthy_handlers_tries(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-flap", 3).await?;
+    let group = unique("g");
+    let n = 40;
+    produce(&topic, &events(n, 10, "item.added").0).await?;
+    let handler = Effects {
+        pause_before: Duration::from_millis(150),
+        ..Effects::default()
+    };
+    let cfg = consumer_kit::ConsumerConfig {
+        max_attempts: 2,
+        ..consumer_cfg(&group, &topic)
+    };
+    let c = start_consumer(&pool, cfg, "item.added", handler)?;
+    let stats = c.stats();
+    // Kill the consumer's connections every 100 ms for 4 s.
+    let mut killed = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        killed += integration_tests::kill_connections_except_mine(&pool).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        killed > 10,
+        "the consumer's connections were killed ({killed})"
+    );
+    eventually(Duration::from_secs(60), "everything applied", || async {
+        Ok(effect_counts(&pool).await?.1 == n as i64)
+    })
+    .await?;
+    c.stop().await?;
+    let s = stats.snapshot();
+    assert_eq!(
+        s.dead_lettered, 0,
+        "an outage dead-lettered a healthy event"
+    );
+    assert_eq!(s.retries, 0, "an outage spent a handler try");
+    assert_eq!(effect_counts(&pool).await?, (n as i64, n as i64));
+    Ok(())
+}
+
+/// Recovery does not wait on backoff: after a database outage long enough
+/// to grow the backoff well past a second, work resumes within about a
+/// second of the database's return (each try during an outage is a probe,
+/// at least once a second).
+#[sqlx::test(migrations = false)]
+async fn work_resumes_within_about_a_second_of_the_databases_return(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-resume", 1).await?;
+    let group = unique("g");
+    let (records, _) = events(10, 5, "item.added");
+    produce(&topic, &records[..5]).await?;
+    // Backoff from 4 s: without probing, the wait after a 12 s outage is
+    // several seconds.
+    let cfg = consumer_kit::ConsumerConfig {
+        min_backoff: Duration::from_secs(4),
+        max_backoff: Duration::from_secs(30),
+        ..consumer_cfg(&group, &topic)
+    };
+    let c = start_consumer(&pool, cfg, "item.added", Effects::default())?;
+    eventually(WAIT, "the first five applied", || async {
+        Ok(effect_counts(&pool).await?.1 == 5)
+    })
+    .await?;
+
+    // The outage: this database refuses connections, and the open ones end.
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await?;
+    let mut admin = sqlx::PgConnection::connect(&std::env::var("DATABASE_URL")?).await?;
+    let allow = |yes: bool| format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS {yes}");
+    sqlx::query(&allow(false)).execute(&mut admin).await?;
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db)
+        .execute(&mut admin)
+        .await?;
+    produce(&topic, &records[5..]).await?;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    sqlx::query(&allow(true)).execute(&mut admin).await?;
+    let back = std::time::Instant::now();
+    eventually(Duration::from_secs(60), "the rest applied", || async {
+        Ok(effect_counts(&pool).await?.1 == 10)
+    })
+    .await?;
+    let took = back.elapsed();
+    c.stop().await?;
+    println!("resumed {took:?} after the database returned");
+    assert!(
+        took < Duration::from_millis(2500),
+        "work resumed only {took:?} after the database returned"
+    );
+    assert_eq!(effect_counts(&pool).await?, (10, 10));
     Ok(())
 }
 
