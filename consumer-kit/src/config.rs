@@ -76,8 +76,9 @@ pub struct ConsumerConfig {
     /// pool's connection count.
     pub max_concurrency: usize,
     /// How long a partition revoke (rebalance) or a shutdown waits for the
-    /// messages being handled to finish before it goes on without them.
-    /// Unfinished messages are redelivered later and dedupe as usual.
+    /// messages being handled to finish. A message still being handled then
+    /// is abandoned: its handler is aborted, its transaction rolls back and
+    /// its offset is not stored, so it is redelivered and applied once.
     /// Default 10 s.
     pub drain_timeout: Duration,
     /// How long `processed_events` rows of this group are kept. Must cover

@@ -118,8 +118,12 @@ impl Consumer {
     }
 
     /// Consumes until `shutdown` is cancelled, then finishes the messages
-    /// being handled (up to [`ConsumerConfig::drain_timeout`]), commits the
-    /// offsets, leaves the group and returns `Ok(())`.
+    /// being handled (up to [`ConsumerConfig::drain_timeout`]; one still
+    /// being handled then is abandoned, rolled back and redelivered later),
+    /// commits the offsets, and returns `Ok(())` once the Kafka consumer is
+    /// closed and has left the group. A handler that blocks its thread past
+    /// the drain cannot be stopped: then the result is
+    /// [`ConsumerError::ShutdownIncomplete`], naming its message.
     ///
     /// At start it checks that `processed_events` exists and that every
     /// topic exists, creates missing dead-letter topics (if so configured),
@@ -180,9 +184,10 @@ impl ConsumerHandle {
         self.task.is_finished()
     }
 
-    /// Shuts the consumer down and waits for it: it finishes the messages
-    /// being handled (up to [`ConsumerConfig::drain_timeout`]), commits and
-    /// leaves the group. Returns the consumer's error if it stopped on one.
+    /// Shuts the consumer down and waits for it, as [`Consumer::run`]
+    /// describes: it finishes or abandons the messages being handled (up to
+    /// [`ConsumerConfig::drain_timeout`]), commits and leaves the group.
+    /// Returns the consumer's error if it stopped on one.
     pub async fn stop(mut self) -> Result<(), ConsumerError> {
         self.shutdown.cancel();
         let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));

@@ -28,6 +28,11 @@ pub enum ConsumerError {
     /// The Kafka client failed at start, or hit a fatal error.
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// Shutdown ended without closing the Kafka consumer: a handler blocks
+    /// its thread past [`crate::ConsumerConfig::drain_timeout`]. The message
+    /// names it.
+    #[error("shutdown incomplete: {0}")]
+    ShutdownIncomplete(String),
     /// An internal task failed.
     #[error("consumer task failed: {0}")]
     Internal(String),

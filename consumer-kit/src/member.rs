@@ -25,7 +25,7 @@ use rdkafka::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     error::ConsumerError,
@@ -109,7 +109,7 @@ fn poll_loop(
         }
     }
     let drain = consumer.context().drain_timeout;
-    lock(&workers).stop_all(drain);
+    let unfinished = lock(&workers).stop_all(drain);
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => debug!("offsets committed on shutdown"),
         Err(e) if is_nothing_to_commit(&e) => {}
@@ -117,8 +117,17 @@ fn poll_loop(
             warn!(error = %e, "could not commit offsets on shutdown; the next owner will see redeliveries, which dedupe")
         }
     }
-    // Dropping the last handle closes the consumer and leaves the group.
+    // Dropping the last handle closes the consumer and leaves the group. A
+    // handler that could not be stopped still holds one.
     drop(consumer);
+    if !unfinished.stuck.is_empty() && result.is_ok() {
+        result = Err(ConsumerError::ShutdownIncomplete(format!(
+            "the handler of {} blocks its thread past drain_timeout and could not be stopped; \
+             the Kafka consumer leaves the group only once it returns (it is aborted then: its \
+             transaction rolls back and its offset is not stored)",
+            unfinished.stuck.join(", ")
+        )));
+    }
     result
 }
 
@@ -147,6 +156,26 @@ struct Worker {
     stop: CancellationToken,
     /// Disconnected when the worker task has ended.
     done: std::sync::mpsc::Receiver<()>,
+    /// The worker task, aborted when its message outlives the drain.
+    task: tokio::task::JoinHandle<()>,
+    /// The offset of the message being handled, or -1.
+    handling: Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// How long an aborted worker gets to end (its transaction is dropped,
+/// which rolls it back). A handler blocking its thread cannot be aborted.
+const ABORT_WAIT: Duration = Duration::from_secs(1);
+
+/// What a stop of workers could not finish.
+#[derive(Debug, Default)]
+struct Unfinished {
+    /// Messages still being handled at the deadline, aborted: their
+    /// transactions rolled back and their offsets not stored, so they are
+    /// redelivered (as `topic/partition@offset`).
+    abandoned: Vec<String>,
+    /// Of those, the ones whose handler did not even end when aborted (it
+    /// blocks its thread); they still hold the consumer.
+    stuck: Vec<String>,
 }
 
 impl Workers {
@@ -176,7 +205,8 @@ impl Workers {
         if queue.is_none() {
             warn!(topic = %key.0, partition = key.1, "could not give the partition its own queue; its records arrive through the main queue");
         }
-        self.runtime.spawn(run_worker(
+        let handling = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        let task = self.runtime.spawn(run_worker(
             Arc::clone(&self.shared),
             Arc::clone(consumer),
             queue,
@@ -184,8 +214,18 @@ impl Workers {
             side_rx,
             stop.clone(),
             done_tx,
+            Arc::clone(&handling),
         ));
-        self.map.insert(key, Worker { side, stop, done });
+        self.map.insert(
+            key,
+            Worker {
+                side,
+                stop,
+                done,
+                task,
+                handling,
+            },
+        );
     }
 
     /// Gives a record that arrived on the main queue to its worker.
@@ -199,7 +239,10 @@ impl Workers {
 
     /// Stops the workers of `keys` and waits, up to `timeout` in all, for the
     /// messages they are handling to settle (and their offsets to be stored).
-    fn stop(&mut self, keys: &[PartitionKey], timeout: Duration) {
+    /// A message still being handled then is abandoned: its worker is
+    /// aborted, which rolls its transaction back and never stores its
+    /// offset, so it is redelivered (and applied once).
+    fn stop(&mut self, keys: &[PartitionKey], timeout: Duration) -> Unfinished {
         let stopped: Vec<(PartitionKey, Worker)> = keys
             .iter()
             .filter_map(|k| self.map.remove(k).map(|w| (k.clone(), w)))
@@ -208,22 +251,39 @@ impl Workers {
             w.stop.cancel();
         }
         let deadline = Instant::now() + timeout;
+        let mut unfinished = Unfinished::default();
         for ((topic, partition), w) in stopped {
             let left = deadline.saturating_duration_since(Instant::now());
-            let finished = matches!(
-                w.done.recv_timeout(left),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
-            );
-            if !finished {
-                warn!(%topic, partition, "a message of this partition was still being handled after drain_timeout; going on without it (it is redelivered later and dedupes)");
+            if ended(&w.done, left) {
+                continue;
             }
+            let offset = w.handling.load(std::sync::atomic::Ordering::SeqCst);
+            let at = format!("{topic}/{partition}@{offset}");
+            w.task.abort();
+            if ended(&w.done, ABORT_WAIT) {
+                warn!(message = %at, "still being handled after drain_timeout: abandoned (its transaction rolled back, its offset not stored; it is redelivered and applied once)");
+            } else {
+                error!(message = %at, "still being handled after drain_timeout, and its handler blocks its thread so it could not be stopped; it holds the Kafka consumer until it returns, and is aborted then");
+                unfinished.stuck.push(at.clone());
+            }
+            unfinished.abandoned.push(at);
         }
+        unfinished
     }
 
-    fn stop_all(&mut self, timeout: Duration) {
+    fn stop_all(&mut self, timeout: Duration) -> Unfinished {
         let keys: Vec<PartitionKey> = self.map.keys().cloned().collect();
-        self.stop(&keys, timeout);
+        self.stop(&keys, timeout)
     }
+}
+
+/// Whether the worker whose `done` channel this is has ended, waiting up to
+/// `wait`.
+fn ended(done: &std::sync::mpsc::Receiver<()>, wait: Duration) -> bool {
+    matches!(
+        done.recv_timeout(wait),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+    )
 }
 
 /// One partition's worker: settles records in offset order, storing each
@@ -238,6 +298,7 @@ async fn run_worker(
     mut side: mpsc::UnboundedReceiver<OwnedMessage>,
     stop: CancellationToken,
     _done: std::sync::mpsc::Sender<()>,
+    handling: Arc<std::sync::atomic::AtomicI64>,
 ) {
     let mut next_offset = -1;
     loop {
@@ -257,7 +318,10 @@ async fn run_worker(
             _ = stop.cancelled() => break,
             permit = shared.permits.acquire() => permit,
         };
-        match process(&shared, &msg, &stop).await {
+        handling.store(msg.offset(), std::sync::atomic::Ordering::SeqCst);
+        let done = process(&shared, &msg, &stop).await;
+        handling.store(-1, std::sync::atomic::Ordering::SeqCst);
+        match done {
             Done::Completed => store_offset(&consumer, &msg),
             Done::Abandoned => break,
         }
@@ -386,7 +450,9 @@ impl ConsumerContext for KitContext {
             .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
         info!(group = %self.group, partitions = ?keys, "partitions revoked; finishing their messages and committing offsets");
-        lock(&self.workers).stop(&keys, self.drain_timeout);
+        // What could not finish is said by `stop` (abandoned messages are
+        // redelivered to the next owner).
+        let _ = lock(&self.workers).stop(&keys, self.drain_timeout);
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => {}
             Err(e) if is_nothing_to_commit(&e) => {}

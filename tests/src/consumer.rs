@@ -285,6 +285,16 @@ pub fn start_consumer(
         .start())
 }
 
+/// How many members `group` has, as the broker's group coordinator says.
+pub fn group_members(group: &str) -> anyhow::Result<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()?;
+    let list = client.fetch_group_list(Some(group), Duration::from_secs(10))?;
+    Ok(list.groups().iter().map(|g| g.members().len()).sum())
+}
+
 /// Commits `offset` for every partition of `topic` in `group` (the group
 /// must have no live member): what an operator does to replay a topic.
 pub async fn reset_group_offsets(

@@ -1037,6 +1037,68 @@ async fn work_resumes_within_about_a_second_of_the_databases_return(
     Ok(())
 }
 
+/// Shutdown keeps its word: a handler still running at `drain_timeout` is
+/// abandoned, `stop()` returns with the consumer out of its group, the
+/// abandoned message's effect and offset are never committed (not even when
+/// its handler would have finished), and a restart applies it once.
+#[sqlx::test(migrations = false)]
+async fn shutdown_abandons_a_handler_past_the_drain_and_leaves_the_group(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-drain", 1).await?;
+    let group = unique("g");
+    let id = uuid::Uuid::new_v4();
+    produce(
+        &topic,
+        &[integration_tests::consumer::event(
+            "k",
+            id,
+            "item.added",
+            serde_json::json!({ "seq": 1, "sleep_ms": 6000 }),
+        )],
+    )
+    .await?;
+    let cfg = || consumer_kit::ConsumerConfig {
+        drain_timeout: Duration::from_secs(1),
+        ..consumer_cfg(&group, &topic)
+    };
+    let handler = Effects::default();
+    let calls = handler.calls.clone();
+    let c = start_consumer(&pool, cfg(), "item.added", handler)?;
+    eventually(WAIT, "the handler started", || async {
+        Ok(!calls.lock().unwrap().is_empty())
+    })
+    .await?;
+    let asked = std::time::Instant::now();
+    c.stop().await?;
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(4), "stop took {took:?}");
+    assert_eq!(
+        integration_tests::consumer::group_members(&group)?,
+        0,
+        "stop() returned with the consumer still in its group"
+    );
+    // Past the time the handler would have finished: nothing committed.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        effect_counts(&pool).await?,
+        (0, 0),
+        "the abandoned effect committed"
+    );
+    // A restart applies it, once.
+    let c = start_consumer(&pool, cfg(), "item.added", Effects::default())?;
+    eventually(
+        Duration::from_secs(60),
+        "applied after the restart",
+        || async { Ok(effect_counts(&pool).await?.1 == 1) },
+    )
+    .await?;
+    c.stop().await?;
+    assert_eq!(effect_counts(&pool).await?, (1, 1));
+    Ok(())
+}
+
 /// Offset commits the broker refuses (librdkafka's mock cluster answers the
 /// next OffsetCommit requests with an error) are counted in the stats and the
 /// metric, processing goes on, and a restart redelivers what the failed
