@@ -29,6 +29,7 @@ use crate::{
     dead_letter,
     error::ConsumerError,
     handler::{Handler, Route, TypedRoute},
+    health::{self, Health, Phase},
     member, preflight,
     process::Shared,
     telemetry::ConsumerStats,
@@ -74,13 +75,16 @@ impl ConsumerBuilder {
             &self.cfg.group_id,
         )?;
         let permits = tokio::sync::Semaphore::new(self.cfg.max_concurrency);
+        let stats = Arc::<ConsumerStats>::default();
+        let health = Arc::new(Health::new(&self.cfg.group_id, Arc::clone(&stats)));
         Ok(Consumer {
             shared: Arc::new(Shared {
                 cfg: self.cfg,
                 pool: self.pool,
                 routes: self.routes,
                 producer,
-                stats: Arc::default(),
+                stats,
+                health,
                 permits,
             }),
         })
@@ -117,6 +121,12 @@ impl Consumer {
         Arc::clone(&self.shared.stats)
     }
 
+    /// Whether the consumer can make progress now, and why: see
+    /// [`crate::health`]. Serve it as a readiness probe.
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.shared.health)
+    }
+
     /// Consumes until `shutdown` is cancelled, then finishes the messages
     /// being handled (up to [`ConsumerConfig::drain_timeout`]; one still
     /// being handled then is abandoned, rolled back and redelivered later),
@@ -132,14 +142,34 @@ impl Consumer {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
         let shared = self.shared;
         let cfg = &shared.cfg;
-        preflight::check(&shared.pool, cfg).await?;
-
-        let member = member::Member::join(&shared)?;
+        let health = Arc::clone(&shared.health);
+        let started = async {
+            preflight::check(&shared.pool, cfg).await?;
+            health.database_up();
+            member::Member::join(&shared)
+        };
+        let member = match started.await {
+            Ok(member) => member,
+            Err(e) => {
+                health.set_phase(Phase::Stopped);
+                return Err(e);
+            }
+        };
+        let watchers = CancellationToken::new();
         let cleaner = cfg
             .cleanup_interval
             .map(|every| tokio::spawn(cleanup::run(Arc::clone(&shared), every, shutdown.clone())));
+        tokio::spawn(health::watch_database(
+            shared.pool.clone(),
+            Arc::clone(&health),
+            watchers.clone(),
+        ));
+        member.watch_group(watchers.clone());
+        health.set_phase(Phase::Running);
         info!(group = %cfg.group_id, topics = ?cfg.topics, "consumer started");
         let result = member.serve(shutdown.clone()).await;
+        watchers.cancel();
+        health.set_phase(Phase::Stopped);
         if let Some(task) = cleaner {
             task.abort();
         }
@@ -153,10 +183,12 @@ impl Consumer {
     /// Must be called within a Tokio runtime.
     pub fn start(self) -> ConsumerHandle {
         let stats = self.stats();
+        let health = self.health();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(self.run(shutdown.clone()));
         ConsumerHandle {
             stats,
+            health,
             shutdown,
             task,
         }
@@ -168,6 +200,7 @@ impl Consumer {
 #[derive(Debug)]
 pub struct ConsumerHandle {
     stats: Arc<ConsumerStats>,
+    health: Arc<Health>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), ConsumerError>>,
 }
@@ -176,6 +209,11 @@ impl ConsumerHandle {
     /// Running totals (processed, duplicates, retries, dead-lettered).
     pub fn stats(&self) -> Arc<ConsumerStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// Whether the consumer can make progress now, and why.
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
     }
 
     /// Whether the consumer has stopped on its own: it returns early only

@@ -59,12 +59,12 @@ pub(crate) fn consumer_config(cfg: &ConsumerConfig) -> ClientConfig {
         )
         .set("auto.offset.reset", &cfg.auto_offset_reset)
         .set("client.id", "consumer-kit");
-    if let Some(every) = cfg.lag_interval {
-        cc.set(
-            "statistics.interval.ms",
-            every.as_millis().max(1).to_string(),
-        );
-    }
+    // Every second: the broker connection for health (the lag gauge is
+    // refreshed every `lag_interval` from these).
+    cc.set(
+        "statistics.interval.ms",
+        outbox_kafka::reach::STATS_INTERVAL_MS,
+    );
     outbox_kafka::secrets::set_all(&mut cc, &cfg.kafka_properties);
     // Stored only after the database commit; never automatically.
     cc.set("enable.auto.offset.store", "false");

@@ -20,6 +20,7 @@
 //!   partition workers); `preflight.rs`: the checks before it joins;
 //! - [`dead_letter`]: what a dead letter carries, and publishing one;
 //!   [`replay`]: reading and replaying them;
+//! - [`health`]: readiness (phase, broker, database, progress, partitions);
 //! - [`cleanup`]: the TTL cleanup and the retention check;
 //! - [`config`]: every setting with its default;
 //! - [`telemetry`]: metric names.
@@ -74,6 +75,7 @@ pub mod dedupe;
 pub mod envelope;
 mod error;
 pub mod handler;
+pub mod health;
 mod kafka_config;
 mod member;
 mod preflight;
@@ -90,6 +92,7 @@ pub use dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterKind};
 pub use envelope::{DecodeError, Envelope, Position, RawEnvelope};
 pub use error::ConsumerError;
 pub use handler::{BoxError, Handler, HandlerError};
+pub use health::{Health, HealthReport, Phase};
 pub use outbox_core::{MigrateError, MigrationReport};
 pub use replay::{DeadLetterError, ReplayReport};
 pub use telemetry::{ConsumerStats, StatsSnapshot};

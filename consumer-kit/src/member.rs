@@ -29,6 +29,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     error::ConsumerError,
+    health::{assigned_in, Health, Phase, GROUP_CHECK_EVERY},
     kafka_config,
     process::{process, Done, Shared},
     telemetry::{self, ConsumerStats, StatField},
@@ -54,6 +55,9 @@ impl Member {
             drain_timeout: cfg.drain_timeout,
             consumer: std::sync::OnceLock::new(),
             stats: Arc::clone(&shared.stats),
+            health: Arc::clone(&shared.health),
+            lag_every: cfg.lag_interval,
+            lag_said: Mutex::new(None),
             commits_failing_since: Mutex::new(None),
         };
         let consumer: BaseConsumer<KitContext> = kafka_config::consumer_config(cfg)
@@ -65,6 +69,41 @@ impl Member {
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         Ok(Self { consumer, workers })
+    }
+
+    /// Reads the group's assignment every [`GROUP_CHECK_EVERY`] until `stop`,
+    /// and tells the health how many partitions of its topics no member
+    /// owns.
+    pub(crate) fn watch_group(&self, stop: CancellationToken) {
+        let consumer = Arc::downgrade(&self.consumer);
+        let (group, topics) = {
+            let ctx = self.consumer.context();
+            (
+                ctx.group.clone(),
+                lock(&ctx.workers).shared.cfg.topics.clone(),
+            )
+        };
+        let health = Arc::clone(&self.consumer.context().health);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(GROUP_CHECK_EVERY) => {}
+                }
+                let (consumer, group, topics) = (consumer.clone(), group.clone(), topics.clone());
+                let unowned = tokio::task::spawn_blocking(move || {
+                    let consumer = consumer.upgrade()?;
+                    unowned_partitions(&consumer, &group, &topics)
+                })
+                .await
+                .ok()
+                .flatten();
+                if let Some(n) = unowned {
+                    health.set_unowned(n);
+                    health.publish();
+                }
+            }
+        });
     }
 
     /// Serves the group on a blocking thread until `shutdown`, then drains
@@ -108,6 +147,7 @@ fn poll_loop(
             }
         }
     }
+    consumer.context().health.set_phase(Phase::Stopping);
     let drain = consumer.context().drain_timeout;
     let unfinished = lock(&workers).stop_all(drain);
     match consumer.commit_consumer_state(CommitMode::Sync) {
@@ -131,8 +171,42 @@ fn poll_loop(
     result
 }
 
+/// How many partitions of `topics` no member of `group` owns, from the
+/// group coordinator's view of each member's assignment and the topics'
+/// metadata. `None` when either cannot be read (or the group is not a
+/// classic consumer group with readable assignments).
+fn unowned_partitions(consumer: &KitConsumer, group: &str, topics: &[String]) -> Option<usize> {
+    let timeout = Duration::from_secs(5);
+    let groups = consumer.fetch_group_list(Some(group), timeout).ok()?;
+    let info = groups.groups().iter().find(|g| g.name() == group)?;
+    let mut owned = std::collections::HashSet::new();
+    for member in info.members() {
+        // A member without an assignment (joining, or mid-rebalance) owns
+        // nothing.
+        match member.assignment() {
+            None | Some([]) => {}
+            Some(bytes) => owned.extend(assigned_in(bytes)?),
+        }
+    }
+    let mut unowned = 0;
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+        let t = metadata.topics().iter().find(|t| t.name() == topic)?;
+        unowned += t
+            .partitions()
+            .iter()
+            .filter(|p| !owned.contains(&(topic.clone(), p.id())))
+            .count();
+    }
+    Some(unowned)
+}
+
 fn is_nothing_to_commit(e: &KafkaError) -> bool {
     matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))
+}
+
+fn lock_plain<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock(workers: &Mutex<Workers>) -> std::sync::MutexGuard<'_, Workers> {
@@ -206,15 +280,18 @@ impl Workers {
             warn!(topic = %key.0, partition = key.1, "could not give the partition its own queue; its records arrive through the main queue");
         }
         let handling = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        let link = Link {
+            stop: stop.clone(),
+            _done: done_tx,
+            handling: Arc::clone(&handling),
+        };
         let task = self.runtime.spawn(run_worker(
             Arc::clone(&self.shared),
             Arc::clone(consumer),
             queue,
             notify,
             side_rx,
-            stop.clone(),
-            done_tx,
-            Arc::clone(&handling),
+            link,
         ));
         self.map.insert(
             key,
@@ -277,6 +354,17 @@ impl Workers {
     }
 }
 
+/// What ties a worker task to its [`Worker`] entry.
+struct Link {
+    /// Cancelled to stop the worker (revoke, shutdown).
+    stop: CancellationToken,
+    /// Dropped when the task ends (or is aborted): `Worker::done` then
+    /// disconnects.
+    _done: std::sync::mpsc::Sender<()>,
+    /// The offset of the message being handled, or -1.
+    handling: Arc<std::sync::atomic::AtomicI64>,
+}
+
 /// Whether the worker whose `done` channel this is has ended, waiting up to
 /// `wait`.
 fn ended(done: &std::sync::mpsc::Receiver<()>, wait: Duration) -> bool {
@@ -296,10 +384,9 @@ async fn run_worker(
     queue: Option<PartitionQueue<KitContext>>,
     notify: Arc<tokio::sync::Notify>,
     mut side: mpsc::UnboundedReceiver<OwnedMessage>,
-    stop: CancellationToken,
-    _done: std::sync::mpsc::Sender<()>,
-    handling: Arc<std::sync::atomic::AtomicI64>,
+    link: Link,
 ) {
+    let Link { stop, handling, .. } = &link;
     let mut next_offset = -1;
     loop {
         let msg = tokio::select! {
@@ -319,7 +406,7 @@ async fn run_worker(
             permit = shared.permits.acquire() => permit,
         };
         handling.store(msg.offset(), std::sync::atomic::Ordering::SeqCst);
-        let done = process(&shared, &msg, &stop).await;
+        let done = process(&shared, &msg, stop).await;
         handling.store(-1, std::sync::atomic::Ordering::SeqCst);
         match done {
             Done::Completed => store_offset(&consumer, &msg),
@@ -378,6 +465,11 @@ struct KitContext {
     /// The consumer itself, to split partition queues on assignment.
     consumer: std::sync::OnceLock<std::sync::Weak<KitConsumer>>,
     stats: Arc<ConsumerStats>,
+    health: Arc<Health>,
+    /// How often the lag gauge is refreshed (`None`: never), and when it
+    /// last was.
+    lag_every: Option<Duration>,
+    lag_said: Mutex<Option<Instant>>,
     /// Since when offset commits fail, and when that was last said.
     commits_failing_since: Mutex<Option<(Instant, Instant)>>,
 }
@@ -391,10 +483,23 @@ impl ClientContext for KitContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.health.broker_error(&error);
         logs::librdkafka_error(&error, reason);
     }
 
     fn stats(&self, statistics: Statistics) {
+        self.health.broker_saw(&statistics);
+        self.health.publish();
+        let Some(every) = self.lag_every else {
+            return;
+        };
+        {
+            let mut said = lock_plain(&self.lag_said);
+            if said.is_some_and(|t| t.elapsed() < every) {
+                return;
+            }
+            *said = Some(Instant::now());
+        }
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 if *partition >= 0 && p.consumer_lag >= 0 {
@@ -452,7 +557,10 @@ impl ConsumerContext for KitContext {
         info!(group = %self.group, partitions = ?keys, "partitions revoked; finishing their messages and committing offsets");
         // What could not finish is said by `stop` (abandoned messages are
         // redelivered to the next owner).
-        let _ = lock(&self.workers).stop(&keys, self.drain_timeout);
+        let mut workers = lock(&self.workers);
+        let _ = workers.stop(&keys, self.drain_timeout);
+        self.health.set_assigned(workers.map.len());
+        drop(workers);
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => {}
             Err(e) if is_nothing_to_commit(&e) => {}
@@ -477,6 +585,7 @@ impl ConsumerContext for KitContext {
                 for key in keys {
                     workers.start(&consumer, key);
                 }
+                self.health.set_assigned(workers.map.len());
             }
         }
     }

@@ -56,6 +56,7 @@ pub(crate) struct Shared {
     pub(crate) routes: std::collections::HashMap<String, Arc<dyn Route>>,
     pub(crate) producer: dead_letter::DeadLetterProducer,
     pub(crate) stats: Arc<ConsumerStats>,
+    pub(crate) health: Arc<crate::health::Health>,
     pub(crate) permits: tokio::sync::Semaphore,
 }
 
@@ -113,6 +114,14 @@ fn outage_in(err: &HandlerError) -> Option<String> {
 /// Settles `msg`. Only sleeps are cut short by `stop`; a transaction in
 /// progress always runs to its end.
 pub(crate) async fn process(shared: &Shared, msg: &OwnedMessage, stop: &CancellationToken) -> Done {
+    let done = decode_and_settle(shared, msg, stop).await;
+    if done == Done::Completed {
+        shared.health.progressed();
+    }
+    done
+}
+
+async fn decode_and_settle(shared: &Shared, msg: &OwnedMessage, stop: &CancellationToken) -> Done {
     let raw = match RawEnvelope::decode(msg) {
         Ok(raw) => raw,
         Err(e) => {
@@ -193,6 +202,7 @@ async fn settle(
         let started = Instant::now();
         match apply_once(shared, raw, prepared.as_ref()).await {
             Ok(Applied::New) => {
+                shared.health.database_up();
                 debug!(attempt, "applied");
                 shared.stats.add(StatField::Processed);
                 telemetry::processed(
@@ -204,6 +214,7 @@ async fn settle(
                 return Done::Completed;
             }
             Ok(Applied::Duplicate) => {
+                shared.health.database_up();
                 debug!("already applied by this group; skipped as a duplicate");
                 shared.stats.add(StatField::Duplicate);
                 telemetry::duplicate(&cfg.group_id, msg.topic());
@@ -213,6 +224,7 @@ async fn settle(
                 attempt -= 1;
                 outages += 1;
                 warn!(error = %e, "database unreachable; the message waits for it without spending a handler try");
+                shared.health.database_down(&e.to_string());
                 telemetry::infra_error(&cfg.group_id, "database");
                 if !sleep_or_stop(outage_backoff(outages, cfg), stop).await {
                     return Done::Abandoned;

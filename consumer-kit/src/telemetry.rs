@@ -36,6 +36,38 @@ pub const CLEANED: &str = "consumer_kit_cleanup_deleted_total";
 /// last commit that succeeded (dedupe skips it).
 pub const OFFSET_COMMIT_FAILURES: &str = "consumer_kit_offset_commit_failures_total";
 
+/// 1 while the consumer can make progress ([`crate::Health`]), else 0, by
+/// `group`.
+pub const READY: &str = "consumer_kit_ready";
+/// 1 while connected to a Kafka broker, else 0, by `group`.
+pub const BROKER_CONNECTED: &str = "consumer_kit_broker_connected";
+/// 0 while the consumer's database is known to be unreachable, else 1, by
+/// `group`.
+pub const DATABASE_CONNECTED: &str = "consumer_kit_database_connected";
+/// Partitions assigned to this member, by `group`.
+pub const ASSIGNED_PARTITIONS: &str = "consumer_kit_assigned_partitions";
+/// Partitions of the group's topics that no member owns, as the group
+/// coordinator says, by `group` (absent until known).
+pub const UNOWNED_PARTITIONS: &str = "consumer_kit_unowned_partitions";
+
+pub(crate) fn health(
+    group: &str,
+    ready: bool,
+    broker: bool,
+    database: bool,
+    assigned: usize,
+    unowned: Option<usize>,
+) {
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    gauge!(READY, "group" => group.to_string()).set(flag(ready));
+    gauge!(BROKER_CONNECTED, "group" => group.to_string()).set(flag(broker));
+    gauge!(DATABASE_CONNECTED, "group" => group.to_string()).set(flag(database));
+    gauge!(ASSIGNED_PARTITIONS, "group" => group.to_string()).set(assigned as f64);
+    if let Some(n) = unowned {
+        gauge!(UNOWNED_PARTITIONS, "group" => group.to_string()).set(n as f64);
+    }
+}
+
 pub(crate) fn processed(group: &str, topic: &str, event_type: &str, took: Duration) {
     counter!(PROCESSED, "group" => group.to_string(), "topic" => topic.to_string(), "event_type" => event_type.to_string())
         .increment(1);
@@ -80,7 +112,8 @@ pub(crate) fn cleaned(group: &str, n: u64) {
 }
 
 /// Running totals of one consumer, readable in-process (for tests, demos and
-/// health endpoints) through [`crate::Consumer::stats`]. The same events
+/// dashboards) through [`crate::Consumer::stats`]; readiness is
+/// [`crate::Consumer::health`]. The same events
 /// are counted in the metrics above.
 #[derive(Debug, Default)]
 pub struct ConsumerStats {
@@ -90,6 +123,8 @@ pub struct ConsumerStats {
     dead_lettered: std::sync::atomic::AtomicU64,
     skipped: std::sync::atomic::AtomicU64,
     offset_commit_failures: std::sync::atomic::AtomicU64,
+    broker_outages: std::sync::atomic::AtomicU64,
+    database_outages: std::sync::atomic::AtomicU64,
 }
 
 /// A copy of [`ConsumerStats`] at one moment.
@@ -107,6 +142,10 @@ pub struct StatsSnapshot {
     pub skipped: u64,
     /// Offset commits that failed.
     pub offset_commit_failures: u64,
+    /// Times the consumer lost every broker connection.
+    pub broker_outages: u64,
+    /// Times the consumer's database became unreachable.
+    pub database_outages: u64,
 }
 
 impl ConsumerStats {
@@ -120,6 +159,8 @@ impl ConsumerStats {
             dead_lettered: self.dead_lettered.load(Relaxed),
             skipped: self.skipped.load(Relaxed),
             offset_commit_failures: self.offset_commit_failures.load(Relaxed),
+            broker_outages: self.broker_outages.load(Relaxed),
+            database_outages: self.database_outages.load(Relaxed),
         }
     }
 
@@ -132,6 +173,8 @@ impl ConsumerStats {
             StatField::DeadLettered => &self.dead_lettered,
             StatField::Skipped => &self.skipped,
             StatField::OffsetCommitFailure => &self.offset_commit_failures,
+            StatField::BrokerOutage => &self.broker_outages,
+            StatField::DatabaseOutage => &self.database_outages,
         };
         counter.fetch_add(1, Relaxed);
     }
@@ -145,4 +188,6 @@ pub(crate) enum StatField {
     DeadLettered,
     Skipped,
     OffsetCommitFailure,
+    BrokerOutage,
+    DatabaseOutage,
 }

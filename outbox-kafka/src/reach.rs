@@ -98,9 +98,9 @@ impl Reach {
         *self.lock() = Seen::Up;
     }
 
-    /// Records that no broker is connected; keeps the start of an outage
-    /// already seen, and takes the latest reason.
-    fn down(&self, why: String) {
+    /// Records that the other side is unreachable; keeps the start of an
+    /// outage already seen, and takes the latest reason.
+    pub fn down(&self, why: String) {
         let mut seen = self.lock();
         let since = match &*seen {
             Seen::Down { since, .. } => *since,
@@ -109,8 +109,9 @@ impl Reach {
         *seen = Seen::Down { since, why };
     }
 
-    /// Reads the broker states of one statistics report.
-    fn saw(&self, stats: &Statistics) {
+    /// Reads the broker states of one statistics report (for a client with
+    /// its own context; [`WatchedContext`] calls it itself).
+    pub fn saw(&self, stats: &Statistics) {
         let brokers: Vec<_> = stats
             .brokers
             .values()
@@ -129,6 +130,17 @@ impl Reach {
             states.sort();
             states.dedup();
             self.down(format!("no broker connected ({})", states.join(", ")));
+        }
+    }
+}
+
+impl Reach {
+    /// Reads a global client error: `AllBrokersDown` means down.
+    pub fn saw_error(&self, error: &KafkaError) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            // librdkafka's own words ("0/1 brokers are down") can count a
+            // broker in the middle of reconnecting; statistics name them.
+            self.down("all broker connections are down".into());
         }
     }
 }
@@ -164,11 +176,7 @@ impl ClientContext for WatchedContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            // librdkafka's own words ("0/1 brokers are down") can count a
-            // broker in the middle of reconnecting; statistics name them.
-            self.reach.down("all broker connections are down".into());
-        }
+        self.reach.saw_error(&error);
         librdkafka_error(&error, reason);
     }
 

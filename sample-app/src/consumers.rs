@@ -279,6 +279,14 @@ impl Consumers {
         Ok(Self { consumers })
     }
 
+    /// Each consumer's health, in [`NAMES`] order.
+    pub fn health(&self) -> Vec<(&'static str, Arc<consumer_kit::Health>)> {
+        self.consumers
+            .iter()
+            .map(|(n, c)| (*n, c.health()))
+            .collect()
+    }
+
     /// Each consumer's running totals, in [`NAMES`] order.
     pub fn stats(&self) -> Vec<(&'static str, Arc<ConsumerStats>)> {
         self.consumers

@@ -126,22 +126,47 @@ fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHa
         .context("cannot install the Prometheus recorder")
 }
 
-/// Serves `/metrics` on `addr` until `stop` fires.
+/// The consumers whose health `/readyz` reports.
+type Readiness = Vec<(&'static str, std::sync::Arc<consumer_kit::Health>)>;
+
+/// Serves `/metrics` on `addr` until `stop` fires, and `/readyz` from the
+/// consumers' health: 200 when every one is ready, else 503; the body has
+/// one line per consumer.
 async fn serve_metrics(
     addr: SocketAddr,
     handle: metrics_exporter_prometheus::PrometheusHandle,
+    ready: Readiness,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for /metrics (use --metrics-addr)"))?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
+    let readyz = move || {
+        let reports: Vec<(bool, String)> = ready
+            .iter()
+            .map(|(name, h)| {
+                let r = h.now();
+                (r.ready, format!("{name}: {}", r.reason))
+            })
+            .collect();
+        let all = reports.iter().all(|(ok, _)| *ok);
+        let body: Vec<String> = reports.into_iter().map(|(_, line)| line).collect();
+        let status = if all {
+            axum::http::StatusCode::OK
+        } else {
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        };
+        async move { (status, body.join("\n") + "\n") }
+    };
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        )
+        .route("/readyz", axum::routing::get(readyz));
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())
@@ -184,7 +209,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let metrics = install_metrics()?;
             let stop_metrics = CancellationToken::new();
             if keep_running {
-                serve_metrics(metrics_addr, metrics.clone(), stop_metrics.clone()).await?;
+                serve_metrics(
+                    metrics_addr,
+                    metrics.clone(),
+                    Vec::new(),
+                    stop_metrics.clone(),
+                )
+                .await?;
             }
             let report = demo::run(DemoOptions {
                 database,
@@ -214,7 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             topic,
         } => {
             let stop = ctrl_c();
-            serve_metrics(metrics_addr, install_metrics()?, stop.clone()).await?;
+            serve_metrics(metrics_addr, install_metrics()?, Vec::new(), stop.clone()).await?;
             let pool = sqlx::PgPool::connect_with(database).await?;
             outbox_core::migrate(&pool).await?;
             sqlx::query(orders::SCHEMA).execute(&pool).await?;
@@ -236,7 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             topic,
         } => {
             let stop = ctrl_c();
-            serve_metrics(metrics_addr, install_metrics()?, stop.clone()).await?;
+            let metrics = install_metrics()?;
             let pools = consumers::prepare(&database).await?;
             let fix = Fix::default();
             fix.deploy();
@@ -247,17 +278,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &Latencies::default(),
                 &fix,
             )?;
-            let stop = ctrl_c();
-            let tasks: Vec<_> = built
+            serve_metrics(metrics_addr, metrics, built.health(), stop.clone()).await?;
+            let handles: Vec<_> = built
                 .consumers
                 .into_iter()
-                .map(|(name, c)| (name, tokio::spawn(c.run(stop.clone()))))
+                .map(|(name, c)| (name, c.start()))
                 .collect();
             println!(
-                "consumers inventory, notifications, analytics on topic {topic}; Ctrl-C stops them"
+                "consumers inventory, notifications, analytics on topic {topic}; readiness at http://{metrics_addr}/readyz; Ctrl-C stops them"
             );
-            for (name, t) in tasks {
-                t.await?.with_context(|| format!("consumer {name}"))?;
+            // Until Ctrl-C, or a consumer stops on its own (an error, said
+            // below).
+            while !stop.is_cancelled() && !handles.iter().any(|(_, h)| h.is_finished()) {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            for (name, handle) in handles {
+                handle
+                    .stop()
+                    .await
+                    .with_context(|| format!("consumer {name}"))?;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
