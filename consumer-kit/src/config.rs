@@ -22,6 +22,26 @@ pub enum UnknownEventType {
     Skip,
 }
 
+/// What happens to later events of a key once one of its events is
+/// dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Ordering {
+    /// Park them: later events of the key are kept in the consumer's
+    /// database, in order, not applied, until the blocking event is resolved
+    /// (replayed and applied, or discarded with [`crate::park::discard`]).
+    /// Then they are applied in their original order, exactly once. Per-key
+    /// order holds through failures, like the relay's `block-key`. Records
+    /// without a key are never parked.
+    ParkKey,
+    /// Let them through: the key's later events are applied while its
+    /// dead-lettered one waits, and a replay applies it after them. Trades
+    /// per-key order for availability. Today's default; park-key becomes the
+    /// default once its operator commands land in `outbox-dlq`.
+    #[default]
+    Skip,
+}
+
 /// Settings of one consumer (one Kafka consumer group).
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -94,6 +114,9 @@ pub struct ConsumerConfig {
     /// How often the consumer-lag gauge is refreshed (librdkafka statistics).
     /// `None` turns it off. Default 5 s.
     pub lag_interval: Option<Duration>,
+    /// What happens to later events of a key once one of its events is
+    /// dead-lettered. Default [`Ordering::Skip`].
+    pub ordering: Ordering,
 }
 
 impl ConsumerConfig {
@@ -124,6 +147,7 @@ impl ConsumerConfig {
             cleanup_interval: Some(Duration::from_secs(300)),
             cleanup_batch_size: 1000,
             lag_interval: Some(Duration::from_secs(5)),
+            ordering: Ordering::default(),
         }
     }
 

@@ -78,6 +78,7 @@ pub mod handler;
 pub mod health;
 mod kafka_config;
 mod member;
+pub mod park;
 mod preflight;
 pub(crate) mod process;
 pub mod replay;
@@ -86,7 +87,7 @@ pub mod telemetry;
 /// Re-exported so handlers can be written without depending on async-trait:
 /// `#[consumer_kit::async_trait]`.
 pub use async_trait::async_trait;
-pub use config::{ConsumerConfig, UnknownEventType};
+pub use config::{ConsumerConfig, Ordering, UnknownEventType};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle};
 pub use dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterKind};
 pub use envelope::{DecodeError, Envelope, Position, RawEnvelope};

@@ -28,10 +28,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    config::Ordering,
     error::ConsumerError,
     health::{assigned_in, Health, Phase, GROUP_CHECK_EVERY},
     kafka_config,
-    process::{process, Done, Shared},
+    park::PARK_CHECK_EVERY,
+    process::{drain_discarded, process, Done, Shared},
     telemetry::{self, ConsumerStats, StatField},
 };
 
@@ -281,6 +283,7 @@ impl Workers {
         }
         let handling = Arc::new(std::sync::atomic::AtomicI64::new(-1));
         let link = Link {
+            partition: key.clone(),
             stop: stop.clone(),
             _done: done_tx,
             handling: Arc::clone(&handling),
@@ -356,6 +359,8 @@ impl Workers {
 
 /// What ties a worker task to its [`Worker`] entry.
 struct Link {
+    /// The worker's partition.
+    partition: PartitionKey,
     /// Cancelled to stop the worker (revoke, shutdown).
     stop: CancellationToken,
     /// Dropped when the task ends (or is aborted): `Worker::done` then
@@ -386,14 +391,37 @@ async fn run_worker(
     mut side: mpsc::UnboundedReceiver<OwnedMessage>,
     link: Link,
 ) {
-    let Link { stop, handling, .. } = &link;
+    let Link {
+        partition: (topic, partition),
+        stop,
+        handling,
+        ..
+    } = &link;
     let mut next_offset = -1;
+    // Under park-key, blocks an operator discarded are drained between
+    // messages (and while the partition is idle).
+    let parking = shared.cfg.ordering == Ordering::ParkKey;
+    let mut park_check = tokio::time::interval(PARK_CHECK_EVERY);
+    park_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let msg = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             Some(msg) = side.recv() => msg,
             msg = next_from_queue(queue.as_ref(), &notify) => msg,
+            _ = park_check.tick(), if parking => {
+                let permit = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    permit = shared.permits.acquire() => permit,
+                };
+                let done = drain_discarded(&shared, topic, *partition, stop).await;
+                drop(permit);
+                if done == Done::Abandoned {
+                    break;
+                }
+                continue;
+            }
         };
         if msg.offset() < next_offset {
             // Seen already (the same record by both routes).

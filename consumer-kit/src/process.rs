@@ -31,11 +31,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info_span, warn, Instrument};
 
 use crate::{
-    config::{ConsumerConfig, UnknownEventType},
+    config::{ConsumerConfig, Ordering, UnknownEventType},
     dead_letter::{self, DeadLetterKind},
     dedupe,
     envelope::RawEnvelope,
     handler::{BoxError, HandlerError, Prepared, Route},
+    park,
     telemetry::{self, ConsumerStats, StatField},
 };
 
@@ -114,14 +115,233 @@ fn outage_in(err: &HandlerError) -> Option<String> {
 /// Settles `msg`. Only sleeps are cut short by `stop`; a transaction in
 /// progress always runs to its end.
 pub(crate) async fn process(shared: &Shared, msg: &OwnedMessage, stop: &CancellationToken) -> Done {
-    let done = decode_and_settle(shared, msg, stop).await;
-    if done == Done::Completed {
-        shared.health.progressed();
+    let settled = match park::key_of(msg) {
+        Some(key) if shared.cfg.ordering == Ordering::ParkKey => {
+            in_key_order(shared, msg, &key, stop).await
+        }
+        _ => decode_and_settle(shared, msg, stop).await,
+    };
+    match settled {
+        Settled::Abandoned => Done::Abandoned,
+        Settled::Done | Settled::DeadLettered(_) => {
+            shared.health.progressed();
+            Done::Completed
+        }
     }
-    done
 }
 
-async fn decode_and_settle(shared: &Shared, msg: &OwnedMessage, stop: &CancellationToken) -> Done {
+/// How one message ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Settled {
+    /// Applied, a duplicate, skipped, or parked.
+    Done,
+    /// Sent to the dead-letter topic, for this reason.
+    DeadLettered(String),
+    /// Stopped before it settled: not acknowledged, redelivered later.
+    Abandoned,
+}
+
+/// Settles `msg` of ordering key `key` under [`Ordering::ParkKey`]: see
+/// `park.rs`. Database outages on the parking tables wait like any other,
+/// without spending a handler try.
+async fn in_key_order(
+    shared: &Shared,
+    msg: &OwnedMessage,
+    key: &str,
+    stop: &CancellationToken,
+) -> Settled {
+    let (group, topic) = (shared.cfg.group_id.as_str(), msg.topic());
+    let event_id = RawEnvelope::decode(msg).ok().map(|r| r.event_id);
+    let Some(block) = until_db(shared, stop, || {
+        park::block_of(&shared.pool, group, topic, key)
+    })
+    .await
+    else {
+        return Settled::Abandoned;
+    };
+    match block {
+        None => {
+            let settled = decode_and_settle(shared, msg, stop).await;
+            if let Settled::DeadLettered(reason) = &settled {
+                if !block_key(shared, msg, key, event_id, reason, stop).await {
+                    return Settled::Abandoned;
+                }
+            }
+            settled
+        }
+        Some(b) if b.blocking_event_id.is_some() && b.blocking_event_id == event_id => {
+            // The blocking event, replayed: apply it, then what waited.
+            let settled = decode_and_settle(shared, msg, stop).await;
+            match &settled {
+                Settled::Done => drain(shared, topic, key, stop).await,
+                Settled::DeadLettered(reason) => {
+                    if block_key(shared, msg, key, event_id, reason, stop).await {
+                        settled
+                    } else {
+                        Settled::Abandoned
+                    }
+                }
+                Settled::Abandoned => settled,
+            }
+        }
+        Some(b) => {
+            if b.blocking_event_id.is_none() {
+                // An operator discarded the block: apply what waited first.
+                if drain(shared, topic, key, stop).await == Settled::Abandoned {
+                    return Settled::Abandoned;
+                }
+            }
+            let Some(parked) = until_db(shared, stop, || {
+                park::park(&shared.pool, group, key, msg, event_id)
+            })
+            .await
+            else {
+                return Settled::Abandoned;
+            };
+            if parked {
+                debug!(key, "parked behind the key's dead-lettered event");
+                shared.stats.add(StatField::Parked);
+                telemetry::parked(group, topic);
+                Settled::Done
+            } else {
+                // Unblocked meanwhile.
+                decode_and_settle(shared, msg, stop).await
+            }
+        }
+    }
+}
+
+/// Applies the events parked behind `key`, in order, through the usual
+/// dedupe transaction, then unblocks the key. A parked event that is
+/// dead-lettered blocks the key in turn, and the rest stay parked.
+async fn drain(shared: &Shared, topic: &str, key: &str, stop: &CancellationToken) -> Settled {
+    let group = shared.cfg.group_id.as_str();
+    loop {
+        let Some(next) = until_db(shared, stop, || {
+            park::next_parked(&shared.pool, group, topic, key)
+        })
+        .await
+        else {
+            return Settled::Abandoned;
+        };
+        let Some((seq, parked)) = next else {
+            match until_db(shared, stop, || {
+                park::unblock_if_empty(&shared.pool, group, topic, key)
+            })
+            .await
+            {
+                None => return Settled::Abandoned,
+                Some(true) => {
+                    debug!(key, "every parked event applied; key unblocked");
+                    return Settled::Done;
+                }
+                Some(false) => continue,
+            }
+        };
+        let settled = decode_and_settle(shared, &parked, stop).await;
+        if settled == Settled::Abandoned {
+            return settled;
+        }
+        if let Settled::DeadLettered(reason) = &settled {
+            let event_id = RawEnvelope::decode(&parked).ok().map(|r| r.event_id);
+            if !block_key(shared, &parked, key, event_id, reason, stop).await {
+                return Settled::Abandoned;
+            }
+        }
+        if until_db(shared, stop, || park::remove(&shared.pool, seq))
+            .await
+            .is_none()
+        {
+            return Settled::Abandoned;
+        }
+        if matches!(settled, Settled::DeadLettered(_)) {
+            return Settled::Done;
+        }
+    }
+}
+
+/// Drains the keys of `topic`'s `partition` whose block an operator
+/// discarded. Run by the partition's worker every
+/// [`park::PARK_CHECK_EVERY`].
+pub(crate) async fn drain_discarded(
+    shared: &Shared,
+    topic: &str,
+    partition: i32,
+    stop: &CancellationToken,
+) -> Done {
+    let group = shared.cfg.group_id.as_str();
+    let keys = match park::discarded(&shared.pool, group, topic, partition).await {
+        Ok(keys) => keys,
+        Err(e) => {
+            debug!(error = %e, "could not look for discarded blocks; trying again later");
+            return Done::Completed;
+        }
+    };
+    for key in keys {
+        debug!(%key, "block discarded by an operator; applying the parked events");
+        if drain(shared, topic, &key, stop).await == Settled::Abandoned {
+            return Done::Abandoned;
+        }
+    }
+    Done::Completed
+}
+
+/// Blocks `key` behind `msg`, just dead-lettered. `false` when stopped
+/// during a database outage.
+async fn block_key(
+    shared: &Shared,
+    msg: &OwnedMessage,
+    key: &str,
+    event_id: Option<uuid::Uuid>,
+    reason: &str,
+    stop: &CancellationToken,
+) -> bool {
+    let position = position_of(msg);
+    until_db(shared, stop, || {
+        park::block(
+            &shared.pool,
+            &shared.cfg.group_id,
+            msg.topic(),
+            key,
+            msg.partition(),
+            event_id,
+            &position,
+            reason,
+        )
+    })
+    .await
+    .is_some()
+}
+
+/// Runs `op` until the database answers it, waiting as during any outage
+/// (never spending a handler try). `None` when stopped first.
+async fn until_db<T, F, Fut>(shared: &Shared, stop: &CancellationToken, mut op: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut outages = 0;
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                outages += 1;
+                warn!(error = %e, "database unreachable (parked keys); waiting for it");
+                shared.health.database_down(&e.to_string());
+                telemetry::infra_error(&shared.cfg.group_id, "database");
+                if !sleep_or_stop(outage_backoff(outages, &shared.cfg), stop).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn decode_and_settle(
+    shared: &Shared,
+    msg: &OwnedMessage,
+    stop: &CancellationToken,
+) -> Settled {
     let raw = match RawEnvelope::decode(msg) {
         Ok(raw) => raw,
         Err(e) => {
@@ -154,7 +374,7 @@ async fn settle(
     msg: &OwnedMessage,
     raw: &RawEnvelope,
     stop: &CancellationToken,
-) -> Done {
+) -> Settled {
     let cfg = &shared.cfg;
     let Some(route) = shared.routes.get(&raw.event_type) else {
         return match cfg.unknown_event_type {
@@ -162,7 +382,7 @@ async fn settle(
                 debug!("no handler for this event type; skipped");
                 shared.stats.add(StatField::Skipped);
                 telemetry::skipped(&cfg.group_id, msg.topic());
-                Done::Completed
+                Settled::Done
             }
             UnknownEventType::DeadLetter => {
                 let reason = format!(
@@ -211,14 +431,14 @@ async fn settle(
                     &raw.event_type,
                     started.elapsed(),
                 );
-                return Done::Completed;
+                return Settled::Done;
             }
             Ok(Applied::Duplicate) => {
                 shared.health.database_up();
                 debug!("already applied by this group; skipped as a duplicate");
                 shared.stats.add(StatField::Duplicate);
                 telemetry::duplicate(&cfg.group_id, msg.topic());
-                return Done::Completed;
+                return Settled::Done;
             }
             Err(Failure::Infrastructure(e)) => {
                 attempt -= 1;
@@ -227,7 +447,7 @@ async fn settle(
                 shared.health.database_down(&e.to_string());
                 telemetry::infra_error(&cfg.group_id, "database");
                 if !sleep_or_stop(outage_backoff(outages, cfg), stop).await {
-                    return Done::Abandoned;
+                    return Settled::Abandoned;
                 }
             }
             Err(Failure::Handler(HandlerError::Retryable(e))) if attempt < cfg.max_attempts => {
@@ -235,7 +455,7 @@ async fn settle(
                 shared.stats.add(StatField::Retry);
                 telemetry::retry(&cfg.group_id, msg.topic());
                 if !sleep_or_stop(backoff(attempt, cfg), stop).await {
-                    return Done::Abandoned;
+                    return Settled::Abandoned;
                 }
             }
             Err(Failure::Handler(HandlerError::Retryable(e))) => {
@@ -323,7 +543,7 @@ async fn dead_letter(
     reason: &str,
     attempts: u32,
     stop: &CancellationToken,
-) -> Done {
+) -> Settled {
     let cfg = &shared.cfg;
     let topic = cfg.dead_letter_topic_for(msg.topic());
     error!(kind = kind.as_str(), reason, dead_letter_topic = %topic, "dead-lettering message");
@@ -337,14 +557,14 @@ async fn dead_letter(
             Ok(()) => {
                 shared.stats.add(StatField::DeadLettered);
                 telemetry::dead_lettered(&cfg.group_id, msg.topic(), kind.as_str());
-                return Done::Completed;
+                return Settled::DeadLettered(reason.to_string());
             }
             Err(e) => {
                 failures += 1;
                 telemetry::infra_error(&cfg.group_id, "dead_letter");
                 error!(error = %e, "dead-letter publish failed; the message is held (its partition waits) and retried");
                 if !sleep_or_stop(backoff(failures, cfg), stop).await {
-                    return Done::Abandoned;
+                    return Settled::Abandoned;
                 }
             }
         }

@@ -36,6 +36,14 @@ pub const CLEANED: &str = "consumer_kit_cleanup_deleted_total";
 /// last commit that succeeded (dedupe skips it).
 pub const OFFSET_COMMIT_FAILURES: &str = "consumer_kit_offset_commit_failures_total";
 
+/// Events parked behind a dead-lettered event of their key
+/// ([`crate::Ordering::ParkKey`]), by `group`, `topic`.
+pub const PARKED: &str = "consumer_kit_parked_total";
+
+pub(crate) fn parked(group: &str, topic: &str) {
+    counter!(PARKED, "group" => group.to_string(), "topic" => topic.to_string()).increment(1);
+}
+
 /// 1 while the consumer can make progress ([`crate::Health`]), else 0, by
 /// `group`.
 pub const READY: &str = "consumer_kit_ready";
@@ -125,6 +133,7 @@ pub struct ConsumerStats {
     offset_commit_failures: std::sync::atomic::AtomicU64,
     broker_outages: std::sync::atomic::AtomicU64,
     database_outages: std::sync::atomic::AtomicU64,
+    parked: std::sync::atomic::AtomicU64,
 }
 
 /// A copy of [`ConsumerStats`] at one moment.
@@ -146,6 +155,9 @@ pub struct StatsSnapshot {
     pub broker_outages: u64,
     /// Times the consumer's database became unreachable.
     pub database_outages: u64,
+    /// Events parked behind a dead-lettered event of their key (applied
+    /// later, when the key is released, and then counted as processed).
+    pub parked: u64,
 }
 
 impl ConsumerStats {
@@ -161,6 +173,7 @@ impl ConsumerStats {
             offset_commit_failures: self.offset_commit_failures.load(Relaxed),
             broker_outages: self.broker_outages.load(Relaxed),
             database_outages: self.database_outages.load(Relaxed),
+            parked: self.parked.load(Relaxed),
         }
     }
 
@@ -175,6 +188,7 @@ impl ConsumerStats {
             StatField::OffsetCommitFailure => &self.offset_commit_failures,
             StatField::BrokerOutage => &self.broker_outages,
             StatField::DatabaseOutage => &self.database_outages,
+            StatField::Parked => &self.parked,
         };
         counter.fetch_add(1, Relaxed);
     }
@@ -190,4 +204,5 @@ pub(crate) enum StatField {
     OffsetCommitFailure,
     BrokerOutage,
     DatabaseOutage,
+    Parked,
 }

@@ -252,7 +252,10 @@ async fn producers_notify_only_while_a_live_relay_waits(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn consumer_set_has_its_own_history(pool: PgPool) {
     let report = consumer_kit::migrate(&pool).await.unwrap();
-    assert_eq!(report.applied, vec!["V1__create_processed_events"]);
+    assert_eq!(
+        report.applied,
+        vec!["V1__create_processed_events", "V2__park_keys"]
+    );
     assert_eq!(
         columns(&pool, "processed_events").await,
         [
@@ -286,7 +289,21 @@ async fn consumer_set_has_its_own_history(pool: PgPool) {
     migrate::OUTBOX.apply(&pool).await.unwrap();
     assert_eq!(
         consumer_kit::SCHEMA.current_version(&pool).await.unwrap(),
-        Some(1)
+        Some(2)
+    );
+    assert_eq!(
+        indexes(&pool, "consumer_kit_parked_keys").await,
+        [
+            "consumer_kit_parked_keys_partition_idx",
+            "consumer_kit_parked_keys_pkey"
+        ]
+    );
+    assert_eq!(
+        indexes(&pool, "consumer_kit_parked_events").await,
+        [
+            "consumer_kit_parked_events_key_idx",
+            "consumer_kit_parked_events_pkey"
+        ]
     );
 }
 

@@ -1,0 +1,214 @@
+//! Per-key order through dead letters: consumer-kit's park-key policy.
+//! Once an event of a key is dead-lettered, later events of that key are
+//! parked, in order, until the blocking event is replayed and applied, or an
+//! operator discards it; then they are applied in their original order,
+//! exactly once, across restarts.
+
+use std::{collections::BTreeMap, sync::atomic::Ordering as AtomicOrdering, time::Duration};
+
+use consumer_kit::{replay, DeadLetterFilter, Ordering};
+use integration_tests::{
+    consumer::{consumer_cfg, consumer_db, event, produce, start_consumer, Effects, TestRecord},
+    create_topic, eventually, unique,
+};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+const KEY: &str = "order-1";
+
+fn item(key: &str, seq: i64, poison: bool) -> (Uuid, TestRecord) {
+    let id = Uuid::new_v4();
+    let payload = serde_json::json!({ "seq": seq, "poison": poison });
+    (id, event(key, id, "item.added", payload))
+}
+
+/// The seqs applied, in the order they were applied.
+async fn applied(pool: &PgPool) -> anyhow::Result<Vec<i64>> {
+    Ok(
+        sqlx::query_scalar("SELECT seq FROM effects ORDER BY at, seq")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+fn of_key(seqs: &[i64], key_seqs: std::ops::RangeInclusive<i64>) -> Vec<i64> {
+    seqs.iter()
+        .copied()
+        .filter(|s| key_seqs.contains(s))
+        .collect()
+}
+
+fn cfg(group: &str, topic: &str) -> consumer_kit::ConsumerConfig {
+    consumer_kit::ConsumerConfig {
+        ordering: Ordering::ParkKey,
+        ..consumer_cfg(group, topic)
+    }
+}
+
+async fn parked_rows(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
+    Ok((
+        sqlx::query_scalar("SELECT count(*) FROM consumer_kit_parked_keys")
+            .fetch_one(pool)
+            .await?,
+        sqlx::query_scalar("SELECT count(*) FROM consumer_kit_parked_events")
+            .fetch_one(pool)
+            .await?,
+    ))
+}
+
+/// K1 fails permanently, K2–K4 of the same key wait (parked, not applied)
+/// while another key flows; the consumer restarts meanwhile; after the fix,
+/// replaying K1 applies 1, 2, 3, 4 in that order, once each; and events of
+/// the key that keep arriving during the replay stay behind the parked
+/// ones.
+#[sqlx::test(migrations = false)]
+async fn a_dead_letter_holds_its_key_until_replayed_then_all_apply_in_order(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = unique("ck-park");
+    create_topic(&topic, 3).await?;
+    create_topic(&format!("{topic}.dlq"), 3).await?;
+    let group = unique("g");
+    let mut records = vec![item(KEY, 1, true).1];
+    records.extend((2..=4).map(|s| item(KEY, s, false).1));
+    records.extend((101..=103).map(|s| item("other", s, false).1));
+    produce(&topic, &records).await?;
+
+    let handler = Effects::default();
+    let fixed = handler.fixed.clone();
+    let c = start_consumer(&pool, cfg(&group, &topic), "item.added", handler)?;
+    eventually(WAIT, "the other key applied and K2-K4 parked", || async {
+        Ok(c.stats().snapshot().parked == 3 && applied(&pool).await?.len() == 3)
+    })
+    .await?;
+    assert_eq!(of_key(&applied(&pool).await?, 1..=4), Vec::<i64>::new());
+    assert_eq!(c.stats().snapshot().dead_lettered, 1);
+    assert_eq!(parked_rows(&pool).await?, (1, 3));
+    let blocked = consumer_kit::park::list(&pool, &group).await?;
+    assert_eq!(blocked.len(), 1);
+    assert_eq!(
+        (blocked[0].key.as_str(), blocked[0].parked_events),
+        (KEY, 3)
+    );
+    assert!(
+        blocked[0].blocking_reason.contains("poison"),
+        "{:?}",
+        blocked[0]
+    );
+
+    // A restart keeps the block: a new event of the key is parked too.
+    c.stop().await?;
+    produce(&topic, &[item(KEY, 5, false).1]).await?;
+    let handler = Effects::default();
+    let fixed_again = handler.fixed.clone();
+    let c = start_consumer(&pool, cfg(&group, &topic), "item.added", handler)?;
+    eventually(WAIT, "K5 parked after the restart", || async {
+        Ok(parked_rows(&pool).await? == (1, 4))
+    })
+    .await?;
+    assert_eq!(of_key(&applied(&pool).await?, 1..=9), Vec::<i64>::new());
+
+    // The fix, then the replay of K1, while K6..K9 keep arriving.
+    fixed.store(true, AtomicOrdering::SeqCst);
+    fixed_again.store(true, AtomicOrdering::SeqCst);
+    let dlq = format!("{topic}.dlq");
+    let brokers = integration_tests::brokers();
+    let letters = replay::read(
+        &brokers,
+        &BTreeMap::new(),
+        &dlq,
+        &DeadLetterFilter::default(),
+    )
+    .await?;
+    assert_eq!(letters.len(), 1);
+    let more = {
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            for s in 6..=9 {
+                produce(&topic, &[item(KEY, s, false).1]).await?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    replay::replay(&brokers, &BTreeMap::new(), &letters).await?;
+    more.await??;
+    eventually(WAIT, "the key's nine events applied", || async {
+        Ok(of_key(&applied(&pool).await?, 1..=9).len() == 9)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(
+        of_key(&applied(&pool).await?, 1..=9),
+        (1..=9).collect::<Vec<_>>(),
+        "the key's events applied out of order"
+    );
+    assert_eq!(applied(&pool).await?.len(), 12, "each event once");
+    assert_eq!(parked_rows(&pool).await?, (0, 0), "the key unblocked");
+    Ok(())
+}
+
+/// An operator discards the blocking event: the events parked behind it are
+/// applied in order (the blocking one never), and the key flows again.
+#[sqlx::test(migrations = false)]
+async fn discarding_the_blocking_event_applies_the_parked_ones_in_order(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = unique("ck-discard");
+    create_topic(&topic, 2).await?;
+    create_topic(&format!("{topic}.dlq"), 2).await?;
+    let group = unique("g");
+    let mut records = vec![item(KEY, 1, true).1];
+    records.extend((2..=4).map(|s| item(KEY, s, false).1));
+    produce(&topic, &records).await?;
+    let c = start_consumer(&pool, cfg(&group, &topic), "item.added", Effects::default())?;
+    eventually(WAIT, "K2-K4 parked", || async {
+        Ok(parked_rows(&pool).await? == (1, 3))
+    })
+    .await?;
+    assert!(consumer_kit::park::discard(&pool, &group, &topic, KEY).await?);
+    assert!(!consumer_kit::park::discard(&pool, &group, &topic, "no-such-key").await?);
+    eventually(WAIT, "the parked events applied", || async {
+        Ok(applied(&pool).await?.len() == 3)
+    })
+    .await?;
+    produce(&topic, &[item(KEY, 5, false).1]).await?;
+    eventually(WAIT, "the key flows again", || async {
+        Ok(applied(&pool).await?.len() == 4)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(applied(&pool).await?, vec![2, 3, 4, 5]);
+    assert_eq!(parked_rows(&pool).await?, (0, 0));
+    Ok(())
+}
+
+/// `Ordering::Skip` is the old trade: the key's later events are applied
+/// while its dead-lettered one waits.
+#[sqlx::test(migrations = false)]
+async fn skip_lets_later_events_of_the_key_through(pool: PgPool) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = unique("ck-skip");
+    create_topic(&topic, 1).await?;
+    create_topic(&format!("{topic}.dlq"), 1).await?;
+    let group = unique("g");
+    let mut records = vec![item(KEY, 1, true).1];
+    records.extend((2..=3).map(|s| item(KEY, s, false).1));
+    produce(&topic, &records).await?;
+    let cfg = consumer_kit::ConsumerConfig {
+        ordering: Ordering::Skip,
+        ..consumer_cfg(&group, &topic)
+    };
+    let c = start_consumer(&pool, cfg, "item.added", Effects::default())?;
+    eventually(WAIT, "K2, K3 applied", || async {
+        Ok(applied(&pool).await?.len() == 2)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(applied(&pool).await?, vec![2, 3]);
+    assert_eq!(parked_rows(&pool).await?, (0, 0));
+    Ok(())
+}
