@@ -36,8 +36,7 @@ pub enum Ordering {
     ParkKey,
     /// Let them through: the key's later events are applied while its
     /// dead-lettered one waits, and a replay applies it after them. Trades
-    /// per-key order for availability. Today's default; park-key becomes the
-    /// default once its operator commands land in `outbox-dlq`.
+    /// per-key order for availability. Today's default.
     #[default]
     Skip,
 }

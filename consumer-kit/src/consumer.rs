@@ -165,6 +165,13 @@ impl Consumer {
             watchers.clone(),
         ));
         member.watch_group(watchers.clone());
+        if cfg.ordering == crate::config::Ordering::ParkKey {
+            tokio::spawn(crate::park::report(
+                shared.pool.clone(),
+                cfg.group_id.clone(),
+                watchers.clone(),
+            ));
+        }
         health.set_phase(Phase::Running);
         info!(group = %cfg.group_id, topics = ?cfg.topics, "consumer started");
         let result = member.serve(shutdown.clone()).await;

@@ -274,6 +274,31 @@ pub(crate) async fn discarded(
     .await
 }
 
+/// The parked figures of `group`: blocked keys, parked events, and the age
+/// of the oldest block.
+pub(crate) async fn figures(pool: &PgPool, group: &str) -> Result<(i64, i64, f64), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT (SELECT count(*) FROM consumer_kit_parked_keys WHERE consumer_group = $1),                 (SELECT count(*) FROM consumer_kit_parked_events WHERE consumer_group = $1),                 COALESCE((SELECT extract(epoch FROM now() - min(blocked_at))::float8                           FROM consumer_kit_parked_keys WHERE consumer_group = $1), 0)",
+    )
+    .bind(group)
+    .fetch_one(pool)
+    .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+}
+
+/// Refreshes the parked gauges every [`PARK_CHECK_EVERY`] until `stop`.
+pub(crate) async fn report(pool: PgPool, group: String, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        if let Ok((keys, events, oldest)) = figures(&pool, &group).await {
+            crate::telemetry::parked_figures(&group, keys, events, oldest);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PARK_CHECK_EVERY) => {}
+        }
+    }
+}
+
 /// A key of a group blocked behind a dead-lettered event, for operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

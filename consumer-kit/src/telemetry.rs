@@ -40,6 +40,20 @@ pub const OFFSET_COMMIT_FAILURES: &str = "consumer_kit_offset_commit_failures_to
 /// ([`crate::Ordering::ParkKey`]), by `group`, `topic`.
 pub const PARKED: &str = "consumer_kit_parked_total";
 
+/// Keys blocked behind a dead-lettered event, by `group` (park-key only).
+pub const PARKED_KEYS: &str = "consumer_kit_parked_keys";
+/// Events parked behind blocked keys, by `group` (park-key only).
+pub const PARKED_EVENTS: &str = "consumer_kit_parked_events";
+/// Age of the oldest block, in seconds (0 when none), by `group` (park-key
+/// only).
+pub const OLDEST_PARKED_AGE: &str = "consumer_kit_oldest_parked_age_seconds";
+
+pub(crate) fn parked_figures(group: &str, keys: i64, events: i64, oldest: f64) {
+    gauge!(PARKED_KEYS, "group" => group.to_string()).set(keys as f64);
+    gauge!(PARKED_EVENTS, "group" => group.to_string()).set(events as f64);
+    gauge!(OLDEST_PARKED_AGE, "group" => group.to_string()).set(oldest);
+}
+
 pub(crate) fn parked(group: &str, topic: &str) {
     counter!(PARKED, "group" => group.to_string(), "topic" => topic.to_string()).increment(1);
 }

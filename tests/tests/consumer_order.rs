@@ -212,3 +212,107 @@ async fn skip_lets_later_events_of_the_key_through(pool: PgPool) -> anyhow::Resu
     assert_eq!(parked_rows(&pool).await?, (0, 0));
     Ok(())
 }
+
+/// Runs `outbox-dlq` with `args` against `pool`'s database: (exit code,
+/// stdout, stderr).
+fn dlq(pool: &PgPool, args: &[&str]) -> anyhow::Result<(Option<i32>, String, String)> {
+    let out = std::process::Command::new(integration_tests::dlq_bin())
+        .args(args)
+        .env("KAFKA_BROKERS", integration_tests::brokers())
+        .env("DATABASE_URL", integration_tests::database_url(pool))
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The operator's side: `outbox-dlq parked list` shows each blocked key
+/// with its blocking event and count, `parked release` replays the
+/// blocking event (after the fix) so the key's events apply in order, and
+/// `parked discard` gives up on it so the rest apply without it.
+#[sqlx::test(migrations = false)]
+async fn outbox_dlq_lists_releases_and_discards_parked_keys(pool: PgPool) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = unique("ck-parkcli");
+    create_topic(&topic, 2).await?;
+    create_topic(&format!("{topic}.dlq"), 2).await?;
+    let group = unique("g");
+    let (blocker, first) = item("k-release", 1, true);
+    let mut records = vec![first];
+    records.extend((2..=3).map(|s| item("k-release", s, false).1));
+    records.push(item("k-discard", 11, true).1);
+    records.extend((12..=13).map(|s| item("k-discard", s, false).1));
+    produce(&topic, &records).await?;
+    let handler = Effects::default();
+    let fixed = handler.fixed.clone();
+    let c = start_consumer(&pool, cfg(&group, &topic), "item.added", handler)?;
+    eventually(
+        WAIT,
+        "both keys blocked, two events parked behind each",
+        || async { Ok(parked_rows(&pool).await? == (2, 4)) },
+    )
+    .await?;
+
+    let (code, out, err) = dlq(&pool, &["parked", "list", "--group", &group])?;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("2 parked key(s)"), "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("k-release"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&blocker.to_string()) && line.contains("2 parked"),
+        "{out}"
+    );
+
+    // Release after the fix: the blocking event is replayed and applied
+    // first, then the parked ones.
+    fixed.store(true, AtomicOrdering::SeqCst);
+    let release = [
+        "parked",
+        "release",
+        "--group",
+        &group,
+        "--topic",
+        &topic,
+        "--key",
+        "k-release",
+    ];
+    let (code, out, err) = dlq(&pool, &release)?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    eventually(WAIT, "k-release applied", || async {
+        Ok(of_key(&applied(&pool).await?, 1..=3).len() == 3)
+    })
+    .await?;
+    assert_eq!(of_key(&applied(&pool).await?, 1..=3), vec![1, 2, 3]);
+
+    // Discard: the blocking event is never applied, the rest are, in order.
+    let discard = [
+        "parked",
+        "discard",
+        "--group",
+        &group,
+        "--topic",
+        &topic,
+        "--key",
+        "k-discard",
+    ];
+    let (code, out, err) = dlq(&pool, &discard)?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    eventually(WAIT, "k-discard's parked events applied", || async {
+        Ok(of_key(&applied(&pool).await?, 11..=13).len() == 2)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(of_key(&applied(&pool).await?, 11..=13), vec![12, 13]);
+    let (code, _, err) = dlq(&pool, &["parked", "list", "--group", &group])?;
+    assert_eq!(code, Some(0));
+    assert!(err.contains("0 parked key(s)"), "{err}");
+    // A key that is not parked is a clear error.
+    let (code, _, err) = dlq(&pool, &discard)?;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is not parked"), "{err}");
+    Ok(())
+}

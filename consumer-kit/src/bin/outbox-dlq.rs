@@ -1,5 +1,7 @@
 //! `outbox-dlq`: list, inspect and replay the dead letters consumer-kit
-//! wrote. Build it with `cargo build -p consumer-kit --features cli`.
+//! wrote, and the keys parked behind them (`parked …`, which reads the
+//! consumer's database). Build it with `cargo build -p consumer-kit
+//! --features cli`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad flags.
 
@@ -84,6 +86,61 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Keys parked behind a dead-lettered event (park-key ordering): list
+    /// them, release one (replay its blocking event), or discard its
+    /// blocking event. Reads and writes the consumer's database.
+    #[command(subcommand)]
+    Parked(ParkedCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ParkedCommand {
+    /// One line per blocked key: topic, key, blocking event, parked events, since, reason.
+    List {
+        #[command(flatten)]
+        db: GroupArgs,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replays the key's blocking event from the dead-letter topic: once the
+    /// consumer applies it, it applies the parked events after it, in order.
+    Release {
+        #[command(flatten)]
+        key: KeyArgs,
+        /// The dead-letter topic holding the blocking event (default `<topic>.dlq`).
+        #[arg(long)]
+        dlq_topic: Option<String>,
+    },
+    /// Gives up on the key's blocking event (it stays in the dead-letter
+    /// topic): the consumer applies the parked events without it, in order,
+    /// within 5 s.
+    Discard {
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct GroupArgs {
+    /// The consumer's database (where `consumer_kit_parked_keys` is).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// The consumer group.
+    #[arg(long)]
+    group: String,
+}
+
+#[derive(Debug, Args)]
+struct KeyArgs {
+    #[command(flatten)]
+    db: GroupArgs,
+    /// The topic the key's events come from.
+    #[arg(long)]
+    topic: String,
+    /// The blocked key (the record key).
+    #[arg(long)]
+    key: String,
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let props: BTreeMap<String, String> = cli.kafka_properties.into_iter().collect();
     let brokers = cli.kafka_brokers;
     match cli.command {
+        Command::Parked(cmd) => return parked(cmd, &brokers, &props).await,
         Command::List {
             topic,
             filter,
@@ -261,6 +319,119 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     report.replayed
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+async fn connect(db: &GroupArgs) -> anyhow::Result<sqlx::PgPool> {
+    let opts: sqlx::postgres::PgConnectOptions = db
+        .database_url
+        .parse()
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts)
+        .await
+        .context("cannot connect to the consumer's database (DATABASE_URL)")
+}
+
+async fn parked(
+    cmd: ParkedCommand,
+    brokers: &str,
+    props: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    use consumer_kit::park;
+    match cmd {
+        ParkedCommand::List { db, json } => {
+            let pool = connect(&db).await?;
+            let keys = park::list(&pool, &db.group).await?;
+            for k in &keys {
+                let blocking = k
+                    .blocking_event_id
+                    .map(|i| i.to_string())
+                    .unwrap_or_else(|| "discarded (applying the parked events)".into());
+                if json {
+                    out!(
+                        "{}",
+                        serde_json::json!({
+                            "topic": k.topic, "key": k.key, "partition": k.partition,
+                            "blocking_event_id": k.blocking_event_id,
+                            "blocking_position": k.blocking_position,
+                            "blocking_reason": k.blocking_reason,
+                            "blocked_at": k.blocked_at, "parked_events": k.parked_events,
+                        })
+                    );
+                } else {
+                    out!(
+                        "{}  {}  blocked by {} ({})  {} parked  since {}  {}",
+                        k.topic,
+                        k.key,
+                        blocking,
+                        k.blocking_position,
+                        k.parked_events,
+                        k.blocked_at.to_rfc3339(),
+                        k.blocking_reason
+                    );
+                }
+            }
+            if !json {
+                eprintln!("{} parked key(s) in group {}", keys.len(), db.group);
+            }
+        }
+        ParkedCommand::Release { key, dlq_topic } => {
+            let pool = connect(&key.db).await?;
+            let found = park::list(&pool, &key.db.group)
+                .await?
+                .into_iter()
+                .find(|k| k.topic == key.topic && k.key == key.key)
+                .with_context(|| {
+                    format!(
+                        "key {:?} of {} is not parked in group {}",
+                        key.key, key.topic, key.db.group
+                    )
+                })?;
+            let Some(event_id) = found.blocking_event_id else {
+                anyhow::bail!(
+                    "the blocking event of key {:?} was discarded; the consumer is applying its parked events",
+                    key.key
+                );
+            };
+            let dlq = dlq_topic.unwrap_or_else(|| format!("{}.dlq", key.topic));
+            let filter = DeadLetterFilter {
+                event_id: Some(event_id),
+                ..Default::default()
+            };
+            let letters = replay::read(brokers, props, &dlq, &filter)
+                .await
+                .with_context(|| format!("cannot read dead letters from {dlq} at {brokers}"))?;
+            let letter = letters.last().with_context(|| {
+                format!("event {event_id} is not in {dlq} (expired, or another dead-letter topic: --dlq-topic)")
+            })?;
+            replay::replay(brokers, props, std::slice::from_ref(letter))
+                .await
+                .context("replay failed; nothing changed")?;
+            out!(
+                "replayed {event_id} to {}; the consumer applies it, then the {} event(s) parked behind key {:?}",
+                key.topic,
+                found.parked_events,
+                key.key
+            );
+        }
+        ParkedCommand::Discard { key } => {
+            let pool = connect(&key.db).await?;
+            if !park::discard(&pool, &key.db.group, &key.topic, &key.key).await? {
+                anyhow::bail!(
+                    "key {:?} of {} is not parked in group {}",
+                    key.key,
+                    key.topic,
+                    key.db.group
+                );
+            }
+            out!(
+                "discarded the blocking event of key {:?}; the consumer applies the events parked behind it within 5 s",
+                key.key
+            );
         }
     }
     Ok(())
