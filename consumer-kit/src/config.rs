@@ -32,12 +32,12 @@ pub enum Ordering {
     /// (replayed and applied, or discarded with [`crate::park::discard`]).
     /// Then they are applied in their original order, exactly once. Per-key
     /// order holds through failures, like the relay's `block-key`. Records
-    /// without a key are never parked.
+    /// without a key are never parked. The default.
+    #[default]
     ParkKey,
     /// Let them through: the key's later events are applied while its
     /// dead-lettered one waits, and a replay applies it after them. Trades
-    /// per-key order for availability. Today's default.
-    #[default]
+    /// per-key order for availability.
     Skip,
 }
 
@@ -114,7 +114,7 @@ pub struct ConsumerConfig {
     /// `None` turns it off. Default 5 s.
     pub lag_interval: Option<Duration>,
     /// What happens to later events of a key once one of its events is
-    /// dead-lettered. Default [`Ordering::Skip`].
+    /// dead-lettered. Default [`Ordering::ParkKey`].
     pub ordering: Ordering,
 }
 

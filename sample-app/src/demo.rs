@@ -89,6 +89,9 @@ pub struct ConsumerReport {
     pub skipped: u64,
     /// Events it dead-lettered.
     pub dead_lettered: u64,
+    /// Events it parked behind a dead-lettered event of their key (applied
+    /// after the replay, and counted in `applied` then).
+    pub parked: u64,
 }
 
 const DATABASE: &str = "sample_demo";
@@ -207,6 +210,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
             duplicates: s.duplicates,
             skipped: s.skipped,
             dead_lettered: s.dead_lettered,
+            parked: s.parked,
         });
     }
     report.problems = check(&pool, &consumer_pools).await?;
@@ -237,11 +241,11 @@ fn print_report(report: &Report, duplicated: usize, replayed: usize, latencies: 
     println!();
     println!("== what happened ==");
     println!("events committed and published:  {} (plus {duplicated} duplicate deliveries, {replayed} replayed)", report.events);
-    println!("consumer        applied  duplicates-suppressed  skipped(other types)  dead-lettered");
+    println!("consumer        applied  duplicates-suppressed  skipped(other types)  dead-lettered  parked(then applied)");
     for c in &report.consumers {
         println!(
-            "{:<15} {:>7}  {:>21}  {:>20}  {:>13}",
-            c.name, c.applied, c.duplicates, c.skipped, c.dead_lettered
+            "{:<15} {:>7}  {:>21}  {:>20}  {:>13}  {:>20}",
+            c.name, c.applied, c.duplicates, c.skipped, c.dead_lettered, c.parked
         );
     }
     for (event_type, reason) in &report.dead_letters {
@@ -389,20 +393,28 @@ async fn replay_dead_letters(
         || async {
             Ok(stats
                 .iter()
-                .all(|(_, s)| settled(&s.snapshot()) >= records + letters.len() as u64))
+                .all(|(_, s)| finished(&s.snapshot()) >= records + letters.len() as u64))
         },
     )
     .await
     .context("the replayed dead letters were not consumed within 60 s")?;
     n.say(format!(
-        "notifications applied {} replayed event(s); the other consumers skipped them as duplicates or unhandled types",
+        "notifications applied {} event(s): the replayed one, then those of its key parked behind it, in order; the other consumers skipped the replay as a duplicate or unhandled type",
         stats[1].1.snapshot().processed - before
     ));
     Ok(letters)
 }
 
 /// A record a consumer is done with, whatever it did with it.
+/// Records a consumer is done with for now: applied, duplicate, skipped,
+/// dead-lettered, or parked behind a dead-lettered event of their key.
 fn settled(s: &consumer_kit::StatsSnapshot) -> u64 {
+    finished(s) + s.parked
+}
+
+/// Records a consumer is done with for good: a parked record counts once
+/// it was applied (or found a duplicate) after its key's release.
+fn finished(s: &consumer_kit::StatsSnapshot) -> u64 {
     s.processed + s.duplicates + s.skipped + s.dead_lettered
 }
 
