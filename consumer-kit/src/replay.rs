@@ -1,7 +1,8 @@
 //! The operator's side of the dead-letter topic: [`read`] lists dead letters
 //! (no consumer group, nothing committed), and [`replay`] sends chosen ones
-//! back to their original topics with their original key, value and
-//! headers, so each keeps its `ce_id` and dedupes as usual. The
+//! back to their original topics and partitions with their original key,
+//! value and headers, so each keeps its `ce_id` and dedupes as usual, and
+//! joins its key's sequence. The
 //! `outbox-dlq` command is a thin shell over these two.
 
 use std::{collections::BTreeMap, time::Duration};
@@ -168,6 +169,12 @@ pub async fn replay(
         }
         let topic = l.original_topic.as_deref().unwrap_or_default();
         let mut record = FutureRecord::to(topic).headers(headers);
+        // Back to the partition it was read from: the key's other events are
+        // there (whatever partitioner the producer used), so the replay
+        // joins their sequence.
+        if let Some(partition) = l.original_partition {
+            record = record.partition(partition);
+        }
         if let Some(key) = &l.key {
             record = record.key(key.as_slice());
         }

@@ -5,9 +5,11 @@
 //!   transaction, with the outbox row. `seq` counts up per key; producers
 //!   serialize on the key's row, so seq order is commit order per key.
 //! - **Kafka**: the whole topic, read to its high watermarks with no group.
-//! - **effects** `soak_effects(event_id, key, seq)`: written by the consumer's
-//!   handler in its dedupe transaction. No unique constraint, so a double
-//!   effect shows.
+//! - **effects** `soak_effects(applied, event_id, key, seq)`: written by the
+//!   consumer's handler in its dedupe transaction, `applied` counting up in
+//!   the order they were written. No unique constraint, so a double effect
+//!   shows, and per key the effects must come in seq order, also through
+//!   poison events (dead-lettered, then replayed) under park-key.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -26,8 +28,10 @@ use uuid::Uuid;
 /// The tables the checker reads; the soak creates them.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS soak_keys (key text PRIMARY KEY, seq bigint NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS soak_ledger (event_id uuid PRIMARY KEY, key text NOT NULL, seq bigint NOT NULL);
-CREATE TABLE IF NOT EXISTS soak_effects (event_id uuid NOT NULL, key text NOT NULL, seq bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS soak_ledger (event_id uuid PRIMARY KEY, key text NOT NULL, seq bigint NOT NULL, poison boolean NOT NULL DEFAULT false);
+CREATE TABLE IF NOT EXISTS soak_effects (applied bigserial, event_id uuid NOT NULL, key text NOT NULL, seq bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS soak_control (fixed boolean NOT NULL);
+INSERT INTO soak_control SELECT false WHERE NOT EXISTS (SELECT 1 FROM soak_control);
 ";
 
 /// What the checker counted.
@@ -49,6 +53,10 @@ pub struct Verdict {
     pub not_applied: u64,
     /// Effects beyond the first of their event id.
     pub applied_more_than_once: u64,
+    /// Per key, effects applied after an effect of a higher seq.
+    pub applied_out_of_order: u64,
+    /// Poison events committed (dead-lettered until the end, then replayed).
+    pub poison: u64,
 }
 
 impl Verdict {
@@ -58,6 +66,7 @@ impl Verdict {
         self.lost == 0
             && self.phantom == 0
             && self.out_of_order == 0
+            && self.applied_out_of_order == 0
             && self.applied_more_than_once == 0
             && self.not_applied == 0
     }
@@ -76,11 +85,17 @@ impl std::fmt::Display for Verdict {
             self.duplicated_in_kafka
         )?;
         writeln!(f, "not applied (must be 0):    {}", self.not_applied)?;
-        write!(
+        writeln!(
             f,
             "applied more than once (0): {}",
             self.applied_more_than_once
-        )
+        )?;
+        writeln!(
+            f,
+            "applied out of key order (0): {}",
+            self.applied_out_of_order
+        )?;
+        write!(f, "poison events (replayed):   {}", self.poison)
     }
 }
 
@@ -139,6 +154,22 @@ pub async fn check(pool: &PgPool, brokers: &str, topic: &str) -> anyhow::Result<
     .fetch_one(pool)
     .await?;
     v.not_applied = not_applied as u64;
+    let effects: Vec<(String, i64)> =
+        sqlx::query_as("SELECT key, seq FROM soak_effects ORDER BY applied")
+            .fetch_all(pool)
+            .await?;
+    let mut last_applied: HashMap<String, i64> = HashMap::new();
+    for (key, seq) in effects {
+        let last = last_applied.entry(key).or_insert(0);
+        if seq < *last {
+            v.applied_out_of_order += 1;
+        } else {
+            *last = seq;
+        }
+    }
+    v.poison = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM soak_ledger WHERE poison")
+        .fetch_one(pool)
+        .await? as u64;
     Ok(v)
 }
 

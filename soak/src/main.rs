@@ -123,6 +123,13 @@ enum Command {
         /// checker's counts, the duplicate bound, the verdict).
         #[arg(long)]
         json: Option<std::path::PathBuf>,
+        /// Make every Nth event of each producer a poison event, which the
+        /// consumer refuses (dead-letters) until the load ends; the soak
+        /// then fixes the handler and replays the dead letters. Under the
+        /// consumer's park-key ordering the events of a poisoned key wait,
+        /// and the checker verifies per-key order of effects. 0: none.
+        #[arg(long, default_value_t = 0)]
+        poison_every: u64,
     },
     /// Relay memory while it drains a backlog: RSS sampled every 250 ms.
     Memory {
@@ -238,6 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             fault_every,
             faults,
             json,
+            poison_every,
         } => {
             let mock_faults = faults.iter().any(|f| f.needs_mock());
             let own = if mock_faults {
@@ -261,6 +269,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     relays: (*relays).max(1),
                     lease_ttl: *lease_ttl,
                     json: json.clone(),
+                    poison_every: *poison_every,
                 },
                 *fault_every,
                 faults,
@@ -345,6 +354,8 @@ fn on_sigterm() -> CancellationToken {
 struct SoakEvent {
     key: String,
     seq: i64,
+    #[serde(default)]
+    poison: bool,
 }
 
 struct Apply;
@@ -358,6 +369,17 @@ impl Handler for Apply {
         event: &Envelope<SoakEvent>,
         tx: &mut sqlx::PgTransaction<'static>,
     ) -> Result<(), HandlerError> {
+        if event.payload.poison {
+            let fixed: bool = sqlx::query_scalar("SELECT fixed FROM soak_control")
+                .fetch_one(&mut **tx)
+                .await?;
+            if !fixed {
+                return Err(HandlerError::permanent(format!(
+                    "soak poison: key {} seq {}",
+                    event.payload.key, event.payload.seq
+                )));
+            }
+        }
         sqlx::query("INSERT INTO soak_effects (event_id, key, seq) VALUES ($1, $2, $3)")
             .bind(event.event_id)
             .bind(&event.payload.key)

@@ -28,6 +28,7 @@ pub(crate) struct Load {
     pub(crate) keys: i64,
     pub(crate) relays: usize,
     pub(crate) lease_ttl: Duration,
+    pub(crate) poison_every: u64,
 }
 
 pub(crate) async fn soak(
@@ -119,14 +120,18 @@ pub(crate) async fn soak(
         let topic = topic.clone();
         let every = Duration::from_secs_f64(load.producers as f64 / load.rate.max(1) as f64);
         let keys = load.keys;
+        let poison_every = load.poison_every;
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             let mut i: i64 = p as i64;
+            let mut n: u64 = 0;
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 let key = format!("k{}", 1 + (i * 7919) % keys);
                 i += 1;
-                match produce_one(&pool, &topic, &key).await {
+                n += 1;
+                let poison = poison_every > 0 && n % poison_every == 0;
+                match produce_one(&pool, &topic, &key, poison).await {
                     Ok(()) => produced.fetch_add(1, Ordering::Relaxed),
                     Err(_) => errors.fetch_add(1, Ordering::Relaxed),
                 };
@@ -231,10 +236,28 @@ pub(crate) async fn soak(
         errors.load(Ordering::Relaxed)
     ));
 
+    // Poison events: the fix is deployed, and every dead letter replayed
+    // (again and again, as more arrive) until everything is applied.
+    if load.poison_every > 0 {
+        sqlx::query("UPDATE soak_control SET fixed = true")
+            .execute(&pool)
+            .await?;
+        say("poison fixed in the consumer; replaying the dead letters as they come".into());
+    }
+    let mut replayed: std::collections::HashSet<(i32, i64)> = std::collections::HashSet::new();
+    let mut last_replay = Instant::now() - Duration::from_secs(10);
+
     // Let the relay and consumer finish, bounded.
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         relays.iter_mut().for_each(Role::sample_rss);
+        if load.poison_every > 0 && last_replay.elapsed() >= Duration::from_secs(2) {
+            last_replay = Instant::now();
+            let n = replay_new_letters(&cli.kafka_brokers, &topic, &mut replayed).await?;
+            if n > 0 {
+                say(format!("replayed {n} dead letter(s)"));
+            }
+        }
         let (pending, applied): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM outbox), (SELECT count(DISTINCT event_id) FROM soak_effects)",
         )
@@ -316,6 +339,32 @@ pub(crate) async fn soak(
     Ok(ok)
 }
 
+/// Replays the dead letters of `topic` not replayed yet (`done` holds their
+/// positions in the dead-letter topic); returns how many.
+async fn replay_new_letters(
+    brokers: &str,
+    topic: &str,
+    done: &mut std::collections::HashSet<(i32, i64)>,
+) -> anyhow::Result<usize> {
+    let dlq = format!("{topic}.dlq");
+    let letters = consumer_kit::replay::read(
+        brokers,
+        &BTreeMap::new(),
+        &dlq,
+        &consumer_kit::DeadLetterFilter::default(),
+    )
+    .await?;
+    let new: Vec<_> = letters
+        .into_iter()
+        .filter(|l| !done.contains(&(l.dlq_partition, l.dlq_offset)))
+        .collect();
+    if !new.is_empty() {
+        consumer_kit::replay::replay(brokers, &BTreeMap::new(), &new).await?;
+        done.extend(new.iter().map(|l| (l.dlq_partition, l.dlq_offset)));
+    }
+    Ok(new.len())
+}
+
 /// Drops and creates the run's database with every schema the soak uses.
 pub(crate) async fn fresh_database(
     cli: &Cli,
@@ -333,7 +382,12 @@ pub(crate) async fn fresh_database(
     Ok(pool)
 }
 
-pub(crate) async fn produce_one(pool: &PgPool, topic: &str, key: &str) -> anyhow::Result<()> {
+pub(crate) async fn produce_one(
+    pool: &PgPool,
+    topic: &str,
+    key: &str,
+    poison: bool,
+) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     let seq: i64 =
         sqlx::query_scalar("UPDATE soak_keys SET seq = seq + 1 WHERE key = $1 RETURNING seq")
@@ -342,11 +396,12 @@ pub(crate) async fn produce_one(pool: &PgPool, topic: &str, key: &str) -> anyhow
             .await?;
     let event = NewEvent::new("soak", key, "soak.event")
         .topic(topic)
-        .json_payload(&serde_json::json!({ "key": key, "seq": seq }))?;
-    sqlx::query("INSERT INTO soak_ledger (event_id, key, seq) VALUES ($1, $2, $3)")
+        .json_payload(&serde_json::json!({ "key": key, "seq": seq, "poison": poison }))?;
+    sqlx::query("INSERT INTO soak_ledger (event_id, key, seq, poison) VALUES ($1, $2, $3, $4)")
         .bind(event.event_id)
         .bind(key)
         .bind(seq)
+        .bind(poison)
         .execute(&mut *tx)
         .await?;
     append(&mut *tx, &event).await?;

@@ -9,8 +9,8 @@ use std::process::Command;
 /// Runs `outbox-soak run <args> --json <file>` and checks its verdict from
 /// the JSON: it exited 0, every fault in `faults` was injected, and nothing
 /// was lost, invented, reordered or applied twice, with duplicates within
-/// the bound. Returns stdout.
-fn soak(args: &[&str], faults: &[&str]) -> anyhow::Result<String> {
+/// the bound. Returns stdout and the JSON result.
+fn soak(args: &[&str], faults: &[&str]) -> anyhow::Result<(String, serde_json::Value)> {
     let json = std::env::temp_dir().join(format!("{}.json", integration_tests::unique("soak")));
     let out = Command::new(integration_tests::soak_bin())
         .arg("run")
@@ -37,18 +37,22 @@ fn soak(args: &[&str], faults: &[&str]) -> anyhow::Result<String> {
         "out_of_order",
         "not_applied",
         "applied_more_than_once",
+        "applied_out_of_order",
     ] {
         assert_eq!(verdict[count].as_u64(), Some(0), "{count}: {result:#}");
     }
     assert!(verdict["committed"].as_u64().unwrap_or(0) > 0, "{result:#}");
     assert_eq!(result["duplicates_within_bound"], true, "{result:#}");
     assert_eq!(result["guarantees_held"], true, "{result:#}");
-    Ok(stdout)
+    Ok((stdout, result))
 }
 
 #[test]
 fn a_short_soak_with_faults_loses_reorders_and_doubles_nothing() -> anyhow::Result<()> {
-    soak(
+    // Every 25th event of each producer is poison: dead-lettered until the
+    // load ends, its key's later events parked (park-key), then replayed;
+    // the checker verifies per-key order of the effects.
+    let (stdout, result) = soak(
         &[
             "--seconds",
             "15",
@@ -56,6 +60,8 @@ fn a_short_soak_with_faults_loses_reorders_and_doubles_nothing() -> anyhow::Resu
             "100",
             "--fault-every",
             "2.5s",
+            "--poison-every",
+            "25",
             "--database",
             "outbox_soak_ci",
         ],
@@ -65,6 +71,8 @@ fn a_short_soak_with_faults_loses_reorders_and_doubles_nothing() -> anyhow::Resu
             "consumer kill -9",
         ],
     )?;
+    let poison = result["verdict"]["poison"].as_u64().unwrap_or(0);
+    assert!(poison > 10, "poison events were injected: {stdout}");
     Ok(())
 }
 
@@ -74,7 +82,7 @@ fn a_short_soak_with_faults_loses_reorders_and_doubles_nothing() -> anyhow::Resu
 /// backwards, duplicates within the documented bound.
 #[test]
 fn three_relays_killed_at_random_lose_and_reorder_nothing() -> anyhow::Result<()> {
-    let stdout = soak(
+    let (stdout, _) = soak(
         &[
             "--relays",
             "3",
@@ -106,7 +114,7 @@ fn three_relays_killed_at_random_lose_and_reorder_nothing() -> anyhow::Result<()
 /// the longer outages, so batches time out and are sent again.
 #[test]
 fn broker_restarts_with_consumer_kills_lose_reorder_and_double_nothing() -> anyhow::Result<()> {
-    let stdout = soak(
+    let (stdout, _) = soak(
         &[
             "--seconds",
             "25",
@@ -135,7 +143,7 @@ fn broker_restarts_with_consumer_kills_lose_reorder_and_double_nothing() -> anyh
 /// broker and a broker down, between relay kills and consumer kills.
 #[test]
 fn a_slow_and_erroring_broker_under_the_checker_loses_and_doubles_nothing() -> anyhow::Result<()> {
-    let stdout = soak(
+    let (stdout, _) = soak(
         &[
             "--seconds",
             "20",
