@@ -116,6 +116,14 @@ pub struct ConsumerConfig {
     /// What happens to later events of a key once one of its events is
     /// dead-lettered. Default [`Ordering::ParkKey`].
     pub ordering: Ordering,
+    /// Most messages of one partition settled in one database transaction.
+    /// A worker takes the messages already waiting in its partition's queue
+    /// (it never waits for more), applies each (dedupe insert, handler) and
+    /// commits once; any failure rolls that transaction back and each
+    /// message is then settled on its own, so a failure affects only its
+    /// own message. 1 settles every message in its own transaction.
+    /// Default 64.
+    pub max_batch: usize,
 }
 
 impl ConsumerConfig {
@@ -147,6 +155,7 @@ impl ConsumerConfig {
             cleanup_batch_size: 1000,
             lag_interval: Some(Duration::from_secs(5)),
             ordering: Ordering::default(),
+            max_batch: 64,
         }
     }
 
@@ -194,6 +203,11 @@ impl ConsumerConfig {
                 "min_backoff ({:?}) is longer than max_backoff ({:?})",
                 self.min_backoff, self.max_backoff
             ));
+        }
+        if self.max_batch == 0 {
+            return Err(
+                "max_batch is 0: use 1 to settle every message in its own transaction".into(),
+            );
         }
         if self.max_concurrency == 0 {
             return Err(

@@ -33,7 +33,7 @@ use crate::{
     health::{assigned_in, Health, Phase, GROUP_CHECK_EVERY},
     kafka_config,
     park::PARK_CHECK_EVERY,
-    process::{drain_discarded, process, Done, Shared},
+    process::{drain_discarded, process_batch, Done, Shared},
     telemetry::{self, ConsumerStats, StatField},
 };
 
@@ -428,19 +428,39 @@ async fn run_worker(
             continue;
         }
         next_offset = msg.offset() + 1;
+        // The messages already waiting behind it, up to `max_batch`: settled
+        // together in one transaction when they can be (`process_batch`).
+        let mut batch = vec![msg];
+        while batch.len() < shared.cfg.max_batch {
+            let next = match side.try_recv() {
+                Ok(m) => Some(m),
+                Err(_) => match queue.as_ref().map(|q| q.poll(Duration::ZERO)) {
+                    Some(Some(Ok(m))) => Some(m.detach()),
+                    _ => None,
+                },
+            };
+            let Some(m) = next else { break };
+            if m.offset() >= next_offset {
+                next_offset = m.offset() + 1;
+                batch.push(m);
+            }
+        }
         let permit = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             permit = shared.permits.acquire() => permit,
         };
-        handling.store(msg.offset(), std::sync::atomic::Ordering::SeqCst);
-        let done = process(&shared, &msg, stop).await;
+        handling.store(batch[0].offset(), std::sync::atomic::Ordering::SeqCst);
+        let settled = process_batch(&shared, &batch, stop).await;
         handling.store(-1, std::sync::atomic::Ordering::SeqCst);
-        match done {
-            Done::Completed => store_offset(&consumer, &msg),
-            Done::Abandoned => break,
+        if let Some(last) = settled.checked_sub(1) {
+            // Offsets are cumulative: the last settled one covers the rest.
+            store_offset(&consumer, &batch[last]);
         }
         drop(permit);
+        if settled < batch.len() {
+            break;
+        }
     }
 }
 

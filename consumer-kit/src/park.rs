@@ -68,6 +68,28 @@ pub(crate) async fn block_of(
     }))
 }
 
+/// Whether any of `keys` is blocked in `topic` for `group` (one query for
+/// a whole batch).
+pub(crate) async fn any_blocked(
+    pool: &PgPool,
+    group: &str,
+    topic: &str,
+    keys: &[String],
+) -> Result<bool, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(false);
+    }
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM consumer_kit_parked_keys \
+         WHERE consumer_group = $1 AND topic = $2 AND parking_key = ANY($3))",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(keys)
+    .fetch_one(pool)
+    .await
+}
+
 /// Blocks `key` behind the dead-lettered event `event_id` (read at
 /// `position`); a key already blocked now waits for this event instead.
 #[allow(clippy::too_many_arguments)]

@@ -114,12 +114,20 @@ fn outage_in(err: &HandlerError) -> Option<String> {
 
 /// Settles `msg`. Only sleeps are cut short by `stop`; a transaction in
 /// progress always runs to its end.
-pub(crate) async fn process(shared: &Shared, msg: &OwnedMessage, stop: &CancellationToken) -> Done {
+///
+/// `prior` is the handler's failure of a first try that already happened (in
+/// a batch that was rolled back): it counts as try 1.
+async fn process(
+    shared: &Shared,
+    msg: &OwnedMessage,
+    stop: &CancellationToken,
+    prior: Option<HandlerError>,
+) -> Done {
     let settled = match park::key_of(msg) {
         Some(key) if shared.cfg.ordering == Ordering::ParkKey => {
-            in_key_order(shared, msg, &key, stop).await
+            in_key_order(shared, msg, &key, stop, prior).await
         }
-        _ => decode_and_settle(shared, msg, stop).await,
+        _ => decode_and_settle(shared, msg, stop, prior).await,
     };
     match settled {
         Settled::Abandoned => Done::Abandoned,
@@ -128,6 +136,135 @@ pub(crate) async fn process(shared: &Shared, msg: &OwnedMessage, stop: &Cancella
             Done::Completed
         }
     }
+}
+
+/// Settles `msgs`, ready messages of one partition in offset order, and
+/// returns how far it got: every message before the returned index is
+/// settled (its offset may be stored), and if the index is short of
+/// `msgs.len()` the worker stops (abandoned).
+///
+/// The fast path applies them all in **one** transaction: for each, the
+/// dedupe insert and then its handler, and one `COMMIT` for all (one WAL
+/// flush instead of one per message). It is taken only when every message
+/// decodes, has a handler, and no key of the batch is parked. If any handler
+/// fails, or the database does, the transaction is rolled back whole and
+/// each message is settled on its own as [`process`] does, so a failure
+/// affects only its own message (the others are applied in the per-message
+/// path; nothing was committed by the batch).
+pub(crate) async fn process_batch(
+    shared: &Shared,
+    msgs: &[OwnedMessage],
+    stop: &CancellationToken,
+) -> usize {
+    let mut failed = None;
+    if msgs.len() > 1 {
+        match apply_batch(shared, msgs).await {
+            BatchEnd::All => {
+                shared.health.progressed();
+                shared.health.database_up();
+                return msgs.len();
+            }
+            BatchEnd::NotTaken => {}
+            BatchEnd::Failed { at, error } => failed = Some((at, error)),
+        }
+    }
+    for (i, msg) in msgs.iter().enumerate() {
+        let prior = match &mut failed {
+            Some((at, _)) if *at == i => failed.take().map(|(_, e)| e),
+            _ => None,
+        };
+        if process(shared, msg, stop, prior).await == Done::Abandoned {
+            return i;
+        }
+    }
+    msgs.len()
+}
+
+/// How the batch fast path ended.
+enum BatchEnd {
+    /// Every message applied (or found a duplicate), committed together.
+    All,
+    /// Not taken (a message that needs its own path, a parked key) or the
+    /// database failed: nothing committed.
+    NotTaken,
+    /// The handler of message `at` failed (its first try); nothing
+    /// committed.
+    Failed { at: usize, error: HandlerError },
+}
+
+/// The batch fast path; see [`BatchEnd`].
+async fn apply_batch(shared: &Shared, msgs: &[OwnedMessage]) -> BatchEnd {
+    match try_batch(shared, msgs).await {
+        Ok(()) => BatchEnd::All,
+        Err(end) => end,
+    }
+}
+
+async fn try_batch(shared: &Shared, msgs: &[OwnedMessage]) -> Result<(), BatchEnd> {
+    let not_taken = |_| BatchEnd::NotTaken;
+    let cfg = &shared.cfg;
+    let mut prepared = Vec::with_capacity(msgs.len());
+    for msg in msgs {
+        let raw = RawEnvelope::decode(msg).map_err(|_| BatchEnd::NotTaken)?;
+        let route = shared
+            .routes
+            .get(&raw.event_type)
+            .ok_or(BatchEnd::NotTaken)?;
+        let handler = route.prepare(&raw).map_err(|_| BatchEnd::NotTaken)?;
+        prepared.push((raw, handler));
+    }
+    if cfg.ordering == Ordering::ParkKey {
+        let keys: Vec<String> = msgs.iter().filter_map(park::key_of).collect();
+        let topic = msgs[0].topic();
+        match park::any_blocked(&shared.pool, &cfg.group_id, topic, &keys).await {
+            Ok(false) => {}
+            _ => return Err(BatchEnd::NotTaken),
+        }
+    }
+    let started = Instant::now();
+    let mut tx = shared.pool.begin().await.map_err(not_taken)?;
+    let mut new = Vec::with_capacity(msgs.len());
+    for (at, (raw, handler)) in prepared.iter().enumerate() {
+        let is_new = dedupe::record(&mut tx, &cfg.group_id, raw.event_id, &raw.position)
+            .await
+            .map_err(not_taken)?;
+        if is_new {
+            // A failure rolls the transaction back when `tx` drops; each
+            // message then goes its own way, the failed one with this try
+            // counted. A lost database is an outage, not a try.
+            match AssertUnwindSafe(handler.apply(&mut tx))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) if outage_in(&error).is_some() => return Err(BatchEnd::NotTaken),
+                Ok(Err(error)) => return Err(BatchEnd::Failed { at, error }),
+                Err(panic) => {
+                    return Err(BatchEnd::Failed {
+                        at,
+                        error: HandlerError::permanent(format!(
+                            "handler panicked: {}",
+                            panic_text(panic.as_ref())
+                        )),
+                    })
+                }
+            }
+        }
+        new.push(is_new);
+    }
+    tx.commit().await.map_err(not_taken)?;
+    let took = started.elapsed() / msgs.len() as u32;
+    for ((raw, _), is_new) in prepared.iter().zip(new) {
+        if is_new {
+            shared.stats.add(StatField::Processed);
+            telemetry::processed(&cfg.group_id, &raw.position.topic, &raw.event_type, took);
+        } else {
+            shared.stats.add(StatField::Duplicate);
+            telemetry::duplicate(&cfg.group_id, &raw.position.topic);
+        }
+    }
+    debug!(messages = msgs.len(), "applied as one batch");
+    Ok(())
 }
 
 /// How one message ended.
@@ -149,6 +286,7 @@ async fn in_key_order(
     msg: &OwnedMessage,
     key: &str,
     stop: &CancellationToken,
+    prior: Option<HandlerError>,
 ) -> Settled {
     let (group, topic) = (shared.cfg.group_id.as_str(), msg.topic());
     let event_id = RawEnvelope::decode(msg).ok().map(|r| r.event_id);
@@ -161,7 +299,7 @@ async fn in_key_order(
     };
     match block {
         None => {
-            let settled = decode_and_settle(shared, msg, stop).await;
+            let settled = decode_and_settle(shared, msg, stop, prior).await;
             if let Settled::DeadLettered(reason) = &settled {
                 if !block_key(shared, msg, key, event_id, reason, stop).await {
                     return Settled::Abandoned;
@@ -171,7 +309,7 @@ async fn in_key_order(
         }
         Some(b) if b.blocking_event_id.is_some() && b.blocking_event_id == event_id => {
             // The blocking event, replayed: apply it, then what waited.
-            let settled = decode_and_settle(shared, msg, stop).await;
+            let settled = decode_and_settle(shared, msg, stop, prior).await;
             match &settled {
                 Settled::Done => drain(shared, topic, key, stop).await,
                 Settled::DeadLettered(reason) => {
@@ -205,7 +343,7 @@ async fn in_key_order(
                 Settled::Done
             } else {
                 // Unblocked meanwhile.
-                decode_and_settle(shared, msg, stop).await
+                decode_and_settle(shared, msg, stop, prior).await
             }
         }
     }
@@ -238,7 +376,7 @@ async fn drain(shared: &Shared, topic: &str, key: &str, stop: &CancellationToken
                 Some(false) => continue,
             }
         };
-        let settled = decode_and_settle(shared, &parked, stop).await;
+        let settled = decode_and_settle(shared, &parked, stop, None).await;
         if settled == Settled::Abandoned {
             return settled;
         }
@@ -341,6 +479,7 @@ async fn decode_and_settle(
     shared: &Shared,
     msg: &OwnedMessage,
     stop: &CancellationToken,
+    prior: Option<HandlerError>,
 ) -> Settled {
     let raw = match RawEnvelope::decode(msg) {
         Ok(raw) => raw,
@@ -366,7 +505,9 @@ async fn decode_and_settle(
         position = %raw.position,
         traceparent = raw.traceparent.as_deref().unwrap_or(""),
     );
-    settle(shared, msg, &raw, stop).instrument(span).await
+    settle(shared, msg, &raw, stop, prior)
+        .instrument(span)
+        .await
 }
 
 async fn settle(
@@ -374,6 +515,7 @@ async fn settle(
     msg: &OwnedMessage,
     raw: &RawEnvelope,
     stop: &CancellationToken,
+    prior: Option<HandlerError>,
 ) -> Settled {
     let cfg = &shared.cfg;
     let Some(route) = shared.routes.get(&raw.event_type) else {
@@ -417,10 +559,15 @@ async fn settle(
     };
     let mut attempt = 0;
     let mut outages = 0;
+    let mut prior = prior.map(Failure::Handler);
     loop {
         attempt += 1;
         let started = Instant::now();
-        match apply_once(shared, raw, prepared.as_ref()).await {
+        let result = match prior.take() {
+            Some(failed) => Err(failed),
+            None => apply_once(shared, raw, prepared.as_ref()).await,
+        };
+        match result {
             Ok(Applied::New) => {
                 shared.health.database_up();
                 debug!(attempt, "applied");
@@ -521,13 +668,9 @@ async fn apply_once(
         }
         Err(panic) => {
             // The transaction is dropped, which rolls it back.
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-text panic".into());
             Err(Failure::Handler(HandlerError::permanent(format!(
-                "handler panicked: {what}"
+                "handler panicked: {}",
+                panic_text(panic.as_ref())
             ))))
         }
     }
@@ -569,6 +712,15 @@ async fn dead_letter(
             }
         }
     }
+}
+
+/// What a caught panic said.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text panic".into())
 }
 
 fn position_of(msg: &OwnedMessage) -> String {

@@ -1109,6 +1109,71 @@ async fn shutdown_abandons_a_handler_past_the_drain_and_leaves_the_group(
     Ok(())
 }
 
+/// Ready messages of a partition are settled in one transaction each batch
+/// (far fewer commits than events), and a handler failure inside a batch
+/// stays with its own message: the flaky one is retried once, the poison one
+/// dead-lettered, every other applied once.
+#[sqlx::test(migrations = false)]
+async fn ready_messages_commit_together_and_a_failure_stays_with_its_message(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = topic("ck-batch", 1).await?;
+    let group = unique("g");
+    // Two batches of 64 fall back to one transaction per message (and a
+    // parked-key check each): about 260 transactions; the rest are batched.
+    let n = 1000;
+    let mut records: Vec<TestRecord> = (0..n)
+        .map(|i| {
+            let payload = match i {
+                150 => serde_json::json!({ "seq": i, "fail_times": 1 }),
+                200 => serde_json::json!({ "seq": i, "poison": true }),
+                _ => serde_json::json!({ "seq": i }),
+            };
+            event(&format!("k{i}"), Uuid::new_v4(), "item.added", payload)
+        })
+        .collect();
+    // All waiting before the consumer starts, so batches form.
+    produce(&topic, &records).await?;
+    records.clear();
+    let commits = || async {
+        anyhow::Ok(
+            sqlx::query_scalar::<_, i64>(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+            )
+            .fetch_one(&pool)
+            .await?,
+        )
+    };
+    let before = commits().await?;
+    let c = start_consumer(
+        &pool,
+        consumer_cfg(&group, &topic),
+        "item.added",
+        Effects::default(),
+    )?;
+    let stats = c.stats();
+    eventually(WAIT, "all settled", || async {
+        let s = stats.snapshot();
+        Ok(s.processed + s.dead_lettered == n as u64)
+    })
+    .await?;
+    c.stop().await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // statistics flush
+    let during = commits().await? - before;
+    let s = stats.snapshot();
+    assert_eq!(
+        (s.processed, s.dead_lettered, s.retries),
+        (n as u64 - 1, 1, 1)
+    );
+    assert_eq!(effect_counts(&pool).await?, (n as i64 - 1, n as i64 - 1));
+    assert!(
+        during < n as i64 / 2,
+        "{during} commits for {n} events: messages were not batched"
+    );
+    Ok(())
+}
+
 /// Offset commits the broker refuses (librdkafka's mock cluster answers the
 /// next OffsetCommit requests with an error) are counted in the stats and the
 /// metric, processing goes on, and a restart redelivers what the failed
