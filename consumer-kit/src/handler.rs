@@ -69,8 +69,10 @@ impl From<sqlx::Error> for HandlerError {
 /// `handle` runs inside the transaction that also records the event in
 /// `processed_events`: make every side effect through `tx` and they commit
 /// together, exactly once per consumer group. Return `Ok(())` to commit. The
-/// same envelope may be handled again after a retryable error, so do not keep
-/// state outside the transaction.
+/// same envelope may be handled again after a retryable error, or after
+/// another message of its batch failed and the batch's transaction rolled
+/// back ([`crate::ConsumerConfig::max_batch`]), so do not keep state outside
+/// the transaction.
 ///
 /// ```
 /// use consumer_kit::{Envelope, Handler, HandlerError};
