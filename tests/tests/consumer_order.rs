@@ -316,3 +316,64 @@ async fn outbox_dlq_lists_releases_and_discards_parked_keys(pool: PgPool) -> any
     assert!(err.contains("is not parked"), "{err}");
     Ok(())
 }
+
+/// A block survives a rebalance: the key's partition moves to another
+/// member, which parks the key's new events behind the same block and,
+/// after the replay, applies them all in order.
+#[sqlx::test(migrations = false)]
+async fn a_block_holds_across_a_rebalance(pool: PgPool) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let topic = unique("ck-parkrebal");
+    create_topic(&topic, 4).await?;
+    create_topic(&format!("{topic}.dlq"), 4).await?;
+    let group = unique("g");
+    let mut records = vec![item(KEY, 1, true).1];
+    records.extend((2..=3).map(|s| item(KEY, s, false).1));
+    produce(&topic, &records).await?;
+    let first = Effects::default();
+    let fixed_first = first.fixed.clone();
+    let a = start_consumer(&pool, cfg(&group, &topic), "item.added", first)?;
+    eventually(WAIT, "K2, K3 parked by member A", || async {
+        Ok(parked_rows(&pool).await? == (1, 2))
+    })
+    .await?;
+    // Member B joins, then A leaves: B owns every partition, the key's too.
+    let second = Effects::default();
+    let fixed_second = second.fixed.clone();
+    let b = start_consumer(&pool, cfg(&group, &topic), "item.added", second)?;
+    eventually(WAIT, "B has partitions", || async {
+        Ok(b.health().now().assigned_partitions > 0)
+    })
+    .await?;
+    a.stop().await?;
+    eventually(WAIT, "B owns all four", || async {
+        Ok(b.health().now().assigned_partitions == 4)
+    })
+    .await?;
+    produce(&topic, &[item(KEY, 4, false).1]).await?;
+    eventually(WAIT, "K4 parked by member B", || async {
+        Ok(parked_rows(&pool).await? == (1, 3))
+    })
+    .await?;
+    assert_eq!(of_key(&applied(&pool).await?, 1..=4), Vec::<i64>::new());
+    fixed_first.store(true, AtomicOrdering::SeqCst);
+    fixed_second.store(true, AtomicOrdering::SeqCst);
+    let brokers = integration_tests::brokers();
+    let dlq = format!("{topic}.dlq");
+    let letters = replay::read(
+        &brokers,
+        &BTreeMap::new(),
+        &dlq,
+        &DeadLetterFilter::default(),
+    )
+    .await?;
+    replay::replay(&brokers, &BTreeMap::new(), &letters).await?;
+    eventually(WAIT, "the key's four events applied", || async {
+        Ok(of_key(&applied(&pool).await?, 1..=4).len() == 4)
+    })
+    .await?;
+    b.stop().await?;
+    assert_eq!(of_key(&applied(&pool).await?, 1..=4), vec![1, 2, 3, 4]);
+    assert_eq!(parked_rows(&pool).await?, (0, 0));
+    Ok(())
+}
