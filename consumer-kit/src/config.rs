@@ -31,14 +31,29 @@ pub enum Ordering {
     /// database, in order, not applied, until the blocking event is resolved
     /// (replayed and applied, or discarded with [`crate::park::discard`]).
     /// Then they are applied in their original order, exactly once. Per-key
-    /// order holds through failures, like the relay's `block-key`. Records
-    /// without a key are never parked. The default.
+    /// order holds through failures, like the relay's `block-key`. The key
+    /// is [`ConsumerConfig::ordering_key`]; records without one are never
+    /// parked. The default.
     #[default]
     ParkKey,
     /// Let them through: the key's later events are applied while its
     /// dead-lettered one waits, and a replay applies it after them. Trades
     /// per-key order for availability.
     Skip,
+}
+
+/// What identifies a key's sequence for [`Ordering::ParkKey`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OrderingKey {
+    /// The Kafka record key: the aggregate id, as the relay writes it. The
+    /// default.
+    #[default]
+    RecordKey,
+    /// The value of this header (for producers that key records otherwise,
+    /// say by tenant, but order events by aggregate in a header such as
+    /// `ce_subject`). Records without it are never parked.
+    Header(String),
 }
 
 /// Settings of one consumer (one Kafka consumer group).
@@ -116,6 +131,9 @@ pub struct ConsumerConfig {
     /// What happens to later events of a key once one of its events is
     /// dead-lettered. Default [`Ordering::ParkKey`].
     pub ordering: Ordering,
+    /// What identifies a key's sequence under [`Ordering::ParkKey`].
+    /// Default [`OrderingKey::RecordKey`].
+    pub ordering_key: OrderingKey,
     /// Most messages of one partition settled in one database transaction.
     /// A worker takes the messages already waiting in its partition's queue
     /// (it never waits for more), applies each (dedupe insert, handler) and
@@ -155,6 +173,7 @@ impl ConsumerConfig {
             cleanup_batch_size: 1000,
             lag_interval: Some(Duration::from_secs(5)),
             ordering: Ordering::default(),
+            ordering_key: OrderingKey::default(),
             max_batch: 64,
         }
     }

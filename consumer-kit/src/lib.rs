@@ -87,7 +87,7 @@ pub mod telemetry;
 /// Re-exported so handlers can be written without depending on async-trait:
 /// `#[consumer_kit::async_trait]`.
 pub use async_trait::async_trait;
-pub use config::{ConsumerConfig, Ordering, UnknownEventType};
+pub use config::{ConsumerConfig, Ordering, OrderingKey, UnknownEventType};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle};
 pub use dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterKind};
 pub use envelope::{DecodeError, Envelope, Position, RawEnvelope};

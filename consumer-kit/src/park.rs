@@ -29,13 +29,22 @@ use rdkafka::{
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use crate::config::OrderingKey;
+
 /// How often each partition worker looks for blocks an operator discarded.
 pub const PARK_CHECK_EVERY: Duration = Duration::from_secs(5);
 
-/// The ordering key of a record: its Kafka key, as text. `None` for a
+/// The ordering key of a record ([`OrderingKey`]), as text. `None` for a
 /// record without one (never parked).
-pub(crate) fn key_of(msg: &OwnedMessage) -> Option<String> {
-    msg.key()
+pub(crate) fn key_of(msg: &OwnedMessage, by: &OrderingKey) -> Option<String> {
+    let bytes = match by {
+        OrderingKey::RecordKey => msg.key(),
+        OrderingKey::Header(name) => msg
+            .headers()
+            .and_then(|hs| hs.iter().find(|h| h.key == name.as_str()))
+            .and_then(|h| h.value),
+    };
+    bytes
         .filter(|k| !k.is_empty())
         .map(|k| String::from_utf8_lossy(k).into_owned())
 }
@@ -393,4 +402,45 @@ pub async fn discard(
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::OwnedHeaders;
+
+    use super::*;
+
+    fn msg(key: Option<&[u8]>, headers: &[(&str, &str)]) -> OwnedMessage {
+        let mut hs = OwnedHeaders::new();
+        for (k, v) in headers {
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        OwnedMessage::new(
+            None,
+            key.map(<[u8]>::to_vec),
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            0,
+            Some(hs),
+        )
+    }
+
+    #[test]
+    fn the_ordering_key_is_the_record_key_or_a_header() {
+        let m = msg(Some(b"tenant-1"), &[("x-order", "o-7")]);
+        assert_eq!(
+            key_of(&m, &OrderingKey::RecordKey).as_deref(),
+            Some("tenant-1")
+        );
+        let by_order = OrderingKey::Header("x-order".into());
+        assert_eq!(key_of(&m, &by_order).as_deref(), Some("o-7"));
+        // No key, an empty key, or no such header: never parked.
+        assert_eq!(key_of(&msg(None, &[]), &OrderingKey::RecordKey), None);
+        assert_eq!(key_of(&msg(Some(b""), &[]), &OrderingKey::RecordKey), None);
+        assert_eq!(key_of(&msg(Some(b"k"), &[]), &by_order), None);
+    }
 }

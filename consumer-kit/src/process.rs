@@ -123,7 +123,7 @@ async fn process(
     stop: &CancellationToken,
     prior: Option<HandlerError>,
 ) -> Done {
-    let settled = match park::key_of(msg) {
+    let settled = match park::key_of(msg, &shared.cfg.ordering_key) {
         Some(key) if shared.cfg.ordering == Ordering::ParkKey => {
             in_key_order(shared, msg, &key, stop, prior).await
         }
@@ -214,7 +214,10 @@ async fn try_batch(shared: &Shared, msgs: &[OwnedMessage]) -> Result<(), BatchEn
         prepared.push((raw, handler));
     }
     if cfg.ordering == Ordering::ParkKey {
-        let keys: Vec<String> = msgs.iter().filter_map(park::key_of).collect();
+        let keys: Vec<String> = msgs
+            .iter()
+            .filter_map(|m| park::key_of(m, &cfg.ordering_key))
+            .collect();
         let topic = msgs[0].topic();
         match park::any_blocked(&shared.pool, &cfg.group_id, topic, &keys).await {
             Ok(false) => {}
