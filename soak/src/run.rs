@@ -253,9 +253,12 @@ pub(crate) async fn soak(
         relays.iter_mut().for_each(Role::sample_rss);
         if load.poison_every > 0 && last_replay.elapsed() >= Duration::from_secs(2) {
             last_replay = Instant::now();
-            let n = replay_new_letters(&cli.kafka_brokers, &topic, &mut replayed).await?;
-            if n > 0 {
-                say(format!("replayed {n} dead letter(s)"));
+            // Right after a broker restart the metadata can be stale for a
+            // moment: try again at the next round.
+            match replay_new_letters(&cli.kafka_brokers, &topic, &mut replayed).await {
+                Ok(0) => {}
+                Ok(n) => say(format!("replayed {n} dead letter(s)")),
+                Err(e) => say(format!("replaying dead letters failed ({e:#}); trying again")),
             }
         }
         let (pending, applied): (i64, i64) = sqlx::query_as(
