@@ -16,6 +16,8 @@
 //! - `process.rs`: one message's life (dedupe transaction, retries, dead
 //!   letter), with outages kept apart from handler failures;
 //! - [`dedupe`]: every SQL statement on `processed_events`;
+//! - [`park`]: per-key order through dead letters (the park-key ordering
+//!   policy), its tables and the operator's calls;
 //! - `member.rs`: the group member (poll thread, rebalances, offsets,
 //!   partition workers); `preflight.rs`: the checks before it joins;
 //! - [`dead_letter`]: what a dead letter carries, and publishing one;

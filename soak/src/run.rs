@@ -258,7 +258,9 @@ pub(crate) async fn soak(
             match replay_new_letters(&cli.kafka_brokers, &topic, &mut replayed).await {
                 Ok(0) => {}
                 Ok(n) => say(format!("replayed {n} dead letter(s)")),
-                Err(e) => say(format!("replaying dead letters failed ({e:#}); trying again")),
+                Err(e) => say(format!(
+                    "replaying dead letters failed ({e:#}); trying again"
+                )),
             }
         }
         let (pending, applied): (i64, i64) = sqlx::query_as(
