@@ -131,6 +131,12 @@ pub struct ConsumerConfig {
     /// What happens to later events of a key once one of its events is
     /// dead-lettered. Default [`Ordering::ParkKey`].
     pub ordering: Ordering,
+    /// Read only records of committed Kafka transactions
+    /// (`isolation.level=read_committed`): a transactional producer's
+    /// aborted records, and those of transactions still open, are never
+    /// handed to a handler. `false` reads them all (`read_uncommitted`).
+    /// An `isolation.level` in `kafka_properties` wins. Default `true`.
+    pub read_committed: bool,
     /// What identifies a key's sequence under [`Ordering::ParkKey`].
     /// Default [`OrderingKey::RecordKey`].
     pub ordering_key: OrderingKey,
@@ -174,6 +180,7 @@ impl ConsumerConfig {
             lag_interval: Some(Duration::from_secs(5)),
             ordering: Ordering::default(),
             ordering_key: OrderingKey::default(),
+            read_committed: true,
             max_batch: 64,
         }
     }

@@ -58,6 +58,14 @@ pub(crate) fn consumer_config(cfg: &ConsumerConfig) -> ClientConfig {
             cfg.commit_interval.as_millis().max(1).to_string(),
         )
         .set("auto.offset.reset", &cfg.auto_offset_reset)
+        .set(
+            "isolation.level",
+            if cfg.read_committed {
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            },
+        )
         .set("client.id", "consumer-kit");
     // Every second: the broker connection for health (the lag gauge is
     // refreshed every `lag_interval` from these).

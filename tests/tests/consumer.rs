@@ -1174,6 +1174,96 @@ async fn ready_messages_commit_together_and_a_failure_stays_with_its_message(
     Ok(())
 }
 
+/// Records of an aborted Kafka transaction never reach a handler
+/// (`read_committed`, the default); those of committed transactions and
+/// plain records do, once each.
+#[sqlx::test(migrations = false)]
+async fn aborted_transactions_are_never_applied(pool: PgPool) -> anyhow::Result<()> {
+    use rdkafka::{
+        message::{Header, OwnedHeaders},
+        producer::{FutureProducer, FutureRecord, Producer},
+        ClientConfig,
+    };
+    consumer_db(&pool).await?;
+    let topic = topic("ck-txn", 1).await?;
+    let group = unique("g");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", integration_tests::brokers())
+        .set("transactional.id", unique("txn"))
+        .create()?;
+    let timeout = Duration::from_secs(30);
+    // The transaction calls block: off the test's (current-thread) runtime.
+    let blocking = |f: fn(&FutureProducer, Duration) -> rdkafka::error::KafkaResult<()>| {
+        let producer = producer.clone();
+        tokio::task::spawn_blocking(move || f(&producer, timeout))
+    };
+    blocking(|p, t| p.init_transactions(t)).await??;
+    let send = |seq: i64| {
+        let record = event(
+            &format!("k{seq}"),
+            Uuid::new_v4(),
+            "item.added",
+            serde_json::json!({ "seq": seq }),
+        );
+        let producer = producer.clone();
+        let topic = topic.clone();
+        async move {
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in &record.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let value = record.value.clone().unwrap_or_default();
+            let key = record.key.clone().unwrap_or_default();
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key(&key)
+                        .payload(&value)
+                        .headers(headers),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+            anyhow::Ok(())
+        }
+    };
+    for (seqs, commit) in [(1..=3, true), (4..=6, false), (7..=9, true)] {
+        blocking(|p, _| p.begin_transaction()).await??;
+        for seq in seqs {
+            send(seq).await?;
+        }
+        if commit {
+            blocking(|p, t| p.commit_transaction(t)).await??;
+        } else {
+            blocking(|p, t| p.abort_transaction(t)).await??;
+        }
+    }
+    let c = start_consumer(
+        &pool,
+        consumer_cfg(&group, &topic),
+        "item.added",
+        Effects::default(),
+    )?;
+    eventually(WAIT, "the committed six applied", || async {
+        Ok(effect_counts(&pool).await?.0 == 6)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.stop().await?;
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM effects ORDER BY seq")
+        .fetch_all(&pool)
+        .await?;
+    assert_eq!(
+        seqs,
+        vec![1, 2, 3, 7, 8, 9],
+        "an aborted record was applied"
+    );
+    Ok(())
+}
+
 /// Offset commits the broker refuses (librdkafka's mock cluster answers the
 /// next OffsetCommit requests with an error) are counted in the stats and the
 /// metric, processing goes on, and a restart redelivers what the failed
