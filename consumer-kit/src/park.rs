@@ -132,6 +132,26 @@ pub(crate) async fn block(
     Ok(())
 }
 
+/// Locks `key`'s row for the rest of `tx`; `false` when the key is not
+/// blocked. Parking and unblocking both take it, so they never interleave.
+async fn lock_key(
+    tx: &mut sqlx::PgConnection,
+    group: &str,
+    topic: &str,
+    key: &str,
+) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "SELECT 1 FROM consumer_kit_parked_keys \
+         WHERE consumer_group = $1 AND topic = $2 AND parking_key = $3 FOR UPDATE",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(key)
+    .fetch_optional(tx)
+    .await?
+    .is_some())
+}
+
 /// Parks `msg` behind `key` if the key is still blocked, in one
 /// transaction holding the key's row. `false`: the key is no longer
 /// blocked, and the message is the caller's to handle.
@@ -143,17 +163,7 @@ pub(crate) async fn park(
     event_id: Option<Uuid>,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let blocked = sqlx::query(
-        "SELECT 1 FROM consumer_kit_parked_keys \
-         WHERE consumer_group = $1 AND topic = $2 AND parking_key = $3 FOR UPDATE",
-    )
-    .bind(group)
-    .bind(msg.topic())
-    .bind(key)
-    .fetch_optional(&mut *tx)
-    .await?
-    .is_some();
-    if !blocked {
+    if !lock_key(&mut tx, group, msg.topic(), key).await? {
         tx.rollback().await?;
         return Ok(false);
     }
@@ -250,15 +260,7 @@ pub(crate) async fn unblock_if_empty(
     key: &str,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "SELECT 1 FROM consumer_kit_parked_keys \
-         WHERE consumer_group = $1 AND topic = $2 AND parking_key = $3 FOR UPDATE",
-    )
-    .bind(group)
-    .bind(topic)
-    .bind(key)
-    .fetch_optional(&mut *tx)
-    .await?;
+    lock_key(&mut tx, group, topic, key).await?;
     let left: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM consumer_kit_parked_events \
          WHERE consumer_group = $1 AND topic = $2 AND parking_key = $3",

@@ -481,6 +481,44 @@ pub use test_kit::http::get_blocking as http_get;
 /// `restart` keep its topics, records and offsets.
 pub use test_kit::kafka::{Cluster as PrivateCluster, Node as PrivateBroker};
 
+/// A database outage as a consumer sees one: `pool`'s database refuses new
+/// connections and its open ones are ended, until [`DatabaseOutage::end`].
+pub struct DatabaseOutage {
+    admin: sqlx::PgConnection,
+    db: String,
+}
+
+impl DatabaseOutage {
+    /// Starts the outage (through a connection to `DATABASE_URL`'s own
+    /// database, which stays up).
+    pub async fn start(pool: &sqlx::PgPool) -> anyhow::Result<Self> {
+        use sqlx::Connection as _;
+        let db: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(pool)
+            .await?;
+        let mut admin = sqlx::PgConnection::connect(&std::env::var("DATABASE_URL")?).await?;
+        sqlx::query(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS false"))
+            .execute(&mut admin)
+            .await?;
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(&db)
+            .execute(&mut admin)
+            .await?;
+        Ok(Self { admin, db })
+    }
+
+    /// Ends the outage: the database accepts connections again.
+    pub async fn end(mut self) -> anyhow::Result<()> {
+        sqlx::query(&format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true",
+            self.db
+        ))
+        .execute(&mut self.admin)
+        .await?;
+        Ok(())
+    }
+}
+
 /// Terminates every other connection to `pool`'s database (a consumer's,
 /// a relay's); returns how many were terminated.
 pub async fn kill_connections_except_mine(pool: &sqlx::PgPool) -> anyhow::Result<usize> {

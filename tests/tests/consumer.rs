@@ -12,7 +12,7 @@ use integration_tests::{
     create_topic, eventually, unique,
 };
 use outbox_core::headers as h;
-use sqlx::{Connection as _, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -1018,19 +1018,10 @@ async fn work_resumes_within_about_a_second_of_the_databases_return(
     .await?;
 
     // The outage: this database refuses connections, and the open ones end.
-    let db: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await?;
-    let mut admin = sqlx::PgConnection::connect(&std::env::var("DATABASE_URL")?).await?;
-    let allow = |yes: bool| format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS {yes}");
-    sqlx::query(&allow(false)).execute(&mut admin).await?;
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&db)
-        .execute(&mut admin)
-        .await?;
+    let outage = integration_tests::DatabaseOutage::start(&pool).await?;
     produce(&topic, &records[5..]).await?;
     tokio::time::sleep(Duration::from_secs(12)).await;
-    sqlx::query(&allow(true)).execute(&mut admin).await?;
+    outage.end().await?;
     let back = std::time::Instant::now();
     eventually(Duration::from_secs(60), "the rest applied", || async {
         Ok(effect_counts(&pool).await?.1 == 10)

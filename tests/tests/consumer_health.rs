@@ -15,7 +15,7 @@ use rdkafka::{
     client::DefaultClientContext,
     ClientConfig,
 };
-use sqlx::{Connection as _, PgPool};
+use sqlx::PgPool;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -61,18 +61,9 @@ async fn health_tells_broker_and_database_outages_and_unowned_partitions(
     .await?;
 
     // The database goes away while the consumer is idle: the probe tells.
-    let db: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await?;
-    let mut admin = sqlx::PgConnection::connect(&std::env::var("DATABASE_URL")?).await?;
-    let allow = |yes: bool| format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS {yes}");
-    sqlx::query(&allow(false)).execute(&mut admin).await?;
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&db)
-        .execute(&mut admin)
-        .await?;
+    let outage = integration_tests::DatabaseOutage::start(&pool).await?;
     let down = ready("unready without its database", false).await;
-    sqlx::query(&allow(true)).execute(&mut admin).await?;
+    outage.end().await?;
     let down = down?;
     assert!(
         down.reason.contains("the database unreachable"),
