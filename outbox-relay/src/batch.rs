@@ -128,6 +128,25 @@ impl Batch {
             .count()
     }
 
+    /// The ids of the rows the batch sends.
+    pub(crate) fn sent_ids(&self) -> Vec<i64> {
+        self.rows
+            .iter()
+            .zip(&self.slots)
+            .filter(|(_, s)| matches!(s, Slot::Send { .. }))
+            .map(|(r, _)| r.id)
+            .collect()
+    }
+
+    /// Whether every sent row was delivered (then a Kafka transaction may
+    /// commit, even if rows that were never sent failed).
+    pub(crate) fn all_sent_delivered(&self, fates: &[Fate<'_>]) -> bool {
+        self.slots
+            .iter()
+            .zip(fates)
+            .all(|(s, f)| !matches!(s, Slot::Send { .. }) || matches!(f, Fate::Delivered { .. }))
+    }
+
     /// Each row's fate, given the publisher's outcomes (aligned with the
     /// rows, `None` for a row not sent). A sent row without an outcome (a
     /// publisher that gave up waiting) is retried.
@@ -169,6 +188,18 @@ impl Batch {
 /// Whether every row was delivered (then the claim commits).
 pub(crate) fn all_delivered(fates: &[Fate<'_>]) -> bool {
     fates.iter().all(|f| matches!(f, Fate::Delivered { .. }))
+}
+
+/// The fates after the batch's Kafka transaction was aborted: nothing of it
+/// is visible, so a delivered row stays pending, untouched, to be sent again.
+pub(crate) fn aborted(fates: Vec<Fate<'_>>) -> Vec<Fate<'_>> {
+    fates
+        .into_iter()
+        .map(|f| match f {
+            Fate::Delivered { .. } => Fate::Held,
+            other => other,
+        })
+        .collect()
 }
 
 /// Whether a row that was not sent holds the later rows of its key.
@@ -366,5 +397,28 @@ mod tests {
         assert_eq!(records.len(), 2);
         let fates = batch.settle(&[Some(Outcome::Delivered), Some(Outcome::Delivered)]);
         assert!(all_delivered(&fates));
+    }
+
+    #[test]
+    fn an_aborted_transaction_leaves_its_delivered_rows_pending() {
+        let rows = [(1, "a", ok("a")), (2, "b", permanent()), (3, "c", ok("c"))];
+        let (batch, _) = plan(&rows, PoisonPolicy::SkipRow);
+        assert_eq!(batch.sent_ids(), vec![1, 3]);
+        let fates = batch.settle(&[
+            Some(Outcome::Delivered),
+            None,
+            Some(Outcome::Transient("timed out".into())),
+        ]);
+        assert!(!batch.all_sent_delivered(&fates));
+        let fates = aborted(fates);
+        assert_eq!(fates[0], Fate::Held);
+        assert!(matches!(fates[1], Fate::Failed(_)));
+        assert!(matches!(fates[2], Fate::Retry(_)));
+        let res = batch.resolution(&fates);
+        assert!(res.delivered.is_empty());
+
+        let fates = batch.settle(&[Some(Outcome::Delivered), None, Some(Outcome::Delivered)]);
+        assert!(batch.all_sent_delivered(&fates));
+        assert!(!all_delivered(&fates), "the unsent row still fails");
     }
 }

@@ -284,7 +284,7 @@ pub async fn resolve(
             AfterPublish::Delete => "DELETE FROM outbox WHERE id = ANY($1)",
             AfterPublish::Mark { .. } => {
                 "UPDATE outbox SET status = 'published', published_at = now(), attempts = attempts + 1 \
-                 WHERE id = ANY($1)"
+                 WHERE id = ANY($1) AND status = 'pending'"
             }
         };
         sqlx::query(sql)

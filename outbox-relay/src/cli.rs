@@ -204,6 +204,38 @@ pub struct RunArgs {
     /// Apply the outbox migrations before starting.
     #[arg(long, env = "RELAY_MIGRATE")]
     pub migrate: bool,
+
+    /// Publish each batch in a Kafka transaction together with this relay's
+    /// checkpoint: `read_committed` consumers then see every event exactly
+    /// once, whatever crashes or hand-overs happen. Needs brokers with
+    /// transactions (docs/architecture.md, "Exactly-once into Kafka").
+    #[arg(long, env = "RELAY_EXACTLY_ONCE")]
+    pub exactly_once: bool,
+
+    /// With --exactly-once: the compacted topic of the relays' checkpoints
+    /// (created if missing).
+    #[arg(long, env = "RELAY_CHECKPOINT_TOPIC", default_value = outbox_relay::checkpoint::DEFAULT_TOPIC)]
+    pub checkpoint_topic: String,
+
+    /// With --exactly-once: the transactional.id prefix (the relay id
+    /// follows it); with ACLs, grant WRITE and DESCRIBE on this prefix.
+    #[arg(
+        long,
+        env = "RELAY_TRANSACTIONAL_ID_PREFIX",
+        default_value = "outbox-relay-"
+    )]
+    pub transactional_id_prefix: String,
+
+    /// With --exactly-once: how long the broker lets a transaction stay
+    /// open before aborting it (transaction.timeout.ms); at least the
+    /// publish timeout.
+    #[arg(long, env = "RELAY_TRANSACTION_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub transaction_timeout: Duration,
+
+    /// Fault injection for the soak: abort the process right after a Kafka
+    /// commit, before the database commit, once in this many commits.
+    #[arg(long, hide = true)]
+    pub test_crash_after_kafka_commit: Option<u32>,
 }
 
 /// `--after-publish` values.
@@ -266,6 +298,16 @@ impl RunArgs {
             lease_ttl: self.lease_ttl,
             heartbeat_interval: self.heartbeat_interval,
             transaction_pooler,
+            exactly_once: self.exactly_once,
+            checkpoint_topic: self.checkpoint_topic.clone(),
+            transactional_id_prefix: self.transactional_id_prefix.clone(),
+            transaction_timeout: self.transaction_timeout,
+            crash_after_kafka_commit: self.test_crash_after_kafka_commit.map(|n| {
+                outbox_relay::config::CrashAfterCommit {
+                    one_in: n.max(1),
+                    abort_process: true,
+                }
+            }),
             ..RelayConfig::default()
         }
     }

@@ -144,6 +144,45 @@ pub struct RelayConfig {
     /// used (the relay polls every [`RelayConfig::poll_interval`]), and
     /// the `extra_float_digits` startup parameter is not sent. Default false.
     pub transaction_pooler: bool,
+    /// Publish each batch inside a Kafka transaction that also records the
+    /// relay's progress (a [`crate::checkpoint::Checkpoint`]), so that
+    /// `read_committed` consumers see every event exactly once, whatever
+    /// crashes and hand-overs happen (`docs/architecture.md`, "Exactly-once
+    /// into Kafka"). Needs brokers that support transactions. Default false.
+    pub exactly_once: bool,
+    /// With [`RelayConfig::exactly_once`]: the compacted topic holding each
+    /// relay's checkpoint, created at start if missing (one partition,
+    /// the broker's default replication factor). Default
+    /// `outbox-relay-checkpoints`.
+    pub checkpoint_topic: String,
+    /// With [`RelayConfig::exactly_once`]: the producer's `transactional.id`
+    /// is this prefix followed by the relay id. With ACLs, grant `WRITE` and
+    /// `DESCRIBE` on the prefixed `TransactionalId` resource. Default
+    /// `outbox-relay-`.
+    pub transactional_id_prefix: String,
+    /// With [`RelayConfig::exactly_once`]: how long the broker lets a
+    /// transaction stay open before it aborts it (librdkafka's
+    /// `transaction.timeout.ms`). It bounds how long a relay that died
+    /// mid-batch holds back `read_committed` readers of its partitions when
+    /// no other relay fences it sooner, and it must outlast a broker
+    /// failover. At least [`RelayConfig::publish_timeout`]. Default 60 s.
+    pub transaction_timeout: Duration,
+    /// Fault injection for tests and the soak: crash right after a Kafka
+    /// commit, before the database commit. Not for production.
+    #[doc(hidden)]
+    pub crash_after_kafka_commit: Option<CrashAfterCommit>,
+}
+
+/// Fault injection (tests and the soak only): after a Kafka commit, with a
+/// chance of one in `one_in`, the relay crashes before its database commit.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrashAfterCommit {
+    /// One commit in this many, at random (1: the first).
+    pub one_in: u32,
+    /// Abort the process (the soak); else the relay stops at once without
+    /// any clean-up, as if killed, keeping its lease (in-process tests).
+    pub abort_process: bool,
 }
 
 impl Default for RelayConfig {
@@ -170,6 +209,11 @@ impl Default for RelayConfig {
             lease_ttl: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(2),
             transaction_pooler: false,
+            exactly_once: false,
+            checkpoint_topic: crate::checkpoint::DEFAULT_TOPIC.into(),
+            transactional_id_prefix: "outbox-relay-".into(),
+            transaction_timeout: Duration::from_secs(60),
+            crash_after_kafka_commit: None,
         }
     }
 }
@@ -226,6 +270,16 @@ impl RelayConfig {
             if id.trim().is_empty() || id.len() > 200 {
                 return bad("relay id must be 1 to 200 characters".into());
             }
+        }
+        if self.exactly_once {
+            if self.transaction_timeout < self.publish_timeout {
+                return bad(format!(
+                    "transaction timeout ({:?}) must be at least the publish timeout ({:?})",
+                    self.transaction_timeout, self.publish_timeout
+                ));
+            }
+            outbox_core::topic::validate_topic(&self.checkpoint_topic)
+                .map_err(|r| ConfigError(format!("checkpoint topic: {r}")))?;
         }
         if self.channel.is_empty() || self.channel.len() > 63 {
             return bad("notification channel must be 1 to 63 characters".into());

@@ -27,10 +27,29 @@
 //! A relay that plans to release a partition first stops claiming it
 //! ([`Ownership::releasing`]): its claims follow each other back to back
 //! under load, and the release waits for a moment when none holds the lock.
+//!
+//! **Fencing in Kafka (exactly-once mode).** A claim's lock ends when its
+//! transaction ends, but a Kafka transaction of the same batch can outlive
+//! it (the claim's connection died while the records were in flight, or
+//! the database commit failed after the Kafka commit). Two more rules close
+//! that gap:
+//!
+//! - A relay releases a partition only once every batch it claimed before
+//!   it stopped claiming that partition is settled in Kafka and in the
+//!   database ([`ReleaseGate`]).
+//! - A relay that takes partitions over from a relay whose lease ran out
+//!   first fences that relay's transactional id in Kafka, which aborts its
+//!   open transaction and makes any later commit of it fail, then finishes
+//!   the database side of that relay's last committed checkpoint, and only
+//!   then claims from those partitions ([`Ownership::recovering`];
+//!   `exactly_once.rs` does it).
 
 use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -68,6 +87,11 @@ pub struct Ownership {
     pub owned: BTreeSet<i32>,
     /// Owned partitions this relay is giving up: claims leave them out.
     pub releasing: BTreeSet<i32>,
+    /// Exactly-once mode: partitions taken over from a relay whose lease ran
+    /// out, with that relay's id. Claims leave them out until that relay is
+    /// fenced in Kafka and its last checkpoint finished
+    /// ([`Leases::recovered`]).
+    pub recovering: BTreeMap<i32, String>,
     /// Relays with a live lease, this one included.
     pub live_relays: i32,
     /// Why the last heartbeat failed, if it did.
@@ -77,7 +101,51 @@ pub struct Ownership {
 impl Ownership {
     /// Partitions to claim from: owned and not being released.
     pub fn claimable(&self) -> usize {
-        self.owned.difference(&self.releasing).count()
+        self.owned
+            .iter()
+            .filter(|p| !self.releasing.contains(p) && !self.recovering.contains_key(p))
+            .count()
+    }
+
+    /// Owned partitions claims leave out: being released or recovered.
+    pub fn excluded(&self) -> Vec<i32> {
+        self.releasing
+            .iter()
+            .chain(self.recovering.keys())
+            .copied()
+            .collect()
+    }
+}
+
+/// Exactly-once mode: when a partition may be released. Every claim takes a
+/// ticket before it reads the ownership it claims by, and the publish loop
+/// settles a ticket once its batch is decided in Kafka and finished in the
+/// database (tickets settle in order). A partition marked for release when
+/// `started` was `n` is released once `settled >= n`: every batch that could
+/// hold its rows is over.
+#[derive(Debug, Default)]
+pub struct ReleaseGate {
+    started: AtomicU64,
+    settled: AtomicU64,
+}
+
+impl ReleaseGate {
+    /// A new claim's ticket; take it before reading the ownership.
+    pub fn ticket(&self) -> u64 {
+        self.started.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The batch of `ticket`, and every earlier one, is settled.
+    pub fn settle(&self, ticket: u64) {
+        self.settled.fetch_max(ticket, Ordering::SeqCst);
+    }
+
+    fn started(&self) -> u64 {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    fn settled(&self) -> u64 {
+        self.settled.load(Ordering::SeqCst)
     }
 }
 
@@ -123,6 +191,12 @@ pub struct Leases {
     heartbeat: Duration,
     pool: PgPool,
     state: Mutex<Ownership>,
+    /// Exactly-once mode: gate releases on settled batches, and recover
+    /// partitions taken over from dead relays before claiming them.
+    exactly_once: bool,
+    gate: ReleaseGate,
+    /// When each partition being released was marked (a gate ticket).
+    marked: Mutex<BTreeMap<i32, u64>>,
 }
 
 impl Leases {
@@ -136,6 +210,31 @@ impl Leases {
             heartbeat,
             pool,
             state: Mutex::new(Ownership::default()),
+            exactly_once: false,
+            gate: ReleaseGate::default(),
+            marked: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Exactly-once mode (see the module doc): releases wait for the
+    /// [`ReleaseGate`], and partitions taken from dead relays are recovered
+    /// before they are claimed.
+    pub fn exactly_once(mut self) -> Self {
+        self.exactly_once = true;
+        self
+    }
+
+    /// The release gate the publish loop takes and settles tickets of.
+    pub fn gate(&self) -> &ReleaseGate {
+        &self.gate
+    }
+
+    /// The previous owners of these partitions are fenced and their last
+    /// checkpoints finished: claims may take them.
+    pub fn recovered(&self, partitions: &[i32]) {
+        let mut st = self.state.lock().expect("ownership lock");
+        for p in partitions {
+            st.recovering.remove(p);
         }
     }
 
@@ -252,9 +351,24 @@ impl Leases {
         }
         // Tell the claim loop before trying: claims leave these out from now.
         self.state.lock().expect("ownership lock").releasing = releasing.clone();
+        let releasable: Vec<i32> = if self.exactly_once {
+            // Mark after telling the loop: a claim whose ticket is later
+            // read the new set (see ReleaseGate).
+            let now = self.gate.started();
+            let settled = self.gate.settled();
+            let mut marked = self.marked.lock().expect("release marks");
+            marked.retain(|p, _| releasing.contains(p));
+            releasing
+                .iter()
+                .filter(|p| *marked.entry(**p).or_insert(now) <= settled)
+                .copied()
+                .collect()
+        } else {
+            releasing.iter().copied().collect()
+        };
         let mut released = Vec::new();
-        if !releasing.is_empty() {
-            let ids: Vec<i32> = releasing.iter().copied().collect();
+        if !releasable.is_empty() {
+            let ids = releasable;
             released = sqlx::query_scalar(
                 "UPDATE outbox_relay_partitions SET owner = NULL, acquired_at = NULL \
                  WHERE partition IN (SELECT partition FROM outbox_relay_partitions \
@@ -276,21 +390,34 @@ impl Leases {
         // Take free partitions, or those of relays whose lease ran out.
         let want = (share as usize).saturating_sub(owned.len());
         let mut acquired: Vec<i32> = Vec::new();
+        let mut taken_from: BTreeMap<i32, String> = BTreeMap::new();
         if want > 0 && releasing.is_empty() {
-            acquired = sqlx::query_scalar(
-                "UPDATE outbox_relay_partitions SET owner = $1, epoch = epoch + 1, acquired_at = clock_timestamp() \
-                 WHERE partition IN ( \
-                     SELECT partition FROM outbox_relay_partitions \
-                     WHERE owner IS NULL OR owner NOT IN \
-                         (SELECT relay_id FROM outbox_relays WHERE lease_until > clock_timestamp()) \
-                     ORDER BY partition LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 RETURNING partition",
+            // The previous owner is returned for fencing (exactly-once): set
+            // only when its lease ran out (a release leaves no owner).
+            let rows: Vec<(i32, Option<String>)> = sqlx::query_as(
+                "UPDATE outbox_relay_partitions rp \
+                 SET owner = $1, epoch = rp.epoch + 1, acquired_at = clock_timestamp() \
+                 FROM (SELECT partition, owner AS previous FROM outbox_relay_partitions \
+                       WHERE owner IS NULL OR owner NOT IN \
+                           (SELECT relay_id FROM outbox_relays WHERE lease_until > clock_timestamp()) \
+                       ORDER BY partition LIMIT $2 FOR UPDATE SKIP LOCKED) c \
+                 WHERE rp.partition = c.partition \
+                 RETURNING rp.partition, c.previous",
             )
             .persistent(false)
             .bind(&self.relay_id)
             .bind(want as i64)
             .fetch_all(&mut *tx)
             .await?;
+            for (p, previous) in rows {
+                acquired.push(p);
+                if let Some(prev) = previous {
+                    if self.exactly_once {
+                        taken_from.insert(p, prev);
+                    }
+                }
+            }
+            acquired.sort_unstable();
             owned.extend(acquired.iter().copied());
         }
 
@@ -320,10 +447,14 @@ impl Leases {
         );
         telemetry::ownership(owned.len(), live);
         let mut st = self.state.lock().expect("ownership lock");
+        let mut recovering = std::mem::take(&mut st.recovering);
+        recovering.retain(|p, _| owned.contains(p));
+        recovering.extend(taken_from);
         *st = Ownership {
             partitions: n,
             owned,
             releasing,
+            recovering,
             live_relays: live,
             last_error: None,
         };

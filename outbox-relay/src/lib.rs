@@ -36,6 +36,7 @@
 
 // The public API: the relay itself (re-exported below), its config, its
 // readiness, the operator's queries, the metric names and topic creation.
+pub mod checkpoint;
 pub mod config;
 pub mod health;
 pub mod store;
@@ -45,6 +46,7 @@ pub mod topics;
 // The machinery: see docs/architecture.md's map for which file holds what.
 mod batch;
 mod claim;
+mod exactly_once;
 mod lease;
 mod publisher;
 mod record;

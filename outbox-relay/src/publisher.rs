@@ -80,9 +80,10 @@ impl std::fmt::Debug for Publisher {
 
 impl Publisher {
     /// Creates the producer: idempotent, `acks=all`, delivery timeout from
-    /// [`RelayConfig::publish_timeout`], then the configured librdkafka
-    /// properties (which override these).
-    pub fn new(cfg: &RelayConfig) -> Result<Self, PublisherError> {
+    /// [`RelayConfig::publish_timeout`], transactional with the id
+    /// `<prefix><relay_id>` in exactly-once mode, then the configured
+    /// librdkafka properties (which override these).
+    pub fn new(cfg: &RelayConfig, relay_id: &str) -> Result<Self, PublisherError> {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &cfg.brokers)
             .set("enable.idempotence", "true")
@@ -107,6 +108,16 @@ impl Publisher {
                 "statistics.interval.ms",
                 outbox_kafka::reach::STATS_INTERVAL_MS,
             );
+        if cfg.exactly_once {
+            cc.set(
+                "transactional.id",
+                format!("{}{relay_id}", cfg.transactional_id_prefix),
+            )
+            .set(
+                "transaction.timeout.ms",
+                cfg.transaction_timeout.as_millis().to_string(),
+            );
+        }
         outbox_kafka::secrets::set_all(&mut cc, &cfg.kafka_properties);
         let reach = Arc::new(Reach::default());
         if cc
@@ -155,6 +166,44 @@ impl Publisher {
         *self.producer.write().expect("producer lock") = fresh;
         self.known_topics.lock().expect("topic cache").clear();
         Ok(())
+    }
+
+    /// Exactly-once mode: registers the transactional id with its
+    /// coordinator, which aborts a transaction an earlier producer with this
+    /// id left open and fences that producer. Needed once per producer
+    /// instance (also after [`Publisher::rebuild`]).
+    pub async fn init_transactions(&self) -> Result<(), KafkaError> {
+        let timeout = self.timeout.max(Duration::from_secs(30));
+        self.blocking(move |p| p.init_transactions(timeout)).await
+    }
+
+    /// Exactly-once mode: begins a transaction.
+    pub async fn begin(&self) -> Result<(), KafkaError> {
+        self.blocking(|p| p.begin_transaction()).await
+    }
+
+    /// Exactly-once mode: commits the transaction in progress.
+    pub async fn commit(&self) -> Result<(), KafkaError> {
+        let timeout = self.timeout;
+        self.blocking(move |p| p.commit_transaction(timeout)).await
+    }
+
+    /// Exactly-once mode: aborts the transaction in progress.
+    pub async fn abort(&self) -> Result<(), KafkaError> {
+        let timeout = self.timeout;
+        self.blocking(move |p| p.abort_transaction(timeout)).await
+    }
+
+    /// Runs a blocking producer call off the async runtime.
+    async fn blocking(
+        &self,
+        f: impl FnOnce(&FutureProducer<WatchedContext>) -> Result<(), KafkaError> + Send + 'static,
+    ) -> Result<(), KafkaError> {
+        let producer = self.producer();
+        tokio::task::spawn_blocking(move || f(&producer))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled))
+            .map_err(outbox_kafka::secrets::scrub)
     }
 
     /// The producer's connection to the cluster, for readiness.

@@ -54,6 +54,7 @@ use crate::{
     batch::{self, Batch, Fate},
     claim::{self, Claimant, InFlight, OutboxRow},
     config::{self, AfterPublish, ConfigError, RelayConfig},
+    exactly_once::{Ended, ExactlyOnce},
     health::{self, Health, State},
     lease::{Leases, Ownership},
     publisher::{Outcome, Publisher, PublisherError, TopicState},
@@ -84,6 +85,9 @@ enum BatchError {
     Database(#[from] sqlx::Error),
     #[error("kafka: {0}")]
     Broker(String),
+    /// The crash hook fired (tests): stop at once, as if killed.
+    #[error("halted by the crash hook")]
+    Halted,
 }
 
 /// The relay. Build it with [`Relay::new`], run it with [`Relay::run`].
@@ -97,6 +101,8 @@ pub struct Relay {
     claim_sql: String,
     health: Arc<Health>,
     leases: Arc<Leases>,
+    /// Exactly-once mode's state ([`RelayConfig::exactly_once`]).
+    exactly_once: Option<ExactlyOnce>,
     /// When the lease failure now in force was last logged.
     idle_warned_at: std::sync::Mutex<Option<Instant>>,
 }
@@ -115,7 +121,11 @@ impl Relay {
     /// database yet: [`Relay::run`] does, and retries until it can.
     pub fn new(cfg: RelayConfig, connect: PgConnectOptions) -> Result<Self, RelayError> {
         cfg.validate()?;
-        let publisher = Arc::new(Publisher::new(&cfg)?);
+        let relay_id = cfg
+            .relay_id
+            .clone()
+            .unwrap_or_else(|| config::new_relay_id("relay"));
+        let publisher = Arc::new(Publisher::new(&cfg, &relay_id)?);
         let connect = config::connect_options(connect, cfg.transaction_pooler);
         let pool = PgPoolOptions::new()
             .max_connections(4)
@@ -126,16 +136,18 @@ impl Relay {
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(connect);
-        let relay_id = cfg
-            .relay_id
-            .clone()
-            .unwrap_or_else(|| config::new_relay_id("relay"));
-        let leases = Arc::new(Leases::new(
+        let exactly_once = cfg.exactly_once.then(|| ExactlyOnce::new(&cfg, &relay_id));
+        let leases = Leases::new(
             pool.clone(),
             relay_id,
             cfg.lease_ttl,
             cfg.heartbeat_interval,
-        ));
+        );
+        let leases = Arc::new(if cfg.exactly_once {
+            leases.exactly_once()
+        } else {
+            leases
+        });
         Ok(Self {
             claim_pool,
             router: TopicRouter::new(cfg.topic_template.clone()),
@@ -149,6 +161,7 @@ impl Relay {
             health: Arc::new(Health::new(publisher.reach())),
             publisher,
             leases,
+            exactly_once,
             idle_warned_at: std::sync::Mutex::new(None),
         })
     }
@@ -221,15 +234,30 @@ impl Relay {
         }
         info!(relay.id = %self.relay_id(), "relay started; waiting for its share of the partitions");
 
-        let deadline = self.publish(wake, listening, &shutdown).await;
+        let (deadline, halted) = self.publish(wake, listening, &shutdown).await;
+        if halted {
+            // The crash hook (tests): stop as if killed, keeping the lease.
+            background.cancel();
+            self.health.set(State::Stopping, "halted by the crash hook");
+            return;
+        }
 
         self.health.set(State::Stopping, "shutting down");
         background.cancel();
+        let owes = self.exactly_once.as_ref().is_some_and(ExactlyOnce::owes);
         let hand_back = async {
             while tasks.join_next().await.is_some() {}
             // Closing the claim connections ends any claim still open, so the
             // release below never waits on this relay's own locks.
             self.claim_pool.close().await;
+            if owes {
+                warn!(
+                    "a Kafka transaction of this relay is not settled in the database; its \
+                       partitions are not handed back: the relay that takes them over when the \
+                       lease runs out fences this one and finishes its checkpoint"
+                );
+                return;
+            }
             match self.leases.release_all().await {
                 Ok(n) => info!(partitions = n, "partitions handed back"),
                 Err(e) => warn!(error = %e, "could not hand the partitions back; \
@@ -261,13 +289,14 @@ impl Relay {
     /// not full.
     ///
     /// Returns when `shutdown` fires, with the moment the whole shutdown
-    /// must be over by ([`RelayConfig::shutdown_timeout`] after it fired).
+    /// must be over by ([`RelayConfig::shutdown_timeout`] after it fired),
+    /// and whether the crash hook halted it.
     async fn publish(
         &self,
         wake: Arc<Notify>,
         listening: Arc<AtomicBool>,
         shutdown: &CancellationToken,
-    ) -> tokio::time::Instant {
+    ) -> (tokio::time::Instant, bool) {
         let stop_by = || tokio::time::Instant::now() + self.cfg.shutdown_timeout;
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
         let mut broker_failures = 0u32;
@@ -284,7 +313,26 @@ impl Relay {
                 if let Some(next) = prefetched.take() {
                     let _ = tokio::time::timeout_at(deadline, next.tx.rollback()).await;
                 }
-                return deadline;
+                return (deadline, false);
+            }
+            if let Some(eo) = &self.exactly_once {
+                // What a failed batch left half done, and partitions taken
+                // from dead relays, come before any new claim.
+                let paid = match eo
+                    .pay(&self.publisher, &self.pool, &self.cfg, &self.leases)
+                    .await
+                {
+                    Ok(()) => eo.recover_taken(&self.pool, &self.cfg, &self.leases).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = paid {
+                    if let Some(next) = prefetched.take() {
+                        let _ = next.tx.rollback().await;
+                    }
+                    self.degraded(e);
+                    back_off(&mut backoff, shutdown).await;
+                    continue;
+                }
             }
             let current = match prefetched.take() {
                 Some(c) => c,
@@ -295,7 +343,7 @@ impl Relay {
                         wakeups.idle(shutdown).await;
                         continue;
                     }
-                    match self.claim(&own, InFlight::none()).await {
+                    match self.claim(InFlight::none()).await {
                         Ok(c) => {
                             // After a failure, only a batch that goes
                             // through makes the relay active again.
@@ -313,6 +361,7 @@ impl Relay {
                 }
             };
             let claimed = current.rows.len();
+            let ticket = current.ticket;
             let batch = self.relay_batch(current);
             tokio::pin!(batch);
             let result = tokio::select! {
@@ -326,17 +375,21 @@ impl Relay {
                     match tokio::time::timeout_at(batch_by, &mut batch).await {
                         Ok(Ok(Some(next))) => {
                             let _ = tokio::time::timeout_at(deadline, next.tx.rollback()).await;
-                            return deadline;
+                            return (deadline, false);
                         }
-                        Ok(_) => return deadline,
+                        Ok(Err(BatchError::Halted)) => return (deadline, true),
+                        Ok(_) => return (deadline, false),
                         Err(_) => {
                             warn!("the batch in flight did not finish within the shutdown timeout; \
                                    it was rolled back and its rows stay pending");
-                            return deadline; // dropping the claim rolls it back
+                            return (deadline, false); // dropping the claim rolls it back
                         }
                     }
                 }
             };
+            if !self.exactly_once.as_ref().is_some_and(ExactlyOnce::owes) {
+                self.leases.gate().settle(ticket);
+            }
             match result {
                 Ok(next) => {
                     broker_failures = 0;
@@ -356,6 +409,7 @@ impl Relay {
                     self.replace_producer_if_fatal(broker_failures);
                     back_off(&mut backoff, shutdown).await;
                 }
+                Err(BatchError::Halted) => return (tokio::time::Instant::now(), true),
             }
         }
     }
@@ -411,6 +465,13 @@ impl Relay {
         let Some(fatal) = self.publisher.fatal_error() else {
             return;
         };
+        if let Some(eo) = &self.exactly_once {
+            // A transactional producer is re-created and initialized before
+            // the next claim, with its checkpoint read back.
+            warn!(%fatal, consecutive_failures, "the transactional producer has a fatal error; re-creating it");
+            eo.owe(&[], true, 0);
+            return;
+        }
         match self.publisher.rebuild() {
             Ok(()) => {
                 warn!(%fatal, consecutive_failures, "replaced the Kafka producer after a fatal error")
@@ -432,6 +493,7 @@ impl Relay {
                 format!("database: {why}")
             }
             BatchError::Broker(e) => format!("kafka: {e}"),
+            BatchError::Halted => "halted by the crash hook".into(),
         }
     }
 
@@ -442,12 +504,16 @@ impl Relay {
 
     /// Opens a claim transaction and claims the oldest pending rows of the
     /// partitions this relay owns, fenced in the database, see [`claim::claim`].
-    async fn claim(&self, own: &Ownership, in_flight: InFlight) -> Result<Claim, BatchError> {
+    /// The claim's release-gate ticket is taken before the ownership is read
+    /// (see `lease::ReleaseGate`).
+    async fn claim(&self, in_flight: InFlight) -> Result<Claim, BatchError> {
+        let ticket = self.leases.gate().ticket();
+        let own = self.leases.ownership();
         let mut tx = self.claim_pool.begin().await?;
         let who = Claimant {
             relay_id: self.leases.relay_id(),
             partitions: own.partitions,
-            exclude: own.releasing.iter().copied().collect(),
+            exclude: own.excluded(),
             synchronous_commit: self.cfg.synchronous_commit,
             prepared: !self.cfg.transaction_pooler,
             in_flight,
@@ -455,7 +521,7 @@ impl Relay {
         // Roll back explicitly on error: a dropped transaction only queues
         // its rollback, and would keep the partition locks a take-over waits for.
         match claim::claim(&mut tx, &self.claim_sql, self.cfg.batch_size, &who).await {
-            Ok(rows) => Ok(Claim { tx, rows }),
+            Ok(rows) => Ok(Claim { tx, rows, ticket }),
             Err(e) => {
                 let _ = tx.rollback().await;
                 Err(e.into())
@@ -471,13 +537,17 @@ impl Relay {
     #[tracing::instrument(name = "relay_batch", skip_all, fields(batch.size = current.rows.len()))]
     async fn relay_batch(&self, current: Claim) -> Result<Option<Claim>, BatchError> {
         let started = Instant::now();
-        let Claim { tx, mut rows } = current;
+        let Claim {
+            tx,
+            mut rows,
+            ticket,
+        } = current;
         if rows.is_empty() {
             tx.commit().await?;
             return Ok(None);
         }
         let (prepared, topics) = self.prepare(&mut rows).await;
-        let (batch, records) = Batch::plan(rows, prepared, self.cfg.poison_policy);
+        let (batch, mut records) = Batch::plan(rows, prepared, self.cfg.poison_policy);
 
         // Overlap the next claim only if this batch was full (else the
         // backlog is drained) and its ids are close enough to leave out.
@@ -487,13 +557,29 @@ impl Relay {
             None
         };
         let sent = batch.sent();
-        let (outcomes, next) = match (sent > 0, in_flight) {
+        // Exactly-once: the sends go in a Kafka transaction, with the
+        // checkpoint of the sent ids as one more record (exactly_once.rs).
+        let txn = self.exactly_once.as_ref().filter(|_| sent > 0);
+        let sent_ids = if txn.is_some() {
+            batch.sent_ids()
+        } else {
+            Vec::new()
+        };
+        if let Some(eo) = txn {
+            if let Err(e) = eo.begin(&self.publisher).await {
+                let _ = tx.rollback().await;
+                eo.owe(&[], true, ticket);
+                return Err(BatchError::Broker(format!(
+                    "cannot begin a Kafka transaction: {e}"
+                )));
+            }
+            records.push(Some(eo.checkpoint_record(&sent_ids)));
+        }
+        let (mut outcomes, next) = match (sent > 0, in_flight) {
             (true, Some(in_flight)) => {
                 let _awaiting = self.health.awaiting(sent);
-                let (outcomes, next) = tokio::join!(self.publisher.publish(records), async {
-                    let own = self.leases.ownership();
-                    self.claim(&own, in_flight).await
-                });
+                let (outcomes, next) =
+                    tokio::join!(self.publisher.publish(records), self.claim(in_flight));
                 // A failed prefetch is not this batch's problem; the next
                 // claim will meet the error again.
                 (outcomes, next.ok())
@@ -504,12 +590,71 @@ impl Relay {
             }
             (false, _) => (Vec::new(), None),
         };
-        let fates = batch.settle(&outcomes);
+        let checkpoint = if txn.is_some() {
+            outcomes.pop().flatten()
+        } else {
+            None
+        };
+        let mut fates = batch.settle(&outcomes);
+        let mut committed_in_kafka = false;
+        let mut aborted: Option<String> = None;
+        if let Some(eo) = txn {
+            let commit = batch.all_sent_delivered(&fates) && checkpoint == Some(Outcome::Delivered);
+            let why = match &checkpoint {
+                Some(Outcome::Delivered) => "a record was not acknowledged".to_string(),
+                Some(Outcome::Permanent(r) | Outcome::Transient(r)) => {
+                    format!("the checkpoint was not acknowledged: {r}")
+                }
+                None => "the checkpoint's delivery report did not come".to_string(),
+            };
+            match eo.end(&self.publisher, commit, &why).await {
+                Ended::Committed => {
+                    committed_in_kafka = true;
+                    if eo.crash_now() {
+                        if let Some(next) = next {
+                            let _ = next.tx.rollback().await;
+                        }
+                        let _ = tx.rollback().await;
+                        return Err(BatchError::Halted);
+                    }
+                }
+                Ended::Aborted { reason, reinit } => {
+                    if reinit {
+                        eo.owe(&[], true, ticket);
+                    }
+                    fates = batch::aborted(fates);
+                    aborted = Some(reason);
+                }
+                Ended::Unknown(reason) => {
+                    eo.owe(&[], true, ticket);
+                    if let Some(next) = next {
+                        let _ = next.tx.rollback().await;
+                    }
+                    let _ = tx.rollback().await;
+                    return Err(BatchError::Broker(format!(
+                        "the Kafka transaction's outcome is unknown ({reason}); it is settled \
+                         from the checkpoint before the next claim"
+                    )));
+                }
+            }
+        }
+        // Committed in Kafka, not yet in the database: owed until finished.
+        let owe_sent = |what: &str| {
+            if let (true, Some(eo)) = (committed_in_kafka, txn) {
+                warn!(rows = sent_ids.len(), "{what} after the Kafka commit failed; \
+                      the rows are finished from the checkpoint before the next claim (not sent again)");
+                eo.owe(&sent_ids, false, ticket);
+            }
+        };
 
         if batch::all_delivered(&fates) {
             if let Err(e) = tx.commit().await {
-                error!(error = %e, rows = fates.len(),
-                       "commit after publishing failed; the batch will be published again (duplicates)");
+                if committed_in_kafka {
+                    owe_sent("the database commit");
+                } else {
+                    error!(error = %e, rows = fates.len(),
+                           "commit after publishing failed; the batch will be published again (duplicates)");
+                }
                 if let Some(next) = next {
                     let _ = next.tx.rollback().await;
                 }
@@ -522,9 +667,15 @@ impl Relay {
         // Something was not acknowledged: the prefetched batch may hold later
         // rows of an affected key, so it goes back unsent.
         if let Some(next) = next {
-            next.tx.rollback().await?;
+            if let Err(e) = next.tx.rollback().await {
+                owe_sent("rolling back the claim");
+                return Err(e.into());
+            }
         }
-        tx.rollback().await?;
+        if let Err(e) = tx.rollback().await {
+            owe_sent("rolling back the claim");
+            return Err(e.into());
+        }
         for (row, fate) in batch.rows().iter().zip(&fates) {
             if let Fate::Failed(reason) = fate {
                 warn!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref(),
@@ -532,14 +683,20 @@ impl Relay {
             }
         }
         let res = batch.resolution(&fates);
-        let mut conn = self.claim_pool.acquire().await?;
-        claim::resolve(
-            &mut conn,
-            self.cfg.after_publish,
-            self.cfg.remembers_published(),
-            &res,
-        )
-        .await?;
+        let resolved = async {
+            let mut conn = self.claim_pool.acquire().await?;
+            claim::resolve(
+                &mut conn,
+                self.cfg.after_publish,
+                self.cfg.remembers_published(),
+                &res,
+            )
+            .await
+        };
+        if let Err(e) = resolved.await {
+            owe_sent("recording the batch's outcome");
+            return Err(e.into());
+        }
         note_delivered(batch.rows(), &fates, started);
         telemetry::publish_errors("permanent", res.failed.len() as u64);
         telemetry::publish_errors("transient", res.retry.len() as u64);
@@ -553,6 +710,14 @@ impl Relay {
                 "{} rows not acknowledged: {reason}",
                 res.retry.len()
             )));
+        }
+        if let Some(reason) = aborted {
+            if res.failed.is_empty() {
+                // Nothing moved: back off before sending the rows again.
+                return Err(BatchError::Broker(format!(
+                    "the Kafka transaction was aborted: {reason}"
+                )));
+            }
         }
         Ok(None)
     }
@@ -649,4 +814,6 @@ impl RelayHandle {
 struct Claim {
     tx: Transaction<'static, Postgres>,
     rows: Vec<OutboxRow>,
+    /// Its release-gate ticket (see `lease::ReleaseGate`).
+    ticket: u64,
 }

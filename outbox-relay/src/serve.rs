@@ -81,6 +81,10 @@ fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHa
             telemetry::LATENCY_BUCKETS,
         )?
         .set_buckets_for_metric(
+            Matcher::Full(telemetry::TRANSACTION_COMMIT.into()),
+            telemetry::LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(
             Matcher::Full(telemetry::BATCH_SIZE.into()),
             telemetry::BATCH_BUCKETS,
         )?

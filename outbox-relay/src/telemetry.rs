@@ -42,6 +42,20 @@ pub const PARTITION_OLDEST_PENDING_AGE: &str = "outbox_relay_partition_oldest_pe
 /// notifications do not arrive.
 pub const WAKEUPS: &str = "outbox_relay_wakeups_total";
 
+/// Exactly-once mode: Kafka transactions ended, by `result`: `committed`,
+/// `aborted` (nothing of it visible; its rows are sent again) or `unknown`
+/// (settled from the checkpoint, as after a crash).
+pub const TRANSACTIONS: &str = "outbox_relay_transactions_total";
+/// Exactly-once mode: how long a Kafka transaction's commit took.
+pub const TRANSACTION_COMMIT: &str = "outbox_relay_transaction_commit_seconds";
+/// Exactly-once mode: fencing events, by `fenced`: `another relay` (this
+/// relay fenced a relay whose lease ran out before taking its partitions)
+/// or `this relay` (another relay fenced this one).
+pub const FENCED: &str = "outbox_relay_fenced_total";
+/// Exactly-once mode: rows already committed in Kafka whose database side
+/// was finished from a checkpoint, without sending them again.
+pub const CHECKPOINT_FINISHED: &str = "outbox_relay_checkpoint_finished_rows_total";
+
 /// Histogram buckets (seconds) for the latency metrics.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
@@ -97,4 +111,20 @@ pub(crate) fn partition_backlog(partition: i32, pending: i64, oldest_age_seconds
 
 pub(crate) fn wakeup(by: &'static str) {
     counter!(WAKEUPS, "by" => by).increment(1);
+}
+
+pub(crate) fn transaction(result: &'static str) {
+    counter!(TRANSACTIONS, "result" => result).increment(1);
+}
+
+pub(crate) fn commit_latency(took: Duration) {
+    histogram!(TRANSACTION_COMMIT).record(took.as_secs_f64());
+}
+
+pub(crate) fn fenced(who: &'static str) {
+    counter!(FENCED, "fenced" => who).increment(1);
+}
+
+pub(crate) fn checkpoint_finished(rows: usize) {
+    counter!(CHECKPOINT_FINISHED).increment(rows as u64);
 }
