@@ -194,7 +194,7 @@ pub fn read(
     only: Option<&[String]>,
     wait: Duration,
 ) -> Result<BTreeMap<String, Checkpoint>, CheckpointError> {
-    let reader = |isolation: &str| -> Result<BaseConsumer, CheckpointError> {
+    let reader = |isolation: &str| -> Result<BaseConsumer<QuietEof>, CheckpointError> {
         let mut cc = connect.clone();
         cc.set("group.id", "outbox-relay-checkpoint-reader")
             .set("enable.auto.commit", "false")
@@ -202,7 +202,8 @@ pub fn read(
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "true")
             .set("isolation.level", isolation);
-        cc.create().map_err(kafka(topic, "reader"))
+        cc.create_with_context(QuietEof)
+            .map_err(kafka(topic, "reader"))
     };
     let uncommitted = reader("read_uncommitted")?;
     let committed = reader("read_committed")?;
@@ -288,6 +289,20 @@ pub fn read(
     }
     Ok(latest)
 }
+
+/// The readers' client context: the end of a partition is how a read
+/// finishes, not an error to log; other errors are logged as warnings.
+struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(error = %error, reason, "checkpoint reader");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
 /// The connection settings of `properties` (security, SASL, TLS, socket and
 /// broker address settings), for the checkpoint's readers and the fencing

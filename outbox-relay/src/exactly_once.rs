@@ -224,9 +224,12 @@ impl ExactlyOnce {
             return Ok(());
         }
         let partitions: Vec<i32> = own.recovering.keys().copied().collect();
+        // This relay's own id may be listed (it took a partition back after
+        // its own lease ran out): what it owes is in `owed`, paid already.
         let previous: BTreeSet<String> = own
             .recovering
             .values()
+            .flatten()
             .filter(|r| **r != self.relay_id)
             .cloned()
             .collect();
@@ -238,7 +241,10 @@ impl ExactlyOnce {
         let checkpoints = self.read(previous.iter().cloned().collect()).await?;
         let ids: Vec<i64> = checkpoints.values().flat_map(Checkpoint::id_list).collect();
         let n = self.finish(pool, cfg, &ids).await?;
-        leases.recovered(&partitions);
+        leases
+            .recovered(&partitions)
+            .await
+            .map_err(|e| format!("database: {}", crate::store::explain(&e)))?;
         info!(
             ?partitions,
             previous_owners = ?previous,

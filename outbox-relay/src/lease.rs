@@ -37,12 +37,15 @@
 //! - A relay releases a partition only once every batch it claimed before
 //!   it stopped claiming that partition is settled in Kafka and in the
 //!   database ([`ReleaseGate`]).
-//! - A relay that takes partitions over from a relay whose lease ran out
-//!   first fences that relay's transactional id in Kafka, which aborts its
-//!   open transaction and makes any later commit of it fail, then finishes
-//!   the database side of that relay's last committed checkpoint, and only
-//!   then claims from those partitions ([`Ownership::recovering`];
-//!   `exactly_once.rs` does it).
+//! - A relay that takes a partition over from a relay whose lease ran out
+//!   records that relay's id in the partition's `unfenced` list, in the
+//!   take-over's own statement. Before claiming from the partition it
+//!   fences each listed relay's transactional id in Kafka, which aborts its
+//!   open transaction and makes any later commit of it fail, finishes the
+//!   database side of that relay's last committed checkpoint, and empties
+//!   the list ([`Ownership::recovering`]; `exactly_once.rs` does it). The
+//!   fence clause leaves partitions with a non-empty list out of every
+//!   claim, and the list outlives a new owner that dies before emptying it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -73,6 +76,7 @@ pub(crate) const FENCE: &str = "WITH owned AS MATERIALIZED ( \
                         CASE WHEN $4 THEN current_setting('synchronous_commit') ELSE 'off' END, true) \
       FROM outbox_relay_partitions rp JOIN outbox_relays r ON r.relay_id = rp.owner \
       WHERE rp.owner = $2 AND r.lease_until > clock_timestamp() AND rp.partition <> ALL($5) \
+        AND cardinality(rp.unfenced) = 0 \
       FOR SHARE OF rp) ";
 
 /// What this relay owns, as of its last heartbeat. The claim statement checks
@@ -87,11 +91,11 @@ pub struct Ownership {
     pub owned: BTreeSet<i32>,
     /// Owned partitions this relay is giving up: claims leave them out.
     pub releasing: BTreeSet<i32>,
-    /// Exactly-once mode: partitions taken over from a relay whose lease ran
-    /// out, with that relay's id. Claims leave them out until that relay is
-    /// fenced in Kafka and its last checkpoint finished
-    /// ([`Leases::recovered`]).
-    pub recovering: BTreeMap<i32, String>,
+    /// Exactly-once mode: owned partitions whose `unfenced` list is not
+    /// empty, with the list: relays whose lease ran out while they owned the
+    /// partition. Claims leave them out until those relays are fenced in
+    /// Kafka and their last checkpoints finished ([`Leases::recovered`]).
+    pub recovering: BTreeMap<i32, Vec<String>>,
     /// Relays with a live lease, this one included.
     pub live_relays: i32,
     /// Why the last heartbeat failed, if it did.
@@ -229,13 +233,23 @@ impl Leases {
         &self.gate
     }
 
-    /// The previous owners of these partitions are fenced and their last
-    /// checkpoints finished: claims may take them.
-    pub fn recovered(&self, partitions: &[i32]) {
+    /// The relays listed for these partitions are fenced and their last
+    /// checkpoints finished: empties the lists, so claims may take them.
+    pub async fn recovered(&self, partitions: &[i32]) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE outbox_relay_partitions SET unfenced = '{}' \
+             WHERE owner = $1 AND partition = ANY($2)",
+        )
+        .persistent(false)
+        .bind(&self.relay_id)
+        .bind(partitions)
+        .execute(&self.pool)
+        .await?;
         let mut st = self.state.lock().expect("ownership lock");
         for p in partitions {
             st.recovering.remove(p);
         }
+        Ok(())
     }
 
     /// This relay's id, as stored in `outbox_relays` and as owner.
@@ -390,36 +404,46 @@ impl Leases {
         // Take free partitions, or those of relays whose lease ran out.
         let want = (share as usize).saturating_sub(owned.len());
         let mut acquired: Vec<i32> = Vec::new();
-        let mut taken_from: BTreeMap<i32, String> = BTreeMap::new();
         if want > 0 && releasing.is_empty() {
-            // The previous owner is returned for fencing (exactly-once): set
-            // only when its lease ran out (a release leaves no owner).
-            let rows: Vec<(i32, Option<String>)> = sqlx::query_as(
+            // Exactly-once: a previous owner whose lease ran out joins the
+            // partition's unfenced list (a released partition has no owner,
+            // and keeps its list). Otherwise the list is emptied.
+            acquired = sqlx::query_scalar(
                 "UPDATE outbox_relay_partitions rp \
-                 SET owner = $1, epoch = rp.epoch + 1, acquired_at = clock_timestamp() \
+                 SET owner = $1, epoch = rp.epoch + 1, acquired_at = clock_timestamp(), \
+                     unfenced = CASE WHEN NOT $3 THEN '{}' \
+                                     WHEN c.previous IS NULL OR c.previous = $1 THEN rp.unfenced \
+                                     ELSE array_append(array_remove(rp.unfenced, c.previous), c.previous) END \
                  FROM (SELECT partition, owner AS previous FROM outbox_relay_partitions \
                        WHERE owner IS NULL OR owner NOT IN \
                            (SELECT relay_id FROM outbox_relays WHERE lease_until > clock_timestamp()) \
                        ORDER BY partition LIMIT $2 FOR UPDATE SKIP LOCKED) c \
                  WHERE rp.partition = c.partition \
-                 RETURNING rp.partition, c.previous",
+                 RETURNING rp.partition",
             )
             .persistent(false)
             .bind(&self.relay_id)
             .bind(want as i64)
+            .bind(self.exactly_once)
             .fetch_all(&mut *tx)
             .await?;
-            for (p, previous) in rows {
-                acquired.push(p);
-                if let Some(prev) = previous {
-                    if self.exactly_once {
-                        taken_from.insert(p, prev);
-                    }
-                }
-            }
             acquired.sort_unstable();
             owned.extend(acquired.iter().copied());
         }
+        let recovering: BTreeMap<i32, Vec<String>> = if self.exactly_once {
+            sqlx::query_as::<_, (i32, Vec<String>)>(
+                "SELECT partition, unfenced FROM outbox_relay_partitions \
+                 WHERE owner = $1 AND cardinality(unfenced) > 0",
+            )
+            .persistent(false)
+            .bind(&self.relay_id)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect()
+        } else {
+            BTreeMap::new()
+        };
 
         // Forget relays gone for a while that own nothing.
         sqlx::query(
@@ -447,9 +471,6 @@ impl Leases {
         );
         telemetry::ownership(owned.len(), live);
         let mut st = self.state.lock().expect("ownership lock");
-        let mut recovering = std::mem::take(&mut st.recovering);
-        recovering.retain(|p, _| owned.contains(p));
-        recovering.extend(taken_from);
         *st = Ownership {
             partitions: n,
             owned,

@@ -318,11 +318,14 @@ impl Relay {
             if let Some(eo) = &self.exactly_once {
                 // What a failed batch left half done, and partitions taken
                 // from dead relays, come before any new claim.
-                let paid = match eo
-                    .pay(&self.publisher, &self.pool, &self.cfg, &self.leases)
-                    .await
-                {
-                    Ok(()) => eo.recover_taken(&self.pool, &self.cfg, &self.leases).await,
+                // Partitions taken from dead relays first: their fence must
+                // not wait on this relay's own reading of the checkpoints,
+                // which waits for every open transaction to end.
+                let paid = match eo.recover_taken(&self.pool, &self.cfg, &self.leases).await {
+                    Ok(()) => {
+                        eo.pay(&self.publisher, &self.pool, &self.cfg, &self.leases)
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 if let Err(e) = paid {

@@ -83,6 +83,8 @@ impl Mock {
 pub enum Own {
     /// Its own Apache Kafka broker, storage on disk (the broker-restart fault).
     Kafka(test_kit::kafka::Node),
+    /// Its own three-broker Apache Kafka cluster (the leader-failover fault).
+    Cluster(test_kit::kafka::Cluster),
     /// librdkafka's mock cluster (the produce-errors, broker-slow and
     /// broker-down faults).
     Mock(Mock),
@@ -93,6 +95,7 @@ impl Own {
     pub fn address(&self) -> String {
         match self {
             Self::Kafka(b) => b.address.clone(),
+            Self::Cluster(c) => c.bootstrap(),
             Self::Mock(m) => m.address(),
         }
     }
@@ -101,6 +104,7 @@ impl Own {
     pub fn describe(&self) -> &'static str {
         match self {
             Self::Kafka(_) => "the soak's own Apache Kafka broker",
+            Self::Cluster(_) => "the soak's own three-broker Apache Kafka cluster",
             Self::Mock(_) => "librdkafka's mock cluster, 3 brokers",
         }
     }
@@ -109,14 +113,22 @@ impl Own {
     pub fn kafka(&mut self) -> Option<&mut test_kit::kafka::Node> {
         match self {
             Self::Kafka(b) => Some(b),
-            Self::Mock(_) => None,
+            Self::Cluster(_) | Self::Mock(_) => None,
+        }
+    }
+
+    /// Its own three-broker cluster, if that is what runs.
+    pub fn cluster(&mut self) -> Option<&mut test_kit::kafka::Cluster> {
+        match self {
+            Self::Cluster(c) => Some(c),
+            _ => None,
         }
     }
 
     /// The mock cluster, if that is what runs.
     pub fn mock(&self) -> Option<&Mock> {
         match self {
-            Self::Kafka(_) => None,
+            Self::Kafka(_) | Self::Cluster(_) => None,
             Self::Mock(m) => Some(m),
         }
     }

@@ -4,7 +4,10 @@
 //! - **ledger** `soak_ledger(event_id, key, seq)`: written in the producer's
 //!   transaction, with the outbox row. `seq` counts up per key; producers
 //!   serialize on the key's row, so seq order is commit order per key.
-//! - **Kafka**: the whole topic, read to its high watermarks with no group.
+//! - **Kafka**: the whole topic, read to its end with no group, as a
+//!   `read_committed` reader (the default of librdkafka and of the Java
+//!   client), and a second time as `read_uncommitted` to count the records
+//!   of aborted transactions (exactly-once relays) apart.
 //! - **effects** `soak_effects(applied, event_id, key, seq)`: written by the
 //!   consumer's handler in its dedupe transaction, `applied` counting up in
 //!   the order they were written. No unique constraint, so a double effect
@@ -43,8 +46,12 @@ pub struct Verdict {
     pub records: u64,
     /// Committed events that never reached Kafka.
     pub lost: u64,
-    /// Records beyond the first of their event id (published twice).
+    /// Records beyond the first of their event id (published twice), as a
+    /// `read_committed` reader sees them.
     pub duplicated_in_kafka: u64,
+    /// Records only a `read_uncommitted` reader sees: those of aborted
+    /// Kafka transactions (exactly-once relays).
+    pub aborted_records: u64,
     /// Per key, first deliveries whose seq is lower than an earlier one's.
     pub out_of_order: u64,
     /// Records on the topic that no producer committed.
@@ -81,8 +88,13 @@ impl std::fmt::Display for Verdict {
         writeln!(f, "out of order per key (0):   {}", self.out_of_order)?;
         writeln!(
             f,
-            "duplicated in Kafka:        {}",
+            "duplicated in Kafka:        {} (read_committed)",
             self.duplicated_in_kafka
+        )?;
+        writeln!(
+            f,
+            "aborted records:            {} (only read_uncommitted sees them)",
+            self.aborted_records
         )?;
         writeln!(f, "not applied (must be 0):    {}", self.not_applied)?;
         writeln!(
@@ -117,11 +129,18 @@ pub async fn check(pool: &PgPool, brokers: &str, topic: &str) -> anyhow::Result<
         ledger.into_iter().map(|(id, k, s)| (id, (k, s))).collect();
     let brokers = brokers.to_string();
     let topic = topic.to_string();
-    let records = tokio::task::spawn_blocking(move || read_topic(&brokers, &topic)).await??;
+    let (records, uncommitted) = tokio::task::spawn_blocking(move || {
+        anyhow::Ok((
+            read_topic(&brokers, &topic, "read_committed")?,
+            read_topic(&brokers, &topic, "read_uncommitted")?.len(),
+        ))
+    })
+    .await??;
 
     let mut v = Verdict {
         committed: ledger.len() as u64,
         records: records.len() as u64,
+        aborted_records: uncommitted.saturating_sub(records.len()) as u64,
         ..Verdict::default()
     };
     let mut first = HashSet::new();
@@ -173,13 +192,23 @@ pub async fn check(pool: &PgPool, brokers: &str, topic: &str) -> anyhow::Result<
     Ok(v)
 }
 
-/// Every record of `topic`, partition by partition in offset order.
-fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<Vec<Seen>> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "outbox-soak-checker")
-        .set("enable.auto.commit", "false")
-        .create()?;
+/// Every record of `topic` at `isolation` (`read_committed` or
+/// `read_uncommitted`), partition by partition in offset order. Reads to
+/// each partition's end: for `read_committed`, once no transaction begun
+/// before the high watermark is still open (a killed relay's transaction is
+/// aborted when a new relay fences it, or after its timeout).
+fn read_topic(brokers: &str, topic: &str, isolation: &str) -> anyhow::Result<Vec<Seen>> {
+    let reader = |isolation: &str| -> anyhow::Result<BaseConsumer<QuietEof>> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "outbox-soak-checker")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", isolation)
+            .create_with_context(QuietEof)?)
+    };
+    let c = reader(isolation)?;
+    let hw = reader("read_uncommitted")?;
     let timeout = Duration::from_secs(10);
     let md = c.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = md
@@ -191,9 +220,18 @@ fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<Vec<Seen>> {
     anyhow::ensure!(!partitions.is_empty(), "topic {topic} does not exist");
     let mut tpl = TopicPartitionList::new();
     let mut remaining = HashMap::new();
+    let open_until = std::time::Instant::now() + Duration::from_secs(120);
     for p in partitions {
-        let (low, high) = c.fetch_watermarks(topic, p, timeout)?;
+        let (low, high) = hw.fetch_watermarks(topic, p, timeout)?;
         if high > low {
+            // read_committed's end (the last stable offset) must pass `high`.
+            while c.fetch_watermarks(topic, p, timeout)?.1 < high {
+                anyhow::ensure!(
+                    std::time::Instant::now() < open_until,
+                    "a transaction on {topic} partition {p} stayed open for 120 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
             tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
             remaining.insert(p, high);
         }
@@ -209,16 +247,17 @@ fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<Vec<Seen>> {
             std::time::Instant::now() < deadline,
             "reading {topic} did not finish within 300 s"
         );
-        let Some(m) = c.poll(Duration::from_millis(500)) else {
-            continue;
+        let m = match c.poll(Duration::from_millis(500)) {
+            None => continue,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                remaining.remove(&p);
+                continue;
+            }
+            Some(m) => m?,
         };
-        let m = m?;
         let p = m.partition();
-        let Some(high) = remaining.get(&p).copied() else {
+        if !remaining.contains_key(&p) {
             continue;
-        };
-        if m.offset() + 1 >= high {
-            remaining.remove(&p);
         }
         let id = m
             .headers()
@@ -247,3 +286,17 @@ fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<Vec<Seen>> {
     }
     Ok(out)
 }
+
+/// The reader's client context: reaching a partition's end is how the read
+/// finishes, not an error to log.
+struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(error = %error, reason, "checker's reader");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}

@@ -64,6 +64,12 @@ enum Fault {
     /// fault the soak runs its own Apache Kafka broker (storage on disk) on
     /// free local ports, instead of using KAFKA_BROKERS.
     BrokerRestart,
+    /// SIGKILL one node of a three-broker Apache Kafka cluster picked at
+    /// random (the leaders of its partitions, and of any transaction
+    /// coordinator it hosted, move to the others), then start it again 0.5
+    /// to 3 s later. With this fault the soak runs its own three-node
+    /// cluster (topics replicated 3 times, min.insync.replicas 2).
+    LeaderFailover,
     /// The next five produce requests fail with retriable errors (request
     /// timed out, not leader, not enough replicas, a dropped connection).
     /// This and the next two faults run the soak on librdkafka's mock cluster
@@ -130,6 +136,16 @@ enum Command {
         /// and the checker verifies per-key order of effects. 0: none.
         #[arg(long, default_value_t = 0)]
         poison_every: u64,
+        /// Run the relays with --exactly-once: the checker then requires 0
+        /// duplicates for its read_committed reading of the topic, and
+        /// counts the records of aborted transactions apart.
+        #[arg(long)]
+        exactly_once: bool,
+        /// With --exactly-once: each relay aborts its own process right
+        /// after a Kafka commit and before its database commit, once in
+        /// this many commits, at random (the soak restarts it). 0: never.
+        #[arg(long, default_value_t = 0)]
+        crash_after_commit_one_in: u32,
     },
     /// Relay memory while it drains a backlog: RSS sampled every 250 ms.
     Memory {
@@ -160,6 +176,12 @@ enum Command {
         /// transactional producers; RELIABILITY.md).
         #[arg(long)]
         one_in_flight: bool,
+        /// Publish in Kafka transactions (the relay's --exactly-once).
+        #[arg(long)]
+        exactly_once: bool,
+        /// The crash hook: abort after a Kafka commit, once in this many.
+        #[arg(long, default_value_t = 0)]
+        crash_after_commit_one_in: u32,
     },
     /// (internal) The consumer, until SIGTERM.
     #[command(hide = true)]
@@ -187,6 +209,16 @@ fn main() -> ExitCode {
                 seconds * rate,
                 broker::MOCK_MAX_EVENTS,
                 broker::MOCK_MAX_EVENTS
+            );
+            return ExitCode::from(2);
+        }
+        let own_kafka = faults.contains(&Fault::BrokerRestart) as u8
+            + faults.contains(&Fault::LeaderFailover) as u8
+            + faults.iter().any(|f| f.needs_mock()) as u8;
+        if own_kafka > 1 && faults.contains(&Fault::LeaderFailover) {
+            eprintln!(
+                "error: --faults: leader-failover runs a three-broker cluster of its own; run \
+                 broker-restart and the mock faults in separate soaks"
             );
             return ExitCode::from(2);
         }
@@ -246,10 +278,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             faults,
             json,
             poison_every,
+            exactly_once,
+            crash_after_commit_one_in,
         } => {
             let mock_faults = faults.iter().any(|f| f.needs_mock());
             let own = if mock_faults {
                 Some(broker::Own::Mock(broker::Mock::start()?))
+            } else if faults.contains(&Fault::LeaderFailover) {
+                Some(broker::Own::Cluster(
+                    test_kit::kafka::Cluster::start()
+                        .context("the leader-failover fault's own three-broker cluster")?,
+                ))
             } else if faults.contains(&Fault::BrokerRestart) {
                 Some(broker::Own::Kafka(
                     test_kit::kafka::Node::start()
@@ -270,6 +309,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     lease_ttl: *lease_ttl,
                     json: json.clone(),
                     poison_every: *poison_every,
+                    exactly_once: *exactly_once,
+                    crash_after_commit_one_in: *crash_after_commit_one_in,
                 },
                 *fault_every,
                 faults,
@@ -289,6 +330,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             lease_ttl,
             publish_timeout,
             one_in_flight,
+            exactly_once,
+            crash_after_commit_one_in,
         } => {
             let mut kafka_properties = BTreeMap::new();
             if *one_in_flight {
@@ -306,6 +349,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     lease_ttl: *lease_ttl,
                     heartbeat_interval: *lease_ttl / 4,
                     publish_timeout: *publish_timeout,
+                    exactly_once: *exactly_once,
+                    crash_after_kafka_commit: (*crash_after_commit_one_in > 0).then_some(
+                        outbox_relay::config::CrashAfterCommit {
+                            one_in: *crash_after_commit_one_in,
+                            abort_process: true,
+                        },
+                    ),
                     ..Default::default()
                 },
                 db.application_name("outbox-soak-relay"),

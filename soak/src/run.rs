@@ -29,6 +29,10 @@ pub(crate) struct Load {
     pub(crate) relays: usize,
     pub(crate) lease_ttl: Duration,
     pub(crate) poison_every: u64,
+    /// The relays publish in Kafka transactions (`--exactly-once`).
+    pub(crate) exactly_once: bool,
+    /// The relays' crash hook: abort after a Kafka commit, one in this many.
+    pub(crate) crash_after_commit_one_in: u32,
 }
 
 pub(crate) async fn soak(
@@ -66,7 +70,22 @@ pub(crate) async fn soak(
             m.create_topic(&topic, 3)?;
             m.create_topic(&format!("{topic}.dlq"), 3)?;
         }
-        None => test_kit::topic::create(&cli.kafka_brokers, &topic, 3).await?,
+        None => {
+            // On the three-broker cluster every topic is replicated 3 times.
+            let replication = if matches!(own, Some(broker::Own::Cluster(_))) {
+                3
+            } else {
+                1
+            };
+            outbox_relay::topics::create(
+                &cli.kafka_brokers,
+                &BTreeMap::new(),
+                &topic,
+                3,
+                replication,
+            )
+            .await?;
+        }
     }
     say(format!(
         "database {name}, topic {topic}: {} producers at {} events/s over {} keys for {} s; \
@@ -100,6 +119,13 @@ pub(crate) async fn soak(
     ];
     if matches!(own, Some(broker::Own::Mock(_))) {
         relay_args.push("--one-in-flight");
+    }
+    let crash_one_in = load.crash_after_commit_one_in.to_string();
+    if load.exactly_once {
+        relay_args.push("--exactly-once");
+        if load.crash_after_commit_one_in > 0 {
+            relay_args.extend(["--crash-after-commit-one-in", &crash_one_in]);
+        }
     }
     let mut relays: Vec<Role> = (0..load.relays)
         .map(|_| Role::start(cli, &relay_args))
@@ -145,6 +171,8 @@ pub(crate) async fn soak(
     let mut relay_kills = 0usize;
     // Broker faults hit every relay at once.
     let mut broker_faults = 0usize;
+    // Relays that aborted themselves (the crash hook), restarted.
+    let mut self_crashes = 0usize;
     // Faults come at jittered times (0.5 to 1.5 × --fault-every), and a
     // relay kill hits a relay picked at random.
     loop {
@@ -154,6 +182,7 @@ pub(crate) async fn soak(
         }
         tokio::time::sleep(wait).await;
         relays.iter_mut().for_each(Role::sample_rss);
+        self_crashes += restart_crashed(cli, &mut relays, &say)?;
         let Some(fault) = faults.get(next % faults.len().max(1)).copied() else {
             break;
         };
@@ -188,6 +217,18 @@ pub(crate) async fn soak(
                 tokio::task::block_in_place(|| broker.restart())?;
                 broker_faults += 1;
                 "broker kill -9 and restart"
+            }
+            Fault::LeaderFailover => {
+                let cluster = own
+                    .as_mut()
+                    .and_then(broker::Own::cluster)
+                    .context("the leader-failover fault needs the soak's own cluster")?;
+                let victim = rand::random_range(1..=3u32);
+                cluster.node(victim).kill();
+                tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0))).await;
+                tokio::task::block_in_place(|| cluster.node(victim).restart())?;
+                broker_faults += 1;
+                "cluster node kill -9 and restart (leader failover)"
             }
             Fault::ProduceErrors | Fault::BrokerSlow | Fault::BrokerDown => {
                 let m = own
@@ -251,6 +292,7 @@ pub(crate) async fn soak(
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         relays.iter_mut().for_each(Role::sample_rss);
+        self_crashes += restart_crashed(cli, &mut relays, &say)?;
         if load.poison_every > 0 && last_replay.elapsed() >= Duration::from_secs(2) {
             last_replay = Instant::now();
             // Right after a broker restart the metadata can be stale for a
@@ -287,19 +329,40 @@ pub(crate) async fn soak(
         .get("pg_terminate_backend (relay)")
         .copied()
         .unwrap_or(0) as usize;
-    let relay_faults = relay_kills + (terminations + broker_faults) * load.relays;
-    let bound = relay_faults * RELAY_BATCH;
+    let relay_faults = relay_kills + self_crashes + (terminations + broker_faults) * load.relays;
+    // Exactly-once: no duplicate at all for the checker's read_committed reading.
+    let bound = if load.exactly_once {
+        0
+    } else {
+        relay_faults * RELAY_BATCH
+    };
     let within = v.duplicated_in_kafka as usize <= bound;
     println!();
     println!("== soak result (topic {topic}) ==");
+    if self_crashes > 0 {
+        injected.insert(
+            "relay abort between Kafka and database commits",
+            self_crashes as u64,
+        );
+    }
     for (name, n) in &injected {
         println!("faults injected: {n:>4} × {name}");
     }
+    if load.exactly_once {
+        println!("relays:                     --exactly-once (the topic read as read_committed)");
+    }
     println!("{v}");
-    println!(
-        "duplicate bound:            {bound} ({relay_faults} relay faults × batch {RELAY_BATCH}){}",
-        if within { "" } else { " EXCEEDED" }
-    );
+    if load.exactly_once {
+        println!(
+            "duplicate bound:            0 (exactly-once; {relay_faults} relay faults){}",
+            if within { "" } else { " EXCEEDED" }
+        );
+    } else {
+        println!(
+            "duplicate bound:            {bound} ({relay_faults} relay faults × batch {RELAY_BATCH}){}",
+            if within { "" } else { " EXCEEDED" }
+        );
+    }
     println!(
         "peak RSS sampled: relay {} MiB, consumer {} MiB",
         relays.iter().map(|r| r.peak_rss_kib()).max().unwrap_or(0) / 1024,
@@ -309,6 +372,7 @@ pub(crate) async fn soak(
     if let Some(path) = &load.json {
         let result = serde_json::json!({
             "topic": topic,
+            "exactly_once": load.exactly_once,
             "faults": injected,
             "verdict": v,
             "duplicate_bound": bound,
@@ -342,6 +406,20 @@ pub(crate) async fn soak(
         }
     }
     Ok(ok)
+}
+
+/// Restarts the relays that exited by themselves (the crash hook aborts
+/// one between its Kafka and database commits); returns how many.
+fn restart_crashed(cli: &Cli, relays: &mut [Role], say: &impl Fn(String)) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for relay in relays.iter_mut() {
+        if relay.child.process.try_wait()?.is_some() {
+            relay.kill_and_restart(cli)?;
+            say("a relay aborted itself between its Kafka and database commits; restarted".into());
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Replays the dead letters of `topic` not replayed yet (`done` holds their

@@ -33,10 +33,11 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
             "V2__relay_partitions",
             "V3__failed_key_hash_index",
             "V4__notify_only_waiting_relays",
-            "V5__remember_published_ids"
+            "V5__remember_published_ids",
+            "V6__partition_checkpoints_to_finish"
         ]
     );
-    assert_eq!(first.current_version, Some(5));
+    assert_eq!(first.current_version, Some(6));
     assert_eq!(
         columns(&pool, "outbox_relays").await,
         [
@@ -50,7 +51,7 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
     );
     assert_eq!(
         columns(&pool, "outbox_relay_partitions").await,
-        ["partition", "owner", "epoch", "acquired_at"]
+        ["partition", "owner", "epoch", "acquired_at", "unfenced"]
     );
     let (partitions, spread): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM outbox_relay_partitions), \
@@ -137,7 +138,7 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(history, 5);
+    assert_eq!(history, 6);
     // The consumer set is separate: nothing of it exists yet.
     assert!(columns(&pool, "processed_events").await.is_empty());
 }
@@ -351,5 +352,5 @@ async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
     for r in futures::future::join_all(runs).await {
         applied += r.unwrap().unwrap().applied.len();
     }
-    assert_eq!(applied, 5, "V1 to V5, once each");
+    assert_eq!(applied, 6, "V1 to V6, once each");
 }
