@@ -53,8 +53,16 @@ pub(crate) async fn drain(
 
         // The relay draining the same backlog: as configured by default
         // (remembering published ids, migration V5), and without that.
-        let relay_rate = relay_drain(env, recorder, rows, batch_size, true).await?;
-        let forgetful_rate = relay_drain(env, recorder, rows, batch_size, false).await?;
+        let cfg = RelayConfig {
+            batch_size,
+            ..RelayConfig::default()
+        };
+        let relay_rate = relay_drain(env, recorder, rows, cfg.clone()).await?;
+        let without_ids = RelayConfig {
+            remember_published: Duration::ZERO,
+            ..cfg
+        };
+        let forgetful_rate = relay_drain(env, recorder, rows, without_ids).await?;
         forgetful.push(forgetful_rate);
 
         println!(
@@ -90,26 +98,18 @@ pub(crate) async fn drain(
     Ok(())
 }
 
-/// The relay draining a backlog of `rows` on a fresh topic; rows per second.
-async fn relay_drain(
+/// A relay configured by `cfg` draining a backlog of `rows` on a fresh
+/// topic; rows per second.
+pub(crate) async fn relay_drain(
     env: &Env,
     recorder: &samples::Samples,
     rows: i64,
-    batch_size: usize,
-    remember: bool,
+    cfg: RelayConfig,
 ) -> anyhow::Result<f64> {
     let topic = env.topic("drain-relay").await?;
     env.fill(&topic, rows).await?;
     let shutdown = CancellationToken::new();
-    let r = env.relay(RelayConfig {
-        batch_size,
-        remember_published: if remember {
-            RelayConfig::default().remember_published
-        } else {
-            Duration::ZERO
-        },
-        ..RelayConfig::default()
-    })?;
+    let r = env.relay(cfg)?;
     let started = Instant::now();
     recorder.clear();
     let task = tokio::spawn(r.run(shutdown.clone()));

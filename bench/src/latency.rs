@@ -29,6 +29,9 @@ pub(crate) async fn enqueue(
 
 // ---------------------------------------------------------------- latency
 
+/// Producers offering the load, one event per transaction.
+const PRODUCERS: u64 = 8;
+
 pub(crate) async fn latency(
     env: &Env,
     recorder: &samples::Samples,
@@ -38,7 +41,6 @@ pub(crate) async fn latency(
     notify: bool,
     poll_interval: Duration,
 ) -> anyhow::Result<()> {
-    const PRODUCERS: u64 = 8;
     println!(
         "== latency: {rate} events/s offered for {seconds}s by {PRODUCERS} producers (one event per transaction), \
          relay defaults but {} and poll interval {poll_interval:?}",
@@ -55,9 +57,50 @@ pub(crate) async fn latency(
     };
     let (mut p50s, mut p99s, mut p999s) = (vec![], vec![], vec![]);
     for run in 1..=runs {
+        let m = measure(env, recorder, rate, seconds, relay_cfg.clone()).await?;
+        println!(
+            "run {run}: achieved {:.0} events/s, {} samples: p50 {:.1} ms  p99 {:.1} ms  p99.9 {:.1} ms  max {:.1} ms",
+            m.offered, m.samples, m.p50, m.p99, m.p999, m.max
+        );
+        p50s.push(m.p50);
+        p99s.push(m.p99);
+        p999s.push(m.p999);
+    }
+    println!(
+        "median: p50 {:.1} ms  p99 {:.1} ms (target <= 20)  p99.9 {:.1} ms",
+        median(p50s),
+        median(p99s),
+        median(p999s)
+    );
+    env.pool
+        .execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
+        .await?;
+    Ok(())
+}
+
+/// One latency measurement's figures (milliseconds).
+pub(crate) struct Measured {
+    pub(crate) offered: f64,
+    pub(crate) samples: usize,
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) p999: f64,
+    pub(crate) max: f64,
+}
+
+/// `rate` events/s offered for `seconds` by 8 producers to a relay
+/// configured by `relay_cfg` on a fresh topic; commit-to-ack quantiles.
+pub(crate) async fn measure(
+    env: &Env,
+    recorder: &samples::Samples,
+    rate: u64,
+    seconds: u64,
+    relay_cfg: RelayConfig,
+) -> anyhow::Result<Measured> {
+    {
         let topic = env.topic("latency").await?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(env.relay(relay_cfg.clone())?.run(shutdown.clone()));
+        let task = tokio::spawn(env.relay(relay_cfg)?.run(shutdown.clone()));
         tokio::time::sleep(Duration::from_secs(1)).await;
         recorder.clear();
         let per_producer = Duration::from_secs_f64(PRODUCERS as f64 / rate as f64);
@@ -102,24 +145,13 @@ pub(crate) async fn latency(
         );
         v.sort_by(f64::total_cmp);
         let q = |p: f64| v[((v.len() as f64 * p).ceil() as usize).min(v.len()) - 1] * 1000.0;
-        let (p50, p99, p999) = (q(0.50), q(0.99), q(0.999));
-        println!(
-            "run {run}: achieved {offered:.0} events/s, {} samples: p50 {p50:.1} ms  p99 {p99:.1} ms  p99.9 {p999:.1} ms  max {:.1} ms",
-            v.len(),
-            v[v.len() - 1] * 1000.0
-        );
-        p50s.push(p50);
-        p99s.push(p99);
-        p999s.push(p999);
+        Ok(Measured {
+            offered,
+            samples: v.len(),
+            p50: q(0.50),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: v[v.len() - 1] * 1000.0,
+        })
     }
-    println!(
-        "median: p50 {:.1} ms  p99 {:.1} ms (target <= 20)  p99.9 {:.1} ms",
-        median(p50s),
-        median(p99s),
-        median(p999s)
-    );
-    env.pool
-        .execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
-        .await?;
-    Ok(())
 }

@@ -8,6 +8,7 @@
 mod consumer;
 mod drain;
 mod env;
+mod exactly_once;
 mod latency;
 mod producer;
 mod relays;
@@ -104,6 +105,22 @@ enum Which {
         #[arg(long, default_value = "10s", value_parser = test_kit::parse_duration)]
         lease_ttl: Duration,
     },
+    /// What `--exactly-once` costs: drain and commit-to-ack latency with
+    /// and without it, side by side.
+    ExactlyOnce {
+        /// Backlog size per drain.
+        #[arg(long, default_value_t = 300_000)]
+        rows: i64,
+        /// Relay batch size for the drains.
+        #[arg(long, default_value_t = 5000)]
+        batch_size: usize,
+        /// Offered load for the latency runs, events per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Seconds of load per latency run.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Everything, with the defaults (the consumer with and without duplicates).
     All,
     /// (internal) One relay process for `failover`, until SIGTERM.
@@ -168,6 +185,15 @@ async fn main() -> anyhow::Result<()> {
         Which::Failover { rate, lease_ttl } => {
             relays::failover(&env, args.runs, rate, lease_ttl).await?
         }
+        Which::ExactlyOnce {
+            rows,
+            batch_size,
+            rate,
+            seconds,
+        } => {
+            exactly_once::exactly_once(&env, &recorder, args.runs, rows, batch_size, rate, seconds)
+                .await?
+        }
         Which::RelayChild { .. } => unreachable!("handled above"),
         Which::All => {
             drain(&env, &recorder, args.runs, 1_000_000, 5000).await?;
@@ -186,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
             consumer::consumer(&env, args.runs, 20_000, true).await?;
             relays::scaling(&env, &recorder, args.runs, 300_000, 5000, &[1, 2, 4]).await?;
             relays::failover(&env, args.runs, 500, Duration::from_secs(10)).await?;
+            exactly_once::exactly_once(&env, &recorder, args.runs, 300_000, 5000, 2000, 20).await?;
         }
     }
     Ok(())

@@ -54,6 +54,19 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also print each relay's last checkpoint (exactly-once mode),
+        /// read from Kafka.
+        #[arg(long)]
+        exactly_once: bool,
+        /// With --exactly-once: Kafka bootstrap servers.
+        #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+        kafka_brokers: String,
+        /// With --exactly-once: the checkpoint topic.
+        #[arg(long, env = "RELAY_CHECKPOINT_TOPIC", default_value = outbox_relay::checkpoint::DEFAULT_TOPIC)]
+        checkpoint_topic: String,
+        /// With --exactly-once: librdkafka property `key=value` (TLS, SASL).
+        #[arg(long = "kafka-property", env = "RELAY_KAFKA_PROPERTIES", value_delimiter = ',', value_parser = parse_property, hide_env_values = true)]
+        kafka_properties: Vec<(String, String)>,
     },
     /// Inspect and act on rows that failed permanently.
     #[command(subcommand)]

@@ -171,6 +171,11 @@ pub struct RelayConfig {
     /// commit, before the database commit. Not for production.
     #[doc(hidden)]
     pub crash_after_kafka_commit: Option<CrashAfterCommit>,
+    /// A mutation for the soak checker's self-test: take partitions over
+    /// from dead relays without fencing them or finishing their
+    /// checkpoints. Breaks exactly-once; never set it otherwise.
+    #[doc(hidden)]
+    pub mutation_skip_fencing: bool,
 }
 
 /// Fault injection (tests and the soak only): after a Kafka commit, with a
@@ -214,6 +219,7 @@ impl Default for RelayConfig {
             transactional_id_prefix: "outbox-relay-".into(),
             transaction_timeout: Duration::from_secs(60),
             crash_after_kafka_commit: None,
+            mutation_skip_fencing: false,
         }
     }
 }

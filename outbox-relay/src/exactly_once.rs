@@ -107,6 +107,7 @@ pub(crate) struct ExactlyOnce {
     open: AtomicBool,
     owed: Mutex<Option<Owed>>,
     crash: Option<CrashAfterCommit>,
+    skip_fencing: bool,
 }
 
 impl ExactlyOnce {
@@ -125,6 +126,7 @@ impl ExactlyOnce {
                 ..Owed::default()
             })),
             crash: cfg.crash_after_kafka_commit,
+            skip_fencing: cfg.mutation_skip_fencing,
         }
     }
 
@@ -233,6 +235,16 @@ impl ExactlyOnce {
             .filter(|r| **r != self.relay_id)
             .cloned()
             .collect();
+        if self.skip_fencing {
+            warn!(
+                ?partitions,
+                "mutation: claiming without fencing the previous owners"
+            );
+            return leases
+                .recovered(&partitions)
+                .await
+                .map_err(|e| format!("database: {}", crate::store::explain(&e)));
+        }
         let started = Instant::now();
         for relay in &previous {
             self.fence(relay).await?;

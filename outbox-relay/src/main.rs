@@ -161,7 +161,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { json } => status(&opts, json).await,
+        Command::Status {
+            json,
+            exactly_once,
+            kafka_brokers,
+            checkpoint_topic,
+            kafka_properties,
+        } => {
+            let checkpoints = exactly_once.then(|| operate::CheckpointSource {
+                brokers: kafka_brokers,
+                topic: checkpoint_topic,
+                properties: kafka_properties.into_iter().collect(),
+            });
+            status(&opts, json, checkpoints).await
+        }
         Command::Failed(cmd) => failed(&opts, cmd).await,
         Command::Run(args) => run(opts, *args, cli.transaction_pooler).await,
         Command::Topic(_) => unreachable!("handled above"),

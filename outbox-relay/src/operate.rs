@@ -1,8 +1,10 @@
 //! The operator's commands: `topic create`, `status`, `failed list|retry|discard`.
 
 use crate::cli::{self, FailedCommand, TopicCommand};
+use anyhow::Context;
 use outbox_relay::store::{self, Selection};
 use sqlx::postgres::PgConnectOptions;
+use std::time::Duration;
 
 use crate::{describe, pool, UsageError};
 
@@ -65,9 +67,31 @@ async fn require_schema(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) async fn status(opts: &PgConnectOptions, json: bool) -> anyhow::Result<()> {
+/// Where `status --exactly-once` reads the relays' checkpoints.
+pub(crate) struct CheckpointSource {
+    pub(crate) brokers: String,
+    pub(crate) topic: String,
+    pub(crate) properties: std::collections::BTreeMap<String, String>,
+}
+
+pub(crate) async fn status(
+    opts: &PgConnectOptions,
+    json: bool,
+    checkpoints: Option<CheckpointSource>,
+) -> anyhow::Result<()> {
     let pool = pool(opts).await?;
     require_schema(&pool).await?;
+    let checkpoints = match checkpoints {
+        None => None,
+        Some(src) => Some(
+            tokio::task::spawn_blocking(move || {
+                let cc = outbox_relay::checkpoint::connection_config(&src.brokers, &src.properties);
+                outbox_relay::checkpoint::read(&cc, &src.topic, None, Duration::from_secs(30))
+            })
+            .await?
+            .context("cannot read the checkpoints")?,
+        ),
+    };
     // One transaction: a consistent picture, and it works through a
     // transaction-mode pooler.
     let mut tx = pool.begin().await?;
@@ -83,6 +107,7 @@ pub(crate) async fn status(opts: &PgConnectOptions, json: bool) -> anyhow::Resul
             "published_kept": totals.published_kept,
             "relays": relays,
             "partitions": partitions,
+            "checkpoints": checkpoints,
         });
         out!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -108,6 +133,22 @@ pub(crate) async fn status(opts: &PgConnectOptions, json: bool) -> anyhow::Resul
             ranges(&r.partitions),
         );
     }
+    if let Some(cks) = &checkpoints {
+        out!("checkpoints (exactly-once): {}", cks.len());
+        for ck in cks.values() {
+            let (first, last) = (
+                ck.ids.first().map_or(0, |r| r.0),
+                ck.ids.last().map_or(0, |r| r.1),
+            );
+            out!(
+                "  {:<40} transaction {:<8} {:>5} ids ({first}..{last})  at {}",
+                ck.relay,
+                ck.transaction,
+                ck.len(),
+                ck.at.format("%Y-%m-%d %H:%M:%S%.3fZ")
+            );
+        }
+    }
     out!("partitions: {}", partitions.len());
     out!(
         "  {:>9}  {:<40} {:>9}  {:>11}",
@@ -117,11 +158,14 @@ pub(crate) async fn status(opts: &PgConnectOptions, json: bool) -> anyhow::Resul
         "oldest age"
     );
     for p in &partitions {
-        let owner = match (&p.owner, p.owner_live) {
+        let mut owner = match (&p.owner, p.owner_live) {
             (None, _) => "(none)".to_string(),
             (Some(o), true) => o.clone(),
             (Some(o), false) => format!("{o} (expired)"),
         };
+        if !p.unfenced.is_empty() {
+            owner = format!("{owner}; to fence: {}", p.unfenced.join(","));
+        }
         out!(
             "  {:>9}  {:<40} {:>9}  {:>10.1}s",
             p.partition,

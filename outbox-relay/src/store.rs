@@ -148,6 +148,9 @@ pub struct PartitionStats {
     pub pending: i64,
     /// Age of its oldest pending row, in seconds (0 when none).
     pub oldest_pending_age_seconds: f64,
+    /// Exactly-once mode: relays whose lease ran out while they owned the
+    /// partition, not fenced yet; it is not claimed until they are.
+    pub unfenced: Vec<String>,
 }
 
 /// Backlog per partition, with its owner. Scans the pending rows once.
@@ -159,7 +162,7 @@ pub async fn partition_stats<'e>(
               backlog AS (SELECT outbox_partition(aggregate_id, (SELECT n FROM n)) AS partition, \
                                  count(*) AS pending, min(created_at) AS oldest \
                           FROM outbox WHERE status = 'pending' GROUP BY 1) \
-         SELECT rp.partition, rp.owner, \
+         SELECT rp.partition, rp.owner, rp.unfenced, \
                 COALESCE(r.lease_until > clock_timestamp(), false) AS owner_live, \
                 COALESCE(b.pending, 0) AS pending, \
                 COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - b.oldest)::float8, 0) AS oldest \
@@ -179,6 +182,7 @@ pub async fn partition_stats<'e>(
                 owner_live: r.try_get("owner_live")?,
                 pending: r.try_get("pending")?,
                 oldest_pending_age_seconds: r.try_get::<f64, _>("oldest")?.max(0.0),
+                unfenced: r.try_get("unfenced")?,
             })
         })
         .collect()

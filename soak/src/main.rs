@@ -146,6 +146,11 @@ enum Command {
         /// this many commits, at random (the soak restarts it). 0: never.
         #[arg(long, default_value_t = 0)]
         crash_after_commit_one_in: u32,
+        /// The checker's self-test: relays take partitions over from dead
+        /// relays without fencing them or finishing their checkpoints. The
+        /// checker must then find duplicates.
+        #[arg(long)]
+        mutate_skip_fencing: bool,
     },
     /// Relay memory while it drains a backlog: RSS sampled every 250 ms.
     Memory {
@@ -182,6 +187,9 @@ enum Command {
         /// The crash hook: abort after a Kafka commit, once in this many.
         #[arg(long, default_value_t = 0)]
         crash_after_commit_one_in: u32,
+        /// The mutation (see `run --mutate-skip-fencing`).
+        #[arg(long)]
+        mutate_skip_fencing: bool,
     },
     /// (internal) The consumer, until SIGTERM.
     #[command(hide = true)]
@@ -280,6 +288,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             poison_every,
             exactly_once,
             crash_after_commit_one_in,
+            mutate_skip_fencing,
         } => {
             let mock_faults = faults.iter().any(|f| f.needs_mock());
             let own = if mock_faults {
@@ -311,6 +320,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     poison_every: *poison_every,
                     exactly_once: *exactly_once,
                     crash_after_commit_one_in: *crash_after_commit_one_in,
+                    mutate_skip_fencing: *mutate_skip_fencing,
                 },
                 *fault_every,
                 faults,
@@ -332,6 +342,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             one_in_flight,
             exactly_once,
             crash_after_commit_one_in,
+            mutate_skip_fencing,
         } => {
             let mut kafka_properties = BTreeMap::new();
             if *one_in_flight {
@@ -356,6 +367,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                             abort_process: true,
                         },
                     ),
+                    mutation_skip_fencing: *mutate_skip_fencing,
                     ..Default::default()
                 },
                 db.application_name("outbox-soak-relay"),

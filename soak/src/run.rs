@@ -33,6 +33,8 @@ pub(crate) struct Load {
     pub(crate) exactly_once: bool,
     /// The relays' crash hook: abort after a Kafka commit, one in this many.
     pub(crate) crash_after_commit_one_in: u32,
+    /// The checker's self-test (`--mutate-skip-fencing`).
+    pub(crate) mutate_skip_fencing: bool,
 }
 
 pub(crate) async fn soak(
@@ -125,6 +127,9 @@ pub(crate) async fn soak(
         relay_args.push("--exactly-once");
         if load.crash_after_commit_one_in > 0 {
             relay_args.extend(["--crash-after-commit-one-in", &crash_one_in]);
+        }
+        if load.mutate_skip_fencing {
+            relay_args.push("--mutate-skip-fencing");
         }
     }
     let mut relays: Vec<Role> = (0..load.relays)
@@ -373,6 +378,7 @@ pub(crate) async fn soak(
         let result = serde_json::json!({
             "topic": topic,
             "exactly_once": load.exactly_once,
+            "mutate_skip_fencing": load.mutate_skip_fencing,
             "faults": injected,
             "verdict": v,
             "duplicate_bound": bound,

@@ -1,0 +1,93 @@
+//! `exactly-once`: what `--exactly-once` costs, side by side in one run:
+//! the drain of a backlog and commit-to-ack at a fixed offered load, each
+//! with the relay's defaults and with Kafka transactions.
+
+use outbox_relay::RelayConfig;
+
+use crate::{drain::relay_drain, latency::measure, median, samples, Env};
+
+pub(crate) async fn exactly_once(
+    env: &Env,
+    recorder: &samples::Samples,
+    runs: usize,
+    rows: i64,
+    batch_size: usize,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    println!(
+        "== exactly-once: drain of {rows} rows (batch {batch_size}) and commit-to-ack at {rate}/s for {seconds}s, \
+         relay defaults vs --exactly-once, alternating in each run"
+    );
+    let plain = RelayConfig::default();
+    let eo = RelayConfig {
+        exactly_once: true,
+        checkpoint_topic: format!(
+            "bench-checkpoints-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
+        ..RelayConfig::default()
+    };
+    let drain_cfg = |c: &RelayConfig| RelayConfig {
+        batch_size,
+        ..c.clone()
+    };
+    let (mut drain_ratio, mut p50_ratio, mut p99_ratio) = (vec![], vec![], vec![]);
+    let (mut d_plain, mut d_eo, mut p99_plain, mut p99_eo) = (vec![], vec![], vec![], vec![]);
+    for run in 1..=runs {
+        // Alternate which goes first, so that neither always meets a warmer
+        // database.
+        let (a, b) = if run % 2 == 1 {
+            let a = relay_drain(env, recorder, rows, drain_cfg(&plain)).await?;
+            (a, relay_drain(env, recorder, rows, drain_cfg(&eo)).await?)
+        } else {
+            let b = relay_drain(env, recorder, rows, drain_cfg(&eo)).await?;
+            (
+                relay_drain(env, recorder, rows, drain_cfg(&plain)).await?,
+                b,
+            )
+        };
+        let (la, lb) = if run % 2 == 1 {
+            let la = measure(env, recorder, rate, seconds, plain.clone()).await?;
+            (la, measure(env, recorder, rate, seconds, eo.clone()).await?)
+        } else {
+            let lb = measure(env, recorder, rate, seconds, eo.clone()).await?;
+            (
+                measure(env, recorder, rate, seconds, plain.clone()).await?,
+                lb,
+            )
+        };
+        println!(
+            "run {run}: drain {a:>8.0}/s vs exactly-once {b:>8.0}/s (cost {:.1}%)  |  at {:.0}/s: p50 {:.1} vs {:.1} ms, \
+             p99 {:.1} vs {:.1} ms, p99.9 {:.1} vs {:.1} ms",
+            (1.0 - b / a) * 100.0,
+            la.offered,
+            la.p50,
+            lb.p50,
+            la.p99,
+            lb.p99,
+            la.p999,
+            lb.p999
+        );
+        drain_ratio.push(b / a);
+        p50_ratio.push(lb.p50 / la.p50);
+        p99_ratio.push(lb.p99 / la.p99);
+        d_plain.push(a);
+        d_eo.push(b);
+        p99_plain.push(la.p99);
+        p99_eo.push(lb.p99);
+    }
+    println!(
+        "median: drain {:.0}/s vs {:.0}/s, exactly-once/plain {:.3} (cost {:.1}%, target <= 15%); \
+         p99 {:.1} vs {:.1} ms, ratio {:.2} (target <= 2); p50 ratio {:.2}",
+        median(d_plain),
+        median(d_eo),
+        median(drain_ratio.clone()),
+        (1.0 - median(drain_ratio)) * 100.0,
+        median(p99_plain),
+        median(p99_eo),
+        median(p99_ratio),
+        median(p50_ratio)
+    );
+    Ok(())
+}
