@@ -5,8 +5,8 @@
 //!   transaction, with the outbox row. `seq` counts up per key; producers
 //!   serialize on the key's row, so seq order is commit order per key.
 //! - **Kafka**: the whole topic, read to its end with no group, as a
-//!   `read_committed` reader (the default of librdkafka and of the Java
-//!   client), and a second time as `read_uncommitted` to count the records
+//!   `read_committed` reader (librdkafka's default; the Java client's is
+//!   `read_uncommitted`), and a second time as `read_uncommitted` to count the records
 //!   of aborted transactions (exactly-once relays) apart.
 //! - **effects** `soak_effects(applied, event_id, key, seq)`: written by the
 //!   consumer's handler in its dedupe transaction, `applied` counting up in

@@ -42,7 +42,8 @@ public class Interop {
       System.exit(2);
     }
     switch (args[0]) {
-      case "read" -> read(args[1], args[2], Integer.parseInt(args[3]));
+      case "read" -> read(args[1], args[2], Integer.parseInt(args[3]),
+          args.length > 4 ? args[4] : "read_uncommitted");
       case "write" -> write(args[1], args[2], Integer.parseInt(args[3]), args[4]);
       case "partitions" -> partitions(args[1], args[2], List.of(args).subList(3, args.length));
       default -> {
@@ -52,10 +53,14 @@ public class Interop {
     }
   }
 
-  static void read(String brokers, String topic, int count) {
+  // Reads the topic from the beginning with the given isolation level (the
+  // Java client's default is read_uncommitted) until `count` records came,
+  // then 3 s more, so that extra records (duplicates) show too.
+  static void read(String brokers, String topic, int count, String isolation) {
     Properties p = new Properties();
     p.put("bootstrap.servers", brokers);
     p.put("enable.auto.commit", "false");
+    p.put("isolation.level", isolation);
     p.put("key.deserializer", StringDeserializer.class.getName());
     p.put("value.deserializer", ByteArrayDeserializer.class.getName());
     CloudEventDeserializer ce = new CloudEventDeserializer();
@@ -67,7 +72,11 @@ public class Interop {
       c.assign(parts);
       c.seekToBeginning(parts);
       long deadline = System.currentTimeMillis() + 60_000;
-      while (seen < count && System.currentTimeMillis() < deadline) {
+      long settled = Long.MAX_VALUE;
+      while (System.currentTimeMillis() < Math.min(deadline, settled)) {
+        if (seen >= count && settled == Long.MAX_VALUE) {
+          settled = System.currentTimeMillis() + 3_000;
+        }
         for (ConsumerRecord<String, byte[]> r : c.poll(Duration.ofMillis(500))) {
           CloudEvent ev;
           try {

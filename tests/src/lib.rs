@@ -546,3 +546,45 @@ pub async fn kill_relay_connections(pool: &sqlx::PgPool) -> anyhow::Result<usize
 }
 
 pub mod consumer;
+
+fn interop_libs() -> std::path::PathBuf {
+    std::env::var_os("INTEROP_LIBS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("OUTBOX_CACHE_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| {
+                    std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/outbox-toolkit")
+                });
+            cache.join("interop-libs")
+        })
+}
+
+/// Runs `Interop.java <args>` (`tests/interop/`: Apache kafka-clients and the
+/// CloudEvents Java SDK, on the classpath `./dev test` resolves) and returns
+/// its stdout lines.
+pub fn java_interop(args: &[&str]) -> anyhow::Result<Vec<String>> {
+    let libs = interop_libs();
+    anyhow::ensure!(
+        libs.join(".complete").exists(),
+        "the interop tests' Java clients are not at {}: run ./dev test (it resolves them)",
+        libs.display()
+    );
+    let source = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/Interop.java");
+    let out = std::process::Command::new("java")
+        .arg("-cp")
+        .arg(format!("{}/*", libs.display()))
+        .arg(source)
+        .args(args)
+        .output()
+        .context("cannot run java (a JDK 17+ is needed)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "Interop.java {args:?} exited {}:\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout.lines().map(str::to_string).collect())
+}

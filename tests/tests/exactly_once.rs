@@ -3,11 +3,14 @@
 //! commit, and an aborted transaction, publish nothing twice for a
 //! `read_committed` reader.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use integration_tests::{
-    append_events, brokers, consume, eventually, outbox_with_topic, pending, unique, Received,
-    RunningRelay,
+    append_events, brokers, consume, eventually, java_interop, outbox_with_topic, pending, unique,
+    Received, RunningRelay,
 };
 use outbox_core::{append, headers as h, NewEvent};
 use outbox_relay::{config::CrashAfterCommit, health::State, PoisonPolicy, RelayConfig};
@@ -41,6 +44,19 @@ fn copies(got: &[Received]) -> HashMap<String, usize> {
             .or_default() += 1;
     }
     n
+}
+
+/// The event ids the Java consumer (`tests/interop/`) reads from `topic` at
+/// `isolation`: at least `count`, and whatever more comes within 3 s.
+fn java_ids(topic: &str, count: usize, isolation: &str) -> anyhow::Result<Vec<String>> {
+    let lines = java_interop(&["read", &brokers(), topic, &count.to_string(), isolation])?;
+    lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            Ok(v["id"].as_str().unwrap_or_default().to_string())
+        })
+        .collect()
 }
 
 /// Every record of `topic` as a `read_uncommitted` reader sees it, aborted
@@ -131,6 +147,11 @@ async fn a_crash_between_the_kafka_and_database_commits_publishes_nothing_twice(
         if checkpoint_seen {
             assert_eq!(got.len(), 300, "each event exactly once");
             assert_eq!(twice, 0);
+            // A client nobody here wrote agrees: the Java consumer, as
+            // read_committed, sees each event once.
+            let java = java_ids(&topic, 300, "read_committed")?;
+            assert_eq!(java.len(), 300, "the Java consumer read each record once");
+            assert_eq!(java.iter().collect::<HashSet<_>>().len(), 300);
         } else {
             assert_eq!(
                 twice, 50,
@@ -186,6 +207,9 @@ async fn an_aborted_transaction_is_invisible_to_read_committed_readers(
         all, 78,
         "read_uncommitted also sees the aborted first attempt"
     );
+    // The Java client agrees on both.
+    assert_eq!(java_ids(&topic, 39, "read_committed")?.len(), 39);
+    assert_eq!(java_ids(&topic, 78, "read_uncommitted")?.len(), 78);
     Ok(())
 }
 

@@ -16,51 +16,11 @@ use anyhow::Context;
 use integration_tests::{
     brokers, consume,
     consumer::{consumer_cfg, consumer_db, effect_counts, start_consumer, Effects},
-    eventually, outbox_with_topic, publish_pending, unique,
+    eventually, java_interop, outbox_with_topic, publish_pending, unique,
 };
 use sqlx::PgPool;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn interop_libs() -> PathBuf {
-    std::env::var_os("INTEROP_LIBS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("OUTBOX_CACHE_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                        .join(".cache/outbox-toolkit")
-                });
-            cache.join("interop-libs")
-        })
-}
-
-/// Runs `Interop.java <args>` and returns its stdout lines.
-fn java_interop(args: &[&str]) -> anyhow::Result<Vec<String>> {
-    let libs = interop_libs();
-    anyhow::ensure!(
-        libs.join(".complete").exists(),
-        "the interop tests' Java clients are not at {}: run ./dev test (it resolves them)",
-        libs.display()
-    );
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/Interop.java");
-    let out = Command::new("java")
-        .arg("-cp")
-        .arg(format!("{}/*", libs.display()))
-        .arg(source)
-        .args(args)
-        .output()
-        .context("cannot run java (a JDK 17+ is needed)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    anyhow::ensure!(
-        out.status.success(),
-        "Interop.java {args:?} exited {}:\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout.lines().map(str::to_string).collect())
-}
 
 #[derive(sqlx::FromRow)]
 struct Row {
