@@ -156,10 +156,22 @@ fn kafka(topic: &str, what: &str) -> impl FnOnce(KafkaError) -> CheckpointError 
 
 /// Creates the checkpoint topic unless it exists: one partition, compacted,
 /// with short segments so that compaction keeps it small, and the broker's
-/// default replication factor. Blocking.
+/// default replication factor. A topic the operator created is used as it
+/// is (then the relay needs no permission to create topics). Blocking.
 pub fn ensure_topic(connect: &ClientConfig, topic: &str) -> Result<(), CheckpointError> {
     let admin: AdminClient<DefaultClientContext> =
         connect.create().map_err(kafka(topic, "admin client"))?;
+    let md = admin
+        .inner()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(kafka(topic, "metadata"))?;
+    if md
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+    {
+        return Ok(());
+    }
     let spec = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
         .set("cleanup.policy", "compact")
         .set("segment.ms", "60000")

@@ -110,3 +110,42 @@ async fn a_slow_and_erroring_broker_loses_and_reorders_nothing(pool: PgPool) -> 
     );
     Ok(())
 }
+
+/// A broker that refuses the relay's transactional id (the ACLs): in
+/// exactly-once mode the relay publishes nothing, and its readiness names
+/// the problem and the fix.
+#[sqlx::test(migrations = false)]
+async fn a_refused_transactional_id_is_named_with_its_fix(pool: PgPool) -> anyhow::Result<()> {
+    outbox_core::migrate(&pool).await?;
+    let cluster = MockCluster::new(1)?;
+    cluster.create_topic("mock-eo", 1, 1)?;
+    cluster.create_topic("mock-checkpoints", 1, 1)?;
+    cluster.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[E::RD_KAFKA_RESP_ERR_TRANSACTIONAL_ID_AUTHORIZATION_FAILED; 20],
+    );
+    insert_sql_rows(&pool, "mock-eo", 10, 2).await?;
+    let relay = RunningRelay::start_exactly(
+        &pool,
+        RelayConfig {
+            brokers: cluster.bootstrap_servers(),
+            exactly_once: true,
+            checkpoint_topic: "mock-checkpoints".into(),
+            poll_interval: Duration::from_millis(100),
+            ..RelayConfig::default()
+        },
+    )?;
+    let health = relay.health.clone();
+    eventually(
+        Duration::from_secs(30),
+        "readiness names the ACL",
+        || async {
+            let reason = health.reason();
+            Ok(reason.contains("TransactionalId") && reason.contains("outbox-relay-"))
+        },
+    )
+    .await?;
+    assert!(!relay.health.is_ready());
+    assert_eq!(pending(&pool).await?, 10, "nothing was published");
+    relay.stop().await
+}
