@@ -383,15 +383,24 @@ impl ExactlyOnce {
     }
 
     /// Deletes (or marks) the rows of `ids` that are still pending, in one
-    /// transaction. Returns how many ids were given.
+    /// transaction. Returns how many were still pending.
     async fn finish(&self, pool: &PgPool, cfg: &RelayConfig, ids: &[i64]) -> Result<usize, String> {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut conn = pool
-            .acquire()
-            .await
-            .map_err(|e| format!("database: {}", crate::store::explain(&e)))?;
+        let db = |e: sqlx::Error| format!("database: {}", crate::store::explain(&e));
+        let mut conn = pool.acquire().await.map_err(db)?;
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE id = ANY($1) AND status = 'pending'",
+        )
+        .persistent(false)
+        .bind(ids)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        if pending == 0 {
+            return Ok(0);
+        }
         let res = Resolution {
             delivered: ids.to_vec(),
             ..Resolution::default()
@@ -403,9 +412,9 @@ impl ExactlyOnce {
             &res,
         )
         .await
-        .map_err(|e| format!("database: {}", crate::store::explain(&e)))?;
-        telemetry::checkpoint_finished(ids.len());
-        Ok(ids.len())
+        .map_err(db)?;
+        telemetry::checkpoint_finished(pending as usize);
+        Ok(pending as usize)
     }
 }
 

@@ -57,6 +57,7 @@ pub(crate) async fn run(
         transaction_pooler = cfg.transaction_pooler,
         relay.id = %relay.relay_id(),
         lease_ttl = ?cfg.lease_ttl,
+        exactly_once = cfg.exactly_once,
         http = %args.http_addr,
         "outbox-relay starting"
     );

@@ -330,7 +330,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Check { topic } => {
             let pool = PgPool::connect_with(db).await?;
-            let v = check::check(&pool, &cli.kafka_brokers, topic).await?;
+            let v = check::check(&pool, &cli.kafka_brokers, topic, &Default::default()).await?;
             println!("{v}");
             Ok(v.ok())
         }

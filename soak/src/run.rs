@@ -291,6 +291,7 @@ pub(crate) async fn soak(
         say("poison fixed in the consumer; replaying the dead letters as they come".into());
     }
     let mut replayed: std::collections::HashSet<(i32, i64)> = std::collections::HashSet::new();
+    let mut replayed_ids: std::collections::HashMap<uuid::Uuid, u64> = Default::default();
     let mut last_replay = Instant::now() - Duration::from_secs(10);
 
     // Let the relay and consumer finish, bounded.
@@ -302,7 +303,9 @@ pub(crate) async fn soak(
             last_replay = Instant::now();
             // Right after a broker restart the metadata can be stale for a
             // moment: try again at the next round.
-            match replay_new_letters(&cli.kafka_brokers, &topic, &mut replayed).await {
+            match replay_new_letters(&cli.kafka_brokers, &topic, &mut replayed, &mut replayed_ids)
+                .await
+            {
                 Ok(0) => {}
                 Ok(n) => say(format!("replayed {n} dead letter(s)")),
                 Err(e) => say(format!(
@@ -327,7 +330,7 @@ pub(crate) async fn soak(
     relays.iter_mut().for_each(Role::terminate);
     consumer.terminate();
 
-    let v = check::check(&pool, &cli.kafka_brokers, &topic).await?;
+    let v = check::check(&pool, &cli.kafka_brokers, &topic, &replayed_ids).await?;
     // A relay fault repeats at most the batch that relay had in flight; a
     // pg_terminate_backend or a broker fault hits every relay at once.
     let terminations = injected
@@ -429,11 +432,13 @@ fn restart_crashed(cli: &Cli, relays: &mut [Role], say: &impl Fn(String)) -> any
 }
 
 /// Replays the dead letters of `topic` not replayed yet (`done` holds their
-/// positions in the dead-letter topic); returns how many.
+/// positions in the dead-letter topic, `ids` counts the replays per event
+/// id); returns how many.
 async fn replay_new_letters(
     brokers: &str,
     topic: &str,
     done: &mut std::collections::HashSet<(i32, i64)>,
+    ids: &mut std::collections::HashMap<uuid::Uuid, u64>,
 ) -> anyhow::Result<usize> {
     let dlq = format!("{topic}.dlq");
     let letters = consumer_kit::replay::read(
@@ -450,6 +455,9 @@ async fn replay_new_letters(
     if !new.is_empty() {
         consumer_kit::replay::replay(brokers, &BTreeMap::new(), &new).await?;
         done.extend(new.iter().map(|l| (l.dlq_partition, l.dlq_offset)));
+        for id in new.iter().filter_map(|l| l.event_id) {
+            *ids.entry(id).or_default() += 1;
+        }
     }
     Ok(new.len())
 }

@@ -107,6 +107,40 @@ fn three_relays_killed_at_random_lose_and_reorder_nothing() -> anyhow::Result<()
     Ok(())
 }
 
+/// Exactly-once: three relays with `--exactly-once`, killed (-9) at random,
+/// their connections terminated, and aborting themselves right after a
+/// Kafka commit (before the database commit) now and then. The checker
+/// reads the topic as `read_committed`: no duplicate at all (the bound is
+/// 0), nothing lost or reordered.
+#[test]
+fn exactly_once_relays_killed_between_their_commits_duplicate_nothing() -> anyhow::Result<()> {
+    let (stdout, result) = soak(
+        &[
+            "--relays",
+            "3",
+            "--seconds",
+            "20",
+            "--rate",
+            "200",
+            "--fault-every",
+            "2s",
+            "--faults",
+            "relay-kill,pg-terminate",
+            "--lease-ttl",
+            "2s",
+            "--exactly-once",
+            "--crash-after-commit-one-in",
+            "50",
+            "--database",
+            "outbox_soak_ci_eo",
+        ],
+        &["relay kill -9", "pg_terminate_backend (relay)"],
+    )?;
+    assert_eq!(result["duplicate_bound"], 0, "{result:#}");
+    assert_eq!(result["verdict"]["duplicated_in_kafka"], 0, "{stdout}");
+    Ok(())
+}
+
 /// Broker restarts combined with consumer kills: the soak runs its own
 /// Apache Kafka broker (storage on disk), kills it -9 and restarts it,
 /// between relay kills, consumer kills and terminated relay connections, at
