@@ -213,6 +213,9 @@ pub fn read(
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "true")
+            // At the end the broker would hold the fetch for 500 ms waiting
+            // for data that is not coming; the read is over at the end.
+            .set("fetch.wait.max.ms", "10")
             .set("isolation.level", isolation);
         cc.create_with_context(QuietEof)
             .map_err(kafka(topic, "reader"))

@@ -184,7 +184,9 @@ impl ExactlyOnce {
             return Ok(());
         };
         if reinit {
+            let t0 = Instant::now();
             self.ensure_topic().await?;
+            let t1 = Instant::now();
             publisher
                 .rebuild()
                 .map_err(|e| format!("kafka: cannot re-create the producer: {e}"))?;
@@ -192,10 +194,17 @@ impl ExactlyOnce {
                 .init_transactions()
                 .await
                 .map_err(|e| explain_init(&e, &self.prefix))?;
+            let t2 = Instant::now();
             let own = self.read(vec![self.relay_id.clone()]).await?;
             if let Some(ck) = own.get(&self.relay_id) {
                 finish.extend(ck.id_list());
             }
+            tracing::debug!(
+                checkpoint_topic_ms = (t1 - t0).as_millis() as u64,
+                init_transactions_ms = (t2 - t1).as_millis() as u64,
+                read_own_checkpoint_ms = t2.elapsed().as_millis() as u64,
+                "transactional producer initialized"
+            );
         }
         let n = self.finish(pool, cfg, &finish).await?;
         if n > 0 {

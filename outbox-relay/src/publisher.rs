@@ -183,9 +183,24 @@ impl Publisher {
     }
 
     /// Exactly-once mode: commits the transaction in progress.
+    ///
+    /// Every delivery report of the batch has been received when this is
+    /// called, but librdkafka counts a record as outstanding until the poll
+    /// thread has finished with its report. rust-rdkafka's commit flushes
+    /// first, and a flush that finds one still outstanding waits on the
+    /// event queue for up to 100 ms (measured: 4% of commits at 2,000
+    /// events/s took 100-200 ms). So the count is awaited here, for at most
+    /// 50 ms, in 0.2 ms steps.
     pub async fn commit(&self) -> Result<(), KafkaError> {
         let timeout = self.timeout;
-        self.blocking(move |p| p.commit_transaction(timeout)).await
+        self.blocking(move |p| {
+            let settle_by = Instant::now() + Duration::from_millis(50);
+            while p.in_flight_count() > 0 && Instant::now() < settle_by {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            p.commit_transaction(timeout)
+        })
+        .await
     }
 
     /// Exactly-once mode: aborts the transaction in progress.
