@@ -135,14 +135,15 @@ pub(crate) async fn status(
     }
     if let Some(cks) = &checkpoints {
         out!("checkpoints (exactly-once): {}", cks.len());
-        for ck in cks.values() {
+        // One per producer lane: `<relay id>` and `<relay id>.1`.
+        for (lane, ck) in cks {
             let (first, last) = (
                 ck.ids.first().map_or(0, |r| r.0),
                 ck.ids.last().map_or(0, |r| r.1),
             );
             out!(
                 "  {:<40} transaction {:<8} {:>5} ids ({first}..{last})  at {}",
-                ck.relay,
+                lane,
                 ck.transaction,
                 ck.len(),
                 ck.at.format("%Y-%m-%d %H:%M:%S%.3fZ")
