@@ -230,9 +230,8 @@ pub struct RunArgs {
     #[arg(long, env = "RELAY_CHECKPOINT_TOPIC", default_value = outbox_relay::checkpoint::DEFAULT_TOPIC)]
     pub checkpoint_topic: String,
 
-    /// With --exactly-once: the transactional.id prefix (the relay id, and
-    /// the relay id with `.1`, follow it); with ACLs, grant WRITE and
-    /// DESCRIBE on this prefix.
+    /// With --exactly-once: the transactional.id prefix (the relay id
+    /// follows it); with ACLs, grant WRITE and DESCRIBE on this prefix.
     #[arg(
         long,
         env = "RELAY_TRANSACTIONAL_ID_PREFIX",

@@ -155,10 +155,10 @@ pub struct RelayConfig {
     /// the broker's default replication factor). Default
     /// `outbox-relay-checkpoints`.
     pub checkpoint_topic: String,
-    /// With [`RelayConfig::exactly_once`]: the relay's two transactional
-    /// producers have the ids `<prefix><relay id>` and `<prefix><relay
-    /// id>.1`. With ACLs, grant `WRITE` and `DESCRIBE` on the prefixed
-    /// `TransactionalId` resource. Default `outbox-relay-`.
+    /// With [`RelayConfig::exactly_once`]: the producer's `transactional.id`
+    /// is this prefix followed by the relay id. With ACLs, grant `WRITE` and
+    /// `DESCRIBE` on the prefixed `TransactionalId` resource. Default
+    /// `outbox-relay-`.
     pub transactional_id_prefix: String,
     /// With [`RelayConfig::exactly_once`]: how long the broker lets a
     /// transaction stay open before it aborts it (librdkafka's

@@ -37,15 +37,9 @@
 //! and finishes it.
 //!
 //! Fencing is in `lease.rs` (the database half) and here (the Kafka half,
-//! [`ExactlyOnce::recover_taken`]). A relay has [`LANES`] transactional
-//! producers, whatever the number of partitions it owns, with the ids
-//! `<prefix><relay id>` and `<prefix><relay id>.1`, and batches take turns
-//! on them: right after a commit the brokers are still writing its markers,
-//! and a new transaction of the same id would be refused (librdkafka then
-//! waits 20 ms), while the other lane's is not. Batch N+1 still begins only
-//! after batch N committed, so per-partition order is unchanged. Each lane
-//! writes its own checkpoint (key `<relay id>` or `<relay id>.1`), and
-//! fencing a relay fences both ids.
+//! [`ExactlyOnce::recover_taken`]): one producer per relay, with the
+//! transactional id `<prefix><relay id>`, so many partitions never mean many
+//! producers.
 
 use std::{
     collections::BTreeSet,
@@ -74,32 +68,6 @@ use crate::{
     record::Record,
     telemetry,
 };
-
-/// Transactional producers per relay (see the module doc).
-pub(crate) const LANES: usize = 2;
-
-/// A lane's name: the relay id, then `.1`, … for the later lanes. The
-/// checkpoint's record key, and after the prefix the transactional id.
-pub(crate) fn lane_key(relay: &str, lane: usize) -> String {
-    if lane == 0 {
-        relay.to_string()
-    } else {
-        format!("{relay}.{lane}")
-    }
-}
-
-/// The transactional id of `relay`'s producer on `lane`.
-pub(crate) fn transactional_id(prefix: &str, relay: &str, lane: usize) -> String {
-    format!("{prefix}{}", lane_key(relay, lane))
-}
-
-/// Every lane key of these relays: whose checkpoints to read.
-fn lane_keys<'a>(relays: impl IntoIterator<Item = &'a String>) -> Vec<String> {
-    relays
-        .into_iter()
-        .flat_map(|r| (0..LANES).map(move |l| lane_key(r, l)))
-        .collect()
-}
 
 /// Work a failed batch left behind, to finish before the next claim.
 #[derive(Debug, Default)]
@@ -170,12 +138,11 @@ impl ExactlyOnce {
     }
 
     /// The checkpoint record of a transaction publishing `ids`.
-    /// `lane` is the publisher's current lane.
-    pub(crate) fn checkpoint_record(&self, ids: &[i64], lane: usize) -> Record {
+    pub(crate) fn checkpoint_record(&self, ids: &[i64]) -> Record {
         let n = self.transactions.fetch_add(1, Ordering::Relaxed) + 1;
         Record {
             topic: self.topic.clone(),
-            key: lane_key(&self.relay_id, lane),
+            key: self.relay_id.clone(),
             value: Some(Checkpoint::new(&self.relay_id, n, ids).encode()),
             headers: OwnedHeaders::new(),
         }
@@ -228,8 +195,10 @@ impl ExactlyOnce {
                 .await
                 .map_err(|e| explain_init(&e, &self.prefix))?;
             let t2 = Instant::now();
-            let own = self.read(lane_keys([&self.relay_id])).await?;
-            finish.extend(own.values().flat_map(Checkpoint::id_list));
+            let own = self.read(vec![self.relay_id.clone()]).await?;
+            if let Some(ck) = own.get(&self.relay_id) {
+                finish.extend(ck.id_list());
+            }
             tracing::debug!(
                 checkpoint_topic_ms = (t1 - t0).as_millis() as u64,
                 init_transactions_ms = (t2 - t1).as_millis() as u64,
@@ -290,7 +259,7 @@ impl ExactlyOnce {
             self.fence(relay).await?;
             telemetry::fenced("another relay");
         }
-        let checkpoints = self.read(lane_keys(&previous)).await?;
+        let checkpoints = self.read(previous.iter().cloned().collect()).await?;
         let ids: Vec<i64> = checkpoints.values().flat_map(Checkpoint::id_list).collect();
         let n = self.finish(pool, cfg, &ids).await?;
         leases
@@ -308,11 +277,9 @@ impl ExactlyOnce {
     }
 
     /// Ends the transaction of a batch: commits it if `commit`, else aborts.
-    /// The next batch then takes the next lane.
     pub(crate) async fn end(&self, publisher: &Publisher, commit: bool, why: &str) -> Ended {
         let ended = self.end_transaction(publisher, commit, why).await;
         self.open.store(false, Ordering::SeqCst);
-        publisher.next_lane();
         ended
     }
 
@@ -377,35 +344,25 @@ impl ExactlyOnce {
         true
     }
 
-    /// Registers each of `relay`'s transactional ids with a producer of our
-    /// own, which bumps its epoch: its open transaction is aborted and it
-    /// can commit nothing more.
+    /// Registers `relay`'s transactional id with a producer of our own,
+    /// which bumps its epoch: its open transaction is aborted and it can
+    /// commit nothing more.
     async fn fence(&self, relay: &str) -> Result<(), String> {
-        let configs: Vec<ClientConfig> = (0..LANES)
-            .map(|lane| {
-                let mut cc = self.connect.clone();
-                cc.set(
-                    "transactional.id",
-                    transactional_id(&self.prefix, relay, lane),
-                )
-                .set(
-                    "transaction.timeout.ms",
-                    self.transaction_timeout.as_millis().to_string(),
-                )
-                .set("client.id", "outbox-relay-fence");
-                cc
-            })
-            .collect();
+        let mut cc = self.connect.clone();
+        cc.set("transactional.id", format!("{}{relay}", self.prefix))
+            .set(
+                "transaction.timeout.ms",
+                self.transaction_timeout.as_millis().to_string(),
+            )
+            .set("client.id", "outbox-relay-fence");
         let prefix = self.prefix.clone();
         tokio::task::spawn_blocking(move || {
-            configs.iter().try_for_each(|cc| {
-                let producer: BaseProducer = cc
-                    .create()
-                    .map_err(|e| format!("kafka: cannot create the fencing producer: {e}"))?;
-                producer
-                    .init_transactions(Duration::from_secs(60))
-                    .map_err(|e| explain_init(&outbox_kafka::secrets::scrub(e), &prefix))
-            })
+            let producer: BaseProducer = cc
+                .create()
+                .map_err(|e| format!("kafka: cannot create the fencing producer: {e}"))?;
+            producer
+                .init_transactions(Duration::from_secs(60))
+                .map_err(|e| explain_init(&outbox_kafka::secrets::scrub(e), &prefix))
         })
         .await
         .map_err(|e| format!("fencing task: {e}"))?

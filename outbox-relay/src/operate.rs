@@ -135,15 +135,14 @@ pub(crate) async fn status(
     }
     if let Some(cks) = &checkpoints {
         out!("checkpoints (exactly-once): {}", cks.len());
-        // One per producer lane: `<relay id>` and `<relay id>.1`.
-        for (lane, ck) in cks {
+        for ck in cks.values() {
             let (first, last) = (
                 ck.ids.first().map_or(0, |r| r.0),
                 ck.ids.last().map_or(0, |r| r.1),
             );
             out!(
                 "  {:<40} transaction {:<8} {:>5} ids ({first}..{last})  at {}",
-                lane,
+                ck.relay,
                 ck.transaction,
                 ck.len(),
                 ck.at.format("%Y-%m-%d %H:%M:%S%.3fZ")

@@ -64,13 +64,8 @@ pub enum TopicState {
 pub struct Publisher {
     /// Whether the producer is connected to a broker now, for readiness.
     reach: Arc<Reach>,
-    /// One producer, or in exactly-once mode one per lane
-    /// ([`crate::exactly_once::LANES`]): batches take turns.
-    producers: std::sync::RwLock<Vec<FutureProducer<WatchedContext>>>,
-    /// The lane of the batch being published.
-    lane: std::sync::atomic::AtomicUsize,
-    /// Each lane's settings (they differ in `transactional.id` only).
-    client_configs: Vec<ClientConfig>,
+    producer: std::sync::RwLock<FutureProducer<WatchedContext>>,
+    client_config: ClientConfig,
     timeout: Duration,
     known_topics: Mutex<HashMap<String, Instant>>,
 }
@@ -115,31 +110,17 @@ impl Publisher {
             );
         if cfg.exactly_once {
             cc.set(
+                "transactional.id",
+                format!("{}{relay_id}", cfg.transactional_id_prefix),
+            )
+            .set(
                 "transaction.timeout.ms",
                 cfg.transaction_timeout.as_millis().to_string(),
             );
         }
         outbox_kafka::secrets::set_all(&mut cc, &cfg.kafka_properties);
-        let client_configs: Vec<ClientConfig> = if cfg.exactly_once {
-            (0..crate::exactly_once::LANES)
-                .map(|lane| {
-                    let mut lane_cc = cc.clone();
-                    lane_cc.set(
-                        "transactional.id",
-                        crate::exactly_once::transactional_id(
-                            &cfg.transactional_id_prefix,
-                            relay_id,
-                            lane,
-                        ),
-                    );
-                    lane_cc
-                })
-                .collect()
-        } else {
-            vec![cc]
-        };
         let reach = Arc::new(Reach::default());
-        if client_configs[0]
+        if cc
             .get("statistics.interval.ms")
             .is_some_and(|v| v.trim() == "0")
         {
@@ -147,48 +128,28 @@ impl Publisher {
             // brokers are down, and again after the next delivery.
             reach.up();
         }
-        let producers = create_all(&client_configs, &reach)?;
+        let producer: FutureProducer<WatchedContext> = cc
+            .create_with_context(WatchedContext::new(Arc::clone(&reach)))
+            .map_err(|e| PublisherError(outbox_kafka::secrets::scrub(e)))?;
         Ok(Self {
             reach,
-            producers: std::sync::RwLock::new(producers),
-            lane: std::sync::atomic::AtomicUsize::new(0),
-            client_configs,
+            producer: std::sync::RwLock::new(producer),
+            client_config: cc,
             timeout: cfg.publish_timeout,
             known_topics: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The producer of the current lane.
     fn producer(&self) -> FutureProducer<WatchedContext> {
-        let lane = self.lane.load(std::sync::atomic::Ordering::SeqCst);
-        self.producers.read().expect("producer lock")[lane].clone()
+        self.producer.read().expect("producer lock").clone()
     }
 
-    /// The current lane (0 outside exactly-once mode).
-    pub fn lane(&self) -> usize {
-        self.lane.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Exactly-once mode: the next batch takes the next lane's producer, so
-    /// that it does not wait for the brokers to finish writing the last
-    /// transaction's markers (see `exactly_once.rs`).
-    pub fn next_lane(&self) {
-        let n = self.client_configs.len();
-        let _ = self.lane.fetch_update(
-            std::sync::atomic::Ordering::SeqCst,
-            std::sync::atomic::Ordering::SeqCst,
-            |l| Some((l + 1) % n),
-        );
-    }
-
-    /// A producer's fatal error, if one has one: it can then never send
+    /// The producer's fatal error, if it has one: it can then never send
     /// again and must be replaced ([`Publisher::rebuild`]).
     pub fn fatal_error(&self) -> Option<String> {
-        self.producers
-            .read()
-            .expect("producer lock")
-            .iter()
-            .find_map(|p| p.client().fatal_error())
+        self.producer()
+            .client()
+            .fatal_error()
             .map(|(code, reason)| format!("{code:?}: {reason}"))
     }
 
@@ -198,27 +159,22 @@ impl Publisher {
     /// queued in the old instance are abandoned; their rows were rolled back
     /// and are claimed again.
     pub fn rebuild(&self) -> Result<(), PublisherError> {
-        let fresh = create_all(&self.client_configs, &self.reach)?;
-        *self.producers.write().expect("producer lock") = fresh;
+        let fresh: FutureProducer<WatchedContext> = self
+            .client_config
+            .create_with_context(WatchedContext::new(Arc::clone(&self.reach)))
+            .map_err(|e| PublisherError(outbox_kafka::secrets::scrub(e)))?;
+        *self.producer.write().expect("producer lock") = fresh;
         self.known_topics.lock().expect("topic cache").clear();
         Ok(())
     }
 
-    /// Exactly-once mode: registers each lane's transactional id with its
-    /// coordinator, which aborts a transaction an earlier producer with that
+    /// Exactly-once mode: registers the transactional id with its
+    /// coordinator, which aborts a transaction an earlier producer with this
     /// id left open and fences that producer. Needed once per producer
     /// instance (also after [`Publisher::rebuild`]).
     pub async fn init_transactions(&self) -> Result<(), KafkaError> {
         let timeout = self.timeout.max(Duration::from_secs(30));
-        let producers = self.producers.read().expect("producer lock").clone();
-        tokio::task::spawn_blocking(move || {
-            producers
-                .iter()
-                .try_for_each(|p| p.init_transactions(timeout))
-        })
-        .await
-        .unwrap_or(Err(KafkaError::Canceled))
-        .map_err(outbox_kafka::secrets::scrub)
+        self.blocking(move |p| p.init_transactions(timeout)).await
     }
 
     /// Exactly-once mode: begins a transaction.
@@ -319,7 +275,8 @@ impl Publisher {
     /// `message.timeout.ms`, so this should never happen).
     pub async fn publish(&self, records: Vec<Option<Record>>) -> Vec<Option<Outcome>> {
         let producer = self.producer();
-        let limit = self.client_configs[0]
+        let limit = self
+            .client_config
             .get("message.max.bytes")
             .unwrap_or("1000000")
             .to_string();
@@ -363,32 +320,12 @@ impl Publisher {
     /// still queued then is dropped (its rows were rolled back and stay
     /// pending), so that closing the producer does not wait on it.
     pub fn flush(&self, timeout: Duration) -> Result<(), String> {
-        let producers = self.producers.read().expect("producer lock").clone();
-        let by = Instant::now() + timeout;
-        for producer in producers {
-            producer
-                .flush(by.saturating_duration_since(Instant::now()))
-                .map_err(|e| {
-                    producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
-                    e.to_string()
-                })?;
-        }
-        Ok(())
-    }
-}
-
-/// One producer per lane's settings.
-fn create_all(
-    configs: &[ClientConfig],
-    reach: &Arc<Reach>,
-) -> Result<Vec<FutureProducer<WatchedContext>>, PublisherError> {
-    configs
-        .iter()
-        .map(|cc| {
-            cc.create_with_context(WatchedContext::new(Arc::clone(reach)))
-                .map_err(|e| PublisherError(outbox_kafka::secrets::scrub(e)))
+        let producer = self.producer();
+        producer.flush(timeout).map_err(|e| {
+            producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+            e.to_string()
         })
-        .collect()
+    }
 }
 
 async fn enqueue(producer: &FutureProducer<WatchedContext>, rec: Record, limit: &str) -> Slot {

@@ -576,7 +576,7 @@ impl Relay {
                     "cannot begin a Kafka transaction: {e}"
                 )));
             }
-            records.push(Some(eo.checkpoint_record(&sent_ids, self.publisher.lane())));
+            records.push(Some(eo.checkpoint_record(&sent_ids)));
         }
         let (mut outcomes, next) = match (sent > 0, in_flight) {
             (true, Some(in_flight)) => {
