@@ -126,6 +126,32 @@ async fn a_crash_between_the_kafka_and_database_commits_publishes_nothing_twice(
         assert_eq!(pending(&pool).await?, 300, "the claim rolled back");
         let visible = consume(&topic, 50, WAIT, SETTLE).await?;
         assert_eq!(visible.len(), 50, "the first batch was committed in Kafka");
+        if checkpoint_seen {
+            // The operator's view: the crashed relay's checkpoint names
+            // the batch that is in Kafka but pending in the database.
+            let (code, out) = integration_tests::relay_cli(
+                &integration_tests::database_url(&pool),
+                &[
+                    "status",
+                    "--json",
+                    "--exactly-once",
+                    "--kafka-brokers",
+                    &brokers(),
+                    "--checkpoint-topic",
+                    &checkpoints,
+                ],
+            );
+            assert_eq!(code, 0, "{out}");
+            let status: serde_json::Value = serde_json::from_str(&out)?;
+            let cks = status["checkpoints"].as_object().expect("checkpoints");
+            assert_eq!(cks.len(), 1, "{out}");
+            let ids: i64 = cks
+                .values()
+                .flat_map(|ck| ck["ids"].as_array().cloned().unwrap_or_default())
+                .map(|r| r[1].as_i64().unwrap_or(0) - r[0].as_i64().unwrap_or(0) + 1)
+                .sum();
+            assert_eq!(ids, 50, "the checkpoint names the committed batch: {out}");
+        }
 
         let taker_checkpoints = if checkpoint_seen {
             checkpoints.clone()
