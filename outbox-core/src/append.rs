@@ -3,7 +3,7 @@
 use sqlx::{types::Json, PgExecutor};
 use uuid::Uuid;
 
-use crate::{NewEvent, Payload};
+use crate::NewEvent;
 
 /// Why an event could not be appended.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,11 @@ pub enum AppendError {
     /// window. Consumers would drop it as a duplicate; give it a new id.
     #[error("an outbox event with id {0} was published already; every event needs a new id")]
     AlreadyPublished(Uuid),
+    /// [`crate::emit()`]: the database's `wal_level` is not `logical`, so
+    /// no relay could ever read the event. Set `wal_level = logical` and
+    /// restart PostgreSQL, or use [`append()`] with a polling relay.
+    #[error("{0}")]
+    WalLevelNotLogical(String),
     /// The database refused the insert (for example the outbox table is
     /// missing: run `outbox-relay migrate`).
     #[error("could not insert the outbox row: {0}")]
@@ -57,11 +62,7 @@ pub async fn append<'e, E: PgExecutor<'e>>(
     event: &NewEvent,
 ) -> Result<Appended, AppendError> {
     event.validate()?;
-    let (json, bytes) = match &event.payload {
-        Payload::Json(v) => (Some(Json(v)), None),
-        Payload::Bytes(b) => (None, Some(b.as_slice())),
-        Payload::Empty => (None, None),
-    };
+    let (json, bytes) = event.payload.columns();
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, event_version, \
              topic, payload, payload_bytes, content_type, headers, correlation_id, causation_id, \

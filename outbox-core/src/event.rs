@@ -27,6 +27,17 @@ pub enum Payload {
     Empty,
 }
 
+impl Payload {
+    /// The `payload` (jsonb) and `payload_bytes` (bytea) values to bind.
+    pub(crate) fn columns(&self) -> (Option<sqlx::types::Json<&serde_json::Value>>, Option<&[u8]>) {
+        match self {
+            Payload::Json(v) => (Some(sqlx::types::Json(v)), None),
+            Payload::Bytes(b) => (None, Some(b.as_slice())),
+            Payload::Empty => (None, None),
+        }
+    }
+}
+
 /// An event to append to the outbox.
 ///
 /// Build it with [`NewEvent::new`] and the chained setters; every field is

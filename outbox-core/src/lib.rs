@@ -37,12 +37,14 @@
 
 pub mod append;
 pub mod backoff;
+pub mod emit;
 pub mod event;
 pub mod headers;
 pub mod migrate;
 pub mod topic;
 
 pub use append::{append, AppendError, Appended};
+pub use emit::emit;
 pub use event::{NewEvent, Payload};
 pub use migrate::{MigrateError, MigrationReport};
 

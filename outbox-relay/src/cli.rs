@@ -74,6 +74,52 @@ pub enum Command {
     /// Kafka topic helpers (the relay never creates topics by itself).
     #[command(subcommand)]
     Topic(TopicCommand),
+    /// The logical replication slot that a WAL source reads: create,
+    /// inspect, drop. Needs a direct connection to PostgreSQL (no pooler).
+    #[command(subcommand)]
+    Slot(SlotCommand),
+}
+
+/// `slot` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SlotCommand {
+    /// Check wal_level, the role's REPLICATION attribute and a replication
+    /// connection, then create the publication on the outbox table and the
+    /// slot (pgoutput), each only if missing. Idempotent.
+    Create {
+        #[command(flatten)]
+        names: SlotNames,
+    },
+    /// Print the slot: who reads it, the confirmed position, the WAL it
+    /// keeps on disk and the lag.
+    Status {
+        #[command(flatten)]
+        names: SlotNames,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop the slot, freeing the WAL it keeps (decommissioning). Refused
+    /// while a relay reads it: stop the relays first. Events written since
+    /// the slot's confirmed position are not published.
+    Drop {
+        #[command(flatten)]
+        names: SlotNames,
+        /// Drop the publication too.
+        #[arg(long)]
+        with_publication: bool,
+    },
+}
+
+/// The slot's and the publication's names.
+#[derive(Debug, Args)]
+pub struct SlotNames {
+    /// Replication slot name (lower-case letters, digits, underscores).
+    #[arg(long, env = "RELAY_SLOT", default_value = outbox_relay::slot::DEFAULT_SLOT)]
+    pub slot: String,
+    /// Publication name (on the outbox table).
+    #[arg(long, env = "RELAY_PUBLICATION", default_value = outbox_relay::slot::DEFAULT_PUBLICATION)]
+    pub publication: String,
 }
 
 /// `topic` subcommands.

@@ -39,6 +39,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod health;
+pub mod slot;
 pub mod store;
 pub mod telemetry;
 pub mod topics;

@@ -176,6 +176,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             status(&opts, json, checkpoints).await
         }
         Command::Failed(cmd) => failed(&opts, cmd).await,
+        Command::Slot(cmd) => {
+            let url = cli.database_url.as_deref().unwrap_or_default();
+            operate::slot(&pool(&opts).await?, url, cli.transaction_pooler, cmd).await
+        }
         Command::Run(args) => run(opts, *args, cli.transaction_pooler).await,
         Command::Topic(_) => unreachable!("handled above"),
     }

@@ -254,3 +254,92 @@ pub(crate) async fn failed(opts: &PgConnectOptions, cmd: FailedCommand) -> anyho
     tx.commit().await?;
     Ok(())
 }
+
+/// `slot create|status|drop`.
+pub(crate) async fn slot(
+    pool: &sqlx::PgPool,
+    url: &str,
+    through_pooler: bool,
+    cmd: cli::SlotCommand,
+) -> anyhow::Result<()> {
+    use outbox_relay::slot;
+    match cmd {
+        cli::SlotCommand::Create { names } => {
+            if through_pooler {
+                return Err(UsageError(
+                    "--transaction-pooler: logical replication needs a direct connection to \
+                     PostgreSQL; point DATABASE_URL at PostgreSQL itself for `slot create` and \
+                     for a relay with a WAL source"
+                        .into(),
+                )
+                .into());
+            }
+            slot::preflight(pool).await?;
+            let target = slot::ReplicationTarget::from_url(url)?;
+            let at = slot::probe_replication(&target).await?;
+            let made = slot::create(pool, &names.slot, &names.publication).await?;
+            let said = |created: bool| if created { "created" } else { "exists" };
+            out!(
+                "publication {}: {}; slot {}: {} (pgoutput); replication connection as {} works (server WAL at {at})",
+                names.publication,
+                said(made.publication),
+                names.slot,
+                said(made.slot),
+                target.user()
+            );
+            Ok(())
+        }
+        cli::SlotCommand::Status { names, json } => {
+            let Some(st) = slot::status(pool, &names.slot).await? else {
+                return Err(slot::SlotError::NotFound { slot: names.slot }.into());
+            };
+            if json {
+                out!("{}", serde_json::to_string_pretty(&st)?);
+                return Ok(());
+            }
+            let bytes = |b: Option<i64>| b.map_or("-".to_string(), |b| format!("{b} bytes"));
+            out!("slot {} ({})", st.slot, st.plugin);
+            out!(
+                "  reader:     {}",
+                match st.active_pid {
+                    Some(pid) if st.active => format!("pid {pid}"),
+                    _ => "none".into(),
+                }
+            );
+            out!(
+                "  confirmed:  {}  (server at {})",
+                st.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+                st.current_lsn
+            );
+            out!("  lag:        {}", bytes(st.lag_bytes));
+            out!(
+                "  WAL kept:   {}  (restart at {}, {})",
+                bytes(st.retained_wal_bytes),
+                st.restart_lsn.as_deref().unwrap_or("-"),
+                st.wal_status.as_deref().unwrap_or("-")
+            );
+            Ok(())
+        }
+        cli::SlotCommand::Drop {
+            names,
+            with_publication,
+        } => {
+            slot::drop(
+                pool,
+                &names.slot,
+                with_publication.then_some(names.publication.as_str()),
+            )
+            .await?;
+            out!(
+                "slot {} dropped{}",
+                names.slot,
+                if with_publication {
+                    format!(", publication {} dropped", names.publication)
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+    }
+}

@@ -34,10 +34,11 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
             "V3__failed_key_hash_index",
             "V4__notify_only_waiting_relays",
             "V5__remember_published_ids",
-            "V6__partition_checkpoints_to_finish"
+            "V6__partition_checkpoints_to_finish",
+            "V7__emit_table_less_events"
         ]
     );
-    assert_eq!(first.current_version, Some(6));
+    assert_eq!(first.current_version, Some(7));
     assert_eq!(
         columns(&pool, "outbox_relays").await,
         [
@@ -138,7 +139,7 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(history, 6);
+    assert_eq!(history, 7);
     // The consumer set is separate: nothing of it exists yet.
     assert!(columns(&pool, "processed_events").await.is_empty());
 }
@@ -352,5 +353,5 @@ async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
     for r in futures::future::join_all(runs).await {
         applied += r.unwrap().unwrap().applied.len();
     }
-    assert_eq!(applied, 6, "V1 to V6, once each");
+    assert_eq!(applied, 7, "V1 to V7, once each");
 }
