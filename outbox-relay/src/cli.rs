@@ -206,9 +206,22 @@ pub struct RunArgs {
     #[arg(long, env = "RELAY_TOPIC_TEMPLATE", default_value = "{aggregate_type}")]
     pub topic_template: String,
 
-    /// CloudEvents source for rows that do not set one.
-    #[arg(long, env = "RELAY_SOURCE", default_value = "outbox-relay")]
-    pub source: String,
+    /// CloudEvents source (`ce_source`) for events that do not set one.
+    /// (Called --source before the WAL source took that name.)
+    #[arg(long, env = "RELAY_CE_SOURCE", default_value = "outbox-relay")]
+    pub ce_source: String,
+
+    /// Where events come from: `poll` claims rows from the outbox table;
+    /// `wal` reads the outbox table's inserts and table-less events
+    /// (outbox_emit) from a logical replication slot, in commit order
+    /// (create it first: `outbox-relay slot create`). The CloudEvents
+    /// source is --ce-source.
+    #[arg(long, env = "RELAY_SOURCE", value_enum, default_value_t = SourceArg::Poll)]
+    pub source: SourceArg,
+
+    /// With --source wal: the slot and the publication.
+    #[command(flatten)]
+    pub slot: SlotNames,
 
     /// What to do with a row once Kafka acknowledged it.
     #[arg(long, env = "RELAY_AFTER_PUBLISH", value_enum, default_value_t = AfterPublishArg::Delete)]
@@ -297,6 +310,15 @@ pub struct RunArgs {
     pub test_crash_after_kafka_commit: Option<u32>,
 }
 
+/// `--source` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourceArg {
+    /// Claim rows from the outbox table (default).
+    Poll,
+    /// Read a logical replication slot.
+    Wal,
+}
+
 /// `--after-publish` values.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum AfterPublishArg {
@@ -338,7 +360,7 @@ impl RunArgs {
             poll_interval: self.poll_interval,
             listen: !self.no_listen,
             topic_template: self.topic_template.clone(),
-            default_source: self.source.clone(),
+            default_source: self.ce_source.clone(),
             after_publish: match self.after_publish {
                 AfterPublishArg::Delete => AfterPublish::Delete,
                 AfterPublishArg::Mark => AfterPublish::Mark {

@@ -176,6 +176,44 @@ pub struct RelayConfig {
     /// checkpoints. Breaks exactly-once; never set it otherwise.
     #[doc(hidden)]
     pub mutation_skip_fencing: bool,
+    /// Read committed events from a logical replication slot instead of
+    /// polling the outbox table (`--source wal`): see [`WalSource`]. Default
+    /// `None` (poll).
+    pub wal: Option<WalSource>,
+}
+
+/// The WAL source (`--source wal`): the relay reads inserts into the outbox
+/// table and table-less events (`outbox_emit`) from a logical replication
+/// slot, in commit order, and confirms the slot's position only once Kafka
+/// has acknowledged everything before it. Create the slot and publication
+/// with `outbox-relay slot create`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WalSource {
+    /// Where the replication connection goes, and as whom: a direct
+    /// connection to PostgreSQL (no pooler), with a role that has
+    /// REPLICATION.
+    pub target: crate::slot::ReplicationTarget,
+    /// The slot. Default `outbox_relay`.
+    pub slot: String,
+    /// The publication (on the outbox table). Default `outbox_relay`.
+    pub publication: String,
+    /// How often the confirmed position reaches PostgreSQL. After a crash,
+    /// the events acknowledged by Kafka in this last interval (and the batch
+    /// in flight) are sent again. Default 200 ms.
+    pub status_interval: Duration,
+}
+
+impl WalSource {
+    /// The defaults, reading through `target`.
+    pub fn new(target: crate::slot::ReplicationTarget) -> Self {
+        Self {
+            target,
+            slot: crate::slot::DEFAULT_SLOT.into(),
+            publication: crate::slot::DEFAULT_PUBLICATION.into(),
+            status_interval: Duration::from_millis(200),
+        }
+    }
 }
 
 /// Fault injection (tests and the soak only): after a Kafka commit, with a
@@ -220,6 +258,7 @@ impl Default for RelayConfig {
             transaction_timeout: Duration::from_secs(60),
             crash_after_kafka_commit: None,
             mutation_skip_fencing: false,
+            wal: None,
         }
     }
 }
@@ -250,6 +289,31 @@ impl RelayConfig {
         }
         if self.poll_interval.is_zero() {
             return bad("poll interval must be greater than zero".into());
+        }
+        if let Some(wal) = &self.wal {
+            crate::slot::check_name("slot", &wal.slot).map_err(|e| ConfigError(e.to_string()))?;
+            crate::slot::check_name("publication", &wal.publication)
+                .map_err(|e| ConfigError(e.to_string()))?;
+            if self.exactly_once {
+                return bad("--exactly-once is not available with --source wal yet; \
+                     use one or the other"
+                    .into());
+            }
+            if self.after_publish != AfterPublish::Delete {
+                return bad(
+                    "--source wal deletes what it published; --after-publish mark \
+                     is for --source poll"
+                        .into(),
+                );
+            }
+            if self.transaction_pooler {
+                return bad("--source wal needs a direct connection to PostgreSQL; \
+                     --transaction-pooler is for --source poll"
+                    .into());
+            }
+            if wal.status_interval.is_zero() {
+                return bad("the WAL status interval must be greater than zero".into());
+            }
         }
         if !self.topic_template.contains("{aggregate_type}") {
             // A fixed topic is allowed, but it must be a legal name.

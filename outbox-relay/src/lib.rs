@@ -49,16 +49,18 @@ mod batch;
 mod claim;
 mod exactly_once;
 mod lease;
+mod pgoutput;
 mod publisher;
 mod record;
 mod relay;
 mod retry;
 mod upkeep;
 mod wake;
+mod wal;
 
 #[cfg(test)]
 mod fencing_tests;
 
-pub use config::{AfterPublish, PoisonPolicy, RelayConfig};
+pub use config::{AfterPublish, PoisonPolicy, RelayConfig, WalSource};
 pub use publisher::PublisherError;
 pub use relay::{Relay, RelayError, RelayHandle};

@@ -180,7 +180,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let url = cli.database_url.as_deref().unwrap_or_default();
             operate::slot(&pool(&opts).await?, url, cli.transaction_pooler, cmd).await
         }
-        Command::Run(args) => run(opts, *args, cli.transaction_pooler).await,
+        Command::Run(args) => {
+            run(
+                opts,
+                *args,
+                cli.transaction_pooler,
+                cli.database_url.as_deref(),
+            )
+            .await
+        }
         Command::Topic(_) => unreachable!("handled above"),
     }
 }

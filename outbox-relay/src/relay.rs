@@ -93,10 +93,10 @@ enum BatchError {
 /// The relay. Build it with [`Relay::new`], run it with [`Relay::run`].
 #[derive(Debug)]
 pub struct Relay {
-    cfg: RelayConfig,
-    pool: PgPool,
+    pub(crate) cfg: RelayConfig,
+    pub(crate) pool: PgPool,
     claim_pool: PgPool,
-    publisher: Arc<Publisher>,
+    pub(crate) publisher: Arc<Publisher>,
     router: TopicRouter,
     claim_sql: String,
     health: Arc<Health>,
@@ -199,6 +199,9 @@ impl Relay {
     /// returns. Whatever is left when the time is up is abandoned: other
     /// relays take the partitions over when the lease runs out.
     pub async fn run(self, shutdown: CancellationToken) {
+        if let Some(wal) = self.cfg.wal.clone() {
+            return self.run_wal(&wal, shutdown).await;
+        }
         let wake = Arc::new(Notify::new());
         let background = shutdown.child_token();
         let mut tasks = tokio::task::JoinSet::new();
@@ -270,6 +273,12 @@ impl Relay {
                    other relays take them over when this relay's lease runs out"
             );
         }
+        self.flush_and_close(deadline).await;
+    }
+
+    /// The end of a shutdown: flushes the producer and closes the pool, by
+    /// `deadline`.
+    async fn flush_and_close(&self, deadline: tokio::time::Instant) {
         let publisher = self.publisher.clone();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match tokio::task::spawn_blocking(move || publisher.flush(left)).await {
@@ -278,6 +287,38 @@ impl Relay {
             Err(e) => warn!(error = %e, "producer flush task failed"),
         }
         let _ = tokio::time::timeout_at(deadline, self.pool.close()).await;
+    }
+
+    /// [`Relay::run`] with a WAL source (`wal.rs`): no claims and no
+    /// partitions; one relay reads the slot, the others stand by.
+    async fn run_wal(self, wal: &crate::WalSource, shutdown: CancellationToken) {
+        let background = shutdown.child_token();
+        let mut tasks = tokio::task::JoinSet::new();
+        if self.cfg.remembers_published() {
+            tasks.spawn(upkeep::clean_up(
+                self.pool.clone(),
+                Expired::Ids(self.cfg.remember_published),
+                background.clone(),
+            ));
+        }
+        info!(relay.id = %self.relay_id(), slot = %wal.slot, "relay started (WAL source)");
+        let reading = crate::wal::run(&self, wal, &shutdown);
+        tokio::pin!(reading);
+        let stopped = tokio::select! {
+            () = &mut reading => true,
+            () = shutdown.cancelled() => false,
+        };
+        let deadline = tokio::time::Instant::now() + self.cfg.shutdown_timeout;
+        self.health.set(State::Stopping, "shutting down");
+        if !stopped && tokio::time::timeout_at(deadline, reading).await.is_err() {
+            warn!(
+                "the shutdown timeout ran out before the batch in flight was settled; \
+                   its events are read from the slot again"
+            );
+        }
+        background.cancel();
+        while tasks.join_next().await.is_some() {}
+        self.flush_and_close(deadline).await;
     }
 
     /// Claims and publishes batches of the owned partitions until shutdown.
@@ -500,7 +541,7 @@ impl Relay {
         }
     }
 
-    fn degraded(&self, reason: String) {
+    pub(crate) fn degraded(&self, reason: String) {
         warn!(reason = %reason, "relay degraded; retrying with backoff");
         self.health.set(State::Degraded, reason);
     }
@@ -728,7 +769,7 @@ impl Relay {
     /// Builds each row's record and looks up its topic (cached): the record
     /// to send, or the outcome that stops it. Also returns the topics' states.
     /// The payloads move into the records.
-    async fn prepare(
+    pub(crate) async fn prepare(
         &self,
         rows: &mut [OutboxRow],
     ) -> (Vec<Result<Record, Outcome>>, HashMap<String, TopicState>) {
@@ -767,7 +808,7 @@ impl Relay {
 }
 
 /// Counts and logs the delivered rows of a settled batch.
-fn note_delivered(rows: &[OutboxRow], fates: &[Fate<'_>], started: Instant) {
+pub(crate) fn note_delivered(rows: &[OutboxRow], fates: &[Fate<'_>], started: Instant) {
     let now = Utc::now();
     let mut per_topic: HashMap<&str, u64> = HashMap::new();
     for (row, fate) in rows.iter().zip(fates) {

@@ -16,8 +16,18 @@ pub(crate) async fn run(
     opts: PgConnectOptions,
     args: cli::RunArgs,
     transaction_pooler: bool,
+    database_url: Option<&str>,
 ) -> anyhow::Result<()> {
-    let cfg = args.to_config(transaction_pooler);
+    let mut cfg = args.to_config(transaction_pooler);
+    if args.source == cli::SourceArg::Wal {
+        let target =
+            outbox_relay::slot::ReplicationTarget::from_url(database_url.unwrap_or_default())
+                .map_err(|e| UsageError(e.to_string()))?;
+        let mut wal = outbox_relay::WalSource::new(target);
+        wal.slot = args.slot.slot.clone();
+        wal.publication = args.slot.publication.clone();
+        cfg.wal = Some(wal);
+    }
     cfg.validate().map_err(|e| UsageError(e.to_string()))?;
     if args.migrate {
         let pool = pool(&opts).await?;

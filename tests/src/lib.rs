@@ -588,3 +588,32 @@ pub fn java_interop(args: &[&str]) -> anyhow::Result<Vec<String>> {
     );
     Ok(stdout.lines().map(str::to_string).collect())
 }
+
+/// A replication slot name for a test: `test_p<pid>_<what>_<random>`.
+/// Logical slots are cluster-wide, so the name is unique, and it carries
+/// the test process's id for [`drop_test_slots`].
+pub fn test_slot_name(what: &str) -> String {
+    format!(
+        "test_p{}_{what}_{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Drops the given slots, and the inactive slots that earlier test
+/// processes left (a failed test leaves its slot, which would keep WAL
+/// forever). Slots of this process's other tests are left alone: they may
+/// be created and not yet read.
+pub async fn drop_test_slots(pool: &sqlx::PgPool, also: &[&str]) {
+    let mine = format!("test\\_p{}\\_%", std::process::id());
+    sqlx::query(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+         WHERE NOT active AND ((slot_name LIKE 'test\\_p%' AND slot_name NOT LIKE $2) \
+                               OR slot_name = ANY($1))",
+    )
+    .bind(also)
+    .bind(mine)
+    .execute(pool)
+    .await
+    .expect("dropping test slots");
+}

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use integration_tests::{database_url as url_of, drop_test_slots as drop_slots};
 use outbox_core::{emit, AppendError, NewEvent};
 use outbox_relay::slot::{self, SlotError};
 use pgwire_replication::{Lsn, ReplicationClient};
@@ -17,37 +18,7 @@ use tokio::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
-fn name(what: &str) -> String {
-    format!(
-        "test_{what}_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    )
-}
-
-/// DATABASE_URL pointed at the test's own database.
-async fn url_of(pool: &PgPool) -> String {
-    let db: String = sqlx::query_scalar("SELECT current_database()::text")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
-    let mut u = url::Url::parse(&base).unwrap();
-    u.set_path(&db);
-    u.to_string()
-}
-
-/// Drops the inactive slots of earlier runs of these tests (a failed test
-/// leaves its slot, which would keep WAL forever), and the given ones.
-async fn drop_slots(pool: &PgPool, also: &[&str]) {
-    sqlx::query(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-         WHERE NOT active AND (slot_name LIKE 'test\\_%' OR slot_name = ANY($1))",
-    )
-    .bind(also)
-    .execute(pool)
-    .await
-    .unwrap();
-}
+use integration_tests::test_slot_name as name;
 
 /// The logical decoding messages the slot holds, peeked (not consumed):
 /// `(prefix, content)`.
@@ -244,7 +215,7 @@ async fn a_held_slot_refuses_a_second_reader_and_its_drop_names_the_holder(pool:
     let (s, p) = (name("held"), name("held"));
     drop_slots(&pool, &[]).await;
     slot::create(&pool, &s, &p).await.unwrap();
-    let target = slot::ReplicationTarget::from_url(&url_of(&pool).await).unwrap();
+    let target = slot::ReplicationTarget::from_url(&url_of(&pool)).unwrap();
 
     let mut first = ReplicationClient::connect(target_config(&target, &s, &p))
         .await
@@ -308,7 +279,7 @@ async fn a_role_without_replication_and_a_pooler_are_told_what_to_fix(pool: PgPo
     .execute(&pool)
     .await
     .unwrap();
-    let mut u = url::Url::parse(&url_of(&pool).await).unwrap();
+    let mut u = url::Url::parse(&url_of(&pool)).unwrap();
     u.set_username(&role).unwrap();
     u.set_password(Some("pw")).unwrap();
     let as_role = PgPoolOptions::new()

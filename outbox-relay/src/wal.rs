@@ -1,0 +1,724 @@
+//! The WAL source ([`crate::WalSource`], `--source wal`): committed events
+//! read from a logical replication slot instead of claimed from the table.
+//!
+//! ```text
+//!  slot (pgoutput, publication on outbox, messages on)
+//!     │  Begin ─ Insert into outbox ─ Message 'outbox' ─ … ─ Commit(end)
+//!     ▼
+//!  read: a transaction's events become ready at its Commit, in commit
+//!     │  order; ready transactions gather into a batch (up to the batch
+//!     │  size, or whatever has arrived when the stream pauses)
+//!     ▼
+//!  publish (Batch::plan/settle, as in poll mode) ─► each event: delivered,
+//!     │  failed (permanent, or held behind a failed event of its key under
+//!     │  block-key), or again (transient: sent again, in order, after a
+//!     │  back-off; the slot waits)
+//!     ▼
+//!  record (one DB transaction): delete the delivered rows (remembering
+//!     │  their ids), fail the failed rows, insert failed table-less events
+//!     │  as failed rows (so `failed list|retry|discard` see them)
+//!     ▼
+//!  confirm the batch's last commit position to the slot
+//! ```
+//!
+//! Only one connection can read a slot: PostgreSQL refuses a second one
+//! ("replication slot … is active"), so a second relay stands by and tries
+//! again every second, and takes over once the first lets go. A reader
+//! that lost its connection cannot confirm anything any more.
+//!
+//! After a crash the slot resends everything after its confirmed position:
+//! the batch in flight, and the events acknowledged in the last
+//! [`crate::WalSource::status_interval`]. Those are the only duplicates.
+
+use std::{collections::HashSet, time::Duration};
+
+use chrono::{DateTime, TimeZone, Utc};
+use futures::FutureExt;
+use outbox_core::backoff::Backoff;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::{
+    batch::{Batch, Fate},
+    claim::OutboxRow,
+    config::{PoisonPolicy, WalSource},
+    health::State,
+    pgoutput::{self, Change, Relations, Value},
+    relay::{note_delivered, Relay},
+    retry::{back_off, sleep_or_cancel},
+    slot::{self, SlotError},
+};
+
+/// Where an event came from: what recording its fate means.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// A row of the outbox table, by id: deleted once published.
+    Row(i64),
+    /// A table-less event (`outbox_emit`): nothing to delete.
+    Message,
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    row: OutboxRow,
+    origin: Origin,
+    /// Set when the event cannot be built (a malformed message): it goes
+    /// to the failed store as is.
+    malformed: Option<String>,
+}
+
+/// Reads the slot until `shutdown`; returns when it has let go of it.
+pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationToken) {
+    let health = relay.health();
+    let fresh = || Backoff::new(relay.cfg.min_backoff, relay.cfg.max_backoff);
+    let mut backoff = fresh();
+    let mut said_standby = false;
+    while !shutdown.is_cancelled() {
+        let cfg = slot::replication_config(&wal.target, &wal.slot, &wal.publication)
+            .with_start_lsn(Lsn::ZERO)
+            .with_status_interval(wal.status_interval)
+            // Values as the decoder expects them, whatever the server's
+            // defaults: ISO timestamps in UTC.
+            .with_options("-c DateStyle=ISO -c TimeZone=UTC");
+        let mut client = match ReplicationClient::connect(cfg).await {
+            Ok(c) => c,
+            Err(e) => {
+                let e = slot::explain(e, &wal.target, &wal.slot);
+                health.set(State::Degraded, e.to_string());
+                warn!(error = %e, "cannot open the replication connection; retrying");
+                back_off(&mut backoff, shutdown).await;
+                continue;
+            }
+        };
+        let started = tokio::select! {
+            r = client.wait_started() => r,
+            _ = shutdown.cancelled() => { client.abort(); break; }
+        };
+        if let Err(e) = started {
+            let e = slot::explain(e, &wal.target, &wal.slot);
+            client.abort();
+            if let SlotError::HeldByAnother { pid, .. } = &e {
+                health.set(
+                    State::Standby,
+                    format!("standing by: slot {} is read by pid {pid}", wal.slot),
+                );
+                if !said_standby {
+                    info!(slot = %wal.slot, pid, "the slot is read by another connection; standing by");
+                    said_standby = true;
+                }
+                sleep_or_cancel(Duration::from_secs(1), shutdown).await;
+            } else {
+                health.set(State::Degraded, e.to_string());
+                warn!(error = %e, "cannot read the slot; retrying");
+                back_off(&mut backoff, shutdown).await;
+            }
+            continue;
+        }
+        said_standby = false;
+        backoff = fresh();
+        health.set(State::Active, format!("reading slot {}", wal.slot));
+        info!(slot = %wal.slot, publication = %wal.publication, "reading the slot");
+        let ended = Session::new(relay, wal).read(&mut client, shutdown).await;
+        if let Err(why) = &ended {
+            health.set(State::Degraded, why.clone());
+            warn!(error = %why, "the replication stream ended; reconnecting");
+        }
+        if shutdown.is_cancelled() {
+            // Let the last confirmed position reach the server, then go.
+            tokio::time::sleep(wal.status_interval + Duration::from_millis(50)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
+            break;
+        }
+        client.abort();
+        if ended.is_err() {
+            back_off(&mut backoff, shutdown).await;
+        }
+    }
+}
+
+/// One replication connection's reading.
+struct Session<'a> {
+    relay: &'a Relay,
+    wal: &'a WalSource,
+    relations: Relations,
+    /// The transaction being received: its commit time and events.
+    open: Option<(DateTime<Utc>, Vec<Event>)>,
+    /// Committed events not yet published, and the last commit's end.
+    ready: Vec<Event>,
+    ready_end: Option<Lsn>,
+}
+
+impl<'a> Session<'a> {
+    fn new(relay: &'a Relay, wal: &'a WalSource) -> Self {
+        Self {
+            relay,
+            wal,
+            relations: Relations::default(),
+            open: None,
+            ready: Vec::new(),
+            ready_end: None,
+        }
+    }
+
+    async fn read(
+        &mut self,
+        client: &mut ReplicationClient,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String> {
+        let batch_size = self.relay.cfg.batch_size;
+        loop {
+            let next = if self.ready.len() >= batch_size {
+                None
+            } else if !self.ready.is_empty() {
+                // Take what has arrived already; publish when the stream
+                // pauses.
+                client.recv().now_or_never()
+            } else {
+                tokio::select! {
+                    r = client.recv() => Some(r),
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+            };
+            let Some(next) = next else {
+                self.publish_ready(client, shutdown).await;
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                continue;
+            };
+            let event = match next {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return Err("the server ended the replication stream".into()),
+                Err(e) => {
+                    return Err(slot::explain(e, &self.wal.target, &self.wal.slot).to_string())
+                }
+            };
+            self.receive(event, client)?;
+        }
+    }
+
+    fn receive(&mut self, ev: ReplicationEvent, client: &ReplicationClient) -> Result<(), String> {
+        match ev {
+            ReplicationEvent::Begin {
+                commit_time_micros, ..
+            } => self.open = Some((pg_time(commit_time_micros), Vec::new())),
+            ReplicationEvent::XLogData { data, .. } => match pgoutput::decode(&data)
+                .map_err(|e| format!("cannot decode a pgoutput message: {e}"))?
+            {
+                Change::Relation(id, rel) => self.relations.learn(id, rel),
+                Change::Insert { relation, values } => {
+                    let Some(rel) = self.relations.get(relation) else {
+                        return Err(format!("an insert into unknown relation {relation}"));
+                    };
+                    if rel.name != "outbox" {
+                        return Ok(());
+                    }
+                    if let Some(event) = from_row(&rel.columns, values) {
+                        self.push(event);
+                    }
+                }
+                Change::Other(_) => {}
+            },
+            ReplicationEvent::Message {
+                transactional,
+                prefix,
+                content,
+                lsn,
+            } => {
+                if prefix == "outbox" && transactional {
+                    let at = self.open.as_ref().map_or_else(Utc::now, |(t, _)| *t);
+                    self.push(from_message(&content, lsn, at));
+                } else if prefix == "outbox" {
+                    warn!(%lsn, "a non-transactional 'outbox' message was skipped: events are \
+                                 written with outbox_emit(), inside the producer's transaction");
+                }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                if let Some((_, events)) = self.open.take() {
+                    self.ready.extend(events);
+                }
+                if self.ready.is_empty() {
+                    // Nothing of ours before it: confirm at once.
+                    client.update_applied_lsn(end_lsn);
+                } else {
+                    self.ready_end = Some(end_lsn);
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                if self.open.is_none() && self.ready.is_empty() {
+                    client.update_applied_lsn(wal_end);
+                }
+            }
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, mut event: Event) {
+        match &mut self.open {
+            Some((at, events)) => {
+                // Commit-to-ack starts at the commit.
+                event.row.created_at = *at;
+                events.push(event);
+            }
+            None => warn!("a change outside a transaction was skipped"),
+        }
+    }
+
+    /// Publishes the ready events until each is delivered or failed, then
+    /// confirms their last commit. Returns early (confirming nothing) only
+    /// on shutdown.
+    async fn publish_ready(&mut self, client: &ReplicationClient, shutdown: &CancellationToken) {
+        let mut events = std::mem::take(&mut self.ready);
+        let Some(end) = self.ready_end.take() else {
+            return;
+        };
+        let mut backoff = Backoff::new(self.relay.cfg.min_backoff, self.relay.cfg.max_backoff);
+        loop {
+            match self.publish_once(&events).await {
+                Ok(again) if again.is_empty() => break,
+                Ok(again) => {
+                    warn!(
+                        events = again.len(),
+                        "events not acknowledged; sending them again"
+                    );
+                    events = again;
+                }
+                Err(e) => {
+                    self.relay.degraded(format!("database: {e}"));
+                    warn!(error = %e, "cannot record a batch's outcome; trying again");
+                }
+            }
+            back_off(&mut backoff, shutdown).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+        client.update_applied_lsn(end);
+        self.relay
+            .health()
+            .set(State::Active, format!("reading slot {}", self.wal.slot));
+    }
+
+    /// One try: returns the events to send again (transient failures and
+    /// the events of their keys after them).
+    async fn publish_once(&self, events: &[Event]) -> Result<Vec<Event>, sqlx::Error> {
+        let started = std::time::Instant::now();
+        let relay = self.relay;
+        let blocked = blocked_keys(relay, events).await?;
+        let mut rows: Vec<OutboxRow> = events.iter().map(|e| e.row.clone()).collect();
+        let (mut prepared, _) = relay.prepare(&mut rows).await;
+        for (i, e) in events.iter().enumerate() {
+            let key = (e.row.aggregate_type.clone(), e.row.aggregate_id.clone());
+            if let Some(why) = &e.malformed {
+                prepared[i] = Err(crate::publisher::Outcome::Permanent(why.clone()));
+            } else if blocked.contains(&key) {
+                prepared[i] = Err(crate::publisher::Outcome::Permanent(format!(
+                    "held: an earlier event of key {}/{} failed (block-key); retry or discard \
+                     that one first",
+                    key.0, key.1
+                )));
+            }
+        }
+        let policy = relay.cfg.poison_policy;
+        let (batch, records) = Batch::plan(rows, prepared, policy);
+        let outcomes = if records.iter().any(Option::is_some) {
+            let health = relay.health();
+            let _awaiting = health.awaiting(records.len());
+            relay.publisher.publish(records).await
+        } else {
+            vec![None; events.len()]
+        };
+        let fates = batch.settle(&outcomes);
+        // A held event follows its key: failed if an earlier event of the
+        // key failed for good (block-key), else sent again.
+        let mut failed_keys: HashSet<(&str, &str)> = HashSet::new();
+        let mut delivered_rows = Vec::new();
+        let mut delivered_ids = Vec::new();
+        let mut failed: Vec<(usize, String)> = Vec::new();
+        let mut again = Vec::new();
+        for (i, (e, fate)) in events.iter().zip(&fates).enumerate() {
+            let key = (e.row.aggregate_type.as_str(), e.row.aggregate_id.as_str());
+            match fate {
+                Fate::Delivered { .. } => {
+                    delivered_ids.push(e.row.event_id);
+                    if let Origin::Row(id) = e.origin {
+                        delivered_rows.push(id);
+                    }
+                }
+                Fate::Failed(reason) => {
+                    failed_keys.insert(key);
+                    failed.push((i, reason.clone()));
+                }
+                Fate::Held if policy == PoisonPolicy::BlockKey && failed_keys.contains(&key) => {
+                    failed.push((
+                        i,
+                        format!(
+                            "held: an earlier event of key {}/{} failed (block-key); retry or \
+                             discard that one first",
+                            key.0, key.1
+                        ),
+                    ));
+                }
+                Fate::Retry(_) | Fate::Held => again.push(e.clone()),
+            }
+        }
+        record(relay, events, &delivered_rows, &delivered_ids, &failed).await?;
+        for (i, reason) in &failed {
+            let e = &events[*i];
+            warn!(event.id = %e.row.event_id, correlation.id = e.row.correlation_id.as_deref(),
+                  reason = %reason, "event failed permanently; moved to failed");
+        }
+        note_delivered(batch.rows(), &fates, started);
+        Ok(again)
+    }
+}
+
+/// The keys among `events` that have a failed event in the store, under
+/// block-key (their later events wait behind it).
+async fn blocked_keys(
+    relay: &Relay,
+    events: &[Event],
+) -> Result<HashSet<(String, String)>, sqlx::Error> {
+    if relay.cfg.poison_policy != PoisonPolicy::BlockKey {
+        return Ok(HashSet::new());
+    }
+    let (types, ids): (Vec<&str>, Vec<&str>) = events
+        .iter()
+        .map(|e| (e.row.aggregate_type.as_str(), e.row.aggregate_id.as_str()))
+        .unzip();
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT o.aggregate_type, o.aggregate_id \
+         FROM unnest($1::text[], $2::text[]) AS k(t, i) \
+         JOIN outbox o ON o.status = 'failed' AND o.aggregate_type = k.t AND o.aggregate_id = k.i",
+    )
+    .bind(&types)
+    .bind(&ids)
+    .fetch_all(&relay.pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Writes a batch's outcome in one transaction.
+async fn record(
+    relay: &Relay,
+    events: &[Event],
+    delivered_rows: &[i64],
+    delivered_ids: &[Uuid],
+    failed: &[(usize, String)],
+) -> Result<(), sqlx::Error> {
+    let mut tx = relay.pool.begin().await?;
+    if !delivered_rows.is_empty() {
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(delivered_rows)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if relay.cfg.remembers_published() && !delivered_ids.is_empty() {
+        sqlx::query("INSERT INTO outbox_published_ids (event_id) SELECT unnest($1::uuid[])")
+            .bind(delivered_ids)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for (i, reason) in failed {
+        let e = &events[*i];
+        match e.origin {
+            Origin::Row(id) => {
+                sqlx::query(
+                    "UPDATE outbox SET status = 'failed', attempts = attempts + 1, \
+                         last_error = $2, failed_at = now() WHERE id = $1",
+                )
+                .bind(id)
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Origin::Message => {
+                // A table-less event becomes a failed row, so that the
+                // operator's commands see it. Its id may already be in the
+                // table after a crash: then it is there already.
+                let r = &e.row;
+                sqlx::query(
+                    "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, \
+                         event_version, topic, payload, payload_bytes, content_type, headers, \
+                         correlation_id, causation_id, traceparent, tracestate, source, \
+                         occurred_at, status, attempts, last_error, failed_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10::jsonb, $11, $12, \
+                         $13, $14, $15, $16, 'failed', 1, $17, now()) \
+                     ON CONFLICT (event_id) DO NOTHING",
+                )
+                .bind(r.event_id)
+                .bind(&r.aggregate_type)
+                .bind(&r.aggregate_id)
+                .bind(&r.event_type)
+                .bind(r.event_version)
+                .bind(&r.topic)
+                .bind(&r.payload)
+                .bind(&r.payload_bytes)
+                .bind(&r.content_type)
+                .bind(&r.headers)
+                .bind(&r.correlation_id)
+                .bind(&r.causation_id)
+                .bind(&r.traceparent)
+                .bind(&r.tracestate)
+                .bind(&r.source)
+                .bind(r.occurred_at)
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+    }
+    tx.commit().await
+}
+
+/// PostgreSQL's timestamps count microseconds from 2000-01-01.
+fn pg_time(micros: i64) -> DateTime<Utc> {
+    const PG_EPOCH: i64 = 946_684_800;
+    Utc.timestamp_micros(PG_EPOCH * 1_000_000 + micros)
+        .single()
+        .unwrap_or_else(Utc::now)
+}
+
+fn empty_row() -> OutboxRow {
+    OutboxRow {
+        id: 0,
+        event_id: Uuid::nil(),
+        aggregate_type: "(malformed)".into(),
+        aggregate_id: "(malformed)".into(),
+        event_type: "(malformed)".into(),
+        event_version: 1,
+        topic: None,
+        payload: None,
+        payload_bytes: None,
+        content_type: "application/octet-stream".into(),
+        headers: "{}".into(),
+        correlation_id: None,
+        causation_id: None,
+        traceparent: None,
+        tracestate: None,
+        source: None,
+        occurred_at: Utc::now(),
+        created_at: Utc::now(),
+    }
+}
+
+/// An outbox row from an insert's values, by column name.
+/// `None` for a row that is not a new event (its status is not pending).
+fn from_row(columns: &[String], values: Vec<Value>) -> Option<Event> {
+    let mut row = empty_row();
+    let mut id = None;
+    let mut skip = false;
+    let mut problems = Vec::new();
+    for (name, value) in columns.iter().zip(values) {
+        let Value::Text(text) = value else { continue };
+        let mut bad = |what: &str| problems.push(format!("{name}: {what}"));
+        match name.as_str() {
+            "id" => id = text.parse().map_err(|_| bad("not a number")).ok(),
+            "event_id" => match text.parse() {
+                Ok(v) => row.event_id = v,
+                Err(_) => bad("not a uuid"),
+            },
+            "aggregate_type" => row.aggregate_type = text,
+            "aggregate_id" => row.aggregate_id = text,
+            "event_type" => row.event_type = text,
+            "event_version" => match text.parse() {
+                Ok(v) => row.event_version = v,
+                Err(_) => bad("not a number"),
+            },
+            "topic" => row.topic = Some(text),
+            "payload" => row.payload = Some(text),
+            "payload_bytes" => match decode_hex(&text) {
+                Some(b) => row.payload_bytes = Some(b),
+                None => bad("not hex bytea"),
+            },
+            "content_type" => row.content_type = text,
+            "headers" => row.headers = text,
+            // Only producers' new rows are events: a row the relay itself
+            // inserted as failed (a table-less event it could not publish)
+            // comes back through the publication too.
+            "status" if text != "pending" => {
+                skip = true;
+            }
+            "correlation_id" => row.correlation_id = Some(text),
+            "causation_id" => row.causation_id = Some(text),
+            "traceparent" => row.traceparent = Some(text),
+            "tracestate" => row.tracestate = Some(text),
+            "source" => row.source = Some(text),
+            "occurred_at" => match parse_pg_time(&text) {
+                Some(t) => row.occurred_at = t,
+                None => bad("not a timestamp"),
+            },
+            _ => {}
+        }
+    }
+    let malformed = match id {
+        None => Some("the insert carries no id".to_string()),
+        Some(_) if !problems.is_empty() => Some(format!("malformed row: {}", problems.join(", "))),
+        Some(_) => None,
+    };
+    if skip {
+        return None;
+    }
+    row.id = id.unwrap_or_default();
+    Some(Event {
+        origin: Origin::Row(row.id),
+        row,
+        malformed,
+    })
+}
+
+/// `\x0a0b…` (bytea's hex output).
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix("\\x")?;
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// `2026-11-30 10:40:56.918772+00` (ISO, as the session asks).
+fn parse_pg_time(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z")
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// The content of an `outbox_emit` message (docs/schema.md, V7).
+#[derive(Deserialize)]
+struct Emitted<'a> {
+    v: u32,
+    event_id: Uuid,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    event_version: i32,
+    topic: Option<String>,
+    payload: Option<String>,
+    payload_bytes: Option<String>,
+    content_type: String,
+    #[serde(borrow)]
+    headers: &'a serde_json::value::RawValue,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    source: Option<String>,
+    occurred_at: DateTime<Utc>,
+}
+
+/// An event from an `outbox_emit` message; a malformed one keeps its
+/// content as bytes, to be stored as failed.
+fn from_message(content: &[u8], lsn: Lsn, at: DateTime<Utc>) -> Event {
+    use base64::Engine as _;
+    let parsed = serde_json::from_slice::<Emitted<'_>>(content)
+        .map_err(|e| format!("not the outbox_emit format: {e}"))
+        .and_then(|m| {
+            if m.v != 1 {
+                return Err(format!("format version {} is not known (1 is)", m.v));
+            }
+            let bytes = m
+                .payload_bytes
+                .map(|b| base64::engine::general_purpose::STANDARD.decode(b))
+                .transpose()
+                .map_err(|e| format!("payload_bytes is not base64: {e}"))?;
+            Ok(OutboxRow {
+                id: 0,
+                event_id: m.event_id,
+                aggregate_type: m.aggregate_type,
+                aggregate_id: m.aggregate_id,
+                event_type: m.event_type,
+                event_version: m.event_version,
+                topic: m.topic,
+                payload: m.payload,
+                payload_bytes: bytes,
+                content_type: m.content_type,
+                headers: m.headers.get().to_string(),
+                correlation_id: m.correlation_id,
+                causation_id: m.causation_id,
+                traceparent: m.traceparent,
+                tracestate: m.tracestate,
+                source: m.source,
+                occurred_at: m.occurred_at,
+                created_at: at,
+            })
+        });
+    match parsed {
+        Ok(row) => Event {
+            row,
+            origin: Origin::Message,
+            malformed: None,
+        },
+        Err(why) => {
+            let mut row = empty_row();
+            row.event_id = Uuid::new_v4();
+            row.aggregate_id = lsn.to_string();
+            row.payload_bytes = Some(content.to_vec());
+            Event {
+                row,
+                origin: Origin::Message,
+                malformed: Some(format!("malformed outbox message at {lsn}: {why}")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_in_the_session_format_parse() {
+        assert_eq!(decode_hex("\\x00ff10"), Some(vec![0, 255, 16]));
+        assert_eq!(decode_hex("\\x0"), None);
+        assert_eq!(decode_hex("00"), None);
+        let t = parse_pg_time("2026-11-30 10:40:56.918772+00").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-11-30T10:40:56.918772+00:00");
+        assert!(parse_pg_time("2026-11-30 10:40:56+05:30").is_some());
+        assert_eq!(pg_time(0).to_rfc3339(), "2000-01-01T00:00:00+00:00");
+    }
+
+    #[test]
+    fn a_row_without_id_or_with_bad_values_is_malformed_not_a_panic() {
+        let cols: Vec<String> = ["id", "event_id", "occurred_at"].map(String::from).to_vec();
+        let e = from_row(
+            &cols,
+            vec![Value::Null, Value::Text("x".into()), Value::Null],
+        )
+        .unwrap();
+        assert!(e.malformed.unwrap().contains("no id"));
+        let e = from_row(
+            &cols,
+            vec![
+                Value::Text("7".into()),
+                Value::Text("not-a-uuid".into()),
+                Value::Text("yesterday".into()),
+            ],
+        )
+        .unwrap();
+        let why = e.malformed.unwrap();
+        assert!(
+            why.contains("event_id") && why.contains("occurred_at"),
+            "{why}"
+        );
+        assert!(matches!(e.origin, Origin::Row(7)));
+        let cols: Vec<String> = ["id", "status"].map(String::from).to_vec();
+        let failed = vec![Value::Text("8".into()), Value::Text("failed".into())];
+        assert!(
+            from_row(&cols, failed).is_none(),
+            "the relay's own failed rows"
+        );
+    }
+
+    #[test]
+    fn a_malformed_message_keeps_its_bytes_for_the_failed_store() {
+        let e = from_message(b"{not json", Lsn::from(42u64), Utc::now());
+        assert!(e.malformed.unwrap().contains("not the outbox_emit format"));
+        assert_eq!(e.row.payload_bytes.as_deref(), Some(&b"{not json"[..]));
+        let e = from_message(br#"{"v": 2}"#, Lsn::from(42u64), Utc::now());
+        assert!(e.malformed.is_some());
+    }
+}

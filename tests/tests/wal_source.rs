@@ -1,0 +1,238 @@
+//! The relay's WAL source (`--source wal`) against the real PostgreSQL and
+//! broker: commit order, table-less events, restarts, a standby relay, a
+//! poison event.
+//!
+//! Slots are cluster-wide: each test names its own and drops it. Creating a
+//! slot waits for the transactions running at that moment, so each test
+//! creates its slot before it opens any of its own.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::{
+    consume, database_url, drop_test_slots, eventually, outbox_with_topic, quick_relay_config,
+    test_slot_name, unique, Received, RunningRelay,
+};
+use outbox_core::{append, emit, headers as h, NewEvent};
+use outbox_relay::{
+    health::State,
+    slot::{self, ReplicationTarget},
+    RelayConfig, WalSource,
+};
+use sqlx::PgPool;
+
+const WAIT: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_millis(1500);
+
+/// A slot and publication for this test, and a relay config reading them.
+async fn wal_setup(pool: &PgPool) -> anyhow::Result<(String, RelayConfig)> {
+    drop_test_slots(pool, &[]).await;
+    let name = test_slot_name("wal");
+    slot::create(pool, &name, &name).await?;
+    let mut wal = WalSource::new(ReplicationTarget::from_url(&database_url(pool))?);
+    wal.slot = name.clone();
+    wal.publication = name.clone();
+    let cfg = RelayConfig {
+        wal: Some(wal),
+        ..quick_relay_config()
+    };
+    Ok((name, cfg))
+}
+
+fn ids(got: &[Received]) -> Vec<String> {
+    got.iter()
+        .map(|r| r.header(h::CE_ID).unwrap_or_default().to_string())
+        .collect()
+}
+
+async fn left_in_outbox(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'pending'")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+#[sqlx::test(migrations = false)]
+async fn events_arrive_once_in_commit_order_rows_and_table_less_alike(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "wal-order", 1).await?;
+    let (slot_name, cfg) = wal_setup(&pool).await?;
+    let relay = RunningRelay::start(&pool, cfg)?;
+
+    // A long transaction writes first and commits last; a short one on the
+    // same key commits in between. Commit order is the order on the topic.
+    let ev = |n: &str| NewEvent::new("order", "k-1", n).topic(&topic);
+    let long_first = ev("long.first");
+    let mut long = pool.begin().await?;
+    append(&mut *long, &long_first).await?;
+    let short = ev("short");
+    emit(&pool, &short).await?;
+    // One transaction mixing a row, a table-less event and a row: in order.
+    let (a, b, c) = (ev("mixed.a"), ev("mixed.b"), ev("mixed.c"));
+    let mut mixed = pool.begin().await?;
+    append(&mut *mixed, &a).await?;
+    emit(&mut *mixed, &b).await?;
+    append(&mut *mixed, &c).await?;
+    mixed.commit().await?;
+    let long_last = ev("long.last");
+    emit(&mut *long, &long_last).await?;
+    long.commit().await?;
+    // Rolled back: never published, row or table-less.
+    let mut ghost = pool.begin().await?;
+    append(&mut *ghost, &ev("ghost.row")).await?;
+    emit(&mut *ghost, &ev("ghost.emitted")).await?;
+    ghost.rollback().await?;
+
+    let got = consume(&topic, 6, WAIT, SETTLE).await?;
+    let expected: Vec<String> = [&short, &a, &b, &c, &long_first, &long_last]
+        .iter()
+        .map(|e| e.event_id.to_string())
+        .collect();
+    assert_eq!(ids(&got), expected, "commit order, each once, no ghost");
+    let b_rec = &got[2];
+    assert_eq!(b_rec.key.as_deref(), Some("k-1"));
+    assert_eq!(b_rec.header(h::CE_TYPE), Some("mixed.b"));
+
+    // Published rows are deleted; the slot's position follows.
+    eventually(WAIT, "published rows deleted", || async {
+        Ok(left_in_outbox(&pool).await? == 0)
+    })
+    .await?;
+    eventually(WAIT, "the slot confirmed everything", || async {
+        let st = slot::status(&pool, &slot_name).await?.expect("slot");
+        Ok(st.active && st.lag_bytes.unwrap_or(i64::MAX) < 16 * 1024)
+    })
+    .await?;
+    relay.stop().await?;
+    drop_test_slots(&pool, &[&slot_name]).await;
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_restarted_relay_resumes_from_the_slot_and_a_standby_takes_over(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "wal-restart", 3).await?;
+    let (slot_name, cfg) = wal_setup(&pool).await?;
+    let event = |i: usize| {
+        NewEvent::new("order", format!("o-{}", i % 7), "order.paid")
+            .topic(&topic)
+            .json_payload(&serde_json::json!({ "i": i }))
+    };
+    // Rows and table-less events, alternately.
+    let write = |range: std::ops::Range<usize>| {
+        let (pool, event) = (&pool, &event);
+        async move {
+            for i in range {
+                if i % 2 == 0 {
+                    append(pool, &event(i)?).await?;
+                } else {
+                    emit(pool, &event(i)?).await?;
+                }
+            }
+            anyhow::Ok(())
+        }
+    };
+    let first = RunningRelay::start(&pool, cfg.clone())?;
+    eventually(WAIT, "the first relay reads the slot", || async {
+        Ok(first.health.state() == State::Active)
+    })
+    .await?;
+    let second = RunningRelay::start(&pool, cfg.clone())?;
+    eventually(WAIT, "the second relay stands by", || async {
+        Ok(second.health.state() == State::Standby)
+    })
+    .await?;
+    assert!(
+        second.health.reason().contains("read by pid"),
+        "{}",
+        second.health.reason()
+    );
+    write(0..100).await?;
+    eventually(WAIT, "the first hundred published", || async {
+        Ok(left_in_outbox(&pool).await? == 0)
+    })
+    .await?;
+    let stopped = Instant::now();
+    first.stop().await?;
+    // Written while no relay reads: kept by the slot.
+    write(100..200).await?;
+    eventually(WAIT, "the standby takes the slot over", || async {
+        Ok(second.health.state() == State::Active)
+    })
+    .await?;
+    let took_over = stopped.elapsed();
+    let got = consume(&topic, 200, WAIT, SETTLE).await?;
+    second.stop().await?;
+    let mut seen: Vec<i64> = got
+        .iter()
+        .map(|r| r.json()["i"].as_i64().unwrap())
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), 200, "every event, none lost");
+    assert_eq!(got.len(), 200, "a graceful hand-over sends nothing twice");
+    // Per key, in the order written.
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    for r in &got {
+        let i = r.json()["i"].as_i64().unwrap();
+        let k = r.key.clone().unwrap();
+        assert!(
+            last.get(&k).is_none_or(|p| *p < i),
+            "key {k}: {i} after {:?}",
+            last.get(&k)
+        );
+        last.insert(k, i);
+    }
+    assert!(
+        took_over < Duration::from_secs(10),
+        "take-over took {took_over:?}"
+    );
+    drop_test_slots(&pool, &[&slot_name]).await;
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_poison_event_goes_to_failed_and_holds_its_key(pool: PgPool) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "wal-poison", 1).await?;
+    let (slot_name, cfg) = wal_setup(&pool).await?;
+    let relay = RunningRelay::start(&pool, cfg)?;
+    // A table-less event for a topic that does not exist fails for good;
+    // the later events of its key wait behind it (block-key), others flow.
+    let missing = unique("wal-missing");
+    let poison = NewEvent::new("order", "bad", "order.paid").topic(&missing);
+    emit(&pool, &poison).await?;
+    let behind_row = NewEvent::new("order", "bad", "order.shipped").topic(&topic);
+    append(&pool, &behind_row).await?;
+    let behind_msg = NewEvent::new("order", "bad", "order.closed").topic(&topic);
+    emit(&pool, &behind_msg).await?;
+    let fine = NewEvent::new("order", "good", "order.paid").topic(&topic);
+    emit(&pool, &fine).await?;
+
+    let got = consume(&topic, 1, WAIT, SETTLE).await?;
+    assert_eq!(ids(&got), [fine.event_id.to_string()]);
+    let failed: std::collections::HashMap<uuid::Uuid, String> =
+        sqlx::query_as::<_, (uuid::Uuid, String)>(
+            "SELECT event_id, last_error FROM outbox WHERE status = 'failed'",
+        )
+        .fetch_all(&pool)
+        .await?
+        .into_iter()
+        .collect();
+    assert_eq!(
+        failed.len(),
+        3,
+        "the poison event and its key's later ones: {failed:?}"
+    );
+    let why = |e: &NewEvent| failed[&e.event_id].clone();
+    assert!(why(&poison).contains("does not exist"), "{}", why(&poison));
+    assert!(why(&behind_row).contains("held"), "{}", why(&behind_row));
+    assert!(why(&behind_msg).contains("held"), "{}", why(&behind_msg));
+    // The operator sees them like any failed row.
+    let listed = outbox_relay::store::failed_list(&pool, 10).await?;
+    assert_eq!(listed.len(), 3);
+    relay.stop().await?;
+    drop_test_slots(&pool, &[&slot_name]).await;
+    Ok(())
+}
