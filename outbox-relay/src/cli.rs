@@ -223,6 +223,18 @@ pub struct RunArgs {
     #[command(flatten)]
     pub slot: SlotNames,
 
+    /// With --source wal: how often to write a heartbeat into the WAL (so
+    /// the slot advances while this database is idle) and read the slot's
+    /// figures into the metrics.
+    #[arg(long, env = "RELAY_WAL_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub wal_heartbeat: Duration,
+
+    /// With --source wal: warn when the slot keeps more WAL than this many
+    /// MiB (a stopped or stuck reader makes PostgreSQL keep WAL until the
+    /// disk fills).
+    #[arg(long, env = "RELAY_WAL_RETAINED_WARN_MIB", default_value_t = 1024)]
+    pub wal_retained_warn_mib: u64,
+
     /// What to do with a row once Kafka acknowledged it.
     #[arg(long, env = "RELAY_AFTER_PUBLISH", value_enum, default_value_t = AfterPublishArg::Delete)]
     pub after_publish: AfterPublishArg,

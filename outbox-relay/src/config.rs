@@ -200,8 +200,19 @@ pub struct WalSource {
     pub publication: String,
     /// How often the confirmed position reaches PostgreSQL. After a crash,
     /// the events acknowledged by Kafka in this last interval (and the batch
-    /// in flight) are sent again. Default 200 ms.
+    /// in flight) are sent again. Default 50 ms.
     pub status_interval: Duration,
+    /// How often the relay writes a heartbeat into the WAL (a
+    /// non-transactional logical decoding message, prefix
+    /// `outbox-heartbeat`) and reads the slot's figures (retained WAL, lag:
+    /// metrics and `status`). The heartbeat lets the slot advance while
+    /// this database is idle and others on the same server write WAL.
+    /// Default 10 s.
+    pub heartbeat_interval: Duration,
+    /// Retained WAL above which the relay logs a warning, well before the
+    /// disk fills: a slot keeps WAL until its
+    /// reader confirms it. Default 1 GiB.
+    pub retained_warn_bytes: u64,
 }
 
 impl WalSource {
@@ -211,7 +222,9 @@ impl WalSource {
             target,
             slot: crate::slot::DEFAULT_SLOT.into(),
             publication: crate::slot::DEFAULT_PUBLICATION.into(),
-            status_interval: Duration::from_millis(200),
+            status_interval: Duration::from_millis(50),
+            heartbeat_interval: Duration::from_secs(10),
+            retained_warn_bytes: 1 << 30,
         }
     }
 }
@@ -311,8 +324,10 @@ impl RelayConfig {
                      --transaction-pooler is for --source poll"
                     .into());
             }
-            if wal.status_interval.is_zero() {
-                return bad("the WAL status interval must be greater than zero".into());
+            if wal.status_interval.is_zero() || wal.heartbeat_interval.is_zero() {
+                return bad(
+                    "the WAL status and heartbeat intervals must be greater than zero".into(),
+                );
             }
         }
         if !self.topic_template.contains("{aggregate_type}") {

@@ -301,6 +301,11 @@ impl Relay {
                 background.clone(),
             ));
         }
+        tasks.spawn(crate::wal::watch_slot(
+            self.pool.clone(),
+            wal.clone(),
+            background.clone(),
+        ));
         info!(relay.id = %self.relay_id(), slot = %wal.slot, "relay started (WAL source)");
         let reading = crate::wal::run(&self, wal, &shutdown);
         tokio::pin!(reading);

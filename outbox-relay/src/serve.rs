@@ -26,6 +26,8 @@ pub(crate) async fn run(
         let mut wal = outbox_relay::WalSource::new(target);
         wal.slot = args.slot.slot.clone();
         wal.publication = args.slot.publication.clone();
+        wal.heartbeat_interval = args.wal_heartbeat;
+        wal.retained_warn_bytes = args.wal_retained_warn_mib.saturating_mul(1 << 20);
         cfg.wal = Some(wal);
     }
     cfg.validate().map_err(|e| UsageError(e.to_string()))?;

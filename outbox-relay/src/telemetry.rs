@@ -56,6 +56,16 @@ pub const FENCED: &str = "outbox_relay_fenced_total";
 /// was finished from a checkpoint, without sending them again.
 pub const CHECKPOINT_FINISHED: &str = "outbox_relay_checkpoint_finished_rows_total";
 
+/// WAL source: WAL that PostgreSQL keeps on disk for the slot (current
+/// position − the slot's restart position), in bytes.
+pub const WAL_RETAINED: &str = "outbox_relay_wal_retained_bytes";
+/// WAL source: WAL written since the slot's confirmed position, in bytes
+/// (what a restart would read again, and more).
+pub const WAL_LAG: &str = "outbox_relay_wal_lag_bytes";
+/// WAL source: the slot's confirmed position, as a number (the LSN's 64
+/// bits): everything before it is published.
+pub const WAL_CONFIRMED: &str = "outbox_relay_wal_confirmed_lsn";
+
 /// Histogram buckets (seconds) for the latency metrics.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
@@ -127,4 +137,11 @@ pub(crate) fn fenced(who: &'static str) {
 
 pub(crate) fn checkpoint_finished(rows: usize) {
     counter!(CHECKPOINT_FINISHED).increment(rows as u64);
+}
+
+/// Records the slot's figures (WAL source).
+pub fn wal_slot(retained: i64, lag: i64, confirmed: u64) {
+    gauge!(WAL_RETAINED).set(retained as f64);
+    gauge!(WAL_LAG).set(lag as f64);
+    gauge!(WAL_CONFIRMED).set(confirmed as f64);
 }

@@ -70,6 +70,52 @@ struct Event {
     malformed: Option<String>,
 }
 
+/// The heartbeat's prefix: a message the reader confirms past at once.
+pub(crate) const HEARTBEAT_PREFIX: &str = "outbox-heartbeat";
+
+/// Every [`WalSource::heartbeat_interval`] until `shutdown`: writes a
+/// heartbeat into the WAL (so that an idle database's slot still advances),
+/// reads the slot's figures into the metrics, and warns when the slot keeps
+/// more WAL than [`WalSource::retained_warn_bytes`].
+pub(crate) async fn watch_slot(pool: sqlx::PgPool, wal: WalSource, shutdown: CancellationToken) {
+    let mut warned = false;
+    loop {
+        let beat = sqlx::query("SELECT pg_logical_emit_message(false, $1, '')")
+            .bind(HEARTBEAT_PREFIX)
+            .execute(&pool)
+            .await;
+        if let Err(e) = beat {
+            warn!(error = %e, "cannot write the WAL heartbeat");
+        }
+        match slot::status(&pool, &wal.slot).await {
+            Ok(Some(st)) => {
+                let retained = st.retained_wal_bytes.unwrap_or(0);
+                let confirmed = st
+                    .confirmed_flush_lsn
+                    .as_deref()
+                    .and_then(|l| Lsn::parse(l).ok())
+                    .map_or(0, Lsn::as_u64);
+                crate::telemetry::wal_slot(retained, st.lag_bytes.unwrap_or(0), confirmed);
+                let over = u64::try_from(retained).unwrap_or(0) > wal.retained_warn_bytes;
+                if over && !warned {
+                    warn!(slot = %wal.slot, retained_bytes = retained, wal_status = st.wal_status.as_deref(),
+                          "the slot keeps more WAL than --wal-retained-warn: is its reader stuck or \
+                           stopped? `outbox-relay slot status` shows it; `outbox-relay slot drop` \
+                           frees it when the WAL source is decommissioned");
+                }
+                warned = over;
+            }
+            Ok(None) => {
+                warn!(slot = %wal.slot, "the slot does not exist: create it with `outbox-relay slot create`")
+            }
+            Err(e) => warn!(error = %e, "cannot read the slot's figures"),
+        }
+        if sleep_or_cancel(wal.heartbeat_interval, &shutdown).await {
+            return;
+        }
+    }
+}
+
 /// Reads the slot until `shutdown`; returns when it has let go of it.
 pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationToken) {
     let health = relay.health();
@@ -231,6 +277,10 @@ impl<'a> Session<'a> {
                 if prefix == "outbox" && transactional {
                     let at = self.open.as_ref().map_or_else(Utc::now, |(t, _)| *t);
                     self.push(from_message(&content, lsn, at));
+                } else if prefix == HEARTBEAT_PREFIX {
+                    if self.open.is_none() && self.ready.is_empty() {
+                        client.update_applied_lsn(lsn);
+                    }
                 } else if prefix == "outbox" {
                     warn!(%lsn, "a non-transactional 'outbox' message was skipped: events are \
                                  written with outbox_emit(), inside the producer's transaction");
