@@ -287,6 +287,18 @@ pub(crate) async fn slot(
                 said(made.slot),
                 target.user()
             );
+            let (pending, last): (i64, Option<i64>) =
+                sqlx::query_as("SELECT count(*), max(id) FROM outbox WHERE status = 'pending'")
+                    .fetch_one(pool)
+                    .await?;
+            if pending > 0 {
+                out!(
+                    "{pending} pending rows (ids up to {}) were written before the slot: keep a \
+                     --source poll relay running until they are published, then switch (README, \
+                     \"Switching from poll to WAL\")",
+                    last.unwrap_or_default()
+                );
+            }
             Ok(())
         }
         cli::SlotCommand::Status { names, json } => {

@@ -38,7 +38,7 @@ use outbox_core::backoff::Backoff;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::{
@@ -358,6 +358,22 @@ impl<'a> Session<'a> {
     async fn publish_once(&self, events: &[Event]) -> Result<Vec<Event>, sqlx::Error> {
         let started = std::time::Instant::now();
         let relay = self.relay;
+        let gone = gone_rows(relay, events).await?;
+        if !gone.is_empty() {
+            let kept: Vec<Event> = events
+                .iter()
+                .filter(|e| !matches!(e.origin, Origin::Row(id) if gone.contains(&id)))
+                .cloned()
+                .collect();
+            debug!(
+                skipped = events.len() - kept.len(),
+                "rows already published or failed"
+            );
+            if kept.is_empty() {
+                return Ok(Vec::new());
+            }
+            return Box::pin(self.publish_once(&kept)).await;
+        }
         let blocked = blocked_keys(relay, events).await?;
         let mut rows: Vec<OutboxRow> = events.iter().map(|e| e.row.clone()).collect();
         let (mut prepared, _) = relay.prepare(&mut rows).await;
@@ -425,6 +441,30 @@ impl<'a> Session<'a> {
         note_delivered(batch.rows(), &fates, started);
         Ok(again)
     }
+}
+
+/// The rows among `events` that are no longer pending: published and
+/// deleted (by this relay before a crash, or by a polling relay while a
+/// system switches from poll to WAL), or moved to failed. They are not sent
+/// again.
+async fn gone_rows(relay: &Relay, events: &[Event]) -> Result<HashSet<i64>, sqlx::Error> {
+    let ids: Vec<i64> = events
+        .iter()
+        .filter_map(|e| match e.origin {
+            Origin::Row(id) if e.malformed.is_none() => Some(id),
+            _ => None,
+        })
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let pending: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM outbox WHERE id = ANY($1) AND status = 'pending'")
+            .bind(&ids)
+            .fetch_all(&relay.pool)
+            .await?;
+    let pending: HashSet<i64> = pending.into_iter().collect();
+    Ok(ids.into_iter().filter(|id| !pending.contains(id)).collect())
 }
 
 /// The keys among `events` that have a failed event in the store, under

@@ -405,3 +405,47 @@ async fn an_idle_database_still_advances_its_slot(pool: PgPool) -> anyhow::Resul
     drop_test_slots(&pool, &[&slot_name]).await;
     Ok(())
 }
+
+/// The README's procedure, as a user runs it: poll relays publish while
+/// the slot is created, they drain what was written before it, then a WAL
+/// relay replaces them. Nothing lost, nothing twice, order kept per key.
+#[sqlx::test(migrations = false)]
+async fn switching_a_running_system_from_poll_to_wal_loses_and_repeats_nothing(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "wal-switch", 3).await?;
+    let rows_only = |range: std::ops::Range<usize>| {
+        let (pool, topic) = (pool.clone(), topic.clone());
+        async move {
+            for i in range {
+                let e = NewEvent::new("order", format!("o-{}", i % 5), "order.paid")
+                    .topic(&topic)
+                    .json_payload(&serde_json::json!({ "i": i }))?;
+                append(&pool, &e).await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let poll = RunningRelay::start(&pool, quick_relay_config())?;
+    rows_only(0..200).await?;
+    // 1. Create the slot while the poll relay runs and producers write.
+    let writing = tokio::spawn(rows_only(200..400));
+    let (slot_name, wal_cfg) = wal_setup(&pool).await?;
+    writing.await??;
+    // 2. Drain: the poll relay publishes everything pending.
+    eventually(WAIT, "the poll relay drained the table", || async {
+        Ok(left_in_outbox(&pool).await? == 0)
+    })
+    .await?;
+    // 3. Stop the poll relay, start the WAL relay; producers may now also
+    //    use outbox_emit.
+    poll.stop().await?;
+    let wal = RunningRelay::start(&pool, wal_cfg)?;
+    write_events(&pool, &topic, 400..600).await?;
+    let got = consume(&topic, 600, WAIT, SETTLE).await?;
+    wal.stop().await?;
+    let twice = check_complete_in_order(&got, 600);
+    assert_eq!(twice, 0, "rows the poll relay published are not sent again");
+    drop_test_slots(&pool, &[&slot_name]).await;
+    Ok(())
+}
