@@ -154,15 +154,16 @@ async fn a_restarted_relay_resumes_from_the_slot_and_a_standby_takes_over(
         Ok(left_in_outbox(&pool).await? == 0)
     })
     .await?;
-    let stopped = Instant::now();
     first.stop().await?;
-    // Written while no relay reads: kept by the slot.
-    write(100..200).await?;
+    let stopped = Instant::now();
     eventually(WAIT, "the standby takes the slot over", || async {
         Ok(second.health.state() == State::Active)
     })
     .await?;
     let took_over = stopped.elapsed();
+    println!("take-over after a graceful stop: {took_over:?}");
+    // Written after the hand-over, and kept by the slot meanwhile.
+    write(100..200).await?;
     let got = consume(&topic, 200, WAIT, SETTLE).await?;
     second.stop().await?;
     let mut seen: Vec<i64> = got
