@@ -69,7 +69,11 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn,refinery_core=warn"));
+        .unwrap_or_else(|_| EnvFilter::new(
+            // The replication client logs each ended session as an error;
+            // the WAL source reports it itself, with what to do.
+            "info,sqlx::postgres::notice=warn,refinery_core=warn,pgwire_replication::client::tokio_client=off",
+        ));
     // Colours on a terminal only: log files and journals get plain text.
     let builder = fmt()
         .with_env_filter(filter)

@@ -322,10 +322,10 @@ impl<'a> Session<'a> {
     /// confirms their last commit. Returns early (confirming nothing) only
     /// on shutdown.
     async fn publish_ready(&mut self, client: &ReplicationClient, shutdown: &CancellationToken) {
-        let mut events = std::mem::take(&mut self.ready);
         let Some(end) = self.ready_end.take() else {
             return;
         };
+        let mut events = std::mem::take(&mut self.ready);
         let mut backoff = Backoff::new(self.relay.cfg.min_backoff, self.relay.cfg.max_backoff);
         loop {
             match self.publish_once(&events).await {
@@ -443,29 +443,60 @@ impl<'a> Session<'a> {
     }
 }
 
-/// The rows among `events` that are no longer pending: published and
-/// deleted (by this relay before a crash, or by a polling relay while a
-/// system switches from poll to WAL), or moved to failed. They are not sent
-/// again.
+/// The rows among `events` that are no longer pending: published (by this
+/// relay before a crash, or by a polling relay while a system switches from
+/// poll to WAL: their ids are remembered, `outbox_published_ids`) or moved
+/// to failed. They are not sent again.
+///
+/// The WAL can deliver a commit a moment before the transaction is visible
+/// to other sessions (the commit record is flushed before the committing
+/// backend leaves the proc array). A row that is neither visible nor
+/// remembered is such a row: this waits until every row is one or the
+/// other, up to [`VISIBLE_WITHIN`], so that nothing is skipped by mistake and
+/// the delete after publishing finds every row. A row still unseen then
+/// (deleted without being remembered, `--remember-published 0`) is sent.
 async fn gone_rows(relay: &Relay, events: &[Event]) -> Result<HashSet<i64>, sqlx::Error> {
-    let ids: Vec<i64> = events
+    let (ids, event_ids): (Vec<i64>, Vec<Uuid>) = events
         .iter()
         .filter_map(|e| match e.origin {
-            Origin::Row(id) if e.malformed.is_none() => Some(id),
+            Origin::Row(id) if e.malformed.is_none() => Some((id, e.row.event_id)),
             _ => None,
         })
-        .collect();
+        .unzip();
     if ids.is_empty() {
         return Ok(HashSet::new());
     }
-    let pending: Vec<i64> =
-        sqlx::query_scalar("SELECT id FROM outbox WHERE id = ANY($1) AND status = 'pending'")
-            .bind(&ids)
-            .fetch_all(&relay.pool)
-            .await?;
-    let pending: HashSet<i64> = pending.into_iter().collect();
-    Ok(ids.into_iter().filter(|id| !pending.contains(id)).collect())
+    let deadline = std::time::Instant::now() + VISIBLE_WITHIN;
+    loop {
+        let rows: Vec<(i64, Option<String>, bool)> = sqlx::query_as(
+            "SELECT e.id, o.status, \
+                    EXISTS (SELECT 1 FROM outbox_published_ids p WHERE p.event_id = e.event_id) \
+             FROM unnest($1::bigint[], $2::uuid[]) AS e(id, event_id) \
+             LEFT JOIN outbox o ON o.id = e.id",
+        )
+        .bind(&ids)
+        .bind(&event_ids)
+        .fetch_all(&relay.pool)
+        .await?;
+        let unseen = rows
+            .iter()
+            .any(|(_, status, remembered)| status.is_none() && !remembered);
+        if !unseen || std::time::Instant::now() > deadline {
+            return Ok(rows
+                .into_iter()
+                .filter(|(_, status, remembered)| match status {
+                    Some(s) => s != "pending",
+                    None => *remembered,
+                })
+                .map(|(id, _, _)| id)
+                .collect());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
+
+/// How long a committed row may take to become visible (see `gone_rows`).
+const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
 
 /// The keys among `events` that have a failed event in the store, under
 /// block-key (their later events wait behind it).

@@ -136,21 +136,9 @@ enum Command {
         /// and the checker verifies per-key order of effects. 0: none.
         #[arg(long, default_value_t = 0)]
         poison_every: u64,
-        /// Run the relays with --exactly-once: the checker then requires 0
-        /// duplicates for its read_committed reading of the topic, and
-        /// counts the records of aborted transactions apart.
-        #[arg(long)]
-        exactly_once: bool,
-        /// With --exactly-once: each relay aborts its own process right
-        /// after a Kafka commit and before its database commit, once in
-        /// this many commits, at random (the soak restarts it). 0: never.
-        #[arg(long, default_value_t = 0)]
-        crash_after_commit_one_in: u32,
-        /// The checker's self-test: relays take partitions over from dead
-        /// relays without fencing them or finishing their checkpoints. The
-        /// checker must then find duplicates.
-        #[arg(long)]
-        mutate_skip_fencing: bool,
+        /// How the relays run.
+        #[command(flatten)]
+        mode: RelayMode,
     },
     /// Relay memory while it drains a backlog: RSS sampled every 250 ms.
     Memory {
@@ -181,15 +169,9 @@ enum Command {
         /// transactional producers; RELIABILITY.md).
         #[arg(long)]
         one_in_flight: bool,
-        /// Publish in Kafka transactions (the relay's --exactly-once).
-        #[arg(long)]
-        exactly_once: bool,
-        /// The crash hook: abort after a Kafka commit, once in this many.
-        #[arg(long, default_value_t = 0)]
-        crash_after_commit_one_in: u32,
-        /// The mutation (see `run --mutate-skip-fencing`).
-        #[arg(long)]
-        mutate_skip_fencing: bool,
+        /// How the relay runs (`run` passes its own flags on).
+        #[command(flatten)]
+        mode: RelayMode,
     },
     /// (internal) The consumer, until SIGTERM.
     #[command(hide = true)]
@@ -241,7 +223,8 @@ fn main() -> ExitCode {
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,pgwire_replication::client::tokio_client=off".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -286,9 +269,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             faults,
             json,
             poison_every,
-            exactly_once,
-            crash_after_commit_one_in,
-            mutate_skip_fencing,
+            mode,
         } => {
             let mock_faults = faults.iter().any(|f| f.needs_mock());
             let own = if mock_faults {
@@ -318,9 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     lease_ttl: *lease_ttl,
                     json: json.clone(),
                     poison_every: *poison_every,
-                    exactly_once: *exactly_once,
-                    crash_after_commit_one_in: *crash_after_commit_one_in,
-                    mutate_skip_fencing: *mutate_skip_fencing,
+                    mode: mode.clone(),
                 },
                 *fault_every,
                 faults,
@@ -340,9 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             lease_ttl,
             publish_timeout,
             one_in_flight,
-            exactly_once,
-            crash_after_commit_one_in,
-            mutate_skip_fencing,
+            mode,
         } => {
             let mut kafka_properties = BTreeMap::new();
             if *one_in_flight {
@@ -360,14 +337,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     lease_ttl: *lease_ttl,
                     heartbeat_interval: *lease_ttl / 4,
                     publish_timeout: *publish_timeout,
-                    exactly_once: *exactly_once,
-                    crash_after_kafka_commit: (*crash_after_commit_one_in > 0).then_some(
+                    exactly_once: mode.exactly_once,
+                    crash_after_kafka_commit: (mode.crash_after_commit_one_in > 0).then_some(
                         outbox_relay::config::CrashAfterCommit {
-                            one_in: *crash_after_commit_one_in,
+                            one_in: mode.crash_after_commit_one_in,
                             abort_process: true,
                         },
                     ),
-                    mutation_skip_fencing: *mutate_skip_fencing,
+                    mutation_skip_fencing: mode.mutate_skip_fencing,
+                    wal: mode.wal_source(&cli)?,
                     ..Default::default()
                 },
                 db.application_name("outbox-soak-relay"),
@@ -396,6 +374,84 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
     }
+}
+
+/// How the relays run: `run` takes these flags and passes them on to each
+/// relay process (the hidden `relay` subcommand takes the same).
+#[derive(Debug, Clone, clap::Args)]
+struct RelayMode {
+    /// Run the relays with --exactly-once: the checker then requires 0
+    /// duplicates for its read_committed reading of the topic, and counts
+    /// the records of aborted transactions apart.
+    #[arg(long)]
+    exactly_once: bool,
+    /// With --exactly-once: each relay aborts its own process right after a
+    /// Kafka commit and before its database commit, once in this many
+    /// commits, at random (the soak restarts it). 0: never.
+    #[arg(long, default_value_t = 0)]
+    crash_after_commit_one_in: u32,
+    /// The checker's self-test: relays take partitions over from dead
+    /// relays without fencing them or finishing their checkpoints. The
+    /// checker must then find duplicates.
+    #[arg(long)]
+    mutate_skip_fencing: bool,
+    /// Run the relays with --source wal, reading the slot `soak_<database>`
+    /// (one reads, the others stand by); producers then write every other
+    /// event with outbox_emit (table-less) instead of a row.
+    #[arg(long)]
+    wal: bool,
+}
+
+impl RelayMode {
+    /// The flags that give a relay process this mode.
+    fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.exactly_once {
+            args.push("--exactly-once".to_string());
+            if self.crash_after_commit_one_in > 0 {
+                args.push("--crash-after-commit-one-in".to_string());
+                args.push(self.crash_after_commit_one_in.to_string());
+            }
+            if self.mutate_skip_fencing {
+                args.push("--mutate-skip-fencing".to_string());
+            }
+        }
+        if self.wal {
+            args.push("--wal".to_string());
+        }
+        args
+    }
+
+    /// The WAL source of a relay in this mode.
+    fn wal_source(&self, cli: &Cli) -> anyhow::Result<Option<outbox_relay::WalSource>> {
+        if !self.wal {
+            return Ok(None);
+        }
+        let mut url = url::Url::parse(cli.database_url.as_deref().unwrap_or_default())
+            .context("DATABASE_URL is not a URL")?;
+        url.set_path(&cli.database);
+        let mut wal = outbox_relay::WalSource::new(
+            outbox_relay::slot::ReplicationTarget::from_url(url.as_str())?,
+        );
+        wal.slot = slot_name(&cli.database);
+        wal.publication = wal.slot.clone();
+        Ok(Some(wal))
+    }
+}
+
+/// The slot (and publication) of a soak with `--wal`.
+fn slot_name(database: &str) -> String {
+    let name: String = database
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("soak_{name}")
 }
 
 fn on_sigterm() -> CancellationToken {

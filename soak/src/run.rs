@@ -29,12 +29,9 @@ pub(crate) struct Load {
     pub(crate) relays: usize,
     pub(crate) lease_ttl: Duration,
     pub(crate) poison_every: u64,
-    /// The relays publish in Kafka transactions (`--exactly-once`).
-    pub(crate) exactly_once: bool,
-    /// The relays' crash hook: abort after a Kafka commit, one in this many.
-    pub(crate) crash_after_commit_one_in: u32,
-    /// The checker's self-test (`--mutate-skip-fencing`).
-    pub(crate) mutate_skip_fencing: bool,
+    /// How the relays run (exactly-once, the crash hook, the mutation, the
+    /// WAL source).
+    pub(crate) mode: crate::RelayMode,
 }
 
 pub(crate) async fn soak(
@@ -61,7 +58,26 @@ pub(crate) async fn soak(
     let started = Instant::now();
     let say = |m: String| println!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
     let name = &cli.database;
+    let slot = load.mode.wal.then(|| crate::slot_name(name));
+    if let Some(slot) = &slot {
+        // The slot of an earlier run would keep its database from being
+        // dropped.
+        let admin = PgPool::connect_with(server.clone()).await?;
+        sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND NOT active",
+        )
+        .bind(slot)
+        .execute(&admin)
+        .await?;
+        admin.close().await;
+    }
     let pool = fresh_database(cli, server, load.producers as u32 + 4).await?;
+    if let Some(slot) = &slot {
+        outbox_relay::slot::create(&pool, slot, slot)
+            .await
+            .context("--wal: creating the soak's slot")?;
+    }
     sqlx::query("INSERT INTO soak_keys (key) SELECT 'k' || g FROM generate_series(1, $1) g")
         .bind(load.keys)
         .execute(&pool)
@@ -122,16 +138,8 @@ pub(crate) async fn soak(
     if matches!(own, Some(broker::Own::Mock(_))) {
         relay_args.push("--one-in-flight");
     }
-    let crash_one_in = load.crash_after_commit_one_in.to_string();
-    if load.exactly_once {
-        relay_args.push("--exactly-once");
-        if load.crash_after_commit_one_in > 0 {
-            relay_args.extend(["--crash-after-commit-one-in", &crash_one_in]);
-        }
-        if load.mutate_skip_fencing {
-            relay_args.push("--mutate-skip-fencing");
-        }
-    }
+    let mode_args = load.mode.args();
+    relay_args.extend(mode_args.iter().map(String::as_str));
     let mut relays: Vec<Role> = (0..load.relays)
         .map(|_| Role::start(cli, &relay_args))
         .collect::<anyhow::Result<_>>()?;
@@ -152,6 +160,7 @@ pub(crate) async fn soak(
         let every = Duration::from_secs_f64(load.producers as f64 / load.rate.max(1) as f64);
         let keys = load.keys;
         let poison_every = load.poison_every;
+        let table_less = load.mode.wal;
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             let mut i: i64 = p as i64;
@@ -162,7 +171,7 @@ pub(crate) async fn soak(
                 i += 1;
                 n += 1;
                 let poison = poison_every > 0 && n % poison_every == 0;
-                match produce_one(&pool, &topic, &key, poison).await {
+                match produce_one(&pool, &topic, &key, poison, table_less).await {
                     Ok(()) => produced.fetch_add(1, Ordering::Relaxed),
                     Err(_) => errors.fetch_add(1, Ordering::Relaxed),
                 };
@@ -200,9 +209,11 @@ pub(crate) async fn soak(
                 "relay kill -9"
             }
             Fault::PgTerminate => {
+                // The relays' connections, and the WAL source's walsender.
                 sqlx::query(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE application_name = 'outbox-soak-relay' AND datname = current_database()",
+                     WHERE datname = current_database() \
+                       AND (application_name = 'outbox-soak-relay' OR backend_type = 'walsender')",
                 )
                 .execute(&pool)
                 .await?;
@@ -329,6 +340,16 @@ pub(crate) async fn soak(
     }
     relays.iter_mut().for_each(Role::terminate);
     consumer.terminate();
+    if let Some(slot) = &slot {
+        for _ in 0..50 {
+            match outbox_relay::slot::drop(&pool, slot, Some(slot)).await {
+                Err(outbox_relay::slot::SlotError::HeldByAnother { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Ok(()) | Err(_) => break,
+            }
+        }
+    }
 
     let v = check::check(&pool, &cli.kafka_brokers, &topic, &replayed_ids).await?;
     // A relay fault repeats at most the batch that relay had in flight; a
@@ -339,7 +360,7 @@ pub(crate) async fn soak(
         .unwrap_or(0) as usize;
     let relay_faults = relay_kills + self_crashes + (terminations + broker_faults) * load.relays;
     // Exactly-once: no duplicate at all for the checker's read_committed reading.
-    let bound = if load.exactly_once {
+    let bound = if load.mode.exactly_once {
         0
     } else {
         relay_faults * RELAY_BATCH
@@ -356,11 +377,11 @@ pub(crate) async fn soak(
     for (name, n) in &injected {
         println!("faults injected: {n:>4} × {name}");
     }
-    if load.exactly_once {
+    if load.mode.exactly_once {
         println!("relays:                     --exactly-once (the topic read as read_committed)");
     }
     println!("{v}");
-    if load.exactly_once {
+    if load.mode.exactly_once {
         println!(
             "duplicate bound:            0 (exactly-once; {relay_faults} relay faults){}",
             if within { "" } else { " EXCEEDED" }
@@ -380,8 +401,8 @@ pub(crate) async fn soak(
     if let Some(path) = &load.json {
         let result = serde_json::json!({
             "topic": topic,
-            "exactly_once": load.exactly_once,
-            "mutate_skip_fencing": load.mutate_skip_fencing,
+            "exactly_once": load.mode.exactly_once,
+            "mutate_skip_fencing": load.mode.mutate_skip_fencing,
             "faults": injected,
             "verdict": v,
             "duplicate_bound": bound,
@@ -479,11 +500,15 @@ pub(crate) async fn fresh_database(
     Ok(pool)
 }
 
+/// One event of `key` with its ledger row, in one transaction. With
+/// `table_less`, every other event of a key is written with `outbox_emit`
+/// instead of a row (the WAL source reads both).
 pub(crate) async fn produce_one(
     pool: &PgPool,
     topic: &str,
     key: &str,
     poison: bool,
+    table_less: bool,
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     let seq: i64 =
@@ -501,7 +526,11 @@ pub(crate) async fn produce_one(
         .bind(poison)
         .execute(&mut *tx)
         .await?;
-    append(&mut *tx, &event).await?;
+    if table_less && seq % 2 == 1 {
+        outbox_core::emit(&mut *tx, &event).await?;
+    } else {
+        append(&mut *tx, &event).await?;
+    }
     tx.commit().await?;
     Ok(())
 }
