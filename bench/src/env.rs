@@ -22,6 +22,8 @@ pub(crate) const DATABASE: &str = "outbox_bench";
 pub(crate) struct Env {
     pub(crate) pool: PgPool,
     pub(crate) brokers: String,
+    /// The URL of the benchmark's database (for replication connections).
+    pub(crate) url: String,
 }
 
 impl Env {
@@ -33,9 +35,12 @@ impl Env {
             .connect_with(test_kit::db::recreate(&server, DATABASE).await?)
             .await?;
         outbox_core::migrate(&pool).await?;
+        let mut url = url::Url::parse(&args.database_url).context("DATABASE_URL")?;
+        url.set_path(DATABASE);
         Ok(Self {
             pool,
             brokers: args.kafka_brokers.clone(),
+            url: url.to_string(),
         })
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use outbox_core::{append, NewEvent};
+use outbox_core::{append, emit, NewEvent};
 use outbox_relay::RelayConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::Executor;
@@ -97,6 +97,19 @@ pub(crate) async fn measure(
     seconds: u64,
     relay_cfg: RelayConfig,
 ) -> anyhow::Result<Measured> {
+    measure_with(env, recorder, rate, seconds, relay_cfg, false).await
+}
+
+/// [`measure`], the producers writing table-less events (`emit`) instead
+/// of rows when `table_less` (for a relay reading the WAL).
+pub(crate) async fn measure_with(
+    env: &Env,
+    recorder: &samples::Samples,
+    rate: u64,
+    seconds: u64,
+    relay_cfg: RelayConfig,
+    table_less: bool,
+) -> anyhow::Result<Measured> {
     {
         // A drain just before leaves a million dead rows (and a million new
         // remembered ids); without this, autovacuum runs under the
@@ -127,7 +140,11 @@ pub(crate) async fn measure(
                     )
                     .topic(&topic)
                     .json_payload(&serde_json::json!({ "i": i }))?;
-                    append(&pool, &e).await?;
+                    if table_less {
+                        emit(&pool, &e).await?;
+                    } else {
+                        append(&pool, &e).await?;
+                    }
                 }
                 anyhow::Ok(())
             })
@@ -136,7 +153,11 @@ pub(crate) async fn measure(
             p??;
         }
         let offered = total as f64 / started.elapsed().as_secs_f64();
-        while env.pending().await? > 0 {
+        // Every event acknowledged (one sample each) and no row left.
+        let waiting = Instant::now();
+        while ((recorder.len() as u64) < total || env.pending().await? > 0)
+            && waiting.elapsed() < Duration::from_secs(120)
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -13,6 +13,7 @@ mod latency;
 mod producer;
 mod relays;
 mod samples;
+mod wal;
 
 use std::time::Duration;
 
@@ -121,6 +122,22 @@ enum Which {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// The relay reading the WAL (`--source wal`) vs polling: drain, and
+    /// commit-to-ack with rows and with table-less events, side by side.
+    Wal {
+        /// Backlog size per drain.
+        #[arg(long, default_value_t = 300_000)]
+        rows: i64,
+        /// Relay batch size for the drains.
+        #[arg(long, default_value_t = 5000)]
+        batch_size: usize,
+        /// Offered load for the latency runs, events per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Seconds of load per latency run.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Everything, with the defaults (the consumer with and without duplicates).
     All,
     /// (internal) One relay process for `failover`, until SIGTERM.
@@ -185,6 +202,12 @@ async fn main() -> anyhow::Result<()> {
         Which::Failover { rate, lease_ttl } => {
             relays::failover(&env, args.runs, rate, lease_ttl).await?
         }
+        Which::Wal {
+            rows,
+            batch_size,
+            rate,
+            seconds,
+        } => wal::wal(&env, &recorder, args.runs, rows, batch_size, rate, seconds).await?,
         Which::ExactlyOnce {
             rows,
             batch_size,

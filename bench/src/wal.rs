@@ -1,0 +1,169 @@
+//! `wal`: the relay reading the WAL (`--source wal`) against the relay
+//! polling the table, side by side in one run: the drain of a backlog, and
+//! commit-to-ack at a fixed offered load with rows and with table-less
+//! events (`outbox_emit`).
+//!
+//! Each WAL measurement creates its slot first (so the events written after
+//! it are in it) and drops it after.
+
+use std::time::{Duration, Instant};
+
+use outbox_relay::{slot, RelayConfig, WalSource};
+use tokio_util::sync::CancellationToken;
+
+use crate::{drain::relay_drain, latency::measure_with, median, samples, Env};
+
+const SLOT: &str = "outbox_bench_wal";
+
+/// A relay config reading the bench's slot.
+fn wal_config(env: &Env, batch_size: usize) -> anyhow::Result<RelayConfig> {
+    let mut wal = WalSource::new(slot::ReplicationTarget::from_url(&env.url)?);
+    wal.slot = SLOT.into();
+    wal.publication = SLOT.into();
+    Ok(RelayConfig {
+        batch_size,
+        wal: Some(wal),
+        ..RelayConfig::default()
+    })
+}
+
+async fn fresh_slot(env: &Env) -> anyhow::Result<()> {
+    drop_slot(env).await;
+    slot::create(&env.pool, SLOT, SLOT).await?;
+    Ok(())
+}
+
+async fn drop_slot(env: &Env) {
+    // Its reader may take a moment to let go after the relay stopped.
+    for _ in 0..50 {
+        match slot::drop(&env.pool, SLOT, Some(SLOT)).await {
+            Err(slot::SlotError::HeldByAnother { .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            _ => return,
+        }
+    }
+}
+
+/// The WAL relay's drain of a backlog written after its slot, rows/s.
+async fn wal_drain(
+    env: &Env,
+    recorder: &samples::Samples,
+    rows: i64,
+    batch_size: usize,
+) -> anyhow::Result<f64> {
+    fresh_slot(env).await?;
+    let topic = env.topic("drain-wal").await?;
+    env.fill(&topic, rows).await?;
+    let shutdown = CancellationToken::new();
+    let relay = env.relay(wal_config(env, batch_size)?)?;
+    recorder.clear();
+    let started = Instant::now();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+    while (recorder.len() as i64) < rows {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    task.await?;
+    env.drop_topic(&topic).await;
+    drop_slot(env).await;
+    Ok(rate)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn wal(
+    env: &Env,
+    recorder: &samples::Samples,
+    runs: usize,
+    rows: i64,
+    batch_size: usize,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    println!(
+        "== wal: drain of {rows} rows (batch {batch_size}), and commit-to-ack at {rate}/s for {seconds}s: \
+         relay polling vs reading the WAL (rows, and table-less events)"
+    );
+    let poll = RelayConfig {
+        batch_size,
+        ..RelayConfig::default()
+    };
+    let (mut d_poll, mut d_wal, mut d_ratio) = (vec![], vec![], vec![]);
+    let (mut p99_poll, mut p99_rows, mut p99_less) = (vec![], vec![], vec![]);
+    let (mut p50_poll, mut p50_rows, mut p50_less) = (vec![], vec![], vec![]);
+    for run in 1..=runs {
+        let a = relay_drain(env, recorder, rows, poll.clone()).await?;
+        let b = wal_drain(env, recorder, rows, batch_size).await?;
+        let lp = measure_with(env, recorder, rate, seconds, RelayConfig::default(), false).await?;
+        fresh_slot(env).await?;
+        let lr = measure_with(
+            env,
+            recorder,
+            rate,
+            seconds,
+            wal_config(env, RelayConfig::default().batch_size)?,
+            false,
+        )
+        .await?;
+        drop_slot(env).await;
+        fresh_slot(env).await?;
+        let lt = measure_with(
+            env,
+            recorder,
+            rate,
+            seconds,
+            wal_config(env, RelayConfig::default().batch_size)?,
+            true,
+        )
+        .await?;
+        drop_slot(env).await;
+        println!(
+            "run {run}: drain poll {a:>8.0}/s  wal {b:>8.0}/s  (wal/poll {:.2})  |  at {:.0}/{:.0}/{:.0} events/s: \
+             p50 {:.1} / {:.1} / {:.1} ms, p99 {:.1} / {:.1} / {:.1} ms, p99.9 {:.1} / {:.1} / {:.1} ms \
+             (poll / wal rows / wal table-less)",
+            b / a,
+            lp.offered,
+            lr.offered,
+            lt.offered,
+            lp.p50,
+            lr.p50,
+            lt.p50,
+            lp.p99,
+            lr.p99,
+            lt.p99,
+            lp.p999,
+            lr.p999,
+            lt.p999
+        );
+        d_poll.push(a);
+        d_wal.push(b);
+        d_ratio.push(b / a);
+        if lp.offered.min(lr.offered).min(lt.offered) < rate as f64 * 0.9 {
+            println!(
+                "run {run}: latency left out of the medians (the producers fell short of {rate}/s)"
+            );
+            continue;
+        }
+        p99_poll.push(lp.p99);
+        p99_rows.push(lr.p99);
+        p99_less.push(lt.p99);
+        p50_poll.push(lp.p50);
+        p50_rows.push(lr.p50);
+        p50_less.push(lt.p50);
+    }
+    println!(
+        "median: drain poll {:.0}/s, wal {:.0}/s, wal/poll {:.2}; p50 {:.1} / {:.1} / {:.1} ms, \
+         p99 {:.1} / {:.1} / {:.1} ms (poll / wal rows / wal table-less; wal target p99 <= 10 ms)",
+        median(d_poll),
+        median(d_wal),
+        median(d_ratio),
+        median(p50_poll),
+        median(p50_rows),
+        median(p50_less),
+        median(p99_poll),
+        median(p99_rows),
+        median(p99_less)
+    );
+    Ok(())
+}
