@@ -15,9 +15,18 @@
 #              relay running, so the trigger notifies no one)
 #   message    base + pg_logical_emit_message(true, 'outbox', <event JSON>),
 #              nobody decoding
-#   message+decoder  the same while pg_recvlogical streams the slot (pgoutput,
-#              messages on), as a relay reading messages would; divided by
-#              base measured with the same decoder running
+#   emit       base + SELECT outbox_emit(...) (migration V7: validates the
+#              event, then emits it as above): the table-less events the
+#              relay's WAL source reads
+#   emit-sql   base + the statement outbox_core::emit() sends: the same
+#              message built by one SQL expression, validated in Rust, no
+#              PL/pgSQL call
+#   debezium   base + a row in Debezium's recommended outbox table (uuid
+#              primary key, aggregatetype, aggregateid, type, payload jsonb;
+#              nothing else), as its outbox event router reads it
+#   message+decoder, emit+decoder  the same while pg_recvlogical streams
+#              the slot (pgoutput, messages on), as a relay reading messages
+#              would; divided by base measured with the same decoder running
 #
 # The cluster lives in /tmp/outbox-floor-pg-<uid> (readable by the postgres
 # user when run as root), listens on 127.0.0.1:${FLOOR_PORT:-5440} only, and is
@@ -65,13 +74,17 @@ as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -o \
 psql_ -c "DROP SCHEMA public CASCADE; CREATE SCHEMA public;" \
   -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots" \
   -c "DROP PUBLICATION IF EXISTS floor_none" >/dev/null
-for f in "$ROOT"/migrations/outbox/V*.sql; do psql_ -f "$f" >/dev/null; done
+for f in "$ROOT"/outbox-core/migrations/V*.sql; do psql_ -f "$f" >/dev/null; done
 psql_ >/dev/null <<'SQL'
 CREATE TABLE bench_orders (id bigserial PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL,
                            created_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE bench_second (id bigserial PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL,
                            created_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE bare_outbox (LIKE outbox INCLUDING DEFAULTS INCLUDING IDENTITY);
+-- Debezium's documented outbox table for its outbox event router.
+CREATE TABLE debezium_outbox (id uuid PRIMARY KEY, aggregatetype varchar(255) NOT NULL,
+                              aggregateid varchar(255) NOT NULL, type varchar(255) NOT NULL,
+                              payload jsonb);
 CREATE PUBLICATION floor_none;  -- no tables: the decoder sends only the messages
 SELECT pg_create_logical_replication_slot('floor_slot', 'pgoutput');
 SQL
@@ -89,6 +102,13 @@ SELECT pg_logical_emit_message(true, 'outbox', '{"event_id":"' || gen_random_uui
 SQL
 )
 script message "$MESSAGE"
+script emit "SELECT outbox_emit('order', '123', 'order.created', payload => '{\"id\":123,\"customer\":\"c1\"}', topic => 'bench-orders');"
+EMIT_SQL=$(cat <<'SQL'
+SELECT CASE WHEN current_setting('wal_level') = 'logical' THEN pg_logical_emit_message(true, 'outbox', convert_to(json_build_object('v', 1, 'event_id', gen_random_uuid(), 'aggregate_type', 'order', 'aggregate_id', '123', 'event_type', 'order.created', 'event_version', 1, 'topic', 'bench-orders', 'payload', '{"id":123,"customer":"c1"}'::jsonb::text, 'payload_bytes', NULL::text, 'content_type', 'application/json', 'headers', '{}'::jsonb, 'correlation_id', NULL::text, 'causation_id', NULL::text, 'traceparent', NULL::text, 'tracestate', NULL::text, 'source', NULL::text, 'occurred_at', now())::text, 'UTF8')) END;
+SQL
+)
+script emit-sql "$EMIT_SQL"
+script debezium "INSERT INTO debezium_outbox (id, aggregatetype, aggregateid, type, payload) VALUES (gen_random_uuid(), 'order', '123', 'order.created', '{\"id\":123,\"customer\":\"c1\"}');"
 
 latency() { # clients variant -> ms per transaction
   pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -M prepared -c "$1" -j "$1" -T "$SECS" \
@@ -107,14 +127,14 @@ caught_up() { # wait until the decoder has confirmed everything written so far
 echo "producer floor: pgbench -M prepared, $SECS s per variant, $ROUNDS rounds, PostgreSQL $("$BIN/postgres" -V | awk '{print $3}')"
 for round in $(seq 1 "$ROUNDS"); do
   for c in 1 8; do
-    for v in base tiny bare outbox message; do
+    for v in base tiny bare outbox debezium message emit emit-sql; do
       ms=$(latency "$c" "$v")
       echo "$round $c $v $ms" >>"$WORK/results"
     done
     "$BIN/pg_recvlogical" -h 127.0.0.1 -p "$PORT" -U postgres -d postgres --slot floor_slot --start \
       -f /dev/null -F 1 -s 1 -o proto_version=1 -o publication_names=floor_none -o messages=true &
     RECV_PID=$!
-    for v in base message; do
+    for v in base message emit emit-sql; do
       caught_up
       ms=$(latency "$c" "$v")
       echo "$round $c $v+decoder $ms" >>"$WORK/results"
@@ -134,8 +154,10 @@ def ratios(c, v, base):
 print(f"{'clients':>7} {'variant':<16} {'latency ms (median)':>20} {'÷ base (median)':>16}  per round")
 for c in ("1", "8"):
     for v, base in (("base", "base"), ("tiny", "base"), ("bare", "base"), ("outbox", "base"),
-                    ("message", "base"), ("base+decoder", "base+decoder"),
-                    ("message+decoder", "base+decoder")):
+                    ("debezium", "base"), ("message", "base"), ("emit", "base"), ("emit-sql", "base"),
+                    ("base+decoder", "base+decoder"), ("message+decoder", "base+decoder"),
+                    ("emit+decoder", "base+decoder"),
+                    ("emit-sql+decoder", "base+decoder")):
         rs = ratios(c, v, base)
         per = " ".join(f"{x:.2f}" for x in rs)
         print(f"{c:>7} {v:<16} {statistics.median(lat[(c, v)].values()):>20.3f} {statistics.median(rs):>16.2f}  {per}")

@@ -1,10 +1,10 @@
 //! [`emit()`]: a table-less event, for relays reading the WAL
 //! (`--source wal`).
 //!
-//! The event is validated here and again by the SQL function
-//! `outbox_emit(...)` (migration V7), which writes it as a transactional
-//! logical decoding message: WAL only, no row, no index entry, nothing for
-//! vacuum. A relay in poll mode never sees it; use [`crate::append()`]
+//! The event is validated here, then written as a transactional logical
+//! decoding message, in the format of the SQL function `outbox_emit(...)`
+//! (migration V7) that producers in other languages call: WAL only, no row,
+//! no index entry, nothing for vacuum. A relay in poll mode never sees it; use [`crate::append()`]
 //! there. `docs/schema.md` documents the function and the message format,
 //! for producers in other languages.
 
@@ -30,35 +30,47 @@ pub async fn emit<'e, E: PgExecutor<'e>>(
 ) -> Result<Uuid, AppendError> {
     event.validate()?;
     let (json, bytes) = event.payload.columns();
-    sqlx::query_scalar(
-        "SELECT outbox_emit(aggregate_type => $1, aggregate_id => $2, event_type => $3, \
-             payload => $4, topic => $5, headers => $6, event_id => $7, event_version => $8, \
-             content_type => $9, correlation_id => $10, causation_id => $11, \
-             traceparent => $12, tracestate => $13, source => $14, occurred_at => $15, \
-             payload_bytes => $16)",
+    // The message outbox_emit() writes (migration V7), built by one SQL
+    // expression instead of a PL/pgSQL call: the event is validated above,
+    // and this costs a producer about what one more tiny row does
+    // (BENCHMARKS.md, producer cost). NULL when wal_level is not logical.
+    let lsn: Option<String> = sqlx::query_scalar(
+        "SELECT CASE WHEN current_setting('wal_level') = 'logical' THEN \
+             pg_logical_emit_message(true, 'outbox', convert_to(json_build_object( \
+                 'v', 1, 'event_id', $1::uuid, 'aggregate_type', $2::text, \
+                 'aggregate_id', $3::text, 'event_type', $4::text, 'event_version', $5::int4, \
+                 'topic', $6::text, 'payload', $7::jsonb::text, \
+                 'payload_bytes', translate(encode($8::bytea, 'base64'), E'\\n', ''), \
+                 'content_type', $9::text, 'headers', $10::jsonb, 'correlation_id', $11::text, \
+                 'causation_id', $12::text, 'traceparent', $13::text, 'tracestate', $14::text, \
+                 'source', $15::text, 'occurred_at', $16::timestamptz)::text, 'UTF8'))::text \
+         END",
     )
+    .bind(event.event_id)
     .bind(&event.aggregate_type)
     .bind(&event.aggregate_id)
     .bind(&event.event_type)
-    .bind(json)
-    .bind(&event.topic)
-    .bind(Json(&event.headers))
-    .bind(event.event_id)
     .bind(event.event_version)
+    .bind(&event.topic)
+    .bind(json)
+    .bind(bytes)
     .bind(&event.content_type)
+    .bind(Json(&event.headers))
     .bind(&event.correlation_id)
     .bind(&event.causation_id)
     .bind(&event.traceparent)
     .bind(&event.tracestate)
     .bind(&event.source)
     .bind(event.occurred_at)
-    .bind(bytes)
     .fetch_one(executor)
     .await
-    .map_err(|e| match &e {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("55000") => {
-            AppendError::WalLevelNotLogical(db.message().to_string())
-        }
-        _ => AppendError::Database(e),
-    })
+    .map_err(AppendError::Database)?;
+    match lsn {
+        Some(_) => Ok(event.event_id),
+        None => Err(AppendError::WalLevelNotLogical(
+            "outbox_core::emit: wal_level is not logical: no relay could read this event; set \
+             wal_level = logical and restart PostgreSQL, or use append() with a polling relay"
+                .into(),
+        )),
+    }
 }

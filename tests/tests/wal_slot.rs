@@ -143,6 +143,33 @@ async fn emitted_events_reach_the_slot_only_if_committed_in_the_documented_forma
         2,
         "nothing more written"
     );
+
+    // Producers in other languages call the SQL function: the same message.
+    sqlx::query(
+        "SELECT outbox_emit('order', 'o-1', 'order.paid', payload => '{\"amount\": 10}', \
+                            headers => '{\"tenant\": \"t-1\"}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let got = messages(&pool, &s, &p).await;
+    assert_eq!(got.len(), 3);
+    let from_rust: serde_json::Value = serde_json::from_str(&got[0].1).unwrap();
+    let from_sql: serde_json::Value = serde_json::from_str(&got[2].1).unwrap();
+    let without = |mut v: serde_json::Value| {
+        for varying in ["event_id", "occurred_at"] {
+            v.as_object_mut().unwrap().remove(varying);
+        }
+        v
+    };
+    assert_eq!(
+        without(from_rust),
+        without(from_sql),
+        "{}\n{}",
+        got[0].1,
+        got[2].1
+    );
+    drop_slots(&pool, &[&s]).await;
 }
 
 #[sqlx::test(migrations = false)]
