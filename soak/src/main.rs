@@ -395,14 +395,29 @@ struct RelayMode {
     /// checker must then find duplicates.
     #[arg(long)]
     mutate_skip_fencing: bool,
-    /// Run the relays with --source wal, reading the slot `soak_<database>`
-    /// (one reads, the others stand by); producers then write every other
-    /// event with outbox_emit (table-less) instead of a row.
-    #[arg(long)]
-    wal: bool,
+    /// Where the relays read events: `poll` (the table), or `wal` (the slot
+    /// `soak_<database>`, made for the run: one relay reads, the others
+    /// stand by; producers then write every other event with
+    /// outbox_core::emit, table-less, instead of a row).
+    #[arg(long, value_enum, default_value_t = Source::Poll)]
+    source: Source,
+}
+
+/// `--source` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    /// Claim rows from the outbox table.
+    Poll,
+    /// Read a logical replication slot.
+    Wal,
 }
 
 impl RelayMode {
+    /// The relays read the WAL.
+    fn wal(&self) -> bool {
+        self.source == Source::Wal
+    }
+
     /// The flags that give a relay process this mode.
     fn args(&self) -> Vec<String> {
         let mut args = Vec::new();
@@ -416,15 +431,15 @@ impl RelayMode {
                 args.push("--mutate-skip-fencing".to_string());
             }
         }
-        if self.wal {
-            args.push("--wal".to_string());
+        if self.wal() {
+            args.extend(["--source".to_string(), "wal".to_string()]);
         }
         args
     }
 
     /// The WAL source of a relay in this mode.
     fn wal_source(&self, cli: &Cli) -> anyhow::Result<Option<outbox_relay::WalSource>> {
-        if !self.wal {
+        if !self.wal() {
             return Ok(None);
         }
         let mut url = url::Url::parse(cli.database_url.as_deref().unwrap_or_default())
@@ -439,7 +454,7 @@ impl RelayMode {
     }
 }
 
-/// The slot (and publication) of a soak with `--wal`.
+/// The slot (and publication) of a soak with `--source wal`.
 fn slot_name(database: &str) -> String {
     let name: String = database
         .chars()

@@ -58,7 +58,7 @@ pub(crate) async fn soak(
     let started = Instant::now();
     let say = |m: String| println!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
     let name = &cli.database;
-    let slot = load.mode.wal.then(|| crate::slot_name(name));
+    let slot = load.mode.wal().then(|| crate::slot_name(name));
     if let Some(slot) = &slot {
         // The slot of an earlier run would keep its database from being
         // dropped.
@@ -76,7 +76,7 @@ pub(crate) async fn soak(
     if let Some(slot) = &slot {
         outbox_relay::slot::create(&pool, slot, slot)
             .await
-            .context("--wal: creating the soak's slot")?;
+            .context("--source wal: creating the soak's slot")?;
     }
     sqlx::query("INSERT INTO soak_keys (key) SELECT 'k' || g FROM generate_series(1, $1) g")
         .bind(load.keys)
@@ -160,7 +160,7 @@ pub(crate) async fn soak(
         let every = Duration::from_secs_f64(load.producers as f64 / load.rate.max(1) as f64);
         let keys = load.keys;
         let poison_every = load.poison_every;
-        let table_less = load.mode.wal;
+        let table_less = load.mode.wal();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             let mut i: i64 = p as i64;
@@ -402,6 +402,7 @@ pub(crate) async fn soak(
         let result = serde_json::json!({
             "topic": topic,
             "exactly_once": load.mode.exactly_once,
+            "source": if load.mode.wal() { "wal" } else { "poll" },
             "mutate_skip_fencing": load.mode.mutate_skip_fencing,
             "faults": injected,
             "verdict": v,

@@ -141,6 +141,39 @@ fn exactly_once_relays_killed_between_their_commits_duplicate_nothing() -> anyho
     Ok(())
 }
 
+/// The WAL source: three relays with `--source wal` (one reads the slot,
+/// two stand by), every other event table-less, relays killed (-9) at
+/// random, their connections and the walsender terminated, the consumer
+/// killed. Nothing lost, reordered or applied twice.
+#[test]
+fn wal_relays_killed_and_cut_off_lose_reorder_and_double_nothing() -> anyhow::Result<()> {
+    let (stdout, result) = soak(
+        &[
+            "--relays",
+            "3",
+            "--seconds",
+            "20",
+            "--rate",
+            "200",
+            "--fault-every",
+            "2s",
+            "--faults",
+            "relay-kill,pg-terminate,consumer-kill",
+            "--source",
+            "wal",
+            "--database",
+            "outbox_soak_ci_wal",
+        ],
+        &[
+            "relay kill -9",
+            "pg_terminate_backend (relay)",
+            "consumer kill -9",
+        ],
+    )?;
+    assert_eq!(result["source"], "wal", "{stdout}");
+    Ok(())
+}
+
 /// Broker restarts combined with consumer kills: the soak runs its own
 /// Apache Kafka broker (storage on disk), kills it -9 and restarts it,
 /// between relay kills, consumer kills and terminated relay connections, at
