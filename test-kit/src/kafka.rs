@@ -73,9 +73,24 @@ fn java() -> PathBuf {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(free_ports(1)?[0])
+}
+
+/// `n` distinct free ports: every listener is held until all are chosen,
+/// so that the system cannot hand out one port twice.
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+/// The last lines of a node's log, for an error message (the folder may be
+/// gone by the time anyone looks).
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
 }
 
 fn unique_dir(what: &str) -> anyhow::Result<PathBuf> {
@@ -140,7 +155,8 @@ impl Node {
     /// Starts a single-node cluster on free ports with storage in a fresh
     /// temporary folder, and waits until it serves clients.
     pub fn start() -> anyhow::Result<Self> {
-        let (port, cport) = (free_port()?, free_port()?);
+        let ports = free_ports(2)?;
+        let (port, cport) = (ports[0], ports[1]);
         let quorum = format!("controller.quorum.voters=1@127.0.0.1:{cport}\n");
         let replication = "offsets.topic.replication.factor=1\n\
              transaction.state.log.replication.factor=1\n\
@@ -275,9 +291,10 @@ impl Node {
         loop {
             if !self.is_running() {
                 anyhow::bail!(
-                    "Kafka node {} exited at start; see {}",
+                    "Kafka node {} exited at start; see {}; its last lines:\n{}",
                     self.id,
-                    self.log().display()
+                    self.log().display(),
+                    log_tail(&self.log())
                 );
             }
             let started = std::fs::read_to_string(self.log())
@@ -340,11 +357,26 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts three nodes and waits until each serves clients.
+    /// Starts three nodes and waits until each serves clients. A node that
+    /// exits at start (another process took one of its ports between their
+    /// choice and the bind) makes it start over on new ports, up to three
+    /// times.
     pub fn start() -> anyhow::Result<Self> {
-        let ports: Vec<(u16, u16)> = (0..3)
-            .map(|_| Ok((free_port()?, free_port()?)))
-            .collect::<anyhow::Result<_>>()?;
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_once() {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) => {
+                    eprintln!("a three-node Kafka cluster did not start ({e:#}); starting over");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("three tries"))
+    }
+
+    fn start_once() -> anyhow::Result<Self> {
+        let ports: Vec<(u16, u16)> = free_ports(6)?.chunks(2).map(|p| (p[0], p[1])).collect();
         let voters: Vec<String> = ports
             .iter()
             .enumerate()
