@@ -108,36 +108,10 @@ enum Which {
     },
     /// What `--exactly-once` costs: drain and commit-to-ack latency with
     /// and without it, side by side.
-    ExactlyOnce {
-        /// Backlog size per drain.
-        #[arg(long, default_value_t = 300_000)]
-        rows: i64,
-        /// Relay batch size for the drains.
-        #[arg(long, default_value_t = 5000)]
-        batch_size: usize,
-        /// Offered load for the latency runs, events per second.
-        #[arg(long, default_value_t = 2000)]
-        rate: u64,
-        /// Seconds of load per latency run.
-        #[arg(long, default_value_t = 20)]
-        seconds: u64,
-    },
+    ExactlyOnce(SideBySide),
     /// The relay reading the WAL (`--source wal`) vs polling: drain, and
     /// commit-to-ack with rows and with table-less events, side by side.
-    Wal {
-        /// Backlog size per drain.
-        #[arg(long, default_value_t = 300_000)]
-        rows: i64,
-        /// Relay batch size for the drains.
-        #[arg(long, default_value_t = 5000)]
-        batch_size: usize,
-        /// Offered load for the latency runs, events per second.
-        #[arg(long, default_value_t = 2000)]
-        rate: u64,
-        /// Seconds of load per latency run.
-        #[arg(long, default_value_t = 20)]
-        seconds: u64,
-    },
+    Wal(SideBySide),
     /// Everything, with the defaults (the consumer with and without duplicates).
     All,
     /// (internal) One relay process for `failover`, until SIGTERM.
@@ -148,6 +122,24 @@ enum Which {
         #[arg(long)]
         lease_ttl_ms: u64,
     },
+}
+
+/// The arguments of a side-by-side comparison (`exactly-once`, `wal`): a
+/// drain of a backlog, then commit-to-ack at an offered load.
+#[derive(Debug, clap::Args)]
+struct SideBySide {
+    /// Backlog size per drain.
+    #[arg(long, default_value_t = 300_000)]
+    rows: i64,
+    /// Relay batch size for the drains.
+    #[arg(long, default_value_t = 5000)]
+    batch_size: usize,
+    /// Offered load for the latency runs, events per second.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    /// Seconds of load per latency run.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
 }
 
 #[tokio::main]
@@ -202,18 +194,18 @@ async fn main() -> anyhow::Result<()> {
         Which::Failover { rate, lease_ttl } => {
             relays::failover(&env, args.runs, rate, lease_ttl).await?
         }
-        Which::Wal {
+        Which::Wal(SideBySide {
             rows,
             batch_size,
             rate,
             seconds,
-        } => wal::wal(&env, &recorder, args.runs, rows, batch_size, rate, seconds).await?,
-        Which::ExactlyOnce {
+        }) => wal::wal(&env, &recorder, args.runs, rows, batch_size, rate, seconds).await?,
+        Which::ExactlyOnce(SideBySide {
             rows,
             batch_size,
             rate,
             seconds,
-        } => {
+        }) => {
             exactly_once::exactly_once(&env, &recorder, args.runs, rows, batch_size, rate, seconds)
                 .await?
         }

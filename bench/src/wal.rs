@@ -6,10 +6,9 @@
 //! Each WAL measurement creates its slot first (so the events written after
 //! it are in it) and drops it after.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outbox_relay::{slot, RelayConfig, WalSource};
-use tokio_util::sync::CancellationToken;
 
 use crate::{drain::relay_drain, latency::measure_with, median, samples, Env};
 
@@ -53,22 +52,24 @@ async fn wal_drain(
     batch_size: usize,
 ) -> anyhow::Result<f64> {
     fresh_slot(env).await?;
-    let topic = env.topic("drain-wal").await?;
-    env.fill(&topic, rows).await?;
-    let shutdown = CancellationToken::new();
-    let relay = env.relay(wal_config(env, batch_size)?)?;
-    recorder.clear();
-    let started = Instant::now();
-    let task = tokio::spawn(relay.run(shutdown.clone()));
-    while (recorder.len() as i64) < rows {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let rate = rows as f64 / started.elapsed().as_secs_f64();
-    shutdown.cancel();
-    task.await?;
-    env.drop_topic(&topic).await;
+    let rate = relay_drain(env, recorder, rows, wal_config(env, batch_size)?).await;
     drop_slot(env).await;
-    Ok(rate)
+    rate
+}
+
+/// Commit-to-ack through a WAL relay on a fresh slot.
+async fn wal_latency(
+    env: &Env,
+    recorder: &samples::Samples,
+    rate: u64,
+    seconds: u64,
+    table_less: bool,
+) -> anyhow::Result<crate::latency::Measured> {
+    fresh_slot(env).await?;
+    let cfg = wal_config(env, RelayConfig::default().batch_size)?;
+    let m = measure_with(env, recorder, rate, seconds, cfg, table_less).await;
+    drop_slot(env).await;
+    m
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -96,28 +97,8 @@ pub(crate) async fn wal(
         let a = relay_drain(env, recorder, rows, poll.clone()).await?;
         let b = wal_drain(env, recorder, rows, batch_size).await?;
         let lp = measure_with(env, recorder, rate, seconds, RelayConfig::default(), false).await?;
-        fresh_slot(env).await?;
-        let lr = measure_with(
-            env,
-            recorder,
-            rate,
-            seconds,
-            wal_config(env, RelayConfig::default().batch_size)?,
-            false,
-        )
-        .await?;
-        drop_slot(env).await;
-        fresh_slot(env).await?;
-        let lt = measure_with(
-            env,
-            recorder,
-            rate,
-            seconds,
-            wal_config(env, RelayConfig::default().batch_size)?,
-            true,
-        )
-        .await?;
-        drop_slot(env).await;
+        let lr = wal_latency(env, recorder, rate, seconds, false).await?;
+        let lt = wal_latency(env, recorder, rate, seconds, true).await?;
         println!(
             "run {run}: drain poll {a:>8.0}/s  wal {b:>8.0}/s  (wal/poll {:.2})  |  at {:.0}/{:.0}/{:.0} events/s: \
              p50 {:.1} / {:.1} / {:.1} ms, p99 {:.1} / {:.1} / {:.1} ms, p99.9 {:.1} / {:.1} / {:.1} ms \
