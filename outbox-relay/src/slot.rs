@@ -15,6 +15,10 @@
 //!
 //! The slot and publication names come from the operator: both are checked
 //! to be plain identifiers, and quoted in every statement.
+//!
+//! Over 400 lines because the slot's operations and the errors PostgreSQL
+//! gives for them belong together: each refusal is classified where the
+//! statement that meets it is.
 
 use std::fmt;
 

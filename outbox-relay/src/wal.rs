@@ -29,6 +29,12 @@
 //! After a crash the slot resends everything after its confirmed position:
 //! the batch in flight, and the events acknowledged in the last
 //! [`crate::WalSource::status_interval`]. Those are the only duplicates.
+//!
+//! One file because it is one loop and its bookkeeping: the session reads,
+//! the batch decides, and the outcome is recorded before the position is
+//! confirmed; the row and message decoding below it exist only to feed
+//! that loop. The wire format is apart (`pgoutput.rs`), as is the slot's
+//! lifecycle (`slot.rs`).
 
 use std::{collections::HashSet, time::Duration};
 
