@@ -6,6 +6,7 @@
 //! `cargo run --release -p outbox-bench -- --help`.
 
 mod consumer;
+mod debezium;
 mod drain;
 mod env;
 mod exactly_once;
@@ -112,6 +113,32 @@ enum Which {
     /// The relay reading the WAL (`--source wal`) vs polling: drain, and
     /// commit-to-ack with rows and with table-less events, side by side.
     Wal(SideBySide),
+    /// The relay (polling; reading the WAL with rows and with table-less
+    /// events) and Debezium's outbox event router on Kafka Connect, each as
+    /// its own process, side by side: drain, commit-to-consume, peak RSS.
+    Debezium {
+        /// Backlog size per drain.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: i64,
+        /// Offered loads for the latency runs, events per second.
+        #[arg(long, value_delimiter = ',', default_value = "2000,10000")]
+        rates: Vec<u64>,
+        /// Seconds of load per latency run.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// The `outbox-relay` binary (default: beside this one).
+        #[arg(long, env = "OUTBOX_RELAY_BIN")]
+        relay_bin: Option<std::path::PathBuf>,
+        /// Apache Kafka's jars, the Connect worker's classpath (`./dev up` fetches them).
+        #[arg(long, env = "KAFKA_LIBS")]
+        kafka_libs: std::path::PathBuf,
+        /// Debezium's plugin folder (`./dev bench debezium` fetches it).
+        #[arg(long, env = "DEBEZIUM_PLUGINS")]
+        debezium_plugins: std::path::PathBuf,
+        /// The Java binary for Kafka Connect (17 or newer).
+        #[arg(long, env = "JAVA_BIN", default_value = "java")]
+        java: std::path::PathBuf,
+    },
     /// Everything, with the defaults (the consumer with and without duplicates).
     All,
     /// (internal) One relay process for `failover`, until SIGTERM.
@@ -208,6 +235,27 @@ async fn main() -> anyhow::Result<()> {
         }) => {
             exactly_once::exactly_once(&env, &recorder, args.runs, rows, batch_size, rate, seconds)
                 .await?
+        }
+        Which::Debezium {
+            rows,
+            rates,
+            seconds,
+            relay_bin,
+            kafka_libs,
+            debezium_plugins,
+            java,
+        } => {
+            let relay_bin = match relay_bin {
+                Some(p) => p,
+                None => std::env::current_exe()?.with_file_name("outbox-relay"),
+            };
+            let installed = debezium::Installed {
+                relay_bin,
+                kafka_libs,
+                debezium_plugins,
+                java,
+            };
+            debezium::debezium(&env, &installed, args.runs, rows, &rates, seconds).await?
         }
         Which::RelayChild { .. } => unreachable!("handled above"),
         Which::All => {
