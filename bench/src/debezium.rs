@@ -22,7 +22,8 @@
 //!   the topic and notes when each event arrives (the same consumer for
 //!   every system, so its own delay is in every figure alike); the first
 //!   two seconds of load warm the system up and are not counted;
-//! - **peak RSS** of the system's process (`VmHWM`), over its drain.
+//! - **peak RSS** of the system's process (`VmHWM`), over its drain and
+//!   its latency runs (`--rows 0` skips the drain).
 //!
 //! Nothing deletes Debezium's rows (as with Debezium's own recommendation,
 //! producers would); the table is truncated between systems.
@@ -239,20 +240,22 @@ async fn measure_system(
 ) -> anyhow::Result<Figures> {
     let mut figures = Figures::default();
 
-    // Drain.
-    clean(env).await?;
-    let topic = env.topic("side-drain").await?;
-    if system.reads_slot() {
-        fresh_slot(env).await?;
+    // Drain (none with --rows 0).
+    if rows > 0 {
+        clean(env).await?;
+        let topic = env.topic("side-drain").await?;
+        if system.reads_slot() {
+            fresh_slot(env).await?;
+        }
+        fill(env, &topic, rows, system.table_less()).await?;
+        let running = spawn_system(env, installed, system, 5000)?;
+        let counted = wait_for_records(env, &topic, rows as u64, &running).await;
+        figures.rss_mib = running.peak_rss_mib();
+        running.stop().await;
+        figures.drain = counted?;
+        env.drop_topic(&topic).await;
+        drop_slot(env).await;
     }
-    fill(env, &topic, rows, system.table_less()).await?;
-    let running = spawn_system(env, installed, system, 5000)?;
-    let counted = wait_for_records(env, &topic, rows as u64, &running).await;
-    figures.rss_mib = running.peak_rss_mib();
-    running.stop().await;
-    figures.drain = counted?;
-    env.drop_topic(&topic).await;
-    drop_slot(env).await;
 
     // Commit-to-consume at each rate.
     for &rate in rates {
@@ -263,6 +266,7 @@ async fn measure_system(
         let topic = env.topic("side-latency").await?;
         let running = start(env, installed, system, 1000).await?;
         let m = latency(env, producers, &topic, system, rate, seconds, &running).await;
+        figures.rss_mib = figures.rss_mib.max(running.peak_rss_mib());
         running.stop().await;
         env.drop_topic(&topic).await;
         drop_slot(env).await;

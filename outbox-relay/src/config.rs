@@ -133,10 +133,13 @@ pub struct RelayConfig {
     pub relay_id: Option<String>,
     /// How long a relay's lease lasts without a heartbeat. When a relay dies,
     /// its partitions are taken over after at most this plus one
-    /// [`RelayConfig::heartbeat_interval`]. Default 10 s.
+    /// [`RelayConfig::heartbeat_interval`]. With a WAL source it is the
+    /// lease on the slot: a reader that froze or vanished is replaced after
+    /// at most this plus a second. Default 10 s.
     pub lease_ttl: Duration,
-    /// How often the relay renews its lease and rebalances partitions.
-    /// At most half of [`RelayConfig::lease_ttl`]. Default 2 s.
+    /// How often the relay renews its lease and rebalances partitions (with
+    /// a WAL source: renews its lease on the slot). At most half of
+    /// [`RelayConfig::lease_ttl`]. Default 2 s.
     pub heartbeat_interval: Duration,
     /// The database URL goes through a connection pooler in transaction mode
     /// (PgBouncer `pool_mode = transaction`, and the like): claims use

@@ -54,6 +54,7 @@ mod publisher;
 mod record;
 mod relay;
 mod retry;
+mod slot_lease;
 mod upkeep;
 mod wake;
 mod wal;

@@ -242,10 +242,20 @@ pub(crate) async fn failed(opts: &PgConnectOptions, cmd: FailedCommand) -> anyho
                 }
             }
         }
-        FailedCommand::Retry(s) => {
-            let n = store::failed_retry(&mut *tx, &selection(s)).await?;
-            out!("{n} failed rows put back to pending");
-        }
+        FailedCommand::Retry(s) => match store::wal_reader(&mut tx).await? {
+            // A relay reading the WAL sees inserts only.
+            Some((relay, slot)) => {
+                let n = store::failed_retry_as_new_rows(&mut *tx, &selection(s)).await?;
+                out!(
+                    "{n} failed rows inserted again as new pending rows, in their order \
+                     (relay {relay} reads them from slot {slot})"
+                );
+            }
+            None => {
+                let n = store::failed_retry(&mut *tx, &selection(s)).await?;
+                out!("{n} failed rows put back to pending");
+            }
+        },
         FailedCommand::Discard(s) => {
             let n = store::failed_discard(&mut *tx, &selection(s)).await?;
             out!("{n} failed rows discarded");

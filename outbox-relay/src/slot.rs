@@ -224,7 +224,7 @@ pub fn replication_config(
     )
     .with_port(target.port)
     .with_tls(target.tls.clone())
-    .with_application_name("outbox-relay")
+    .with_application_name(crate::slot_lease::APPLICATION_NAME)
 }
 
 fn percent_decode(s: &str) -> Result<String, ()> {

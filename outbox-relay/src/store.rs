@@ -317,7 +317,17 @@ async fn act_on_failed<'e>(
     sel: &Selection,
 ) -> Result<u64, sqlx::Error> {
     let sql = format!("{action} WHERE status = 'failed' AND {}", sel.filter());
-    let q = sqlx::query(&sql).persistent(false);
+    execute_selected(db, &sql, sel).await
+}
+
+/// Runs `sql`, whose filter is [`Selection::filter`], with the selection's
+/// parameter bound.
+async fn execute_selected<'e>(
+    db: impl PgExecutor<'e>,
+    sql: &str,
+    sel: &Selection,
+) -> Result<u64, sqlx::Error> {
+    let q = sqlx::query(sql).persistent(false);
     let q = match sel {
         Selection::All => q,
         Selection::Ids(ids) => q.bind(ids.clone()),
@@ -338,6 +348,49 @@ pub async fn failed_retry<'e>(
         "UPDATE outbox SET status = 'pending', failed_at = NULL",
         sel,
     )
+    .await
+}
+
+/// Failed rows deleted and inserted again as new pending rows, in their
+/// `id` order, in one statement: for a relay reading the WAL, which sees
+/// inserts only (a row put back to pending would never reach it). The rows
+/// keep their event ids and content; `created_at` is now. Retry a key's
+/// failed rows together (under block-key its later events are failed rows
+/// too) so that they keep their order. Returns the number of rows.
+pub async fn failed_retry_as_new_rows<'e>(
+    db: impl PgExecutor<'e>,
+    sel: &Selection,
+) -> Result<u64, sqlx::Error> {
+    const COLUMNS: &str =
+        "event_id, aggregate_type, aggregate_id, event_type, event_version, topic, \
+        payload, payload_bytes, content_type, headers, correlation_id, causation_id, traceparent, \
+        tracestate, source, occurred_at";
+    let sql = format!(
+        "WITH gone AS (DELETE FROM outbox WHERE status = 'failed' AND {} RETURNING id, {COLUMNS}) \
+         INSERT INTO outbox ({COLUMNS}) SELECT {COLUMNS} FROM gone ORDER BY id",
+        sel.filter()
+    );
+    execute_selected(db, &sql, sel).await
+}
+
+/// The relay reading the WAL under a live lease, and its slot, if one does
+/// (migration V8; `None` before it).
+pub async fn wal_reader(
+    conn: &mut sqlx::PgConnection,
+) -> Result<Option<(String, String)>, sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('outbox_slot_readers') IS NOT NULL")
+        .persistent(false)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(None);
+    }
+    sqlx::query_as(
+        "SELECT relay_id, slot FROM outbox_slot_readers \
+         WHERE lease_until > clock_timestamp() ORDER BY lease_until DESC LIMIT 1",
+    )
+    .persistent(false)
+    .fetch_optional(&mut *conn)
     .await
 }
 

@@ -56,6 +56,7 @@ use crate::{
     relay::{note_delivered, Relay},
     retry::{back_off, sleep_or_cancel},
     slot::{self, SlotError},
+    slot_lease::{Acquired, SlotLease},
 };
 
 /// Where an event came from: what recording its fate means.
@@ -127,7 +128,7 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
     let health = relay.health();
     let fresh = || Backoff::new(relay.cfg.min_backoff, relay.cfg.max_backoff);
     let mut backoff = fresh();
-    let mut said_standby = false;
+    let said_standby = std::sync::atomic::AtomicBool::new(false);
     let sync = if relay.cfg.synchronous_commit {
         "on"
     } else {
@@ -141,7 +142,38 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
                 .clone()
                 .options([("synchronous_commit", sync)]),
         );
+    let lease = SlotLease::new(
+        relay.pool.clone(),
+        &wal.slot,
+        relay.relay_id(),
+        relay.cfg.lease_ttl,
+        relay.cfg.heartbeat_interval,
+    );
+    let stand_by = |why: String| {
+        health.set(State::Standby, why.clone());
+        if !said_standby.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            info!(slot = %wal.slot, "{why}");
+        }
+    };
     while !shutdown.is_cancelled() {
+        // The lease first: only its holder opens the slot.
+        match lease.acquire().await {
+            Ok(Acquired::Ours) => {}
+            Ok(Acquired::HeldBy(holder)) => {
+                stand_by(format!(
+                    "standing by: relay {holder} holds the lease of slot {}",
+                    wal.slot
+                ));
+                sleep_or_cancel(Duration::from_secs(1), shutdown).await;
+                continue;
+            }
+            Err(e) => {
+                health.set(State::Degraded, format!("database: {e}"));
+                warn!(error = %e, "cannot take the slot's lease; retrying");
+                back_off(&mut backoff, shutdown).await;
+                continue;
+            }
+        }
         let cfg = slot::replication_config(&wal.target, &wal.slot, &wal.publication)
             .with_start_lsn(Lsn::ZERO)
             .with_status_interval(wal.status_interval)
@@ -166,15 +198,24 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
             let e = slot::explain(e, &wal.target, &wal.slot);
             client.abort();
             if let SlotError::HeldByAnother { pid, .. } = &e {
-                health.set(
-                    State::Standby,
-                    format!("standing by: slot {} is read by pid {pid}", wal.slot),
-                );
-                if !said_standby {
-                    info!(slot = %wal.slot, pid, "the slot is read by another connection; standing by");
-                    said_standby = true;
+                // We hold the lease, so a relay still reading has lost
+                // its own: end its connection. Anything else we leave.
+                match lease.end_stale_reader(*pid).await {
+                    Ok(true) => {
+                        sleep_or_cancel(Duration::from_millis(100), shutdown).await;
+                    }
+                    Ok(false) => {
+                        stand_by(format!(
+                            "standing by: slot {} is read by pid {pid}, which is not a relay",
+                            wal.slot
+                        ));
+                        sleep_or_cancel(Duration::from_secs(1), shutdown).await;
+                    }
+                    Err(err) => {
+                        health.set(State::Degraded, format!("database: {err}"));
+                        back_off(&mut backoff, shutdown).await;
+                    }
                 }
-                sleep_or_cancel(Duration::from_secs(1), shutdown).await;
             } else {
                 health.set(State::Degraded, e.to_string());
                 warn!(error = %e, "cannot read the slot; retrying");
@@ -182,13 +223,17 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
             }
             continue;
         }
-        said_standby = false;
+        said_standby.store(false, std::sync::atomic::Ordering::Relaxed);
         backoff = fresh();
         health.set(State::Active, format!("reading slot {}", wal.slot));
         info!(slot = %wal.slot, publication = %wal.publication, "reading the slot");
-        let ended = Session::new(relay, wal, &writes)
-            .read(&mut client, shutdown)
-            .await;
+        let keeping = CancellationToken::new();
+        let mut session = Session::new(relay, wal, &writes, &lease);
+        let ended = tokio::select! {
+            r = session.read(&mut client, shutdown) => r,
+            () = lease.keep(&keeping) => Err("the slot's lease ran out or was taken over".to_string()),
+        };
+        keeping.cancel();
         if let Err(why) = &ended {
             health.set(State::Degraded, why.clone());
             warn!(error = %why, "the replication stream ended; reconnecting");
@@ -204,6 +249,7 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
             back_off(&mut backoff, shutdown).await;
         }
     }
+    lease.release().await;
 }
 
 /// One replication connection's reading.
@@ -216,6 +262,8 @@ struct Session<'a> {
     /// again: duplicates, never loss).
     writes: &'a sqlx::PgPool,
     wal: &'a WalSource,
+    /// The slot's lease: nothing is confirmed once it ran out.
+    lease: &'a SlotLease,
     relations: Relations,
     /// The transaction being received: its commit time and events.
     open: Option<(DateTime<Utc>, Vec<Event>)>,
@@ -225,11 +273,17 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn new(relay: &'a Relay, wal: &'a WalSource, writes: &'a sqlx::PgPool) -> Self {
+    fn new(
+        relay: &'a Relay,
+        wal: &'a WalSource,
+        writes: &'a sqlx::PgPool,
+        lease: &'a SlotLease,
+    ) -> Self {
         Self {
             relay,
             writes,
             wal,
+            lease,
             relations: Relations::default(),
             open: None,
             ready: Vec::new(),
@@ -257,7 +311,7 @@ impl<'a> Session<'a> {
                 }
             };
             let Some(next) = next else {
-                self.publish_ready(client, shutdown).await;
+                self.publish_ready(client, shutdown).await?;
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
@@ -351,11 +405,16 @@ impl<'a> Session<'a> {
     }
 
     /// Publishes the ready events until each is delivered or failed, then
-    /// confirms their last commit. Returns early (confirming nothing) only
-    /// on shutdown.
-    async fn publish_ready(&mut self, client: &ReplicationClient, shutdown: &CancellationToken) {
+    /// confirms their last commit. Returns early (confirming nothing) on
+    /// shutdown, and errs (confirming nothing) if the lease ran out
+    /// meanwhile.
+    async fn publish_ready(
+        &mut self,
+        client: &ReplicationClient,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String> {
         let Some(end) = self.ready_end.take() else {
-            return;
+            return Ok(());
         };
         let mut events = std::mem::take(&mut self.ready);
         let mut backoff = Backoff::new(self.relay.cfg.min_backoff, self.relay.cfg.max_backoff);
@@ -376,13 +435,19 @@ impl<'a> Session<'a> {
             }
             back_off(&mut backoff, shutdown).await;
             if shutdown.is_cancelled() {
-                return;
+                return Ok(());
             }
+        }
+        if !self.lease.live() {
+            // A standby may be reading already: its position is the truth.
+            return Err("the slot's lease ran out before the batch was confirmed;                         its events are read again by the next reader"
+                .into());
         }
         client.update_applied_lsn(end);
         self.relay
             .health()
             .set(State::Active, format!("reading slot {}", self.wal.slot));
+        Ok(())
     }
 
     /// One try: returns the events to send again (transient failures and

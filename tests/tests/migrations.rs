@@ -35,10 +35,11 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
             "V4__notify_only_waiting_relays",
             "V5__remember_published_ids",
             "V6__partition_checkpoints_to_finish",
-            "V7__emit_table_less_events"
+            "V7__emit_table_less_events",
+            "V8__slot_reader_lease"
         ]
     );
-    assert_eq!(first.current_version, Some(7));
+    assert_eq!(first.current_version, Some(8));
     assert_eq!(
         columns(&pool, "outbox_relays").await,
         [
@@ -139,7 +140,7 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(history, 7);
+    assert_eq!(history, 8);
     // The consumer set is separate: nothing of it exists yet.
     assert!(columns(&pool, "processed_events").await.is_empty());
 }
@@ -353,5 +354,5 @@ async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
     for r in futures::future::join_all(runs).await {
         applied += r.unwrap().unwrap().applied.len();
     }
-    assert_eq!(applied, 7, "V1 to V7, once each");
+    assert_eq!(applied, 8, "V1 to V8, once each");
 }

@@ -145,7 +145,7 @@ async fn a_restarted_relay_resumes_from_the_slot_and_a_standby_takes_over(
     })
     .await?;
     assert!(
-        second.health.reason().contains("read by pid"),
+        second.health.reason().contains("holds the lease"),
         "{}",
         second.health.reason()
     );
@@ -233,6 +233,33 @@ async fn a_poison_event_goes_to_failed_and_holds_its_key(pool: PgPool) -> anyhow
     // The operator sees them like any failed row.
     let listed = outbox_relay::store::failed_list(&pool, 10).await?;
     assert_eq!(listed.len(), 3);
+
+    // Fixed (the topic now exists) and retried as a user would: the rows
+    // come back as new inserts, which the WAL relay reads, in their order.
+    test_kit::topic::create(&integration_tests::brokers(), &missing, 1).await?;
+    let (code, out) =
+        integration_tests::relay_cli(&database_url(&pool), &["failed", "retry", "--all"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("3 failed rows inserted again"), "{out}");
+    let retried = consume(&missing, 1, WAIT, SETTLE).await?;
+    assert_eq!(ids(&retried), [poison.event_id.to_string()]);
+    let got = consume(&topic, 3, WAIT, SETTLE).await?;
+    assert_eq!(
+        ids(&got),
+        [
+            fine.event_id.to_string(),
+            behind_row.event_id.to_string(),
+            behind_msg.event_id.to_string()
+        ],
+        "the held events after the retried one, in order, once"
+    );
+    eventually(WAIT, "nothing failed or pending is left", || async {
+        Ok(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+            .fetch_one(&pool)
+            .await?
+            == 0)
+    })
+    .await?;
     relay.stop().await?;
     drop_test_slots(&pool, &[&slot_name]).await;
     Ok(())
@@ -280,20 +307,33 @@ fn check_complete_in_order(got: &[Received], n: usize) -> usize {
     got.len() - n
 }
 
+/// `outbox-relay run` arguments reading `slot` (HTTP on a free port), then
+/// `more`.
+fn wal_args(slot: &str, more: &[&str]) -> Vec<String> {
+    [
+        "--source",
+        "wal",
+        "--slot",
+        slot,
+        "--publication",
+        slot,
+        "--http-addr",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .chain(more)
+    .map(|s| s.to_string())
+    .collect()
+}
+
 #[sqlx::test(migrations = false)]
 async fn a_killed_relay_loses_nothing_and_resends_only_its_window(
     pool: PgPool,
 ) -> anyhow::Result<()> {
     let topic = outbox_with_topic(&pool, "wal-kill", 3).await?;
     let (slot_name, _) = wal_setup(&pool).await?;
-    let args = [
-        "--source",
-        "wal",
-        "--slot",
-        &slot_name,
-        "--publication",
-        &slot_name,
-    ];
+    let args = wal_args(&slot_name, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut relay = integration_tests::spawn_relay(&pool, "wal-kill-1", &args)?;
     write_events(&pool, &topic, 0..300).await?;
     eventually(WAIT, "some events published", || async {
@@ -315,6 +355,87 @@ async fn a_killed_relay_loses_nothing_and_resends_only_its_window(
     println!("kill -9: {twice} of 600 events sent twice");
     // The window: the batch in flight and the last status interval.
     assert!(twice <= 300, "{twice} duplicates");
+    drop_test_slots(&pool, &[&slot_name]).await;
+    Ok(())
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to the process `pid`.
+fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -{signal} {pid}: {status}");
+    Ok(())
+}
+
+/// A reader that froze (SIGSTOP: its connection stays open, so PostgreSQL
+/// would keep the slot for it until `wal_sender_timeout`, 60 s) is
+/// replaced within its lease; when it wakes it confirms nothing and stands
+/// by.
+#[sqlx::test(migrations = false)]
+async fn a_frozen_reader_is_replaced_within_its_lease_and_stands_by_when_it_wakes(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "wal-frozen", 3).await?;
+    let (slot_name, cfg) = wal_setup(&pool).await?;
+    let args = wal_args(
+        &slot_name,
+        &["--lease-ttl", "2s", "--heartbeat-interval", "500ms"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut frozen = integration_tests::spawn_relay(&pool, "wal-frozen-1", &args)?;
+    write_events(&pool, &topic, 0..200).await?;
+    eventually(WAIT, "the first relay publishes", || async {
+        Ok(left_in_outbox(&pool).await? == 0)
+    })
+    .await?;
+    let standby = RunningRelay::start(
+        &pool,
+        RelayConfig {
+            lease_ttl: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_millis(500),
+            ..cfg
+        },
+    )?;
+    eventually(WAIT, "the second relay stands by", || async {
+        Ok(standby.health.state() == State::Standby)
+    })
+    .await?;
+
+    signal(frozen.id(), "STOP")?;
+    let frozen_at = Instant::now();
+    eventually(WAIT, "the standby takes the slot over", || async {
+        Ok(standby.health.state() == State::Active)
+    })
+    .await?;
+    let took_over = frozen_at.elapsed();
+    println!("take-over from a frozen reader (lease TTL 2 s): {took_over:?}");
+    write_events(&pool, &topic, 200..400).await?;
+
+    signal(frozen.id(), "CONT")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    write_events(&pool, &topic, 400..500).await?;
+    let got = consume(&topic, 500, WAIT, SETTLE).await?;
+    assert_eq!(
+        standby.health.state(),
+        State::Active,
+        "the woken relay did not take the slot back"
+    );
+    frozen.stop(Duration::from_secs(10));
+    standby.stop().await?;
+    let log = std::fs::read_to_string(integration_tests::relay_log("wal-frozen-1"))?;
+    assert!(
+        log.contains("holds the lease"),
+        "the woken relay stands by; its log:\n{log}"
+    );
+    let twice = check_complete_in_order(&got, 500);
+    println!("frozen reader: {twice} of 500 events sent twice");
+    assert!(
+        took_over < Duration::from_secs(5),
+        "take-over took {took_over:?} (lease TTL 2 s; without the lease it waits for wal_sender_timeout)"
+    );
+    assert!(twice <= 200, "{twice} duplicates");
     drop_test_slots(&pool, &[&slot_name]).await;
     Ok(())
 }
