@@ -440,7 +440,8 @@ impl<'a> Session<'a> {
         }
         if !self.lease.live() {
             // A standby may be reading already: its position is the truth.
-            return Err("the slot's lease ran out before the batch was confirmed;                         its events are read again by the next reader"
+            return Err("the slot's lease ran out before the batch was confirmed; \
+                        its events are read again by the next reader"
                 .into());
         }
         client.update_applied_lsn(end);
@@ -455,12 +456,12 @@ impl<'a> Session<'a> {
     async fn publish_once(&self, events: &[Event]) -> Result<Vec<Event>, sqlx::Error> {
         let started = std::time::Instant::now();
         let relay = self.relay;
-        let (gone, blocked) =
-            tokio::try_join!(gone_rows(relay, events), blocked_keys(relay, events))?;
-        if !gone.is_empty() {
+        let (seen, blocked) =
+            tokio::try_join!(look_up_rows(relay, events), blocked_keys(relay, events))?;
+        if !seen.gone.is_empty() {
             let kept: Vec<Event> = events
                 .iter()
-                .filter(|e| !matches!(e.origin, Origin::Row(id) if gone.contains(&id)))
+                .filter(|e| !matches!(e.origin, Origin::Row(id) if seen.gone.contains(&id)))
                 .cloned()
                 .collect();
             debug!(
@@ -529,6 +530,9 @@ impl<'a> Session<'a> {
                 Fate::Retry(_) | Fate::Held => again.push(e.clone()),
             }
         }
+        if !seen.unseen.is_empty() {
+            await_visible(relay, &seen.unseen).await?;
+        }
         record(
             relay,
             self.writes,
@@ -548,19 +552,26 @@ impl<'a> Session<'a> {
     }
 }
 
-/// The rows among `events` that are no longer pending: published (by this
-/// relay before a crash, or by a polling relay while a system switches from
-/// poll to WAL: their ids are remembered, `outbox_published_ids`) or moved
-/// to failed. They are not sent again.
-///
-/// The WAL can deliver a commit a moment before the transaction is visible
-/// to other sessions (the commit record is flushed before the committing
-/// backend leaves the proc array). A row that is neither visible nor
-/// remembered is such a row: this waits until every row is one or the
-/// other, up to [`VISIBLE_WITHIN`], so that nothing is skipped by mistake and
-/// the delete after publishing finds every row. A row still unseen then
-/// (deleted without being remembered, `--remember-published 0`) is sent.
-async fn gone_rows(relay: &Relay, events: &[Event]) -> Result<HashSet<i64>, sqlx::Error> {
+/// What the table says of a batch's rows, in one query.
+#[derive(Debug, Default)]
+struct RowsSeen {
+    /// No longer pending: published (by this relay before a crash, or by a
+    /// polling relay while a system switches from poll to WAL: their ids are
+    /// remembered, `outbox_published_ids`) or moved to failed. They are not
+    /// sent again.
+    gone: HashSet<i64>,
+    /// Neither visible nor remembered. The WAL can deliver a commit a
+    /// moment before the transaction is visible to other sessions (the
+    /// commit record is flushed before the committing backend leaves the
+    /// proc array), so these are sent; recording their outcome waits until
+    /// they are visible ([`await_visible`]), or they would be left behind.
+    unseen: Vec<i64>,
+}
+
+/// Looks `events`' rows up, without waiting (see [`RowsSeen`]). Waiting
+/// here, before publishing, put the visibility lag of busy producers into
+/// every latency; after publishing it overlaps Kafka's acknowledgement.
+async fn look_up_rows(relay: &Relay, events: &[Event]) -> Result<RowsSeen, sqlx::Error> {
     let (ids, event_ids): (Vec<i64>, Vec<Uuid>) = events
         .iter()
         .filter_map(|e| match e.origin {
@@ -569,44 +580,64 @@ async fn gone_rows(relay: &Relay, events: &[Event]) -> Result<HashSet<i64>, sqlx
         })
         .unzip();
     if ids.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(RowsSeen::default());
     }
+    let rows: Vec<(i64, Option<String>, bool)> = sqlx::query_as(
+        "SELECT e.id, o.status, \
+                EXISTS (SELECT 1 FROM outbox_published_ids p WHERE p.event_id = e.event_id) \
+         FROM unnest($1::bigint[], $2::uuid[]) AS e(id, event_id) \
+         LEFT JOIN outbox o ON o.id = e.id",
+    )
+    .bind(&ids)
+    .bind(&event_ids)
+    .fetch_all(&relay.pool)
+    .await?;
+    let mut seen = RowsSeen::default();
+    for (id, status, remembered) in rows {
+        match status {
+            Some(s) if s != "pending" => {
+                seen.gone.insert(id);
+            }
+            Some(_) => {}
+            None if remembered => {
+                seen.gone.insert(id);
+            }
+            None => seen.unseen.push(id),
+        }
+    }
+    Ok(seen)
+}
+
+/// Waits until each of `ids` is visible in the table, up to
+/// [`VISIBLE_WITHIN`]: a row still missing then was deleted by someone else
+/// (a `failed discard`, or a polling relay with `--remember-published 0`).
+async fn await_visible(relay: &Relay, ids: &[i64]) -> Result<(), sqlx::Error> {
     let deadline = std::time::Instant::now() + VISIBLE_WITHIN;
     let mut tries = 0u32;
     loop {
         tries += 1;
-        let rows: Vec<(i64, Option<String>, bool)> = sqlx::query_as(
-            "SELECT e.id, o.status, \
-                    EXISTS (SELECT 1 FROM outbox_published_ids p WHERE p.event_id = e.event_id) \
-             FROM unnest($1::bigint[], $2::uuid[]) AS e(id, event_id) \
-             LEFT JOIN outbox o ON o.id = e.id",
-        )
-        .bind(&ids)
-        .bind(&event_ids)
-        .fetch_all(&relay.pool)
-        .await?;
-        let unseen = rows
-            .iter()
-            .any(|(_, status, remembered)| status.is_none() && !remembered);
-        if !unseen || std::time::Instant::now() > deadline {
-            return Ok(rows
-                .into_iter()
-                .filter(|(_, status, remembered)| match status {
-                    Some(s) => s != "pending",
-                    None => *remembered,
-                })
-                .map(|(id, _, _)| id)
-                .collect());
+        let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_one(&relay.pool)
+            .await?;
+        if visible as usize >= ids.len() || std::time::Instant::now() > deadline {
+            if tries > 1 {
+                debug!(
+                    rows = ids.len(),
+                    tries, "waited for committed rows to become visible"
+                );
+            }
+            return Ok(());
         }
-        // The race lasts microseconds: ask again at once (the query's
-        // round trip is the wait), then every millisecond.
+        // The race lasts microseconds on an idle server: ask again at once
+        // (the query's round trip is the wait), then every millisecond.
         if tries > 3 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }
 
-/// How long a committed row may take to become visible (see `gone_rows`).
+/// How long a committed row may take to become visible (see [`RowsSeen`]).
 const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
 
 /// The keys among `events` that have a failed event in the store, under

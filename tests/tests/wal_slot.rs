@@ -381,3 +381,145 @@ async fn exhausted_slots_are_reported_with_the_limit(pool: PgPool) {
     conn.close().await.unwrap();
     drop_slots(&pool, &[&s]).await;
 }
+
+/// A private PostgreSQL cluster with `wal_level = replica` (the default), on
+/// a free port, stopped and removed when dropped. Needs PostgreSQL's server
+/// binaries (`./dev up` installs them); runs them as `postgres` when root.
+struct ReplicaCluster {
+    bin: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl ReplicaCluster {
+    fn as_pg(&self, program: &str) -> std::process::Command {
+        let path = self.bin.join(program);
+        if nix_is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            std::process::Command::new(path)
+        }
+    }
+
+    fn start() -> anyhow::Result<Self> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("initdb").exists())
+            .max()
+            .ok_or_else(|| anyhow::anyhow!("no PostgreSQL server binaries; run ./dev up"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = std::env::temp_dir().join(format!("outbox-replica-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        if nix_is_root() {
+            let ok = std::process::Command::new("chown")
+                .arg("postgres")
+                .arg(&dir)
+                .status()?;
+            anyhow::ensure!(ok.success(), "chown postgres {}", dir.display());
+        }
+        let cluster = Self { bin, dir, port };
+        let out = cluster
+            .as_pg("initdb")
+            .arg("-D")
+            .arg(cluster.dir.join("data"))
+            .args(["-A", "trust", "-U", "postgres"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = cluster
+            .as_pg("pg_ctl")
+            .arg("-D")
+            .arg(cluster.dir.join("data"))
+            .arg("-l")
+            .arg(cluster.dir.join("server.log"))
+            .arg("-w")
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level=replica",
+                cluster.dir.display()
+            ))
+            .arg("start")
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "pg_ctl start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(cluster.dir.join("server.log")).unwrap_or_default()
+        );
+        Ok(cluster)
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for ReplicaCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .as_pg("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// With `wal_level` below `logical`, every way in says what to change:
+/// `slot create`, `outbox_core::emit` and the SQL function `outbox_emit`.
+/// A cluster of its own, since changing `wal_level` needs a restart.
+#[tokio::test]
+async fn a_wrong_wal_level_is_named_with_its_fix_everywhere() -> anyhow::Result<()> {
+    let cluster = ReplicaCluster::start()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&cluster.url())
+        .await?;
+    outbox_core::migrate(&pool).await?;
+
+    let e = slot::create(&pool, "outbox_relay", "outbox_relay")
+        .await
+        .expect_err("no slot without wal_level = logical");
+    assert!(matches!(e, SlotError::WalLevel { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("wal_level") && text.contains("logical") && text.contains("replica"),
+        "{text}"
+    );
+
+    let event = NewEvent::new("order", "o-1", "order.paid");
+    let e = emit(&pool, &event).await.expect_err("refused");
+    assert!(matches!(e, AppendError::WalLevelNotLogical(_)), "{e:?}");
+    assert!(e.to_string().contains("wal_level"), "{e}");
+
+    let e = sqlx::query("SELECT outbox_emit('order', 'o-1', 'order.paid')")
+        .execute(&pool)
+        .await
+        .expect_err("refused");
+    let db = e.as_database_error().expect("a database error");
+    assert_eq!(db.code().as_deref(), Some("55000"), "{db}");
+    assert!(db.message().contains("wal_level"), "{}", db.message());
+
+    // The binary, as an operator runs it: a non-zero exit and the fix.
+    let (code, out) = integration_tests::relay_cli(&cluster.url(), &["slot", "create"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("wal_level"), "{out}");
+    pool.close().await;
+    Ok(())
+}
