@@ -346,7 +346,7 @@ pub(crate) async fn slot(
             names,
             with_publication,
         } => {
-            slot::drop(
+            let dropped = slot::drop(
                 pool,
                 &names.slot,
                 with_publication.then_some(names.publication.as_str()),
@@ -355,10 +355,13 @@ pub(crate) async fn slot(
             out!(
                 "slot {} dropped{}",
                 names.slot,
-                if with_publication {
-                    format!(", publication {} dropped", names.publication)
-                } else {
-                    String::new()
+                match (with_publication, dropped.publication) {
+                    (false, _) => String::new(),
+                    (true, true) => format!(", publication {} dropped", names.publication),
+                    (true, false) => format!(
+                        "; no publication named {} (name it with --publication)",
+                        names.publication
+                    ),
                 }
             );
             Ok(())

@@ -436,9 +436,22 @@ pub async fn status(pool: &PgPool, slot: &str) -> Result<Option<SlotStatus>, Slo
     }))
 }
 
+/// What [`drop`] did besides dropping the slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Dropped {
+    /// The publication named was dropped (false: none was asked for, or
+    /// none of that name existed).
+    pub publication: bool,
+}
+
 /// Drops the slot (and the publication, when asked), for decommissioning.
 /// Refused while a reader holds the slot: stop the relays first.
-pub async fn drop(pool: &PgPool, slot: &str, publication: Option<&str>) -> Result<(), SlotError> {
+pub async fn drop(
+    pool: &PgPool,
+    slot: &str,
+    publication: Option<&str>,
+) -> Result<Dropped, SlotError> {
     check_name("slot", slot)?;
     let Some(st) = status(pool, slot).await? else {
         return Err(SlotError::NotFound {
@@ -463,13 +476,19 @@ pub async fn drop(pool: &PgPool, slot: &str, publication: Option<&str>) -> Resul
         }
         Err(e) => return Err(e.into()),
     }
+    let mut dropped = Dropped { publication: false };
     if let Some(publication) = publication {
         check_name("publication", publication)?;
+        dropped.publication =
+            sqlx::query_scalar("SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = $1)")
+                .bind(publication)
+                .fetch_one(pool)
+                .await?;
         sqlx::query(&format!("DROP PUBLICATION IF EXISTS \"{publication}\""))
             .execute(pool)
             .await?;
     }
-    Ok(())
+    Ok(dropped)
 }
 
 /// The error for a slot held by `pid`, naming the holder if visible.

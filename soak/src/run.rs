@@ -346,7 +346,7 @@ pub(crate) async fn soak(
                 Err(outbox_relay::slot::SlotError::HeldByAnother { .. }) => {
                     tokio::time::sleep(Duration::from_millis(200)).await
                 }
-                Ok(()) | Err(_) => break,
+                Ok(_) | Err(_) => break,
             }
         }
     }

@@ -199,7 +199,7 @@ async fn slot_create_is_idempotent_status_shows_the_kept_wal_and_drop_frees_it(p
     );
     assert_eq!(after.confirmed_flush_lsn, before.confirmed_flush_lsn);
 
-    slot::drop(&pool, &s, Some(&p)).await.unwrap();
+    assert!(slot::drop(&pool, &s, Some(&p)).await.unwrap().publication);
     assert!(slot::status(&pool, &s).await.unwrap().is_none());
     let publications: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_publication WHERE pubname = $1")
@@ -212,6 +212,35 @@ async fn slot_create_is_idempotent_status_shows_the_kept_wal_and_drop_frees_it(p
         slot::drop(&pool, &s, None).await,
         Err(SlotError::NotFound { .. })
     ));
+    // The binary says what it dropped, and what it did not find.
+    slot::create(&pool, &s, &p).await.unwrap();
+    let (code, out) = integration_tests::relay_cli(
+        &url_of(&pool),
+        &["slot", "drop", "--slot", &s, "--with-publication"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("slot {s} dropped"))
+            && out.contains("no publication named outbox_relay (name it with --publication)"),
+        "{out}"
+    );
+    let (code, out) = integration_tests::relay_cli(
+        &url_of(&pool),
+        &[
+            "slot",
+            "drop",
+            "--slot",
+            &s,
+            "--publication",
+            &p,
+            "--with-publication",
+        ],
+    );
+    assert_ne!(code, 0, "the slot is gone: {out}");
+    sqlx::query(&format!("DROP PUBLICATION \"{p}\""))
+        .execute(&pool)
+        .await
+        .unwrap();
 
     // Names from config are checked, then quoted.
     for bad in ["", "Upper", "a-b", "x\"; DROP TABLE outbox; --"] {
