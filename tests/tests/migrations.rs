@@ -36,10 +36,11 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
             "V5__remember_published_ids",
             "V6__partition_checkpoints_to_finish",
             "V7__emit_table_less_events",
-            "V8__slot_reader_lease"
+            "V8__slot_reader_lease",
+            "V9__published_id_check_per_row"
         ]
     );
-    assert_eq!(first.current_version, Some(8));
+    assert_eq!(first.current_version, Some(9));
     assert_eq!(
         columns(&pool, "outbox_relays").await,
         [
@@ -140,7 +141,7 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(history, 8);
+    assert_eq!(history, 9);
     // The consumer set is separate: nothing of it exists yet.
     assert!(columns(&pool, "processed_events").await.is_empty());
 }
@@ -354,5 +355,5 @@ async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
     for r in futures::future::join_all(runs).await {
         applied += r.unwrap().unwrap().applied.len();
     }
-    assert_eq!(applied, 8, "V1 to V8, once each");
+    assert_eq!(applied, 9, "V1 to V9, once each");
 }
