@@ -73,10 +73,14 @@ pub(crate) struct Installed {
     pub(crate) debezium_plugins: PathBuf,
     /// The Java binary.
     pub(crate) java: PathBuf,
+    /// More arguments for `outbox-relay run` (`--relay-arg`), to measure a
+    /// setting.
+    pub(crate) relay_args: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum System {
+/// A system under measurement (`--systems`, all four by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum System {
     Poll,
     WalRows,
     WalTableLess,
@@ -84,7 +88,7 @@ enum System {
 }
 
 impl System {
-    const ALL: [System; 4] = [
+    pub(crate) const ALL: [System; 4] = [
         System::Poll,
         System::WalRows,
         System::WalTableLess,
@@ -125,8 +129,9 @@ pub(crate) async fn debezium(
     rows: i64,
     rates: &[u64],
     seconds: u64,
+    systems: &[System],
 ) -> anyhow::Result<()> {
-    installed.check()?;
+    installed.check(systems.contains(&System::Debezium))?;
     println!(
         "== debezium: drain of {rows} events, commit-to-consume at {rates:?} events/s for {seconds}s \
          ({PRODUCERS} producers, one event per transaction), peak RSS; each system its own process, \
@@ -136,9 +141,9 @@ pub(crate) async fn debezium(
         .max_connections(PRODUCERS as u32)
         .connect(&env.url)
         .await?;
-    let mut all: Vec<Vec<Figures>> = vec![vec![]; System::ALL.len()];
+    let mut all: Vec<Vec<Figures>> = vec![vec![]; systems.len()];
     for run in 1..=runs {
-        for (i, system) in System::ALL.into_iter().enumerate() {
+        for (i, &system) in systems.iter().enumerate() {
             let f = measure_system(env, installed, &producers, system, rows, rates, seconds)
                 .await
                 .with_context(|| format!("{} (run {run})", system.name()))?;
@@ -157,16 +162,15 @@ pub(crate) async fn debezium(
             all[i].push(f);
         }
     }
-    report(&all, rates);
+    report(systems, &all, rates);
     let _ = std::fs::remove_dir_all(work_dir());
     Ok(())
 }
 
-fn report(all: &[Vec<Figures>], rates: &[u64]) {
+fn report(systems: &[System], all: &[Vec<Figures>], rates: &[u64]) {
     let med = |i: usize, f: &dyn Fn(&Figures) -> f64| median(all[i].iter().map(f).collect());
-    let dbz = System::ALL.len() - 1;
     println!("median of runs:");
-    for (i, system) in System::ALL.into_iter().enumerate() {
+    for (i, system) in systems.iter().enumerate() {
         print!(
             "  {:<21} drain {:>8.0}/s  peak RSS {:>6.0} MiB",
             system.name(),
@@ -183,8 +187,11 @@ fn report(all: &[Vec<Figures>], rates: &[u64]) {
         }
         println!();
     }
+    let Some(dbz) = systems.iter().position(|s| *s == System::Debezium) else {
+        return;
+    };
     println!("ratios to debezium (medians of each run's ratio; goals: drain >= 3, debezium's p99 / relay's >= 5):");
-    for (i, system) in System::ALL.into_iter().enumerate().take(dbz) {
+    for (i, system) in systems.iter().enumerate().filter(|(i, _)| *i != dbz) {
         let ratio = |f: &dyn Fn(&Figures, &Figures) -> f64| {
             median(all[i].iter().zip(&all[dbz]).map(|(a, b)| f(a, b)).collect())
         };
@@ -206,7 +213,7 @@ fn report(all: &[Vec<Figures>], rates: &[u64]) {
 }
 
 impl Installed {
-    fn check(&self) -> anyhow::Result<()> {
+    fn check(&self, debezium: bool) -> anyhow::Result<()> {
         for (what, path, fix) in [
             (
                 "the outbox-relay binary",
@@ -220,6 +227,9 @@ impl Installed {
                 "run ./dev bench debezium (it installs the connector first)",
             ),
         ] {
+            if !debezium && what != "the outbox-relay binary" {
+                continue;
+            }
             if !path.exists() {
                 bail!("{what} not found at {}: {fix}", path.display());
             }
@@ -463,6 +473,7 @@ fn start_relay(
     if system.reads_slot() {
         cmd.args(["--source", "wal", "--slot", SLOT, "--publication", SLOT]);
     }
+    cmd.args(&installed.relay_args);
     spawn(cmd, log)
 }
 

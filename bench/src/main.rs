@@ -138,6 +138,14 @@ enum Which {
         /// The Java binary for Kafka Connect (17 or newer).
         #[arg(long, env = "JAVA_BIN", default_value = "java")]
         java: std::path::PathBuf,
+        /// Which systems to measure, in this order (default: all four;
+        /// ratios are printed when `debezium` is among them).
+        #[arg(long, value_delimiter = ',', value_enum)]
+        systems: Vec<debezium::System>,
+        /// One more argument for every `outbox-relay run`, repeatable
+        /// (`--relay-arg=--remember-published --relay-arg=0`).
+        #[arg(long = "relay-arg", allow_hyphen_values = true)]
+        relay_args: Vec<String>,
     },
     /// Everything, with the defaults (the consumer with and without duplicates).
     All,
@@ -244,6 +252,8 @@ async fn main() -> anyhow::Result<()> {
             kafka_libs,
             debezium_plugins,
             java,
+            systems,
+            relay_args,
         } => {
             let relay_bin = match relay_bin {
                 Some(p) => p,
@@ -254,8 +264,14 @@ async fn main() -> anyhow::Result<()> {
                 kafka_libs,
                 debezium_plugins,
                 java,
+                relay_args,
             };
-            debezium::debezium(&env, &installed, args.runs, rows, &rates, seconds).await?
+            let systems = if systems.is_empty() {
+                debezium::System::ALL.to_vec()
+            } else {
+                systems
+            };
+            debezium::debezium(&env, &installed, args.runs, rows, &rates, seconds, &systems).await?
         }
         Which::RelayChild { .. } => unreachable!("handled above"),
         Which::All => {

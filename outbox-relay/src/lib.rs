@@ -58,6 +58,7 @@ mod slot_lease;
 mod upkeep;
 mod wake;
 mod wal;
+mod wal_outcome;
 
 #[cfg(test)]
 mod fencing_tests;

@@ -14,11 +14,14 @@
 //!     │  block-key), or again (transient: sent again, in order, after a
 //!     │  back-off; the slot waits)
 //!     ▼
-//!  record (one DB transaction): delete the delivered rows (remembering
-//!     │  their ids), fail the failed rows, insert failed table-less events
-//!     │  as failed rows (so `failed list|retry|discard` see them)
+//!  record (one DB transaction, `wal_outcome.rs`): delete the delivered
+//!     │  rows (remembering their ids; table-less events' ids are not, see
+//!     │  docs/schema.md), fail the failed rows, insert failed table-less
+//!     │  events as failed rows (so `failed list|retry|discard` see them);
+//!     │  a failure-free batch is recorded while the next one is published
 //!     ▼
-//!  confirm the batch's last commit position to the slot
+//!  confirm the batch's last commit position to the slot, in order, once
+//!  its outcome is recorded
 //! ```
 //!
 //! Only one connection can read a slot: PostgreSQL refuses a second one
@@ -27,8 +30,9 @@
 //! that lost its connection cannot confirm anything any more.
 //!
 //! After a crash the slot resends everything after its confirmed position:
-//! the batch in flight, and the events acknowledged in the last
-//! [`crate::WalSource::status_interval`]. Those are the only duplicates.
+//! the batch in flight, the one being recorded, and the events acknowledged
+//! in the last [`crate::WalSource::status_interval`]. Those are the only
+//! duplicates.
 //!
 //! One file because it is one loop and its bookkeeping: the session reads,
 //! the batch decides, and the outcome is recorded before the position is
@@ -57,6 +61,7 @@ use crate::{
     retry::{back_off, sleep_or_cancel},
     slot::{self, SlotError},
     slot_lease::{Acquired, SlotLease},
+    wal_outcome::{Outcome, Pending, Writer},
 };
 
 /// Where an event came from: what recording its fate means.
@@ -134,6 +139,11 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
     } else {
         "off"
     };
+    // The connections that record outcomes, with the relay's
+    // `synchronous_commit` (off by default, as for poll mode's claims: a
+    // PostgreSQL crash may lose the last few hundred milliseconds of these
+    // writes, and the slot's position with them, so those events come
+    // again: duplicates, never loss).
     let writes = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(5))
@@ -228,7 +238,7 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
         health.set(State::Active, format!("reading slot {}", wal.slot));
         info!(slot = %wal.slot, publication = %wal.publication, "reading the slot");
         let keeping = CancellationToken::new();
-        let mut session = Session::new(relay, wal, &writes, &lease);
+        let mut session = Session::new(relay, wal, &writes, &lease, shutdown);
         let ended = tokio::select! {
             r = session.read(&mut client, shutdown) => r,
             () = lease.keep(&keeping) => Err("the slot's lease ran out or was taken over".to_string()),
@@ -255,12 +265,6 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
 /// One replication connection's reading.
 struct Session<'a> {
     relay: &'a Relay,
-    /// The connections that record outcomes, with the relay's
-    /// `synchronous_commit` (off by default, as for poll mode's claims: a
-    /// PostgreSQL crash may lose the last few hundred milliseconds of these
-    /// writes, and the slot's position with them, so those events come
-    /// again: duplicates, never loss).
-    writes: &'a sqlx::PgPool,
     wal: &'a WalSource,
     /// The slot's lease: nothing is confirmed once it ran out.
     lease: &'a SlotLease,
@@ -270,40 +274,79 @@ struct Session<'a> {
     /// Committed events not yet published, and the last commit's end.
     ready: Vec<Event>,
     ready_end: Option<Lsn>,
+    /// Writes batches' outcomes.
+    writer: Writer,
+    /// The last published batch's outcome, being written; nothing after
+    /// it is confirmed before it is done.
+    pending: Option<Pending>,
 }
 
 impl<'a> Session<'a> {
     fn new(
         relay: &'a Relay,
         wal: &'a WalSource,
-        writes: &'a sqlx::PgPool,
+        writes: &sqlx::PgPool,
         lease: &'a SlotLease,
+        shutdown: &CancellationToken,
     ) -> Self {
+        let writer = Writer {
+            pool: relay.pool.clone(),
+            writes: writes.clone(),
+            remember: relay.cfg.remembers_published(),
+            health: relay.health(),
+            min_backoff: relay.cfg.min_backoff,
+            max_backoff: relay.cfg.max_backoff,
+            shutdown: shutdown.clone(),
+        };
         Self {
             relay,
-            writes,
             wal,
             lease,
             relations: Relations::default(),
             open: None,
             ready: Vec::new(),
             ready_end: None,
+            writer,
+            pending: None,
         }
     }
 
+    /// Reads until `shutdown` or an error; the last batch's outcome is
+    /// written (and confirmed) before it returns.
     async fn read(
+        &mut self,
+        client: &mut ReplicationClient,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String> {
+        let read = self.read_until_done(client, shutdown).await;
+        let finished = self.finish_pending(client).await;
+        read.and(finished)
+    }
+
+    async fn read_until_done(
         &mut self,
         client: &mut ReplicationClient,
         shutdown: &CancellationToken,
     ) -> Result<(), String> {
         let batch_size = self.relay.cfg.batch_size;
         loop {
+            if self.pending.as_ref().is_some_and(Pending::is_finished) {
+                self.finish_pending(client).await?;
+            }
             let next = if self.ready.len() >= batch_size {
                 None
             } else if !self.ready.is_empty() {
                 // Take what has arrived already; publish when the stream
                 // pauses.
                 client.recv().now_or_never()
+            } else if self.pending.is_some() {
+                // Idle while the last outcome is written: confirm it as
+                // soon as it is (a short sleep, not a busy loop).
+                tokio::select! {
+                    r = client.recv() => Some(r),
+                    () = tokio::time::sleep(Duration::from_millis(1)) => continue,
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
             } else {
                 tokio::select! {
                     r = client.recv() => Some(r),
@@ -360,7 +403,7 @@ impl<'a> Session<'a> {
                     let at = self.open.as_ref().map_or_else(Utc::now, |(t, _)| *t);
                     self.push(from_message(&content, lsn, at));
                 } else if prefix == HEARTBEAT_PREFIX {
-                    if self.open.is_none() && self.ready.is_empty() {
+                    if self.idle() {
                         client.update_applied_lsn(lsn);
                     }
                 } else if prefix == "outbox" {
@@ -372,7 +415,7 @@ impl<'a> Session<'a> {
                 if let Some((_, events)) = self.open.take() {
                     self.ready.extend(events);
                 }
-                if self.ready.is_empty() {
+                if self.ready.is_empty() && self.pending.is_none() {
                     // Nothing of ours before it: confirm at once.
                     client.update_applied_lsn(end_lsn);
                 } else {
@@ -380,13 +423,19 @@ impl<'a> Session<'a> {
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
-                if self.open.is_none() && self.ready.is_empty() {
+                if self.idle() {
                     client.update_applied_lsn(wal_end);
                 }
             }
             ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
+    }
+
+    /// Nothing received or published is waiting for its outcome: a
+    /// position past everything seen can be confirmed.
+    fn idle(&self) -> bool {
+        self.open.is_none() && self.ready.is_empty() && self.pending.is_none()
     }
 
     fn push(&mut self, mut event: Event) {
@@ -405,9 +454,11 @@ impl<'a> Session<'a> {
     }
 
     /// Publishes the ready events until each is delivered or failed, then
-    /// confirms their last commit. Returns early (confirming nothing) on
-    /// shutdown, and errs (confirming nothing) if the lease ran out
-    /// meanwhile.
+    /// has their outcome written and their last commit confirmed after it
+    /// (`wal_outcome`): a failure-free outcome is written while the next
+    /// batch is read and published, any other at once. Returns early
+    /// (confirming nothing) on shutdown, and errs (confirming nothing) if
+    /// the lease ran out meanwhile.
     async fn publish_ready(
         &mut self,
         client: &ReplicationClient,
@@ -418,10 +469,15 @@ impl<'a> Session<'a> {
         };
         let mut events = std::mem::take(&mut self.ready);
         let mut backoff = Backoff::new(self.relay.cfg.min_backoff, self.relay.cfg.max_backoff);
-        loop {
+        let outcome = loop {
             match self.publish_once(&events).await {
-                Ok(again) if again.is_empty() => break,
-                Ok(again) => {
+                Ok((again, outcome)) if again.is_empty() => break outcome,
+                Ok((again, outcome)) => {
+                    // What settled is written before the next try, which
+                    // must see its failures (block-key).
+                    if !self.writer.write(&outcome).await {
+                        return Ok(());
+                    }
                     warn!(
                         events = again.len(),
                         "events not acknowledged; sending them again"
@@ -430,14 +486,47 @@ impl<'a> Session<'a> {
                 }
                 Err(e) => {
                     self.relay.degraded(format!("database: {e}"));
-                    warn!(error = %e, "cannot record a batch's outcome; trying again");
+                    warn!(error = %e, "cannot look a batch's rows up; trying again");
                 }
             }
             back_off(&mut backoff, shutdown).await;
             if shutdown.is_cancelled() {
                 return Ok(());
             }
+        };
+        // Positions are confirmed in order: the previous batch first.
+        self.finish_pending(client).await?;
+        if outcome.failed.is_empty() {
+            self.pending = Some(self.writer.spawn(outcome, end));
+            return Ok(());
         }
+        if self.writer.write(&outcome).await {
+            self.confirm(client, end)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the previous batch's outcome to be written, and confirms
+    /// its position.
+    async fn finish_pending(&mut self, client: &ReplicationClient) -> Result<(), String> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        let Some(end) = pending.written().await else {
+            return Ok(());
+        };
+        self.confirm(client, end)?;
+        if self.ready.is_empty() {
+            // Commits with nothing of ours that came meanwhile.
+            if let Some(later) = self.ready_end.take() {
+                self.confirm(client, later)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Confirms `end` to the slot, if the lease still holds.
+    fn confirm(&self, client: &ReplicationClient, end: Lsn) -> Result<(), String> {
         if !self.lease.live() {
             // A standby may be reading already: its position is the truth.
             return Err("the slot's lease ran out before the batch was confirmed; \
@@ -452,8 +541,9 @@ impl<'a> Session<'a> {
     }
 
     /// One try: returns the events to send again (transient failures and
-    /// the events of their keys after them).
-    async fn publish_once(&self, events: &[Event]) -> Result<Vec<Event>, sqlx::Error> {
+    /// the events of their keys after them), and what the others' fates
+    /// are, to be written.
+    async fn publish_once(&self, events: &[Event]) -> Result<(Vec<Event>, Outcome), sqlx::Error> {
         let started = std::time::Instant::now();
         let relay = self.relay;
         let (seen, blocked) =
@@ -469,7 +559,7 @@ impl<'a> Session<'a> {
                 "rows already published or failed"
             );
             if kept.is_empty() {
-                return Ok(Vec::new());
+                return Ok((Vec::new(), Outcome::default()));
             }
             return Box::pin(self.publish_once(&kept)).await;
         }
@@ -500,55 +590,45 @@ impl<'a> Session<'a> {
         // A held event follows its key: failed if an earlier event of the
         // key failed for good (block-key), else sent again.
         let mut failed_keys: HashSet<(&str, &str)> = HashSet::new();
-        let mut delivered_rows = Vec::new();
-        let mut delivered_ids = Vec::new();
-        let mut failed: Vec<(usize, String)> = Vec::new();
+        let mut outcome = Outcome {
+            unseen: seen.unseen,
+            ..Outcome::default()
+        };
         let mut again = Vec::new();
-        for (i, (e, fate)) in events.iter().zip(&fates).enumerate() {
+        for (e, fate) in events.iter().zip(&fates) {
             let key = (e.row.aggregate_type.as_str(), e.row.aggregate_id.as_str());
+            let row_id = match e.origin {
+                Origin::Row(id) => Some(id),
+                Origin::Message => None,
+            };
             match fate {
                 Fate::Delivered { .. } => {
-                    delivered_ids.push(e.row.event_id);
-                    if let Origin::Row(id) = e.origin {
-                        delivered_rows.push(id);
+                    // Only a row's id is remembered: nothing consults the
+                    // memory for a table-less event (`outbox_emit` cannot
+                    // see the ids still on their way), so writing it would
+                    // only cost (a third of the drain rate).
+                    if let Some(id) = row_id {
+                        outcome.delivered_rows.push(id);
+                        outcome.delivered_ids.push(e.row.event_id);
                     }
                 }
                 Fate::Failed(reason) => {
                     failed_keys.insert(key);
-                    failed.push((i, reason.clone()));
+                    outcome.failed.push((row_id, e.row.clone(), reason.clone()));
                 }
                 Fate::Held if policy == PoisonPolicy::BlockKey && failed_keys.contains(&key) => {
-                    failed.push((
-                        i,
-                        format!(
-                            "held: an earlier event of key {}/{} failed (block-key); retry or \
-                             discard that one first",
-                            key.0, key.1
-                        ),
-                    ));
+                    let reason = format!(
+                        "held: an earlier event of key {}/{} failed (block-key); retry or \
+                         discard that one first",
+                        key.0, key.1
+                    );
+                    outcome.failed.push((row_id, e.row.clone(), reason));
                 }
                 Fate::Retry(_) | Fate::Held => again.push(e.clone()),
             }
         }
-        if !seen.unseen.is_empty() {
-            await_visible(relay, &seen.unseen).await?;
-        }
-        record(
-            relay,
-            self.writes,
-            events,
-            &delivered_rows,
-            &delivered_ids,
-            &failed,
-        )
-        .await?;
-        for (i, reason) in &failed {
-            let e = &events[*i];
-            warn!(event.id = %e.row.event_id, correlation.id = e.row.correlation_id.as_deref(),
-                  reason = %reason, "event failed permanently; moved to failed");
-        }
         note_delivered(batch.rows(), &fates, started);
-        Ok(again)
+        Ok((again, outcome))
     }
 }
 
@@ -564,7 +644,8 @@ struct RowsSeen {
     /// moment before the transaction is visible to other sessions (the
     /// commit record is flushed before the committing backend leaves the
     /// proc array), so these are sent; recording their outcome waits until
-    /// they are visible ([`await_visible`]), or they would be left behind.
+    /// they are visible (`wal_outcome::await_visible`), or they would be left
+    /// behind.
     unseen: Vec<i64>,
 }
 
@@ -608,38 +689,6 @@ async fn look_up_rows(relay: &Relay, events: &[Event]) -> Result<RowsSeen, sqlx:
     Ok(seen)
 }
 
-/// Waits until each of `ids` is visible in the table, up to
-/// [`VISIBLE_WITHIN`]: a row still missing then was deleted by someone else
-/// (a `failed discard`, or a polling relay with `--remember-published 0`).
-async fn await_visible(relay: &Relay, ids: &[i64]) -> Result<(), sqlx::Error> {
-    let deadline = std::time::Instant::now() + VISIBLE_WITHIN;
-    let mut tries = 0u32;
-    loop {
-        tries += 1;
-        let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_one(&relay.pool)
-            .await?;
-        if visible as usize >= ids.len() || std::time::Instant::now() > deadline {
-            if tries > 1 {
-                debug!(
-                    rows = ids.len(),
-                    tries, "waited for committed rows to become visible"
-                );
-            }
-            return Ok(());
-        }
-        // The race lasts microseconds on an idle server: ask again at once
-        // (the query's round trip is the wait), then every millisecond.
-        if tries > 3 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-}
-
-/// How long a committed row may take to become visible (see [`RowsSeen`]).
-const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
-
 /// The keys among `events` that have a failed event in the store, under
 /// block-key (their later events wait behind it).
 async fn blocked_keys(
@@ -664,96 +713,6 @@ async fn blocked_keys(
     .fetch_all(&relay.pool)
     .await?;
     Ok(rows.into_iter().collect())
-}
-
-/// Writes a batch's outcome in one transaction.
-async fn record(
-    relay: &Relay,
-    writes: &sqlx::PgPool,
-    events: &[Event],
-    delivered_rows: &[i64],
-    delivered_ids: &[Uuid],
-    failed: &[(usize, String)],
-) -> Result<(), sqlx::Error> {
-    let remember = relay.cfg.remembers_published() && !delivered_ids.is_empty();
-    if failed.is_empty() {
-        // The usual batch: one statement.
-        let sql = if remember {
-            "WITH gone AS (DELETE FROM outbox WHERE id = ANY($1)) \
-             INSERT INTO outbox_published_ids (event_id) SELECT unnest($2::uuid[])"
-        } else {
-            "DELETE FROM outbox WHERE id = ANY($1)"
-        };
-        let mut q = sqlx::query(sql).bind(delivered_rows);
-        if remember {
-            q = q.bind(delivered_ids);
-        }
-        q.execute(writes).await?;
-        return Ok(());
-    }
-    let mut tx = writes.begin().await?;
-    if !delivered_rows.is_empty() {
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-            .bind(delivered_rows)
-            .execute(&mut *tx)
-            .await?;
-    }
-    if remember {
-        sqlx::query("INSERT INTO outbox_published_ids (event_id) SELECT unnest($1::uuid[])")
-            .bind(delivered_ids)
-            .execute(&mut *tx)
-            .await?;
-    }
-    for (i, reason) in failed {
-        let e = &events[*i];
-        match e.origin {
-            Origin::Row(id) => {
-                sqlx::query(
-                    "UPDATE outbox SET status = 'failed', attempts = attempts + 1, \
-                         last_error = $2, failed_at = now() WHERE id = $1",
-                )
-                .bind(id)
-                .bind(reason)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Origin::Message => {
-                // A table-less event becomes a failed row, so that the
-                // operator's commands see it. Its id may already be in the
-                // table after a crash: then it is there already.
-                let r = &e.row;
-                sqlx::query(
-                    "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, \
-                         event_version, topic, payload, payload_bytes, content_type, headers, \
-                         correlation_id, causation_id, traceparent, tracestate, source, \
-                         occurred_at, status, attempts, last_error, failed_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10::jsonb, $11, $12, \
-                         $13, $14, $15, $16, 'failed', 1, $17, now()) \
-                     ON CONFLICT (event_id) DO NOTHING",
-                )
-                .bind(r.event_id)
-                .bind(&r.aggregate_type)
-                .bind(&r.aggregate_id)
-                .bind(&r.event_type)
-                .bind(r.event_version)
-                .bind(&r.topic)
-                .bind(&r.payload)
-                .bind(&r.payload_bytes)
-                .bind(&r.content_type)
-                .bind(&r.headers)
-                .bind(&r.correlation_id)
-                .bind(&r.causation_id)
-                .bind(&r.traceparent)
-                .bind(&r.tracestate)
-                .bind(&r.source)
-                .bind(r.occurred_at)
-                .bind(reason)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-    }
-    tx.commit().await
 }
 
 /// PostgreSQL's timestamps count microseconds from 2000-01-01.

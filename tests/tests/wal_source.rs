@@ -99,6 +99,15 @@ async fn events_arrive_once_in_commit_order_rows_and_table_less_alike(
         Ok(left_in_outbox(&pool).await? == 0)
     })
     .await?;
+    // The rows' ids are remembered, the table-less events' are not
+    // (docs/schema.md: nothing would consult them).
+    let remembered: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM outbox_published_ids ORDER BY event_id")
+            .fetch_all(&pool)
+            .await?;
+    let mut rows = vec![a.event_id, c.event_id, long_first.event_id];
+    rows.sort();
+    assert_eq!(remembered, rows, "exactly the rows' ids are remembered");
     eventually(WAIT, "the slot confirmed everything", || async {
         let st = slot::status(&pool, &slot_name).await?.expect("slot");
         Ok(st.active && st.lag_bytes.unwrap_or(i64::MAX) < 16 * 1024)

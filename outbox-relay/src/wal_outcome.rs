@@ -1,0 +1,257 @@
+//! What the WAL source writes to the table once a batch is settled on
+//! Kafka ([`Outcome`]), and how that write overlaps the next batch
+//! ([`Pending`]).
+//!
+//! ```text
+//!  batch N:   publish ─► Outcome ─► write (spawned) ────────► confirm N
+//!  batch N+1:                      read ─► look up ─► publish ─► wait for N's write ─► …
+//! ```
+//!
+//! A batch's position is confirmed to the slot only once its outcome is in
+//! the table, and positions are confirmed in order: batch N+1 waits for
+//! N's write before its own is spawned. The write is retried (with
+//! back-off) until it succeeds, the relay stops, or the lease is lost; a
+//! write that never happened confirms nothing, and the slot sends the
+//! batch again to the next reader (duplicates, never loss).
+//!
+//! A batch with a failed event is written before the next batch is looked
+//! at (never overlapped): under block-key the next batch must see the
+//! failure in the table to hold that key's later events.
+
+use std::time::Duration;
+
+use pgwire_replication::Lsn;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::{
+    claim::OutboxRow,
+    health::{Health, State},
+    retry::back_off,
+};
+use outbox_core::backoff::Backoff;
+
+/// What one batch (or one try of it) settled, to be written in one
+/// transaction.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// Delivered rows: deleted.
+    pub(crate) delivered_rows: Vec<i64>,
+    /// Their event ids: remembered (`outbox_published_ids`), when the
+    /// relay remembers published ids. Table-less events' ids are not
+    /// (docs/schema.md, "What unique means for `event_id`").
+    pub(crate) delivered_ids: Vec<Uuid>,
+    /// Failed rows (by id, `Some`) and failed table-less events (`None`:
+    /// inserted as failed rows), with the reason.
+    pub(crate) failed: Vec<(Option<i64>, OutboxRow, String)>,
+    /// Rows sent before they were visible to other sessions: the write
+    /// waits for them first ([`await_visible`]), or their delete would miss
+    /// them.
+    pub(crate) unseen: Vec<i64>,
+}
+
+impl Outcome {
+    fn is_empty(&self) -> bool {
+        self.delivered_rows.is_empty() && self.delivered_ids.is_empty() && self.failed.is_empty()
+    }
+}
+
+/// Everything a write needs, owned, so that it can run as its own task.
+#[derive(Clone)]
+pub(crate) struct Writer {
+    /// For reads (the visibility wait).
+    pub(crate) pool: PgPool,
+    /// For the outcome's transaction (the relay's `synchronous_commit`).
+    pub(crate) writes: PgPool,
+    /// Whether delivered rows' ids are remembered.
+    pub(crate) remember: bool,
+    pub(crate) health: std::sync::Arc<Health>,
+    pub(crate) min_backoff: Duration,
+    pub(crate) max_backoff: Duration,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Writer {
+    /// Writes `outcome`, trying again after a back-off until it is written
+    /// (`true`) or the relay stops (`false`).
+    pub(crate) async fn write(&self, outcome: &Outcome) -> bool {
+        if outcome.is_empty() {
+            return true;
+        }
+        let mut backoff = Backoff::new(self.min_backoff, self.max_backoff);
+        loop {
+            match self.write_once(outcome).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.health.set(State::Degraded, format!("database: {e}"));
+                    warn!(error = %e, "cannot record a batch's outcome; trying again");
+                }
+            }
+            back_off(&mut backoff, &self.shutdown).await;
+            if self.shutdown.is_cancelled() {
+                return false;
+            }
+        }
+        for (_, row, reason) in &outcome.failed {
+            warn!(event.id = %row.event_id, correlation.id = row.correlation_id.as_deref(),
+                  reason = %reason, "event failed permanently; moved to failed");
+        }
+        true
+    }
+
+    /// Spawns [`Writer::write`]: `end` is confirmed once it is done.
+    pub(crate) fn spawn(&self, outcome: Outcome, end: Lsn) -> Pending {
+        let writer = self.clone();
+        Pending {
+            end,
+            task: tokio::spawn(async move { writer.write(&outcome).await }),
+        }
+    }
+
+    async fn write_once(&self, outcome: &Outcome) -> Result<(), sqlx::Error> {
+        if !outcome.unseen.is_empty() {
+            await_visible(&self.pool, &outcome.unseen).await?;
+        }
+        let remember = self.remember && !outcome.delivered_ids.is_empty();
+        if outcome.failed.is_empty() {
+            // The usual batch: one statement.
+            let sql = if remember {
+                "WITH gone AS (DELETE FROM outbox WHERE id = ANY($1)) \
+                 INSERT INTO outbox_published_ids (event_id) SELECT unnest($2::uuid[])"
+            } else {
+                "DELETE FROM outbox WHERE id = ANY($1)"
+            };
+            let mut q = sqlx::query(sql).bind(&outcome.delivered_rows);
+            if remember {
+                q = q.bind(&outcome.delivered_ids);
+            }
+            q.execute(&self.writes).await?;
+            return Ok(());
+        }
+        let mut tx = self.writes.begin().await?;
+        if !outcome.delivered_rows.is_empty() {
+            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+                .bind(&outcome.delivered_rows)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if remember {
+            sqlx::query("INSERT INTO outbox_published_ids (event_id) SELECT unnest($1::uuid[])")
+                .bind(&outcome.delivered_ids)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (id, r, reason) in &outcome.failed {
+            match id {
+                Some(id) => {
+                    sqlx::query(
+                        "UPDATE outbox SET status = 'failed', attempts = attempts + 1, \
+                             last_error = $2, failed_at = now() WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(reason)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                None => {
+                    // A table-less event becomes a failed row, so that the
+                    // operator's commands see it. Its id may already be in
+                    // the table after a crash: then it is there already.
+                    sqlx::query(
+                        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, \
+                             event_version, topic, payload, payload_bytes, content_type, headers, \
+                             correlation_id, causation_id, traceparent, tracestate, source, \
+                             occurred_at, status, attempts, last_error, failed_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10::jsonb, $11, $12, \
+                             $13, $14, $15, $16, 'failed', 1, $17, now()) \
+                         ON CONFLICT (event_id) DO NOTHING",
+                    )
+                    .bind(r.event_id)
+                    .bind(&r.aggregate_type)
+                    .bind(&r.aggregate_id)
+                    .bind(&r.event_type)
+                    .bind(r.event_version)
+                    .bind(&r.topic)
+                    .bind(&r.payload)
+                    .bind(&r.payload_bytes)
+                    .bind(&r.content_type)
+                    .bind(&r.headers)
+                    .bind(&r.correlation_id)
+                    .bind(&r.causation_id)
+                    .bind(&r.traceparent)
+                    .bind(&r.tracestate)
+                    .bind(&r.source)
+                    .bind(r.occurred_at)
+                    .bind(reason)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await
+    }
+}
+
+/// A batch's outcome being written by its own task, and the position to
+/// confirm once it is written.
+pub(crate) struct Pending {
+    pub(crate) end: Lsn,
+    task: JoinHandle<bool>,
+}
+
+impl Pending {
+    /// Waits for the write: `Some(end)` once it is written, `None` if it
+    /// gave up (the relay stops) and nothing may be confirmed.
+    pub(crate) async fn written(self) -> Option<Lsn> {
+        match self.task.await {
+            Ok(true) => Some(self.end),
+            Ok(false) => None,
+            Err(e) => {
+                warn!(error = %e, "the task recording a batch's outcome ended early");
+                None
+            }
+        }
+    }
+
+    /// Whether the write is done (then [`Pending::written`] returns at
+    /// once).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// Waits until each of `ids` is visible in the table, up to
+/// [`VISIBLE_WITHIN`]: a row still missing then was deleted by someone else
+/// (a `failed discard`, or a polling relay with `--remember-published 0`).
+async fn await_visible(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
+    let deadline = std::time::Instant::now() + VISIBLE_WITHIN;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_one(pool)
+            .await?;
+        if visible as usize >= ids.len() || std::time::Instant::now() > deadline {
+            if tries > 1 {
+                debug!(
+                    rows = ids.len(),
+                    tries, "waited for committed rows to become visible"
+                );
+            }
+            return Ok(());
+        }
+        // The race lasts microseconds on an idle server: ask again at once
+        // (the query's round trip is the wait), then every millisecond.
+        if tries > 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// How long a committed row may take to become visible (see
+/// `wal::RowsSeen`).
+const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
