@@ -40,7 +40,6 @@ use std::{
 
 use anyhow::{bail, Context};
 use outbox_core::{append, emit, NewEvent};
-use outbox_relay::slot;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     ClientConfig, Message, Offset, TopicPartitionList,
@@ -255,7 +254,7 @@ async fn measure_system(
         clean(env).await?;
         let topic = env.topic("side-drain").await?;
         if system.reads_slot() {
-            fresh_slot(env).await?;
+            env.fresh_slot(SLOT).await?;
         }
         fill(env, &topic, rows, system.table_less()).await?;
         let running = spawn_system(env, installed, system, 5000)?;
@@ -264,14 +263,14 @@ async fn measure_system(
         running.stop().await;
         figures.drain = counted?;
         env.drop_topic(&topic).await;
-        drop_slot(env).await;
+        env.drop_slot(SLOT).await;
     }
 
     // Commit-to-consume at each rate.
     for &rate in rates {
         clean(env).await?;
         if system.reads_slot() {
-            fresh_slot(env).await?;
+            env.fresh_slot(SLOT).await?;
         }
         let topic = env.topic("side-latency").await?;
         let running = start(env, installed, system, 1000).await?;
@@ -279,7 +278,7 @@ async fn measure_system(
         figures.rss_mib = figures.rss_mib.max(running.peak_rss_mib());
         running.stop().await;
         env.drop_topic(&topic).await;
-        drop_slot(env).await;
+        env.drop_slot(SLOT).await;
         figures.latency.push(m?);
     }
     clean(env).await?;
@@ -296,24 +295,6 @@ async fn clean(env: &Env) -> anyhow::Result<()> {
         .execute("VACUUM ANALYZE outbox, outbox_published_ids")
         .await?;
     Ok(())
-}
-
-async fn fresh_slot(env: &Env) -> anyhow::Result<()> {
-    drop_slot(env).await;
-    slot::create(&env.pool, SLOT, SLOT).await?;
-    Ok(())
-}
-
-async fn drop_slot(env: &Env) {
-    // The reader may take a moment to let go after its process ended.
-    for _ in 0..100 {
-        match slot::drop(&env.pool, SLOT, Some(SLOT)).await {
-            Err(slot::SlotError::HeldByAnother { .. }) => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            _ => return,
-        }
-    }
 }
 
 /// `rows` events in transactions of 1,000: outbox rows, or table-less

@@ -60,6 +60,26 @@ impl Env {
         }
     }
 
+    /// A new slot and publication named `name`, in place of any left over.
+    pub(crate) async fn fresh_slot(&self, name: &str) -> anyhow::Result<()> {
+        self.drop_slot(name).await;
+        outbox_relay::slot::create(&self.pool, name, name).await?;
+        Ok(())
+    }
+
+    /// Drops the slot and publication named `name`, waiting up to 10 s
+    /// for a reader that just stopped to let go.
+    pub(crate) async fn drop_slot(&self, name: &str) {
+        for _ in 0..100 {
+            match outbox_relay::slot::drop(&self.pool, name, Some(name)).await {
+                Err(outbox_relay::slot::SlotError::HeldByAnother { .. }) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                }
+                _ => return,
+            }
+        }
+    }
+
     pub(crate) fn relay(&self, cfg: RelayConfig) -> anyhow::Result<Relay> {
         Ok(Relay::new(
             RelayConfig {

@@ -6,8 +6,6 @@
 //! Each WAL measurement creates its slot first (so the events written after
 //! it are in it) and drops it after.
 
-use std::time::Duration;
-
 use outbox_relay::{slot, RelayConfig, WalSource};
 
 use crate::{drain::relay_drain, latency::measure_with, median, samples, Env};
@@ -26,24 +24,6 @@ fn wal_config(env: &Env, batch_size: usize) -> anyhow::Result<RelayConfig> {
     })
 }
 
-async fn fresh_slot(env: &Env) -> anyhow::Result<()> {
-    drop_slot(env).await;
-    slot::create(&env.pool, SLOT, SLOT).await?;
-    Ok(())
-}
-
-async fn drop_slot(env: &Env) {
-    // Its reader may take a moment to let go after the relay stopped.
-    for _ in 0..50 {
-        match slot::drop(&env.pool, SLOT, Some(SLOT)).await {
-            Err(slot::SlotError::HeldByAnother { .. }) => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            _ => return,
-        }
-    }
-}
-
 /// The WAL relay's drain of a backlog written after its slot, rows/s.
 async fn wal_drain(
     env: &Env,
@@ -51,9 +31,9 @@ async fn wal_drain(
     rows: i64,
     batch_size: usize,
 ) -> anyhow::Result<f64> {
-    fresh_slot(env).await?;
+    env.fresh_slot(SLOT).await?;
     let rate = relay_drain(env, recorder, rows, wal_config(env, batch_size)?).await;
-    drop_slot(env).await;
+    env.drop_slot(SLOT).await;
     rate
 }
 
@@ -65,10 +45,10 @@ async fn wal_latency(
     seconds: u64,
     table_less: bool,
 ) -> anyhow::Result<crate::latency::Measured> {
-    fresh_slot(env).await?;
+    env.fresh_slot(SLOT).await?;
     let cfg = wal_config(env, RelayConfig::default().batch_size)?;
     let m = measure_with(env, recorder, rate, seconds, cfg, table_less).await;
-    drop_slot(env).await;
+    env.drop_slot(SLOT).await;
     m
 }
 

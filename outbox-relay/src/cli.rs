@@ -184,6 +184,28 @@ pub struct RunArgs {
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub kafka_brokers: String,
 
+    /// Where events go: `kafka` (the brokers of --kafka-brokers), or
+    /// `rabbitmq` (durable topic exchanges named like the topics, at
+    /// --amqp-url).
+    #[arg(long, env = "RELAY_SINK", value_enum, default_value_t = SinkArg::Kafka)]
+    pub sink: SinkArg,
+
+    /// With --sink rabbitmq: the broker, amqp://user:password@host:port/vhost
+    /// (amqps:// for TLS). Never logged.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub amqp_url: String,
+
+    /// With --sink rabbitmq: each message's routing key; `{event_type}`,
+    /// `{aggregate_type}` and `{aggregate_id}` are replaced.
+    #[arg(long, env = "RELAY_AMQP_ROUTING_KEY", default_value = "{event_type}")]
+    pub amqp_routing_key: String,
+
     /// Extra librdkafka producer property, `key=value` (repeatable; TLS and
     /// SASL settings go here, e.g. security.protocol=SASL_SSL). The env var
     /// takes a comma-separated list. Values are never logged.
@@ -331,6 +353,15 @@ pub enum SourceArg {
     Wal,
 }
 
+/// `--sink` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SinkArg {
+    /// Apache Kafka (default).
+    Kafka,
+    /// RabbitMQ.
+    Rabbitmq,
+}
+
 /// `--after-publish` values.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum AfterPublishArg {
@@ -400,6 +431,11 @@ impl RunArgs {
                     one_in: n.max(1),
                     abort_process: true,
                 }
+            }),
+            rabbitmq: (self.sink == SinkArg::Rabbitmq).then(|| {
+                let mut sink = outbox_relay::RabbitMqSink::new(self.amqp_url.clone());
+                sink.routing_key = self.amqp_routing_key.clone();
+                sink
             }),
             ..RelayConfig::default()
         }

@@ -183,6 +183,63 @@ pub struct RelayConfig {
     /// polling the outbox table (`--source wal`): see [`WalSource`]. Default
     /// `None` (poll).
     pub wal: Option<WalSource>,
+    /// Publish to RabbitMQ instead of Kafka (`--sink rabbitmq`): see
+    /// [`RabbitMqSink`]. Needs the cargo feature `rabbitmq`. Default `None`
+    /// (Kafka).
+    pub rabbitmq: Option<RabbitMqSink>,
+}
+
+/// The RabbitMQ sink (`--sink rabbitmq`): each event becomes a persistent
+/// message on the durable topic exchange named by its topic (the row's
+/// `topic`, or [`RelayConfig::topic_template`]), confirmed by the broker
+/// before its row is done. docs/rabbitmq.md has the message mapping.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct RabbitMqSink {
+    /// The broker, `amqp://user:password@host:port/vhost` (`amqps://` for
+    /// TLS). Never logged: messages name the host, port and vhost only.
+    pub url: String,
+    /// The routing key of each message: `{event_type}`,
+    /// `{aggregate_type}` and `{aggregate_id}` are replaced by the event's.
+    /// Default `{event_type}`.
+    pub routing_key: String,
+    /// How long connecting may take before it counts as failed (and is
+    /// tried again with back-off). Default 10 s.
+    pub connect_timeout: Duration,
+}
+
+impl RabbitMqSink {
+    /// The defaults, publishing to `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            routing_key: "{event_type}".into(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// `host:port/vhost`, for messages (no user or password).
+    pub fn broker_for_logs(&self) -> String {
+        match url::Url::parse(&self.url) {
+            Ok(u) => format!(
+                "{}:{}{}",
+                u.host_str().unwrap_or("?"),
+                u.port().unwrap_or(5672),
+                if u.path().is_empty() { "/" } else { u.path() }
+            ),
+            Err(_) => "(an AMQP URL that does not parse)".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RabbitMqSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitMqSink")
+            .field("broker", &self.broker_for_logs())
+            .field("routing_key", &self.routing_key)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
 }
 
 /// The WAL source (`--source wal`): the relay reads inserts into the outbox
@@ -275,6 +332,7 @@ impl Default for RelayConfig {
             crash_after_kafka_commit: None,
             mutation_skip_fencing: false,
             wal: None,
+            rabbitmq: None,
         }
     }
 }
@@ -331,6 +389,39 @@ impl RelayConfig {
                 return bad(
                     "the WAL status and heartbeat intervals must be greater than zero".into(),
                 );
+            }
+        }
+        if let Some(rabbit) = &self.rabbitmq {
+            if !cfg!(feature = "rabbitmq") {
+                return bad(
+                    "this build has no RabbitMQ sink: build with the cargo feature \
+                     `rabbitmq` (the outbox-relay binary has it)"
+                        .into(),
+                );
+            }
+            match url::Url::parse(&rabbit.url) {
+                Ok(u) if matches!(u.scheme(), "amqp" | "amqps") => {}
+                Ok(u) => {
+                    return bad(format!(
+                        "the RabbitMQ URL must start with amqp:// or amqps://, not {}://",
+                        u.scheme()
+                    ))
+                }
+                Err(e) => {
+                    return bad(format!(
+                        "the RabbitMQ URL (AMQP_URL / --amqp-url) does not parse: {e}"
+                    ))
+                }
+            }
+            if self.exactly_once {
+                return bad(
+                    "--exactly-once uses Kafka transactions; it is not available with \
+                     --sink rabbitmq"
+                        .into(),
+                );
+            }
+            if rabbit.routing_key.is_empty() {
+                return bad("the routing key template must not be empty".into());
             }
         }
         if !self.topic_template.contains("{aggregate_type}") {

@@ -85,6 +85,8 @@ pub struct Health {
     phase: AtomicU8,
     reason: Mutex<String>,
     broker: Arc<Reach>,
+    /// The broker's name in reasons: `kafka` or `rabbitmq`.
+    broker_name: &'static str,
     /// When the records of the batch in flight were sent, and how many.
     awaiting: Mutex<Option<(Instant, usize)>>,
 }
@@ -102,10 +104,16 @@ impl Health {
     /// Starts in [`State::Starting`], reading the broker connection from
     /// `broker`.
     pub(crate) fn new(broker: Arc<Reach>) -> Self {
+        Self::naming(broker, "kafka")
+    }
+
+    /// [`Health::new`] for a broker named `broker_name` in the reasons.
+    pub(crate) fn naming(broker: Arc<Reach>, broker_name: &'static str) -> Self {
         Self {
             phase: AtomicU8::new(State::Starting as u8),
             reason: Mutex::new("waiting for its share of the outbox partitions".into()),
             broker,
+            broker_name,
             awaiting: Mutex::new(None),
         }
     }
@@ -156,19 +164,25 @@ impl Health {
             Connection::Up => {}
             Connection::Down { down_for, why } => {
                 let broker = format!(
-                    "kafka: no broker connected for {} s: {why}",
+                    "{}: no broker connected for {} s: {why}",
+                    self.broker_name,
                     down_for.as_secs()
                 );
                 return match phase {
                     // The loop's own failure says more, unless it is this one.
-                    State::Degraded if !reason.starts_with("kafka") => {
+                    State::Degraded if !reason.starts_with(self.broker_name) => {
                         (State::Degraded, format!("{reason}; and {broker}"))
                     }
                     _ => (State::Degraded, broker),
                 };
             }
             _ if phase == State::Degraded => {}
-            _ => return (State::Starting, "connecting to Kafka".into()),
+            _ => {
+                return (
+                    State::Starting,
+                    format!("connecting to {}", self.broker_name),
+                )
+            }
         }
         if phase == State::Active {
             let awaiting = *self.awaiting.lock().unwrap_or_else(|p| p.into_inner());
@@ -178,7 +192,8 @@ impl Health {
                     return (
                         State::Degraded,
                         format!(
-                            "kafka: {records} records sent {} s ago are not acknowledged yet",
+                            "{}: {records} records sent {} s ago are not acknowledged yet",
+                            self.broker_name,
                             waited.as_secs()
                         ),
                     );

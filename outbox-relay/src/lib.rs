@@ -51,9 +51,12 @@ mod exactly_once;
 mod lease;
 mod pgoutput;
 mod publisher;
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq;
 mod record;
 mod relay;
 mod retry;
+mod sink;
 mod slot_lease;
 mod upkeep;
 mod wake;
@@ -63,6 +66,6 @@ mod wal_outcome;
 #[cfg(test)]
 mod fencing_tests;
 
-pub use config::{AfterPublish, PoisonPolicy, RelayConfig, WalSource};
+pub use config::{AfterPublish, PoisonPolicy, RabbitMqSink, RelayConfig, WalSource};
 pub use publisher::PublisherError;
 pub use relay::{Relay, RelayError, RelayHandle};

@@ -60,6 +60,7 @@ use crate::{
     publisher::{Outcome, Publisher, PublisherError, TopicState},
     record::{self, Record, TopicRouter},
     retry::back_off,
+    sink::Sink,
     store, telemetry,
     upkeep::{self, Expired},
     wake::{self, WaitFlag, Wakeups},
@@ -83,7 +84,9 @@ pub enum RelayError {
 enum BatchError {
     #[error("database: {}", store::explain(.0))]
     Database(#[from] sqlx::Error),
-    #[error("kafka: {0}")]
+    /// The broker's failure (the message carries no sink name: the
+    /// relay prefixes [`Sink::name`]).
+    #[error("{0}")]
     Broker(String),
     /// The crash hook fired (tests): stop at once, as if killed.
     #[error("halted by the crash hook")]
@@ -96,7 +99,7 @@ pub struct Relay {
     pub(crate) cfg: RelayConfig,
     pub(crate) pool: PgPool,
     claim_pool: PgPool,
-    pub(crate) publisher: Arc<Publisher>,
+    pub(crate) sink: Arc<Sink>,
     router: TopicRouter,
     claim_sql: String,
     health: Arc<Health>,
@@ -125,7 +128,7 @@ impl Relay {
             .relay_id
             .clone()
             .unwrap_or_else(|| config::new_relay_id("relay"));
-        let publisher = Arc::new(Publisher::new(&cfg, &relay_id)?);
+        let sink = Arc::new(Sink::new(&cfg, &relay_id)?);
         let connect = config::connect_options(connect, cfg.transaction_pooler);
         let pool = PgPoolOptions::new()
             .max_connections(4)
@@ -158,12 +161,20 @@ impl Relay {
             ),
             cfg,
             pool,
-            health: Arc::new(Health::new(publisher.reach())),
-            publisher,
+            health: Arc::new(Health::naming(sink.reach(), sink.name())),
+            sink,
             leases,
             exactly_once,
             idle_warned_at: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The Kafka producer, in exactly-once mode (which
+    /// [`RelayConfig::validate`] allows only with Kafka).
+    fn kafka(&self) -> &Publisher {
+        self.sink
+            .kafka()
+            .expect("exactly-once runs on Kafka only (RelayConfig::validate)")
     }
 
     /// The health state, for `/readyz`.
@@ -199,6 +210,7 @@ impl Relay {
     /// returns. Whatever is left when the time is up is abandoned: other
     /// relays take the partitions over when the lease runs out.
     pub async fn run(self, shutdown: CancellationToken) {
+        self.sink.start();
         if let Some(wal) = self.cfg.wal.clone() {
             return self.run_wal(&wal, shutdown).await;
         }
@@ -279,9 +291,9 @@ impl Relay {
     /// The end of a shutdown: flushes the producer and closes the pool, by
     /// `deadline`.
     async fn flush_and_close(&self, deadline: tokio::time::Instant) {
-        let publisher = self.publisher.clone();
+        let sink = self.sink.clone();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::task::spawn_blocking(move || publisher.flush(left)).await {
+        match tokio::task::spawn_blocking(move || sink.flush(left)).await {
             Ok(Ok(())) => info!("producer flushed"),
             Ok(Err(e)) => warn!(error = %e, "producer flush incomplete"),
             Err(e) => warn!(error = %e, "producer flush task failed"),
@@ -369,7 +381,7 @@ impl Relay {
                 // which waits for every open transaction to end.
                 let paid = match eo.recover_taken(&self.pool, &self.cfg, &self.leases).await {
                     Ok(()) => {
-                        eo.pay(&self.publisher, &self.pool, &self.cfg, &self.leases)
+                        eo.pay(self.kafka(), &self.pool, &self.cfg, &self.leases)
                             .await
                     }
                     Err(e) => Err(e),
@@ -453,7 +465,7 @@ impl Relay {
                     back_off(&mut backoff, shutdown).await;
                 }
                 Err(BatchError::Broker(e)) => {
-                    self.degraded(format!("kafka: {e}"));
+                    self.degraded(format!("{}: {e}", self.sink.name()));
                     broker_failures += 1;
                     self.replace_producer_if_fatal(broker_failures);
                     back_off(&mut backoff, shutdown).await;
@@ -511,7 +523,10 @@ impl Relay {
     /// idempotent producer after timeouts by bumping its epoch, which Apache
     /// Kafka accepts (KIP-360).
     fn replace_producer_if_fatal(&self, consecutive_failures: u32) {
-        let Some(fatal) = self.publisher.fatal_error() else {
+        let Some(publisher) = self.sink.kafka() else {
+            return;
+        };
+        let Some(fatal) = publisher.fatal_error() else {
             return;
         };
         if let Some(eo) = &self.exactly_once {
@@ -521,7 +536,7 @@ impl Relay {
             eo.owe(&[], true, 0);
             return;
         }
-        match self.publisher.rebuild() {
+        match publisher.rebuild() {
             Ok(()) => {
                 warn!(%fatal, consecutive_failures, "replaced the Kafka producer after a fatal error")
             }
@@ -541,7 +556,7 @@ impl Relay {
                 let why = store::explain_connect(&e, opts.get_host(), opts.get_port()).await;
                 format!("database: {why}")
             }
-            BatchError::Broker(e) => format!("kafka: {e}"),
+            BatchError::Broker(e) => format!("{}: {e}", self.sink.name()),
             BatchError::Halted => "halted by the crash hook".into(),
         }
     }
@@ -615,7 +630,7 @@ impl Relay {
             Vec::new()
         };
         if let Some(eo) = txn {
-            if let Err(e) = eo.begin(&self.publisher).await {
+            if let Err(e) = eo.begin(self.kafka()).await {
                 let _ = tx.rollback().await;
                 eo.owe(&[], true, ticket);
                 return Err(BatchError::Broker(format!(
@@ -628,14 +643,14 @@ impl Relay {
             (true, Some(in_flight)) => {
                 let _awaiting = self.health.awaiting(sent);
                 let (outcomes, next) =
-                    tokio::join!(self.publisher.publish(records), self.claim(in_flight));
+                    tokio::join!(self.sink.publish(records), self.claim(in_flight));
                 // A failed prefetch is not this batch's problem; the next
                 // claim will meet the error again.
                 (outcomes, next.ok())
             }
             (true, None) => {
                 let _awaiting = self.health.awaiting(sent);
-                (self.publisher.publish(records).await, None)
+                (self.sink.publish(records).await, None)
             }
             (false, _) => (Vec::new(), None),
         };
@@ -656,7 +671,7 @@ impl Relay {
                 }
                 None => "the checkpoint's delivery report did not come".to_string(),
             };
-            match eo.end(&self.publisher, commit, &why).await {
+            match eo.end(self.kafka(), commit, &why).await {
                 Ended::Committed => {
                     committed_in_kafka = true;
                     if eo.crash_now() {
@@ -752,7 +767,7 @@ impl Relay {
         if let Some((_, reason)) = res.retry.first() {
             for (topic, state) in &topics {
                 if *state == TopicState::Exists {
-                    self.publisher.forget_topic(topic);
+                    self.sink.forget_topic(topic);
                 }
             }
             return Err(BatchError::Broker(format!(
@@ -791,7 +806,7 @@ impl Relay {
             let state = match topics.get(&rec.topic) {
                 Some(s) => s.clone(),
                 None => {
-                    let s = self.publisher.topic_state(&rec.topic).await;
+                    let s = self.sink.topic_state(&rec.topic).await;
                     topics.insert(rec.topic.clone(), s.clone());
                     s
                 }

@@ -62,7 +62,10 @@ pub(crate) async fn run(
     });
     info!(
         database = %describe(&opts),
-        brokers = %cfg.brokers,
+        sink = match &cfg.rabbitmq {
+            Some(r) => format!("rabbitmq {}", r.broker_for_logs()),
+            None => format!("kafka {}", cfg.brokers),
+        },
         batch_size = cfg.batch_size,
         poll_interval = ?cfg.poll_interval,
         listen = cfg.listen && !cfg.transaction_pooler,

@@ -582,7 +582,7 @@ impl<'a> Session<'a> {
         let outcomes = if records.iter().any(Option::is_some) {
             let health = relay.health();
             let _awaiting = health.awaiting(records.len());
-            relay.publisher.publish(records).await
+            relay.sink.publish(records).await
         } else {
             vec![None; events.len()]
         };

@@ -1,0 +1,373 @@
+//! The relay's RabbitMQ sink (`--sink rabbitmq`) against the real
+//! RabbitMQ `./dev up` runs (`AMQP_URL`), read back with lapin: delivery
+//! in key order with the envelope as AMQP properties and CloudEvents
+//! headers, an unroutable event moved to failed, and an unreachable broker
+//! that keeps rows pending and the relay unready.
+
+use std::{collections::HashMap, time::Duration};
+
+use futures::StreamExt;
+use integration_tests::{eventually, free_port, pending, quick_relay_config, unique, RunningRelay};
+use lapin::{
+    options::{
+        BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable},
+    Channel, Connection, ConnectionProperties, ExchangeKind,
+};
+use outbox_core::{append, NewEvent};
+use outbox_relay::{RabbitMqSink, RelayConfig};
+use sqlx::PgPool;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn rabbit_config(url: &str) -> RelayConfig {
+    RelayConfig {
+        rabbitmq: Some(RabbitMqSink::new(url)),
+        ..quick_relay_config()
+    }
+}
+
+async fn channel() -> anyhow::Result<(Connection, Channel)> {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    Ok((conn, channel))
+}
+
+/// Declares `exchange` as the relay does (durable topic), and an exclusive
+/// queue bound to it for every routing key; returns the queue's name.
+async fn bound_queue(channel: &Channel, exchange: &str) -> anyhow::Result<String> {
+    channel
+        .exchange_declare(
+            exchange.to_string().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let queue = format!("{exchange}-q");
+    channel
+        .queue_declare(
+            queue.clone().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.clone().into(),
+            exchange.to_string().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(queue)
+}
+
+/// Migrates, and binds a fresh queue to a fresh exchange named after
+/// `prefix`: the exchange (the events' topic), the connection and channel
+/// (keep them: the queue is exclusive), and a consumer of the queue.
+async fn bound_setup(
+    pool: &PgPool,
+    prefix: &str,
+) -> anyhow::Result<(String, Connection, Channel, lapin::Consumer)> {
+    outbox_core::migrate(pool).await?;
+    let exchange = unique(prefix);
+    let (conn, ch) = channel().await?;
+    let queue = bound_queue(&ch, &exchange).await?;
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            "test".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((exchange, conn, ch, consumer))
+}
+
+/// The next message (acknowledged), within [`WAIT`].
+async fn next_message(
+    consumer: &mut lapin::Consumer,
+    got: usize,
+) -> anyhow::Result<lapin::message::Delivery> {
+    let next = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .map_err(|_| anyhow::anyhow!("only {got} messages within {WAIT:?}"))?;
+    let delivery = next.ok_or_else(|| anyhow::anyhow!("the consumer ended"))??;
+    delivery.acker.ack(BasicAckOptions::default()).await?;
+    Ok(delivery)
+}
+
+fn header(table: &FieldTable, name: &str) -> Option<String> {
+    match table.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn events_reach_a_bound_queue_in_key_order_with_the_envelope_as_amqp_properties(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let (exchange, _conn, _ch, mut consumer) = bound_setup(&pool, "rmq-orders").await?;
+
+    let n = 60;
+    let mut sent = Vec::new();
+    for i in 0..n {
+        let mut e = NewEvent::new("order", format!("key-{}", i % 3), "order.placed")
+            .topic(&exchange)
+            .json_payload(&serde_json::json!({ "seq": i }))?;
+        if i == 7 {
+            e = e.correlation_id("corr-7").header("tenant", "acme");
+        }
+        append(&pool, &e).await?;
+        sent.push(e);
+    }
+    let relay = RunningRelay::start_exactly(&pool, rabbit_config(&amqp_url()))?;
+
+    let mut got = Vec::new();
+    while got.len() < n {
+        got.push(next_message(&mut consumer, got.len()).await?);
+    }
+
+    // Every event once, each key's events in the order they were written.
+    let mut last_seq: HashMap<String, i64> = HashMap::new();
+    for d in &got {
+        let body: serde_json::Value = serde_json::from_slice(&d.data)?;
+        let seq = body["seq"].as_i64().expect("seq");
+        let p = &d.properties;
+        let id = p.message_id().as_ref().expect("message_id").to_string();
+        let e = &sent[seq as usize];
+        assert_eq!(id, e.event_id.to_string(), "message_id is the event id");
+        let key = d.routing_key.as_str().to_string();
+        assert_eq!(key, "order.placed", "routing key: the event type");
+        let agg = format!("key-{}", seq % 3);
+        if let Some(prev) = last_seq.insert(agg.clone(), seq) {
+            assert!(prev < seq, "{agg}: {seq} after {prev}");
+        }
+        assert_eq!(p.kind().as_ref().map(|k| k.as_str()), Some("order.placed"));
+        assert_eq!(p.delivery_mode(), &Some(2), "persistent");
+        assert_eq!(
+            p.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        assert!(p.timestamp().is_some_and(|t| t > 1_700_000_000));
+        let h = p.headers().as_ref().expect("headers");
+        assert_eq!(header(h, "cloudEvents:id").as_deref(), Some(id.as_str()));
+        assert_eq!(header(h, "cloudEvents:specversion").as_deref(), Some("1.0"));
+        assert_eq!(
+            header(h, "cloudEvents:type").as_deref(),
+            Some("order.placed")
+        );
+        assert_eq!(
+            header(h, "cloudEvents:subject").as_deref(),
+            Some(agg.as_str())
+        );
+        assert!(header(h, "cloudEvents:source").is_some());
+        assert!(header(h, "cloudEvents:time").is_some());
+        if seq == 7 {
+            assert_eq!(
+                p.correlation_id().as_ref().map(|c| c.as_str()),
+                Some("corr-7")
+            );
+            assert_eq!(header(h, "tenant").as_deref(), Some("acme"));
+        }
+    }
+    assert_eq!(last_seq.len(), 3);
+    eventually(WAIT, "every row published", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
+    relay.stop().await
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_unroutable_event_is_moved_to_failed_with_the_reason(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    outbox_core::migrate(&pool).await?;
+    // An exchange no queue is bound to: the broker returns the message.
+    let exchange = unique("rmq-nobody");
+    let e = NewEvent::new("order", "k-1", "order.placed")
+        .topic(&exchange)
+        .json_payload(&serde_json::json!({ "seq": 0 }))?;
+    append(&pool, &e).await?;
+    let relay = RunningRelay::start_exactly(&pool, rabbit_config(&amqp_url()))?;
+    eventually(WAIT, "the event failed", || async {
+        let failed: Option<String> =
+            sqlx::query_scalar("SELECT last_error FROM outbox WHERE status = 'failed'")
+                .fetch_optional(&pool)
+                .await?;
+        Ok(failed.is_some())
+    })
+    .await?;
+    let reason: String = sqlx::query_scalar("SELECT last_error FROM outbox WHERE event_id = $1")
+        .bind(e.event_id)
+        .fetch_one(&pool)
+        .await?;
+    println!("failed: {reason}");
+    assert!(
+        reason.contains("unroutable") && reason.contains(&exchange),
+        "the reason names the problem: {reason}"
+    );
+    relay.stop().await
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_unreachable_broker_keeps_rows_pending_and_the_relay_unready(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    outbox_core::migrate(&pool).await?;
+    let url = format!("amqp://guest:secret-pw@127.0.0.1:{}/%2f", free_port());
+    let e = NewEvent::new("order", "k-1", "order.placed").topic("rmq-unreachable");
+    append(&pool, &e).await?;
+    let relay = RunningRelay::start_exactly(&pool, rabbit_config(&url))?;
+    eventually(Duration::from_secs(20), "not ready, saying why", || async {
+        let (state, why) = relay.health.now();
+        Ok(!relay.health.is_ready() && why.contains("RabbitMQ") && state.name() != "starting")
+    })
+    .await?;
+    let (_, why) = relay.health.now();
+    println!("not ready: {why}");
+    assert!(
+        !why.contains("secret-pw"),
+        "the password never shows: {why}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pending(&pool).await?, 1, "the row waits for the broker");
+    relay.stop().await
+}
+
+/// A TCP proxy to the broker that can cut every connection through it and
+/// refuse new ones until healed: a lost connection, as a broker restart or
+/// a network fault makes it.
+struct Proxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn to_broker() -> anyhow::Result<Self> {
+        let url = url::Url::parse(&amqp_url())?;
+        let target = format!(
+            "{}:{}",
+            url.host_str().unwrap_or("127.0.0.1"),
+            url.port().unwrap_or(5672)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, l) = (cut.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let link = tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+                l.lock().expect("links").push(link.abort_handle());
+            }
+        });
+        Ok(Self { port, cut, links })
+    }
+
+    fn url(&self) -> String {
+        let mut url = url::Url::parse(&amqp_url()).expect("AMQP_URL");
+        url.set_host(Some("127.0.0.1")).expect("host");
+        url.set_port(Some(self.port)).expect("port");
+        url.to_string()
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().expect("links").drain(..) {
+            link.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_lost_connection_is_reported_reopened_and_loses_nothing(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let (exchange, _conn, _ch, mut consumer) = bound_setup(&pool, "rmq-cut").await?;
+    let proxy = Proxy::to_broker().await?;
+    let relay = RunningRelay::start_exactly(&pool, rabbit_config(&proxy.url()))?;
+    eventually(WAIT, "ready", || async { Ok(relay.health.is_ready()) }).await?;
+
+    // Events keep coming while the connection is cut for 3 s.
+    let n = 300;
+    let writer = {
+        let pool = pool.clone();
+        let exchange = exchange.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..n {
+                let e = NewEvent::new("order", format!("key-{}", i % 5), "order.placed")
+                    .topic(&exchange)
+                    .json_payload(&serde_json::json!({ "seq": i }))?;
+                append(&pool, &e).await?;
+                ids.push(e.event_id.to_string());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            anyhow::Ok(ids)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    proxy.cut();
+    eventually(Duration::from_secs(10), "unready while cut off", || async {
+        Ok(!relay.health.is_ready())
+    })
+    .await?;
+    let (_, why) = relay.health.now();
+    println!("while cut off: {why}");
+    assert!(why.contains("rabbitmq"), "{why}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.heal();
+    let ids = writer.await??;
+
+    let mut seen = std::collections::HashSet::new();
+    let mut duplicates = 0;
+    while seen.len() < n {
+        let d = next_message(&mut consumer, seen.len()).await?;
+        let id = d.properties.message_id().as_ref().expect("id").to_string();
+        if !seen.insert(id) {
+            duplicates += 1;
+        }
+    }
+    println!("all {n} events after the cut; {duplicates} sent twice");
+    assert!(ids.iter().all(|id| seen.contains(id)), "no event lost");
+    eventually(WAIT, "ready again", || async {
+        Ok(relay.health.is_ready())
+    })
+    .await?;
+    eventually(WAIT, "every row published", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
+    relay.stop().await
+}
