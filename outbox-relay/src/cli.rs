@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use outbox_relay::{AfterPublish, PoisonPolicy, RelayConfig};
 use uuid::Uuid;
 
-/// Publishes committed PostgreSQL outbox rows to Kafka.
+/// Publishes committed PostgreSQL outbox events to Kafka or RabbitMQ.
 #[derive(Debug, Parser)]
 #[command(name = "outbox-relay", version, about)]
 pub struct Cli {

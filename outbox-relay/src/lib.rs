@@ -1,4 +1,4 @@
-//! outbox-relay: publishes committed PostgreSQL outbox rows to Kafka.
+//! outbox-relay: publishes committed PostgreSQL outbox events to Kafka or RabbitMQ.
 //!
 //! Most users run the `outbox-relay` binary as a sidecar. The library is
 //! what the binary is built from, and what tests and benchmarks embed. The
@@ -6,7 +6,9 @@
 //! sit behind the `cli` feature, on by default; embed the library with
 //! `default-features = false` to leave them out. The relay then reports its
 //! metrics through the `metrics` facade to whatever recorder the service
-//! installs, and its readiness through [`Relay::health`].
+//! installs, and its readiness through [`Relay::health`]. The RabbitMQ sink
+//! ([`RabbitMqSink`], `lapin`) sits behind the `rabbitmq` feature, which
+//! `cli` turns on.
 //!
 //! The public API is small: [`Relay`] (run it with [`Relay::run`], or on
 //! its own task with [`Relay::start`] and a [`RelayHandle`]), its

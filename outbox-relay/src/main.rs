@@ -68,12 +68,22 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::{fmt, EnvFilter};
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(
             // The replication client logs each ended session as an error;
-            // the WAL source reports it itself, with what to do.
+            // the WAL source reports it itself, with what to do. lapin logs
+            // each message RabbitMQ returns, payload and all, and each
+            // failed connection attempt several times as errors; the relay
+            // reports both itself (the event moved to failed, with the
+            // reason; the connection once per change, and in /readyz).
             "info,sqlx::postgres::notice=warn,refinery_core=warn,pgwire_replication::client::tokio_client=off",
         ));
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("lapin")) {
+        // Unless asked for by name (RUST_LOG=…,lapin=debug).
+        if let Ok(off) = "lapin=off".parse() {
+            filter = filter.add_directive(off);
+        }
+    }
     // Colours on a terminal only: log files and journals get plain text.
     let builder = fmt()
         .with_env_filter(filter)

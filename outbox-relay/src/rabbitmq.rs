@@ -71,6 +71,8 @@ pub(crate) struct RabbitMqPublisher {
     link: tokio::sync::Mutex<Option<Link>>,
     declared: Mutex<HashSet<String>>,
     reach: Arc<Reach>,
+    /// What the last look at the connection found wrong, said once.
+    said: Mutex<Option<String>>,
 }
 
 impl RabbitMqPublisher {
@@ -83,6 +85,7 @@ impl RabbitMqPublisher {
             link: tokio::sync::Mutex::new(None),
             declared: Mutex::new(HashSet::new()),
             reach: Arc::new(Reach::default()),
+            said: Mutex::new(None),
         }
     }
 
@@ -110,9 +113,25 @@ impl RabbitMqPublisher {
         let Ok(mut link) = self.link.try_lock() else {
             return;
         };
-        match self.usable(&mut link).await {
-            Ok(_) => self.reach.up(),
-            Err(why) => self.reach.down(why),
+        let seen = self.usable(&mut link).await;
+        // Said once per change: a broker down for an hour is one line.
+        let mut said = self.said.lock().expect("said");
+        match seen {
+            Ok(_) => {
+                self.reach.up();
+                crate::telemetry::rabbitmq_connection(true);
+                if said.take().is_some() {
+                    info!(broker = %self.broker, "RabbitMQ is reachable again");
+                }
+            }
+            Err(why) => {
+                if said.as_deref() != Some(why.as_str()) {
+                    warn!(reason = %why, "RabbitMQ cannot be used; trying again every second");
+                    *said = Some(why.clone());
+                }
+                self.reach.down(why);
+                crate::telemetry::rabbitmq_connection(false);
+            }
         }
     }
 
@@ -163,6 +182,7 @@ impl RabbitMqPublisher {
         // lost non-durable state; ours is durable, but declaring is cheap).
         self.declared.lock().expect("declared").clear();
         info!(broker = %self.broker, "connected to RabbitMQ");
+        crate::telemetry::rabbitmq_connected();
         Ok(Link { conn, channel })
     }
 

@@ -66,6 +66,12 @@ pub const WAL_LAG: &str = "outbox_relay_wal_lag_bytes";
 /// bits): everything before it is published.
 pub const WAL_CONFIRMED: &str = "outbox_relay_wal_confirmed_lsn";
 
+/// RabbitMQ sink: 1 while the connection is open and not blocked, 0
+/// otherwise (closed, refused, or blocked by a memory or disk alarm).
+pub const RABBITMQ_CONNECTION: &str = "outbox_relay_rabbitmq_connection_up";
+/// RabbitMQ sink: connections opened (the first, and one after each loss).
+pub const RABBITMQ_CONNECTS: &str = "outbox_relay_rabbitmq_connects_total";
+
 /// Histogram buckets (seconds) for the latency metrics.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
@@ -144,4 +150,13 @@ pub fn wal_slot(retained: i64, lag: i64, confirmed: u64) {
     gauge!(WAL_RETAINED).set(retained as f64);
     gauge!(WAL_LAG).set(lag as f64);
     gauge!(WAL_CONFIRMED).set(confirmed as f64);
+}
+
+/// The RabbitMQ connection as last seen (`up`: open and not blocked).
+pub(crate) fn rabbitmq_connection(up: bool) {
+    gauge!(RABBITMQ_CONNECTION).set(if up { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn rabbitmq_connected() {
+    counter!(RABBITMQ_CONNECTS).increment(1);
 }

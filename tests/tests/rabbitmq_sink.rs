@@ -371,3 +371,116 @@ async fn a_lost_connection_is_reported_reopened_and_loses_nothing(
     .await?;
     relay.stop().await
 }
+
+/// The binary, as an operator runs it, against a broker that refuses its
+/// password: `/readyz` says so, the log says it once per change of state
+/// and once per back-off step of the waiting batch (never with the
+/// password), and nothing is published.
+#[sqlx::test(migrations = false)]
+async fn a_refused_login_is_said_once_and_in_readyz_without_the_password(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    outbox_core::migrate(&pool).await?;
+    let mut url = url::Url::parse(&amqp_url())?;
+    url.set_password(Some("not-the-password-42"))
+        .map_err(|()| anyhow::anyhow!("cannot set a password in {url}"))?;
+    let name = unique("rmq-refused");
+    let port = free_port();
+    let relay = integration_tests::spawn_relay(
+        &pool,
+        &name,
+        &[
+            "--sink",
+            "rabbitmq",
+            "--amqp-url",
+            url.as_str(),
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+    )?;
+    append(
+        &pool,
+        &NewEvent::new("order", "k-1", "order.placed").topic("rmq-refused"),
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(20),
+        "/readyz names the refusal",
+        || async {
+            Ok(test_kit::http::get_blocking(port, "/readyz")
+                .is_ok_and(|(code, body)| code == 503 && body.contains("ACCESS_REFUSED")))
+        },
+    )
+    .await?;
+    let (_, readyz) = test_kit::http::get_blocking(port, "/readyz")?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drop(relay);
+    let log = std::fs::read_to_string(integration_tests::relay_log(&name))?;
+    println!("/readyz: {readyz}");
+    // The connection's state once; the batch that cannot go, at each try
+    // of its back-off (0.1, 0.2, 0.4 … s, then at most every 30 s).
+    let watcher = log.matches("RabbitMQ cannot be used").count();
+    let said = log.matches("ACCESS_REFUSED").count();
+    assert_eq!(watcher, 1, "the connection's state said once:\n{log}");
+    assert!(
+        said <= 10,
+        "the refusal not said every second or more: {said} times in\n{log}"
+    );
+    assert!(
+        !log.contains("not-the-password-42"),
+        "the password is never logged:\n{log}"
+    );
+    assert!(!readyz.contains("not-the-password-42"));
+    assert_eq!(pending(&pool).await?, 1);
+    Ok(())
+}
+
+/// The WAL source into RabbitMQ: rows and table-less events, in commit
+/// order, on the bound queue; the slot confirmed past them.
+#[sqlx::test(migrations = false)]
+async fn the_wal_source_publishes_rows_and_table_less_events_in_commit_order(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    use outbox_relay::{slot, WalSource};
+    let (exchange, _conn, _ch, mut consumer) = bound_setup(&pool, "rmq-wal").await?;
+    integration_tests::drop_test_slots(&pool, &[]).await;
+    let name = integration_tests::test_slot_name("rmq");
+    slot::create(&pool, &name, &name).await?;
+    let mut wal = WalSource::new(slot::ReplicationTarget::from_url(
+        &integration_tests::database_url(&pool),
+    )?);
+    wal.slot = name.clone();
+    wal.publication = name.clone();
+    let cfg = RelayConfig {
+        wal: Some(wal),
+        ..rabbit_config(&amqp_url())
+    };
+    let relay = RunningRelay::start_exactly(&pool, cfg)?;
+
+    // A long transaction around a short one on the same key: commit order.
+    let ev = |n: &str| NewEvent::new("order", "k-1", n).topic(&exchange);
+    let (first, short, last) = (ev("long.first"), ev("short"), ev("long.last"));
+    let mut long = pool.begin().await?;
+    append(&mut *long, &first).await?;
+    outbox_core::emit(&pool, &short).await?;
+    outbox_core::emit(&mut *long, &last).await?;
+    long.commit().await?;
+
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let d = next_message(&mut consumer, got.len()).await?;
+        got.push(d.properties.message_id().as_ref().expect("id").to_string());
+    }
+    let expected: Vec<String> = [&short, &first, &last]
+        .iter()
+        .map(|e| e.event_id.to_string())
+        .collect();
+    assert_eq!(got, expected, "commit order, rows and table-less alike");
+    eventually(WAIT, "the row deleted", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
+    relay.stop().await?;
+    integration_tests::drop_test_slots(&pool, &[&name]).await;
+    Ok(())
+}
