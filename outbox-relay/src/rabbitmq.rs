@@ -189,12 +189,16 @@ impl RabbitMqPublisher {
     /// Publishes `records` pipelined and returns one outcome per record, in
     /// order; a `None` entry is not sent and its outcome is `None`.
     pub(crate) async fn publish(&self, records: Vec<Option<Record>>) -> Vec<Option<Outcome>> {
-        let mut link = self.link.lock().await;
-        let channel = match self.usable(&mut link).await {
-            Ok(c) => c,
-            Err(why) => {
-                self.reach.down(why.clone());
-                return transient_all(&records, &why);
+        // The link is held only to pick the channel: the watcher may look
+        // at the connection (and see it blocked) while confirms are awaited.
+        let (channel, status) = {
+            let mut link = self.link.lock().await;
+            match self.usable(&mut link).await {
+                Ok(c) => (c, link.as_ref().expect("usable").conn.status().clone()),
+                Err(why) => {
+                    self.reach.down(why.clone());
+                    return transient_all(&records, &why);
+                }
             }
         };
         let mut outcomes: Vec<Option<Outcome>> = vec![None; records.len()];
@@ -216,8 +220,8 @@ impl RabbitMqPublisher {
                     self.declared.lock().expect("declared").insert(topic);
                 }
                 Err((why, permanent)) => {
-                    // The broker closed the channel: open a new one next time.
-                    *link = None;
+                    // The broker closed the channel: `usable` opens a new
+                    // one next time.
                     if !permanent {
                         self.reach.down(why.clone());
                         return transient_all(&records, &why);
@@ -264,7 +268,6 @@ impl RabbitMqPublisher {
             match sent {
                 Ok(confirm) => pending.push((i, routing_key, confirm)),
                 Err(e) => {
-                    *link = None;
                     let why = format!("cannot publish to RabbitMQ at {}: {e}", self.broker);
                     self.reach.down(why.clone());
                     for (j, r) in records.iter().enumerate().skip(i) {
@@ -282,12 +285,23 @@ impl RabbitMqPublisher {
         let Ok(confirmed) =
             tokio::time::timeout(self.publish_timeout, futures::future::join_all(waits)).await
         else {
-            *link = None;
-            let why = format!(
-                "RabbitMQ at {} confirmed nothing within {:?} (a blocked connection, or an \
-                 overloaded broker); sent again",
-                self.broker, self.publish_timeout
-            );
+            let why = if status.blocked() {
+                // Kept: the watcher reports it, and nothing is sent on it
+                // until the broker unblocks it.
+                format!(
+                    "RabbitMQ at {} blocked the connection (a memory or disk alarm) before \
+                     confirming; sent again once it is unblocked",
+                    self.broker
+                )
+            } else {
+                // Whatever became of it, start afresh.
+                *self.link.lock().await = None;
+                format!(
+                    "RabbitMQ at {} confirmed nothing within {:?} (an overloaded broker?); \
+                     sent again",
+                    self.broker, self.publish_timeout
+                )
+            };
             self.reach.down(why.clone());
             for (i, r) in records.iter().enumerate() {
                 if r.is_some() && outcomes[i].is_none() {
@@ -317,7 +331,6 @@ impl RabbitMqPublisher {
             });
         }
         if lost {
-            *link = None;
             self.reach.down(format!(
                 "the connection to RabbitMQ at {} was lost",
                 self.broker
