@@ -484,3 +484,37 @@ async fn the_wal_source_publishes_rows_and_table_less_events_in_commit_order(
     integration_tests::drop_test_slots(&pool, &[&name]).await;
     Ok(())
 }
+
+/// Two relays share the partitions (leases, as on Kafka): each key's
+/// events still reach the queue once each, in the order written.
+#[sqlx::test(migrations = false)]
+async fn two_relays_keep_each_keys_order_on_the_queue(pool: PgPool) -> anyhow::Result<()> {
+    let (exchange, _conn, _ch, mut consumer) = bound_setup(&pool, "rmq-two").await?;
+    let relays = [
+        RunningRelay::start_exactly(&pool, rabbit_config(&amqp_url()))?,
+        RunningRelay::start_exactly(&pool, rabbit_config(&amqp_url()))?,
+    ];
+    let n = 400;
+    for i in 0..n {
+        let e = NewEvent::new("order", format!("key-{}", i % 20), "order.placed")
+            .topic(&exchange)
+            .json_payload(&serde_json::json!({ "seq": i }))?;
+        append(&pool, &e).await?;
+    }
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < n {
+        let d = next_message(&mut consumer, seen.len()).await?;
+        let seq = serde_json::from_slice::<serde_json::Value>(&d.data)?["seq"]
+            .as_i64()
+            .expect("seq");
+        assert!(seen.insert(seq), "event {seq} twice without a fault");
+        if let Some(prev) = last.insert(seq % 20, seq) {
+            assert!(prev < seq, "key-{}: {seq} after {prev}", seq % 20);
+        }
+    }
+    for relay in relays {
+        relay.stop().await?;
+    }
+    Ok(())
+}
