@@ -12,6 +12,7 @@ mod env;
 mod exactly_once;
 mod latency;
 mod producer;
+mod rabbitmq;
 mod relays;
 mod samples;
 mod wal;
@@ -110,6 +111,23 @@ enum Which {
     /// What `--exactly-once` costs: drain and commit-to-ack latency with
     /// and without it, side by side.
     ExactlyOnce(SideBySide),
+    /// The relay draining into RabbitMQ (`--sink rabbitmq`) vs a raw lapin
+    /// publisher, side by side.
+    Rabbitmq {
+        /// Backlog size per drain.
+        #[arg(long, default_value_t = 200_000)]
+        rows: i64,
+        /// Relay batch size, and the raw publisher's confirm window.
+        #[arg(long, default_value_t = 5000)]
+        batch_size: usize,
+        /// The broker.
+        #[arg(
+            long,
+            env = "AMQP_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        )]
+        amqp_url: String,
+    },
     /// The relay reading the WAL (`--source wal`) vs polling: drain, and
     /// commit-to-ack with rows and with table-less events, side by side.
     Wal(SideBySide),
@@ -226,6 +244,11 @@ async fn main() -> anyhow::Result<()> {
             batch_size,
             counts,
         } => relays::scaling(&env, &recorder, args.runs, rows, batch_size, &counts).await?,
+        Which::Rabbitmq {
+            rows,
+            batch_size,
+            amqp_url,
+        } => rabbitmq::rabbitmq(&env, &recorder, &amqp_url, args.runs, rows, batch_size).await?,
         Which::Failover { rate, lease_ttl } => {
             relays::failover(&env, args.runs, rate, lease_ttl).await?
         }

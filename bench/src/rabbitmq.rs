@@ -1,0 +1,198 @@
+//! `rabbitmq`: the relay draining a backlog into RabbitMQ (`--sink
+//! rabbitmq`), against a raw lapin publisher with the same messages and the
+//! same way of confirming, side by side in each run.
+//!
+//! Both publish to a durable topic exchange with one durable classic queue
+//! bound to it (`#`), so every message is routed and written as persistent:
+//! - **raw**: `rows` messages shaped like the relay's (~200-byte JSON body,
+//!   the envelope's headers, persistent, mandatory), on one confirm-mode
+//!   channel, in windows of the relay's batch size: every message of a
+//!   window published, then every confirm awaited;
+//! - **relay**: the same backlog in the outbox table, drained by an
+//!   in-process relay with the RabbitMQ sink (the clock stops when every
+//!   row is confirmed, counted through the relay's commit-to-ack samples).
+//!
+//! The queue is purged between the two, and deleted at the end.
+
+use std::time::{Duration, Instant};
+
+use lapin::{
+    options::{
+        BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    },
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
+};
+use outbox_relay::{RabbitMqSink, RelayConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::{median, samples, Env, KEYS};
+
+pub(crate) async fn rabbitmq(
+    env: &Env,
+    recorder: &samples::Samples,
+    url: &str,
+    runs: usize,
+    rows: i64,
+    batch_size: usize,
+) -> anyhow::Result<()> {
+    println!(
+        "== rabbitmq: {rows} events backlog, ~200-byte payloads, {KEYS} keys, one durable queue \
+         bound; relay batch {batch_size}; raw: lapin, confirms awaited per window of {batch_size}"
+    );
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let exchange = format!("bench-rmq-{}", uuid::Uuid::new_v4().simple());
+    let queue = format!("{exchange}-q");
+    declare(&ch, &exchange, &queue).await?;
+    let (mut raw, mut relay) = (vec![], vec![]);
+    for run in 1..=runs {
+        let raw_rate = raw_publish(&conn, &exchange, rows as usize, batch_size).await?;
+        ch.queue_purge(queue.clone().into(), QueuePurgeOptions::default())
+            .await?;
+        let relay_rate = relay_drain(env, recorder, url, &exchange, rows, batch_size).await?;
+        ch.queue_purge(queue.clone().into(), QueuePurgeOptions::default())
+            .await?;
+        println!(
+            "run {run}: raw publisher {raw_rate:>9.0}/s  relay {relay_rate:>9.0}/s  relay/raw {:.2}",
+            relay_rate / raw_rate
+        );
+        raw.push(raw_rate);
+        relay.push(relay_rate);
+    }
+    let ratios: Vec<f64> = relay.iter().zip(&raw).map(|(r, w)| r / w).collect();
+    println!(
+        "median: raw publisher {:.0}/s  relay {:.0}/s  relay/raw {:.2}",
+        median(raw),
+        median(relay),
+        median(ratios)
+    );
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
+    ch.exchange_delete(exchange.into(), Default::default())
+        .await?;
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}
+
+async fn declare(ch: &Channel, exchange: &str, queue: &str) -> anyhow::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    ch.exchange_declare(
+        exchange.to_string().into(),
+        ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    let q = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare(queue.to_string().into(), q, FieldTable::default())
+        .await?;
+    ch.queue_bind(
+        queue.to_string().into(),
+        exchange.to_string().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Messages like the relay's, in windows of `window`: published, then
+/// confirmed. Messages per second.
+async fn raw_publish(
+    conn: &Connection,
+    exchange: &str,
+    n: usize,
+    window: usize,
+) -> anyhow::Result<f64> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let body = serde_json::json!({ "seq": 0, "pad": "x".repeat(170) }).to_string();
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let mut confirms = Vec::with_capacity(window);
+        for i in sent..(sent + window).min(n) {
+            let mut headers = FieldTable::default();
+            for (name, value) in [
+                ("cloudEvents:specversion", "1.0".to_string()),
+                ("cloudEvents:id", uuid::Uuid::new_v4().to_string()),
+                ("cloudEvents:type", "bench.row".into()),
+                ("cloudEvents:source", "outbox-relay".into()),
+                ("cloudEvents:time", chrono::Utc::now().to_rfc3339()),
+                ("cloudEvents:subject", format!("k{}", i % KEYS as usize)),
+                ("cloudEvents:aggregatetype", "bench".into()),
+                ("cloudEvents:eventversion", "1".into()),
+                ("cloudEvents:correlationid", format!("corr-{i}")),
+            ] {
+                headers.insert(
+                    ShortString::from(name),
+                    AMQPValue::LongString(LongString::from(value.into_bytes())),
+                );
+            }
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(ShortString::from(uuid::Uuid::new_v4().to_string()))
+                .with_type(ShortString::from("bench.row"))
+                .with_content_type(ShortString::from("application/json"))
+                .with_headers(headers);
+            confirms.push(
+                ch.basic_publish(
+                    exchange.to_string().into(),
+                    "bench.row".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body.as_bytes(),
+                    props,
+                )
+                .await?,
+            );
+        }
+        sent += confirms.len();
+        for c in futures::future::join_all(confirms).await {
+            anyhow::ensure!(c?.is_ack(), "the broker refused a message");
+        }
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    ch.close(200, "done".into()).await?;
+    Ok(rate)
+}
+
+/// The relay with the RabbitMQ sink draining `rows`; rows per second.
+async fn relay_drain(
+    env: &Env,
+    recorder: &samples::Samples,
+    url: &str,
+    exchange: &str,
+    rows: i64,
+    batch_size: usize,
+) -> anyhow::Result<f64> {
+    env.fill(exchange, rows).await?;
+    let cfg = RelayConfig {
+        batch_size,
+        rabbitmq: Some(RabbitMqSink::new(url)),
+        ..RelayConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let relay = env.relay(cfg)?;
+    let started = Instant::now();
+    recorder.clear();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+    while (recorder.len() as i64) < rows {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    task.await?;
+    Ok(rate)
+}
