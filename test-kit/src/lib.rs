@@ -4,6 +4,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`kafka`] | private Apache Kafka brokers (one node, or three) on loopback |
+//! | [`rabbitmq`] | a private RabbitMQ node on loopback (to restart, or alarm) |
 //! | [`db`] | a fresh database by name |
 //! | [`topic`] | a topic on a broker |
 //! | [`process`] | a child process killed when dropped, with SIGTERM, exit and RSS |
@@ -20,6 +21,7 @@ pub mod db;
 pub mod http;
 pub mod kafka;
 pub mod process;
+pub mod rabbitmq;
 pub mod topic;
 pub mod wait;
 

@@ -1,12 +1,9 @@
-//! The RabbitMQ sink through the broker's own faults, on the node `./dev`
-//! started (driven with `./dev rabbitmqctl`): a broker restart
-//! (`stop_app`/`start_app`, which closes every connection) while events
-//! keep coming, and a memory alarm (`set_vm_memory_high_watermark 0`),
-//! which blocks publishing connections.
-//!
-//! One test, the faults one after the other: they act on the whole broker,
-//! so they must not overlap each other (cargo runs test binaries one at a
-//! time; this binary has only this test).
+//! The RabbitMQ sink through the broker's own faults, on a private node
+//! (`test_kit::rabbitmq`, so the shared broker is never touched): a broker
+//! restart (`stop_app`/`start_app`, which closes every connection) while
+//! events keep coming, and a memory alarm (`set_vm_memory_high_watermark
+//! 0`), which blocks publishing connections. One test, the faults one
+//! after the other.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -15,7 +12,7 @@ use integration_tests::{eventually, pending, quick_relay_config, unique, Running
 use lapin::{
     options::{
         BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
+        QueueDeclareOptions,
     },
     types::FieldTable,
     Connection, ConnectionProperties, ExchangeKind,
@@ -23,64 +20,41 @@ use lapin::{
 use outbox_core::{append, NewEvent};
 use outbox_relay::{RabbitMqSink, RelayConfig};
 use sqlx::PgPool;
+use test_kit::rabbitmq::Node;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-/// `./dev rabbitmqctl <args>`: fails, saying why, when the broker is not
-/// `./dev`'s own node.
-fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
-    let dev = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dev");
-    let out = std::process::Command::new(dev)
-        .arg("rabbitmqctl")
-        .args(args)
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    anyhow::ensure!(
-        out.status.success(),
-        "./dev rabbitmqctl {args:?} failed (this test needs the RabbitMQ node ./dev up starts): {text}"
-    );
-    Ok(text)
-}
-
 /// Lifts the memory alarm when dropped, whatever the test's fate.
-struct Alarm;
+struct Alarm<'a>(&'a Node);
 
-impl Alarm {
-    fn raise() -> anyhow::Result<Self> {
-        rabbitmqctl(&["set_vm_memory_high_watermark", "0"])?;
-        Ok(Self)
+impl<'a> Alarm<'a> {
+    fn raise(node: &'a Node) -> anyhow::Result<Self> {
+        node.ctl(&["set_vm_memory_high_watermark", "0"])?;
+        Ok(Self(node))
     }
 }
 
-impl Drop for Alarm {
+impl Drop for Alarm<'_> {
     fn drop(&mut self) {
-        if let Err(e) = rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]) {
+        if let Err(e) = self.0.ctl(&["set_vm_memory_high_watermark", "0.4"]) {
             eprintln!("could not lift the memory alarm: {e}");
         }
     }
 }
 
-/// Starts the broker again when dropped, whatever the test's fate.
-struct Stopped;
+/// Starts the broker's application again when dropped.
+struct Stopped<'a>(&'a Node);
 
-impl Stopped {
-    fn stop() -> anyhow::Result<Self> {
-        rabbitmqctl(&["stop_app"])?;
-        Ok(Self)
+impl<'a> Stopped<'a> {
+    fn stop(node: &'a Node) -> anyhow::Result<Self> {
+        node.ctl(&["stop_app"])?;
+        Ok(Self(node))
     }
 }
 
-impl Drop for Stopped {
+impl Drop for Stopped<'_> {
     fn drop(&mut self) {
-        if let Err(e) = rabbitmqctl(&["start_app"]) {
+        if let Err(e) = self.0.ctl(&["start_app"]) {
             eprintln!("could not start the broker again: {e}");
         }
     }
@@ -88,8 +62,8 @@ impl Drop for Stopped {
 
 /// Reads `n` distinct event ids from `queue` on a new connection; returns
 /// how many came twice.
-async fn read_all(queue: &str, ids: &[String]) -> anyhow::Result<usize> {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+async fn read_all(url: &str, queue: &str, ids: &[String]) -> anyhow::Result<usize> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     let mut consumer = ch
         .basic_consume(
@@ -156,11 +130,13 @@ async fn a_broker_restart_and_a_memory_alarm_lose_nothing_and_are_reported(
     pool: PgPool,
 ) -> anyhow::Result<()> {
     outbox_core::migrate(&pool).await?;
+    let node = tokio::task::spawn_blocking(Node::start).await??;
+    let url = node.url.clone();
     // A durable queue: it outlives the restart (an exclusive one would not).
     let exchange = unique("rmq-faults");
     let queue = format!("{exchange}-q");
     {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+        let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
         let ch = conn.create_channel().await?;
         let durable = ExchangeDeclareOptions {
             durable: true,
@@ -190,7 +166,7 @@ async fn a_broker_restart_and_a_memory_alarm_lose_nothing_and_are_reported(
         conn.close(200, "declared".into()).await?;
     }
     let cfg = RelayConfig {
-        rabbitmq: Some(RabbitMqSink::new(amqp_url())),
+        rabbitmq: Some(RabbitMqSink::new(&url)),
         publish_timeout: Duration::from_secs(3),
         ..quick_relay_config()
     };
@@ -203,7 +179,7 @@ async fn a_broker_restart_and_a_memory_alarm_lose_nothing_and_are_reported(
         async move { append_n(&pool, &exchange, 0, 200).await }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let stopped = Stopped::stop()?;
+    let stopped = Stopped::stop(&node)?;
     eventually(
         Duration::from_secs(10),
         "unready while the broker is down",
@@ -214,12 +190,12 @@ async fn a_broker_restart_and_a_memory_alarm_lose_nothing_and_are_reported(
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(stopped);
     let ids = writer.await??;
-    let twice = read_all(&queue, &ids).await?;
+    let twice = read_all(&url, &queue, &ids).await?;
     println!("restart: all {} events, {twice} twice", ids.len());
     drained_and_ready(&pool, &relay).await?;
 
     // 2. A memory alarm: publishing connections are blocked; rows wait.
-    let alarm = Alarm::raise()?;
+    let alarm = Alarm::raise(&node)?;
     let ids = append_n(&pool, &exchange, 200, 5).await?;
     eventually(Duration::from_secs(30), "unready while blocked", || async {
         Ok(!relay.health.is_ready())
@@ -235,16 +211,9 @@ async fn a_broker_restart_and_a_memory_alarm_lose_nothing_and_are_reported(
     assert_eq!(failed, 0, "a blocked broker fails nothing");
     assert!(pending(&pool).await? > 0, "the rows wait for the broker");
     drop(alarm);
-    let twice = read_all(&queue, &ids).await?;
+    let twice = read_all(&url, &queue, &ids).await?;
     println!("alarm: all {} events, {twice} twice", ids.len());
     drained_and_ready(&pool, &relay).await?;
     relay.stop().await?;
-
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await?;
-    ch.exchange_delete(exchange.into(), Default::default())
-        .await?;
     Ok(())
 }
