@@ -110,6 +110,23 @@ pub(crate) async fn measure_with(
     relay_cfg: RelayConfig,
     table_less: bool,
 ) -> anyhow::Result<Measured> {
+    let topic = env.topic("latency").await?;
+    let m = measure_on(env, recorder, rate, seconds, relay_cfg, table_less, &topic).await;
+    env.drop_topic(&topic).await;
+    m
+}
+
+/// [`measure_with`] on a destination that exists already: `topic` (a
+/// Kafka topic, or a RabbitMQ exchange with a queue bound).
+pub(crate) async fn measure_on(
+    env: &Env,
+    recorder: &samples::Samples,
+    rate: u64,
+    seconds: u64,
+    relay_cfg: RelayConfig,
+    table_less: bool,
+    topic: &str,
+) -> anyhow::Result<Measured> {
     {
         // A drain just before leaves a million dead rows (and a million new
         // remembered ids); without this, autovacuum runs under the
@@ -117,7 +134,7 @@ pub(crate) async fn measure_with(
         for table in ["outbox", "outbox_published_ids"] {
             env.pool.execute(format!("VACUUM {table}").as_str()).await?;
         }
-        let topic = env.topic("latency").await?;
+        let topic = topic.to_string();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(env.relay(relay_cfg)?.run(shutdown.clone()));
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -163,7 +180,6 @@ pub(crate) async fn measure_with(
         tokio::time::sleep(Duration::from_millis(200)).await;
         shutdown.cancel();
         task.await?;
-        env.drop_topic(&topic).await;
         let mut v = recorder.take();
         anyhow::ensure!(
             v.len() as u64 >= total,

@@ -113,21 +113,7 @@ enum Which {
     ExactlyOnce(SideBySide),
     /// The relay draining into RabbitMQ (`--sink rabbitmq`) vs a raw lapin
     /// publisher, side by side.
-    Rabbitmq {
-        /// Backlog size per drain.
-        #[arg(long, default_value_t = 200_000)]
-        rows: i64,
-        /// Relay batch size, and the raw publisher's confirm window.
-        #[arg(long, default_value_t = 5000)]
-        batch_size: usize,
-        /// The broker.
-        #[arg(
-            long,
-            env = "AMQP_URL",
-            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-        )]
-        amqp_url: String,
-    },
+    Rabbitmq(rabbitmq::RabbitArgs),
     /// The relay reading the WAL (`--source wal`) vs polling: drain, and
     /// commit-to-ack with rows and with table-less events, side by side.
     Wal(SideBySide),
@@ -244,11 +230,7 @@ async fn main() -> anyhow::Result<()> {
             batch_size,
             counts,
         } => relays::scaling(&env, &recorder, args.runs, rows, batch_size, &counts).await?,
-        Which::Rabbitmq {
-            rows,
-            batch_size,
-            amqp_url,
-        } => rabbitmq::rabbitmq(&env, &recorder, &amqp_url, args.runs, rows, batch_size).await?,
+        Which::Rabbitmq(a) => rabbitmq::rabbitmq(&env, &recorder, args.runs, &a).await?,
         Which::Failover { rate, lease_ttl } => {
             relays::failover(&env, args.runs, rate, lease_ttl).await?
         }

@@ -12,7 +12,11 @@
 //!   in-process relay with the RabbitMQ sink (the clock stops when every
 //!   row is confirmed, counted through the relay's commit-to-ack samples).
 //!
-//! The queue is purged between the two, and deleted at the end.
+//! - **commit-to-ack** at `rate` events/s for `seconds` (8 producers, one
+//!   event per transaction, the relay's defaults), as `outbox-bench
+//!   latency` measures it for Kafka.
+//!
+//! The queue is purged between the parts, and deleted at the end.
 
 use std::time::{Duration, Instant};
 
@@ -29,14 +33,44 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{median, samples, Env, KEYS};
 
+/// `outbox-bench rabbitmq` flags.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RabbitArgs {
+    /// Backlog size per drain.
+    #[arg(long, default_value_t = 200_000)]
+    rows: i64,
+    /// Relay batch size, and the raw publisher's confirm window.
+    #[arg(long, default_value_t = 5000)]
+    batch_size: usize,
+    /// The broker.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// Offered load for the latency part, events per second.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    /// Seconds of load for the latency part.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+}
+
 pub(crate) async fn rabbitmq(
     env: &Env,
     recorder: &samples::Samples,
-    url: &str,
     runs: usize,
-    rows: i64,
-    batch_size: usize,
+    args: &RabbitArgs,
 ) -> anyhow::Result<()> {
+    let RabbitArgs {
+        rows,
+        batch_size,
+        rate,
+        seconds,
+        ..
+    } = *args;
+    let url = args.amqp_url.as_str();
     println!(
         "== rabbitmq: {rows} events backlog, ~200-byte payloads, {KEYS} keys, one durable queue \
          bound; relay batch {batch_size}; raw: lapin, confirms awaited per window of {batch_size}"
@@ -46,7 +80,7 @@ pub(crate) async fn rabbitmq(
     let exchange = format!("bench-rmq-{}", uuid::Uuid::new_v4().simple());
     let queue = format!("{exchange}-q");
     declare(&ch, &exchange, &queue).await?;
-    let (mut raw, mut relay) = (vec![], vec![]);
+    let (mut raw, mut relay, mut p99) = (vec![], vec![], vec![]);
     for run in 1..=runs {
         let raw_rate = raw_publish(&conn, &exchange, rows as usize, batch_size).await?;
         ch.queue_purge(queue.clone().into(), QueuePurgeOptions::default())
@@ -54,19 +88,35 @@ pub(crate) async fn rabbitmq(
         let relay_rate = relay_drain(env, recorder, url, &exchange, rows, batch_size).await?;
         ch.queue_purge(queue.clone().into(), QueuePurgeOptions::default())
             .await?;
+        // Commit-to-ack at `rate`: the relay's defaults (batch 1000).
+        let cfg = RelayConfig {
+            rabbitmq: Some(RabbitMqSink::new(url)),
+            ..RelayConfig::default()
+        };
+        let m =
+            crate::latency::measure_on(env, recorder, rate, seconds, cfg, false, &exchange).await?;
+        ch.queue_purge(queue.clone().into(), QueuePurgeOptions::default())
+            .await?;
         println!(
-            "run {run}: raw publisher {raw_rate:>9.0}/s  relay {relay_rate:>9.0}/s  relay/raw {:.2}",
-            relay_rate / raw_rate
+            "run {run}: raw publisher {raw_rate:>9.0}/s  relay {relay_rate:>9.0}/s  relay/raw {:.2}  \
+             |  at {rate}/s (achieved {:.0}): p50 {:.1} p99 {:.1} p99.9 {:.1} ms",
+            relay_rate / raw_rate,
+            m.offered,
+            m.p50,
+            m.p99,
+            m.p999
         );
         raw.push(raw_rate);
         relay.push(relay_rate);
+        p99.push(m.p99);
     }
     let ratios: Vec<f64> = relay.iter().zip(&raw).map(|(r, w)| r / w).collect();
     println!(
-        "median: raw publisher {:.0}/s  relay {:.0}/s  relay/raw {:.2}",
+        "median: raw publisher {:.0}/s  relay {:.0}/s  relay/raw {:.2}  |  p99 at {rate}/s {:.1} ms",
         median(raw),
         median(relay),
-        median(ratios)
+        median(ratios),
+        median(p99)
     );
     ch.queue_delete(queue.into(), QueueDeleteOptions::default())
         .await?;

@@ -1,5 +1,6 @@
 //! The relay's RabbitMQ sink (`--sink rabbitmq`) against the real
-//! RabbitMQ `./dev up` runs (`AMQP_URL`), read back with lapin: delivery
+//! RabbitMQ `./dev up` runs (`AMQP_URL`), read back with lapin: delivery,
+//! once each (a rolled-back event never),
 //! in key order with the envelope as AMQP properties and CloudEvents
 //! headers, an unroutable event moved to failed, and an unreachable broker
 //! that keeps rows pending and the relay unready.
@@ -137,6 +138,14 @@ async fn events_reach_a_bound_queue_in_key_order_with_the_envelope_as_amqp_prope
         append(&pool, &e).await?;
         sent.push(e);
     }
+    // Rolled back: never published.
+    let mut ghost = pool.begin().await?;
+    append(
+        &mut *ghost,
+        &NewEvent::new("order", "key-0", "order.ghost").topic(&exchange),
+    )
+    .await?;
+    ghost.rollback().await?;
     let relay = RunningRelay::start_exactly(&pool, rabbit_config(&amqp_url()))?;
 
     let mut got = Vec::new();
@@ -188,6 +197,9 @@ async fn events_reach_a_bound_queue_in_key_order_with_the_envelope_as_amqp_prope
         }
     }
     assert_eq!(last_seq.len(), 3);
+    // Nothing more: no second copy, no rolled-back event.
+    let more = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await;
+    assert!(more.is_err(), "an extra message: {more:?}");
     eventually(WAIT, "every row published", || async {
         Ok(pending(&pool).await? == 0)
     })
