@@ -68,12 +68,13 @@ impl ConsumerBuilder {
                 "no handlers: register at least one with .handler(\"event.type\", handler)".into(),
             ));
         }
-        let producer = dead_letter::DeadLetterProducer::new(
-            &self.cfg.brokers,
-            &self.cfg.kafka_properties,
-            self.cfg.dead_letter_timeout,
-            &self.cfg.group_id,
-        )?;
+        let dead_letters =
+            dead_letter::DeadLetterSink::Kafka(dead_letter::DeadLetterProducer::new(
+                &self.cfg.brokers,
+                &self.cfg.kafka_properties,
+                self.cfg.dead_letter_timeout,
+                &self.cfg.group_id,
+            )?);
         let permits = tokio::sync::Semaphore::new(self.cfg.max_concurrency);
         let stats = Arc::<ConsumerStats>::default();
         let health = Arc::new(Health::new(&self.cfg.group_id, Arc::clone(&stats)));
@@ -82,7 +83,7 @@ impl ConsumerBuilder {
                 cfg: self.cfg,
                 pool: self.pool,
                 routes: self.routes,
-                producer,
+                dead_letters,
                 stats,
                 health,
                 permits,

@@ -27,13 +27,13 @@ use outbox_core::headers as h;
 use outbox_kafka::QuietContext;
 use rdkafka::{
     error::KafkaError,
-    message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
+    message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord, Producer},
     ClientConfig,
 };
 use uuid::Uuid;
 
-use crate::kafka_config::producer_config;
+use crate::{kafka_config::producer_config, message::Message};
 
 /// `dlq_reason`: why the message was dead-lettered.
 pub const REASON: &str = "dlq_reason";
@@ -52,6 +52,10 @@ pub const CONSUMER_GROUP: &str = "dlq_consumer_group";
 /// `dlq_time`: when it was dead-lettered (RFC 3339).
 pub const TIME: &str = "dlq_time";
 
+/// `dlq_original_routing_key`: the routing key it was published with
+/// (RabbitMQ only).
+pub const ORIGINAL_ROUTING_KEY: &str = "dlq_original_routing_key";
+
 /// Every header a dead letter adds; [`replay`](crate::replay::replay) removes them.
 pub const DLQ_HEADERS: &[&str] = &[
     REASON,
@@ -62,6 +66,7 @@ pub const DLQ_HEADERS: &[&str] = &[
     ORIGINAL_OFFSET,
     CONSUMER_GROUP,
     TIME,
+    ORIGINAL_ROUTING_KEY,
 ];
 
 /// Why a message was dead-lettered.
@@ -87,6 +92,49 @@ impl DeadLetterKind {
             Self::UnknownEventType => "unknown_event_type",
             Self::Permanent => "permanent",
             Self::RetriesExhausted => "retries_exhausted",
+        }
+    }
+}
+
+/// Where this consumer's dead letters go: the source's own broker.
+pub(crate) enum DeadLetterSink {
+    /// The dead-letter topic of the record's topic.
+    Kafka(DeadLetterProducer),
+    /// The group queue's dead-letter exchange.
+    #[cfg(feature = "rabbitmq")]
+    RabbitMq(std::sync::Arc<crate::rabbitmq::Link>),
+}
+
+impl DeadLetterSink {
+    /// Where `msg`'s dead letter goes, for the logs.
+    pub(crate) fn destination(&self, cfg: &crate::ConsumerConfig, msg: &Message) -> String {
+        match self {
+            Self::Kafka(_) => cfg.dead_letter_topic_for(msg.topic()),
+            #[cfg(feature = "rabbitmq")]
+            Self::RabbitMq(link) => link.dead_letter_exchange().to_string(),
+        }
+    }
+
+    /// Publishes `msg`'s dead letter and waits for the broker's
+    /// acknowledgement.
+    pub(crate) async fn send(
+        &self,
+        cfg: &crate::ConsumerConfig,
+        msg: &Message,
+        kind: DeadLetterKind,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<(), String> {
+        match self {
+            Self::Kafka(producer) => {
+                let topic = cfg.dead_letter_topic_for(msg.topic());
+                producer.send(msg, &topic, kind, reason, attempts).await
+            }
+            #[cfg(feature = "rabbitmq")]
+            Self::RabbitMq(link) => {
+                link.dead_letter(msg, kind, reason, attempts, &cfg.group_id)
+                    .await
+            }
         }
     }
 }
@@ -148,37 +196,17 @@ impl DeadLetterProducer {
     /// handler tries made) and waits for Kafka's acknowledgement.
     pub(crate) async fn send(
         &self,
-        msg: &OwnedMessage,
+        msg: &Message,
         dlq_topic: &str,
         kind: DeadLetterKind,
         reason: &str,
         attempts: u32,
     ) -> Result<(), String> {
         let mut headers = OwnedHeaders::new_with_capacity(DLQ_HEADERS.len() + 16);
-        if let Some(original) = msg.headers() {
-            for header in original.iter() {
-                if !DLQ_HEADERS.contains(&header.key) {
-                    headers = headers.insert(header);
-                }
-            }
-        }
-        let partition = msg.partition().to_string();
-        let offset = msg.offset().to_string();
-        let attempts = attempts.to_string();
-        let time = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        for (key, value) in [
-            (REASON, reason),
-            (KIND, kind.as_str()),
-            (ATTEMPTS, &attempts),
-            (ORIGINAL_TOPIC, msg.topic()),
-            (ORIGINAL_PARTITION, &partition),
-            (ORIGINAL_OFFSET, &offset),
-            (CONSUMER_GROUP, &self.group),
-            (TIME, &time),
-        ] {
+        for (key, value) in letter_headers(msg, kind, reason, attempts, &self.group) {
             headers = headers.insert(Header {
                 key,
-                value: Some(value),
+                value: value.as_deref(),
             });
         }
         let mut record = FutureRecord::to(dlq_topic).headers(headers);
@@ -194,6 +222,38 @@ impl DeadLetterProducer {
             format!("dead-letter publish to {dlq_topic} failed: {e}")
         })
     }
+}
+
+/// The headers of `msg`'s dead letter: its own (without any earlier
+/// `dlq_*` ones), then the `dlq_*` headers saying why, from where and by
+/// which `group`. Shared by the Kafka and RabbitMQ publishers.
+pub(crate) fn letter_headers<'a>(
+    msg: &'a Message,
+    kind: DeadLetterKind,
+    reason: &str,
+    attempts: u32,
+    group: &str,
+) -> Vec<(&'a str, Option<std::borrow::Cow<'a, [u8]>>)> {
+    use std::borrow::Cow;
+    let mut headers: Vec<(&str, Option<Cow<'_, [u8]>>)> = msg
+        .headers()
+        .filter(|(key, _)| !DLQ_HEADERS.contains(key))
+        .map(|(key, value)| (key, value.map(Cow::Borrowed)))
+        .collect();
+    let time = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    for (key, value) in [
+        (REASON, reason.to_string()),
+        (KIND, kind.as_str().to_string()),
+        (ATTEMPTS, attempts.to_string()),
+        (ORIGINAL_TOPIC, msg.topic().to_string()),
+        (ORIGINAL_PARTITION, msg.partition().to_string()),
+        (ORIGINAL_OFFSET, msg.offset().to_string()),
+        (CONSUMER_GROUP, group.to_string()),
+        (TIME, time),
+    ] {
+        headers.push((key, Some(Cow::Owned(value.into_bytes()))));
+    }
+    headers
 }
 
 /// One record of a dead-letter topic, decoded for operators.

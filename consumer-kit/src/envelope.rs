@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use outbox_core::headers as h;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
+
+use crate::message::Message;
 
 /// Where a record was read from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -131,22 +133,24 @@ impl RawEnvelope {
     /// whose identity is ambiguous (see [`outbox_core::headers::IDENTITY`])
     /// is refused with [`DecodeError::AmbiguousHeader`].
     pub fn decode(msg: &OwnedMessage) -> Result<Self, DecodeError> {
+        Self::decode_message(&Message::from_kafka(msg))
+    }
+
+    /// Decodes the envelope of a message of either broker.
+    pub(crate) fn decode_message(msg: &Message) -> Result<Self, DecodeError> {
         let mut ce: BTreeMap<&'static str, String> = BTreeMap::new();
         let mut extra = BTreeMap::new();
-        if let Some(headers) = msg.headers() {
-            for header in headers.iter() {
-                let text = header
-                    .value
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default();
-                check_identity(header.key, &text, &ce)?;
-                match h::RESERVED.iter().find(|n| **n == header.key) {
-                    Some(name) => {
-                        ce.insert(name, text);
-                    }
-                    None => {
-                        extra.insert(header.key.to_string(), text);
-                    }
+        for (key, value) in msg.headers() {
+            let text = value
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            check_identity(key, &text, &ce)?;
+            match h::RESERVED.iter().find(|n| **n == key) {
+                Some(name) => {
+                    ce.insert(name, text);
+                }
+                None => {
+                    extra.insert(key.to_string(), text);
                 }
             }
         }
@@ -205,12 +209,8 @@ impl RawEnvelope {
             traceparent: ce.remove(h::TRACEPARENT),
             tracestate: ce.remove(h::TRACESTATE),
             headers: extra,
-            position: Position {
-                topic: msg.topic().to_string(),
-                partition: msg.partition(),
-                offset: msg.offset(),
-            },
-            payload: msg.payload().map(<[u8]>::to_vec),
+            position: msg.position.clone(),
+            payload: msg.payload.clone(),
         })
     }
 

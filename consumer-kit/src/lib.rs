@@ -80,6 +80,7 @@ pub mod handler;
 pub mod health;
 mod kafka_config;
 mod member;
+mod message;
 pub mod park;
 mod preflight;
 pub(crate) mod process;

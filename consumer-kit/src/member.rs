@@ -19,7 +19,6 @@ use rdkafka::{
         Rebalance,
     },
     error::{KafkaError, KafkaResult, RDKafkaErrorCode},
-    message::{Message, OwnedMessage},
     statistics::Statistics,
     Offset, TopicPartitionList,
 };
@@ -32,6 +31,7 @@ use crate::{
     error::ConsumerError,
     health::{assigned_in, Health, Phase, GROUP_CHECK_EVERY},
     kafka_config,
+    message::Message,
     park::PARK_CHECK_EVERY,
     process::{drain_discarded, process_batch, Done, Shared},
     telemetry::{self, ConsumerStats, StatField},
@@ -132,7 +132,7 @@ fn poll_loop(
             Some(Ok(msg)) => {
                 // Records normally arrive on their partition's own queue; one
                 // fetched just before its queue was split lands here.
-                let msg = msg.detach();
+                let msg = Message::from_kafka(&msg);
                 lock(&workers).hand_over(&consumer, msg);
             }
             Some(Err(e)) => {
@@ -228,7 +228,7 @@ struct Workers {
 
 struct Worker {
     /// Records that reached the main queue instead of the partition queue.
-    side: mpsc::UnboundedSender<OwnedMessage>,
+    side: mpsc::UnboundedSender<Message>,
     stop: CancellationToken,
     /// Disconnected when the worker task has ended.
     done: std::sync::mpsc::Receiver<()>,
@@ -309,7 +309,7 @@ impl Workers {
     }
 
     /// Gives a record that arrived on the main queue to its worker.
-    fn hand_over(&mut self, consumer: &Arc<KitConsumer>, msg: OwnedMessage) {
+    fn hand_over(&mut self, consumer: &Arc<KitConsumer>, msg: Message) {
         let key = (msg.topic().to_string(), msg.partition());
         self.start(consumer, key.clone());
         if let Some(worker) = self.map.get(&key) {
@@ -388,7 +388,7 @@ async fn run_worker(
     consumer: Arc<KitConsumer>,
     queue: Option<PartitionQueue<KitContext>>,
     notify: Arc<tokio::sync::Notify>,
-    mut side: mpsc::UnboundedReceiver<OwnedMessage>,
+    mut side: mpsc::UnboundedReceiver<Message>,
     link: Link,
 ) {
     let Link {
@@ -435,7 +435,7 @@ async fn run_worker(
             let next = match side.try_recv() {
                 Ok(m) => Some(m),
                 Err(_) => match queue.as_ref().map(|q| q.poll(Duration::ZERO)) {
-                    Some(Some(Ok(m))) => Some(m.detach()),
+                    Some(Some(Ok(m))) => Some(Message::from_kafka(&m)),
                     _ => None,
                 },
             };
@@ -469,13 +469,13 @@ async fn run_worker(
 async fn next_from_queue(
     queue: Option<&PartitionQueue<KitContext>>,
     notify: &tokio::sync::Notify,
-) -> OwnedMessage {
+) -> Message {
     let Some(queue) = queue else {
         return std::future::pending().await;
     };
     loop {
         match queue.poll(Duration::ZERO) {
-            Some(Ok(msg)) => return msg.detach(),
+            Some(Ok(msg)) => return Message::from_kafka(&msg),
             Some(Err(e)) => logs::limited(
                 &logs::kind_of(&e.to_string()),
                 |more| warn!(error = %e, "Kafka error on a partition queue; librdkafka retries by itself{more}"),
@@ -489,7 +489,7 @@ async fn next_from_queue(
     }
 }
 
-fn store_offset(consumer: &KitConsumer, msg: &OwnedMessage) {
+fn store_offset(consumer: &KitConsumer, msg: &Message) {
     let mut tpl = TopicPartitionList::new();
     let stored = tpl
         .add_partition_offset(

@@ -22,27 +22,20 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::{
-    message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
-    Timestamp,
-};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use crate::config::OrderingKey;
+use crate::{config::OrderingKey, envelope::Position, message::Message};
 
 /// How often each partition worker looks for blocks an operator discarded.
 pub const PARK_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// The ordering key of a record ([`OrderingKey`]), as text. `None` for a
 /// record without one (never parked).
-pub(crate) fn key_of(msg: &OwnedMessage, by: &OrderingKey) -> Option<String> {
+pub(crate) fn key_of(msg: &Message, by: &OrderingKey) -> Option<String> {
     let bytes = match by {
         OrderingKey::RecordKey => msg.key(),
-        OrderingKey::Header(name) => msg
-            .headers()
-            .and_then(|hs| hs.iter().find(|h| h.key == name.as_str()))
-            .and_then(|h| h.value),
+        OrderingKey::Header(name) => msg.header(name),
     };
     bytes
         .filter(|k| !k.is_empty())
@@ -159,7 +152,7 @@ pub(crate) async fn park(
     pool: &PgPool,
     group: &str,
     key: &str,
-    msg: &OwnedMessage,
+    msg: &Message,
     event_id: Option<Uuid>,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -167,14 +160,7 @@ pub(crate) async fn park(
         tx.rollback().await?;
         return Ok(false);
     }
-    let (names, values): (Vec<String>, Vec<Option<Vec<u8>>>) = msg
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                .unzip()
-        })
-        .unwrap_or_default();
+    let (names, values): (Vec<String>, Vec<Option<Vec<u8>>>) = msg.headers.iter().cloned().unzip();
     sqlx::query(
         "INSERT INTO consumer_kit_parked_events \
            (consumer_group, topic, parking_key, event_id, kafka_partition, kafka_offset, \
@@ -204,7 +190,7 @@ pub(crate) async fn next_parked(
     group: &str,
     topic: &str,
     key: &str,
-) -> Result<Option<(i64, OwnedMessage)>, sqlx::Error> {
+) -> Result<Option<(i64, Message)>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT seq, kafka_partition, kafka_offset, record_key, record_value, header_names, header_values \
          FROM consumer_kit_parked_events \
@@ -220,22 +206,17 @@ pub(crate) async fn next_parked(
     };
     let names: Vec<String> = row.try_get("header_names")?;
     let values: Vec<Option<Vec<u8>>> = row.try_get("header_values")?;
-    let mut headers = OwnedHeaders::new_with_capacity(names.len());
-    for (name, value) in names.iter().zip(&values) {
-        headers = headers.insert(Header {
-            key: name,
-            value: value.as_deref(),
-        });
-    }
-    let msg = OwnedMessage::new(
-        row.try_get("record_value")?,
-        row.try_get("record_key")?,
-        topic.to_string(),
-        Timestamp::NotAvailable,
-        row.try_get("kafka_partition")?,
-        row.try_get("kafka_offset")?,
-        Some(headers),
-    );
+    let msg = Message {
+        position: Position {
+            topic: topic.to_string(),
+            partition: row.try_get("kafka_partition")?,
+            offset: row.try_get("kafka_offset")?,
+        },
+        key: row.try_get("record_key")?,
+        payload: row.try_get("record_value")?,
+        headers: names.into_iter().zip(values).collect(),
+        prior_attempts: 0,
+    };
     Ok(Some((row.try_get("seq")?, msg)))
 }
 
@@ -408,27 +389,23 @@ pub async fn discard(
 
 #[cfg(test)]
 mod tests {
-    use rdkafka::message::OwnedHeaders;
-
     use super::*;
 
-    fn msg(key: Option<&[u8]>, headers: &[(&str, &str)]) -> OwnedMessage {
-        let mut hs = OwnedHeaders::new();
-        for (k, v) in headers {
-            hs = hs.insert(Header {
-                key: k,
-                value: Some(*v),
-            });
+    fn msg(key: Option<&[u8]>, headers: &[(&str, &str)]) -> Message {
+        Message {
+            position: Position {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+            },
+            key: key.map(<[u8]>::to_vec),
+            payload: None,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), Some(v.as_bytes().to_vec())))
+                .collect(),
+            prior_attempts: 0,
         }
-        OwnedMessage::new(
-            None,
-            key.map(<[u8]>::to_vec),
-            "t".into(),
-            Timestamp::NotAvailable,
-            0,
-            0,
-            Some(hs),
-        )
     }
 
     #[test]

@@ -26,7 +26,6 @@
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration, time::Instant};
 
 use futures::FutureExt;
-use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info_span, warn, Instrument};
 
@@ -36,6 +35,7 @@ use crate::{
     dedupe,
     envelope::RawEnvelope,
     handler::{BoxError, HandlerError, Prepared, Route},
+    message::Message,
     park,
     telemetry::{self, ConsumerStats, StatField},
 };
@@ -55,7 +55,7 @@ pub(crate) struct Shared {
     pub(crate) cfg: ConsumerConfig,
     pub(crate) pool: sqlx::PgPool,
     pub(crate) routes: std::collections::HashMap<String, Arc<dyn Route>>,
-    pub(crate) producer: dead_letter::DeadLetterProducer,
+    pub(crate) dead_letters: dead_letter::DeadLetterSink,
     pub(crate) stats: Arc<ConsumerStats>,
     pub(crate) health: Arc<crate::health::Health>,
     pub(crate) permits: tokio::sync::Semaphore,
@@ -119,7 +119,7 @@ fn outage_in(err: &HandlerError) -> Option<String> {
 /// a batch that was rolled back): it counts as try 1.
 async fn process(
     shared: &Shared,
-    msg: &OwnedMessage,
+    msg: &Message,
     stop: &CancellationToken,
     prior: Option<HandlerError>,
 ) -> Done {
@@ -153,7 +153,7 @@ async fn process(
 /// path; nothing was committed by the batch).
 pub(crate) async fn process_batch(
     shared: &Shared,
-    msgs: &[OwnedMessage],
+    msgs: &[Message],
     stop: &CancellationToken,
 ) -> usize {
     let mut failed = None;
@@ -193,19 +193,19 @@ enum BatchEnd {
 }
 
 /// The batch fast path; see [`BatchEnd`].
-async fn apply_batch(shared: &Shared, msgs: &[OwnedMessage]) -> BatchEnd {
+async fn apply_batch(shared: &Shared, msgs: &[Message]) -> BatchEnd {
     match try_batch(shared, msgs).await {
         Ok(()) => BatchEnd::All,
         Err(end) => end,
     }
 }
 
-async fn try_batch(shared: &Shared, msgs: &[OwnedMessage]) -> Result<(), BatchEnd> {
+async fn try_batch(shared: &Shared, msgs: &[Message]) -> Result<(), BatchEnd> {
     let not_taken = |_| BatchEnd::NotTaken;
     let cfg = &shared.cfg;
     let mut prepared = Vec::with_capacity(msgs.len());
     for msg in msgs {
-        let raw = RawEnvelope::decode(msg).map_err(|_| BatchEnd::NotTaken)?;
+        let raw = RawEnvelope::decode_message(msg).map_err(|_| BatchEnd::NotTaken)?;
         let route = shared
             .routes
             .get(&raw.event_type)
@@ -286,13 +286,13 @@ enum Settled {
 /// without spending a handler try.
 async fn in_key_order(
     shared: &Shared,
-    msg: &OwnedMessage,
+    msg: &Message,
     key: &str,
     stop: &CancellationToken,
     prior: Option<HandlerError>,
 ) -> Settled {
     let (group, topic) = (shared.cfg.group_id.as_str(), msg.topic());
-    let event_id = RawEnvelope::decode(msg).ok().map(|r| r.event_id);
+    let event_id = RawEnvelope::decode_message(msg).ok().map(|r| r.event_id);
     let Some(block) = until_db(shared, stop, || {
         park::block_of(&shared.pool, group, topic, key)
     })
@@ -384,7 +384,9 @@ async fn drain(shared: &Shared, topic: &str, key: &str, stop: &CancellationToken
             return settled;
         }
         if let Settled::DeadLettered(reason) = &settled {
-            let event_id = RawEnvelope::decode(&parked).ok().map(|r| r.event_id);
+            let event_id = RawEnvelope::decode_message(&parked)
+                .ok()
+                .map(|r| r.event_id);
             if !block_key(shared, &parked, key, event_id, reason, stop).await {
                 return Settled::Abandoned;
             }
@@ -431,13 +433,13 @@ pub(crate) async fn drain_discarded(
 /// during a database outage.
 async fn block_key(
     shared: &Shared,
-    msg: &OwnedMessage,
+    msg: &Message,
     key: &str,
     event_id: Option<uuid::Uuid>,
     reason: &str,
     stop: &CancellationToken,
 ) -> bool {
-    let position = position_of(msg);
+    let position = msg.position.to_string();
     until_db(shared, stop, || {
         park::block(
             &shared.pool,
@@ -480,14 +482,14 @@ where
 
 async fn decode_and_settle(
     shared: &Shared,
-    msg: &OwnedMessage,
+    msg: &Message,
     stop: &CancellationToken,
     prior: Option<HandlerError>,
 ) -> Settled {
-    let raw = match RawEnvelope::decode(msg) {
+    let raw = match RawEnvelope::decode_message(msg) {
         Ok(raw) => raw,
         Err(e) => {
-            let span = info_span!("consume", position = %position_of(msg));
+            let span = info_span!("consume", position = %msg.position.to_string());
             return dead_letter(
                 shared,
                 msg,
@@ -515,7 +517,7 @@ async fn decode_and_settle(
 
 async fn settle(
     shared: &Shared,
-    msg: &OwnedMessage,
+    msg: &Message,
     raw: &RawEnvelope,
     stop: &CancellationToken,
     prior: Option<HandlerError>,
@@ -684,20 +686,20 @@ async fn apply_once(
 /// acknowledged, and is redelivered).
 async fn dead_letter(
     shared: &Shared,
-    msg: &OwnedMessage,
+    msg: &Message,
     kind: DeadLetterKind,
     reason: &str,
     attempts: u32,
     stop: &CancellationToken,
 ) -> Settled {
     let cfg = &shared.cfg;
-    let topic = cfg.dead_letter_topic_for(msg.topic());
-    error!(kind = kind.as_str(), reason, dead_letter_topic = %topic, "dead-lettering message");
+    let destination = shared.dead_letters.destination(cfg, msg);
+    error!(kind = kind.as_str(), reason, dead_letter = %destination, "dead-lettering message");
     let mut failures = 0;
     loop {
         match shared
-            .producer
-            .send(msg, &topic, kind, reason, attempts)
+            .dead_letters
+            .send(cfg, msg, kind, reason, attempts)
             .await
         {
             Ok(()) => {
@@ -724,10 +726,6 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-text panic".into())
-}
-
-fn position_of(msg: &OwnedMessage) -> String {
-    format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset())
 }
 
 /// The `n`-th retry delay, see [`outbox_core::backoff`].
