@@ -40,6 +40,8 @@ pub struct ConsumerBuilder {
     cfg: ConsumerConfig,
     pool: sqlx::PgPool,
     routes: HashMap<String, Arc<dyn Route>>,
+    #[cfg(feature = "rabbitmq")]
+    rabbitmq: Option<crate::rabbitmq::RabbitMqSource>,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -60,6 +62,16 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Consumes RabbitMQ instead of Kafka (cargo feature `rabbitmq`): the
+    /// group's own queue, bound to the exchanges named by
+    /// [`ConsumerConfig::topics`]; see [`crate::rabbitmq`]. The Kafka
+    /// settings of the configuration are then not used.
+    #[cfg(feature = "rabbitmq")]
+    pub fn rabbitmq(mut self, source: crate::rabbitmq::RabbitMqSource) -> Self {
+        self.rabbitmq = Some(source);
+        self
+    }
+
     /// Checks the configuration and creates the dead-letter producer.
     pub fn build(self) -> Result<Consumer, ConsumerError> {
         self.cfg.validate().map_err(ConsumerError::Config)?;
@@ -67,6 +79,35 @@ impl ConsumerBuilder {
             return Err(ConsumerError::Config(
                 "no handlers: register at least one with .handler(\"event.type\", handler)".into(),
             ));
+        }
+        #[cfg(feature = "rabbitmq")]
+        if let Some(source) = self.rabbitmq {
+            source
+                .validate(&self.cfg.group_id, &self.cfg.topics)
+                .map_err(ConsumerError::Config)?;
+            let link = Arc::new(crate::rabbitmq::Link::new(
+                source.clone(),
+                &self.cfg.group_id,
+                &self.cfg.topics,
+                self.cfg.max_attempts,
+            ));
+            let delay_queues = (!source.single_active_consumer).then(|| Arc::clone(&link));
+            let stats = Arc::<ConsumerStats>::default();
+            let health = Arc::new(Health::new(&self.cfg.group_id, Arc::clone(&stats)));
+            health.set_broker_name("RabbitMQ");
+            return Ok(Consumer {
+                shared: Arc::new(Shared {
+                    permits: tokio::sync::Semaphore::new(self.cfg.max_concurrency),
+                    cfg: self.cfg,
+                    pool: self.pool,
+                    routes: self.routes,
+                    dead_letters: dead_letter::DeadLetterSink::RabbitMq(Arc::clone(&link)),
+                    stats,
+                    health,
+                    delay_queues,
+                }),
+                rabbitmq: Some(link),
+            });
         }
         let dead_letters =
             dead_letter::DeadLetterSink::Kafka(dead_letter::DeadLetterProducer::new(
@@ -87,7 +128,11 @@ impl ConsumerBuilder {
                 stats,
                 health,
                 permits,
+                #[cfg(feature = "rabbitmq")]
+                delay_queues: None,
             }),
+            #[cfg(feature = "rabbitmq")]
+            rabbitmq: None,
         })
     }
 }
@@ -95,6 +140,8 @@ impl ConsumerBuilder {
 /// An idempotent consumer: see the crate documentation.
 pub struct Consumer {
     shared: Arc<Shared>,
+    #[cfg(feature = "rabbitmq")]
+    rabbitmq: Option<Arc<crate::rabbitmq::Link>>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -114,6 +161,8 @@ impl Consumer {
             cfg,
             pool,
             routes: HashMap::new(),
+            #[cfg(feature = "rabbitmq")]
+            rabbitmq: None,
         }
     }
 
@@ -141,6 +190,10 @@ impl Consumer {
     /// and warns when [`ConsumerConfig::processed_ttl`] is shorter than a
     /// topic's retention. Runs the TTL cleanup in the background.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        #[cfg(feature = "rabbitmq")]
+        if let Some(link) = self.rabbitmq {
+            return run_rabbitmq(self.shared, link, shutdown).await;
+        }
         let shared = self.shared;
         let cfg = &shared.cfg;
         let health = Arc::clone(&shared.health);
@@ -184,6 +237,49 @@ impl Consumer {
         info!(group = %shared.cfg.group_id, "consumer stopped");
         result
     }
+}
+
+/// [`Consumer::run`] on RabbitMQ: the schema check, then the queue
+/// (`rabbitmq.rs`), with the database watch and the TTL cleanup beside it.
+#[cfg(feature = "rabbitmq")]
+async fn run_rabbitmq(
+    shared: Arc<Shared>,
+    link: Arc<crate::rabbitmq::Link>,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumerError> {
+    let cfg = &shared.cfg;
+    let health = Arc::clone(&shared.health);
+    if let Err(e) = preflight::check_schema(&shared.pool).await {
+        health.set_phase(Phase::Stopped);
+        return Err(e);
+    }
+    health.database_up();
+    let watchers = CancellationToken::new();
+    let cleaner = cfg
+        .cleanup_interval
+        .map(|every| tokio::spawn(cleanup::run(Arc::clone(&shared), every, shutdown.clone())));
+    tokio::spawn(health::watch_database(
+        shared.pool.clone(),
+        Arc::clone(&health),
+        watchers.clone(),
+    ));
+    if cfg.ordering == crate::config::Ordering::ParkKey {
+        tokio::spawn(crate::park::report(
+            shared.pool.clone(),
+            cfg.group_id.clone(),
+            watchers.clone(),
+        ));
+    }
+    health.set_phase(Phase::Running);
+    info!(group = %cfg.group_id, queue = link.queue(), "consumer started on RabbitMQ");
+    let result = crate::rabbitmq::serve(Arc::clone(&shared), link, shutdown).await;
+    watchers.cancel();
+    health.set_phase(Phase::Stopped);
+    if let Some(task) = cleaner {
+        task.abort();
+    }
+    info!(group = %shared.cfg.group_id, "consumer stopped");
+    result
 }
 
 impl Consumer {

@@ -27,7 +27,7 @@ use outbox_core::headers as h;
 use outbox_kafka::QuietContext;
 use rdkafka::{
     error::KafkaError,
-    message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage},
+    message::{Header, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord, Producer},
     ClientConfig,
 };
@@ -281,6 +281,8 @@ pub struct DeadLetter {
     pub original_partition: Option<i32>,
     /// `dlq_original_offset`.
     pub original_offset: Option<i64>,
+    /// `dlq_original_routing_key` (RabbitMQ).
+    pub original_routing_key: Option<String>,
     /// `dlq_consumer_group`.
     pub consumer_group: Option<String>,
     /// `dlq_time`.
@@ -296,35 +298,45 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// Decodes a record read from a dead-letter topic.
     pub fn from_message(msg: &OwnedMessage) -> Self {
+        let m = Message::from_kafka(msg);
+        Self::from_parts(m.position, m.key, m.payload, m.headers)
+    }
+
+    /// Decodes a dead letter read at `at` (for RabbitMQ: the dead-letter
+    /// queue, partition 0, its place in the queue).
+    pub(crate) fn from_parts(
+        at: crate::envelope::Position,
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        all_headers: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Self {
         let mut dlq = BTreeMap::new();
         let mut headers = Vec::new();
         let mut ce_id = None;
         let mut ce_type = None;
-        if let Some(hs) = msg.headers() {
-            for header in hs.iter() {
-                let text = || {
-                    header
-                        .value
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                        .unwrap_or_default()
-                };
-                if DLQ_HEADERS.contains(&header.key) {
-                    dlq.insert(header.key.to_string(), text());
-                    continue;
-                }
-                if header.key == h::CE_ID {
-                    ce_id = Uuid::parse_str(text().trim()).ok();
-                } else if header.key == h::CE_TYPE {
-                    ce_type = Some(text());
-                }
-                headers.push((header.key.to_string(), header.value.map(<[u8]>::to_vec)));
+        for (name, value) in all_headers {
+            let text = || {
+                value
+                    .as_deref()
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            if DLQ_HEADERS.contains(&name.as_str()) {
+                dlq.insert(name, text());
+                continue;
             }
+            if name == h::CE_ID {
+                ce_id = Uuid::parse_str(text().trim()).ok();
+            } else if name == h::CE_TYPE {
+                ce_type = Some(text());
+            }
+            headers.push((name, value));
         }
         let mut take = |name: &str| dlq.remove(name);
         Self {
-            dlq_topic: msg.topic().to_string(),
-            dlq_partition: msg.partition(),
-            dlq_offset: msg.offset(),
+            dlq_topic: at.topic,
+            dlq_partition: at.partition,
+            dlq_offset: at.offset,
             event_id: ce_id,
             event_type: ce_type,
             kind: take(KIND),
@@ -333,12 +345,13 @@ impl DeadLetter {
             original_topic: take(ORIGINAL_TOPIC),
             original_partition: take(ORIGINAL_PARTITION).and_then(|v| v.parse().ok()),
             original_offset: take(ORIGINAL_OFFSET).and_then(|v| v.parse().ok()),
+            original_routing_key: take(ORIGINAL_ROUTING_KEY),
             consumer_group: take(CONSUMER_GROUP),
             dead_lettered_at: take(TIME)
                 .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
                 .map(|t| t.with_timezone(&Utc)),
-            key: msg.key().map(<[u8]>::to_vec),
-            payload: msg.payload().map(<[u8]>::to_vec),
+            key,
+            payload,
             headers,
         }
     }
@@ -399,6 +412,7 @@ mod tests {
             original_topic: Some("t".into()),
             original_partition: None,
             original_offset: None,
+            original_routing_key: None,
             consumer_group: None,
             dead_lettered_at: Some(at.parse().unwrap()),
             key: None,

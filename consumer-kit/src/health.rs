@@ -105,6 +105,8 @@ pub struct Health {
     unowned: Mutex<Option<usize>>,
     stats: Arc<ConsumerStats>,
     group: String,
+    /// "Kafka", or "RabbitMQ" for the RabbitMQ source.
+    broker_name: std::sync::OnceLock<&'static str>,
 }
 
 impl Health {
@@ -118,6 +120,7 @@ impl Health {
             unowned: Mutex::new(None),
             stats,
             group: group.to_string(),
+            broker_name: std::sync::OnceLock::new(),
         }
     }
 
@@ -128,7 +131,8 @@ impl Health {
         let database = self.database.now();
         let assigned = self.assigned.load(Ordering::SeqCst);
         let unowned = *lock(&self.unowned);
-        let (ready, reason) = assess(phase, &broker, &database, assigned, unowned);
+        let broker_name = self.broker_name.get().copied().unwrap_or("Kafka");
+        let (ready, reason) = assess(phase, broker_name, &broker, &database, assigned, unowned);
         HealthReport {
             ready,
             reason,
@@ -165,6 +169,25 @@ impl Health {
             self.stats.add(StatField::DatabaseOutage);
         }
         self.database.down(why.to_string());
+    }
+
+    /// Names the broker in the reasons ("Kafka" unless set).
+    pub(crate) fn set_broker_name(&self, name: &'static str) {
+        let _ = self.broker_name.set(name);
+    }
+
+    /// The broker answered (RabbitMQ: connected and consuming).
+    pub(crate) fn broker_up(&self) {
+        self.broker.up();
+        self.publish();
+    }
+
+    /// The broker is unreachable, for this reason.
+    pub(crate) fn broker_down(&self, why: &str) {
+        let was_down = matches!(self.broker.now(), Connection::Down { .. });
+        self.broker.down(why.to_string());
+        self.count_broker_outage(was_down);
+        self.publish();
     }
 
     pub(crate) fn broker_saw(&self, statistics: &rdkafka::Statistics) {
@@ -214,6 +237,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Whether a consumer in this state can make progress, and why.
 pub(crate) fn assess(
     phase: Phase,
+    broker_name: &str,
     broker: &Connection,
     database: &Connection,
     assigned: usize,
@@ -235,16 +259,20 @@ pub(crate) fn assess(
         Phase::Stopped => return not_ready("stopped".into()),
         Phase::Running => {}
     }
-    if let Some(why) = down("Kafka", broker) {
+    if let Some(why) = down(broker_name, broker) {
         return not_ready(why);
     }
     if *broker == Connection::NotYet {
-        return not_ready("connecting to Kafka".into());
+        return not_ready(format!("connecting to {broker_name}"));
     }
     if let Some(why) = down("the database", database) {
         return not_ready(why);
     }
-    let mut reason = format!("ready: consuming {assigned} partition{}", plural(assigned));
+    let mut reason = if broker_name == "Kafka" {
+        format!("ready: consuming {assigned} partition{}", plural(assigned))
+    } else {
+        format!("ready: consuming its {broker_name} queue")
+    };
     if let Some(n) = unowned.filter(|n| *n > 0) {
         reason.push_str(&format!(
             "; {n} partition{} of its topics ha{} no member",
@@ -330,7 +358,7 @@ mod tests {
             down_for: Duration::from_secs(3),
             why: "refused".into(),
         };
-        let ok = |p, b: &Connection, d: &Connection| assess(p, b, d, 3, Some(0));
+        let ok = |p, b: &Connection, d: &Connection| assess(p, "Kafka", b, d, 3, Some(0));
         assert_eq!(
             ok(Phase::Running, &Connection::Up, &Connection::Up),
             (true, "ready: consuming 3 partitions".into())
@@ -349,7 +377,14 @@ mod tests {
             let (ready, why) = ok(phase, &Connection::Up, &Connection::Up);
             assert!(!ready && why.contains(phase.name()), "{why}");
         }
-        let (ready, why) = assess(Phase::Running, &Connection::Up, &Connection::Up, 1, Some(2));
+        let (ready, why) = assess(
+            Phase::Running,
+            "Kafka",
+            &Connection::Up,
+            &Connection::Up,
+            1,
+            Some(2),
+        );
         assert!(ready, "unowned partitions are the group's problem");
         assert_eq!(
             why,

@@ -84,6 +84,8 @@ mod message;
 pub mod park;
 mod preflight;
 pub(crate) mod process;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 pub mod replay;
 pub mod telemetry;
 
@@ -98,6 +100,8 @@ pub use error::ConsumerError;
 pub use handler::{BoxError, Handler, HandlerError};
 pub use health::{Health, HealthReport, Phase};
 pub use outbox_core::{MigrateError, MigrationReport};
+#[cfg(feature = "rabbitmq")]
+pub use rabbitmq::{QueueType, RabbitMqSource};
 pub use replay::{DeadLetterError, ReplayReport};
 pub use telemetry::{ConsumerStats, StatsSnapshot};
 

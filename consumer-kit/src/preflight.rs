@@ -41,7 +41,7 @@ pub(crate) async fn check(pool: &PgPool, cfg: &ConsumerConfig) -> Result<(), Con
 }
 
 /// Fails with a clear message when `processed_events` is missing.
-async fn check_schema(pool: &PgPool) -> Result<(), ConsumerError> {
+pub(crate) async fn check_schema(pool: &PgPool) -> Result<(), ConsumerError> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('processed_events') IS NOT NULL")
         .fetch_one(pool)
         .await

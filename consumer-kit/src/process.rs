@@ -59,6 +59,10 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<ConsumerStats>,
     pub(crate) health: Arc<crate::health::Health>,
     pub(crate) permits: tokio::sync::Semaphore,
+    /// The RabbitMQ source's delay queues, when retries wait there instead
+    /// of in place (unordered consumption).
+    #[cfg(feature = "rabbitmq")]
+    pub(crate) delay_queues: Option<Arc<crate::rabbitmq::Link>>,
 }
 
 enum Applied {
@@ -562,7 +566,8 @@ async fn settle(
             .await
         }
     };
-    let mut attempt = 0;
+    // Tries an earlier delivery spent (a RabbitMQ retry) count.
+    let mut attempt = msg.prior_attempts;
     let mut outages = 0;
     let mut prior = prior.map(Failure::Handler);
     loop {
@@ -606,6 +611,20 @@ async fn settle(
                 warn!(attempt, max_attempts = cfg.max_attempts, error = %e, "handler failed; retrying with backoff");
                 shared.stats.add(StatField::Retry);
                 telemetry::retry(&cfg.group_id, msg.topic());
+                #[cfg(feature = "rabbitmq")]
+                if let Some(queues) = &shared.delay_queues {
+                    // The copy comes back after the delay; this delivery is
+                    // done. Should the copy not be confirmed, retry here.
+                    match queues
+                        .retry_later(msg, attempt, backoff(attempt, cfg))
+                        .await
+                    {
+                        Ok(()) => return Settled::Done,
+                        Err(why) => {
+                            warn!(error = %why, "cannot send the retry to its delay queue; retrying in place")
+                        }
+                    }
+                }
                 if !sleep_or_stop(backoff(attempt, cfg), stop).await {
                     return Settled::Abandoned;
                 }

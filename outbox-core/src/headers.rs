@@ -82,3 +82,40 @@ pub const IDENTITY: &[&str] = &[CE_ID, CE_TYPE, CE_SOURCE, CE_EVENT_VERSION];
 pub fn is_reserved(name: &str) -> bool {
     RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
 }
+
+/// The prefix of a CloudEvents attribute's header on AMQP (the CloudEvents
+/// AMQP binding's application properties, carried in RabbitMQ's headers
+/// table): `ce_id` travels as `cloudEvents:id`.
+pub const AMQP_PREFIX: &str = "cloudEvents:";
+
+/// The AMQP header name of the Kafka header `name`: `ce_X` becomes
+/// `cloudEvents:X`; any other name is kept.
+pub fn amqp_name(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.strip_prefix("ce_") {
+        Some(attribute) => format!("{AMQP_PREFIX}{attribute}").into(),
+        None => name.into(),
+    }
+}
+
+/// The Kafka header name of the AMQP header `name`: the inverse of
+/// [`amqp_name`].
+pub fn kafka_name(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.strip_prefix(AMQP_PREFIX) {
+        Some(attribute) => format!("ce_{attribute}").into(),
+        None => name.into(),
+    }
+}
+
+#[cfg(test)]
+mod amqp_tests {
+    use super::*;
+
+    #[test]
+    fn amqp_names_map_both_ways() {
+        assert_eq!(amqp_name(CE_ID), "cloudEvents:id");
+        assert_eq!(amqp_name(TRACEPARENT), TRACEPARENT);
+        for name in RESERVED.iter().chain(&["x-tenant"]) {
+            assert_eq!(kafka_name(&amqp_name(name)), *name);
+        }
+    }
+}

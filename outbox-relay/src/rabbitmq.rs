@@ -434,10 +434,7 @@ fn message(rec: &Record, template: &str) -> Result<(String, Vec<u8>, BasicProper
             }
             _ => {}
         }
-        let name = match header.key.strip_prefix("ce_") {
-            Some(attribute) => format!("cloudEvents:{attribute}"),
-            None => header.key.to_string(),
-        };
+        let name = h::amqp_name(header.key);
         headers.insert(
             ShortString::from(short(&name, "header name")?),
             AMQPValue::LongString(LongString::from(value.to_vec())),
