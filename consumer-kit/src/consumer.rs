@@ -82,23 +82,30 @@ impl ConsumerBuilder {
         }
         #[cfg(feature = "rabbitmq")]
         if let Some(source) = self.rabbitmq {
+            let mut cfg = self.cfg;
             source
-                .validate(&self.cfg.group_id, &self.cfg.topics)
+                .validate(&cfg.group_id, &cfg.topics)
                 .map_err(ConsumerError::Config)?;
+            if !source.single_active_consumer && cfg.ordering == crate::Ordering::ParkKey {
+                // Competing, concurrent consumption has no key order to
+                // keep: parking later events would only hold them back.
+                info!("RabbitMQ without single active consumer: the key order is not kept, so later events of a dead-lettered key are not parked");
+                cfg.ordering = crate::Ordering::Skip;
+            }
             let link = Arc::new(crate::rabbitmq::Link::new(
                 source.clone(),
-                &self.cfg.group_id,
-                &self.cfg.topics,
-                self.cfg.max_attempts,
+                &cfg.group_id,
+                &cfg.topics,
+                cfg.max_attempts,
             ));
             let delay_queues = (!source.single_active_consumer).then(|| Arc::clone(&link));
             let stats = Arc::<ConsumerStats>::default();
-            let health = Arc::new(Health::new(&self.cfg.group_id, Arc::clone(&stats)));
+            let health = Arc::new(Health::new(&cfg.group_id, Arc::clone(&stats)));
             health.set_broker_name("RabbitMQ");
             return Ok(Consumer {
                 shared: Arc::new(Shared {
-                    permits: tokio::sync::Semaphore::new(self.cfg.max_concurrency),
-                    cfg: self.cfg,
+                    permits: tokio::sync::Semaphore::new(cfg.max_concurrency),
+                    cfg,
                     pool: self.pool,
                     routes: self.routes,
                     dead_letters: dead_letter::DeadLetterSink::RabbitMq(Arc::clone(&link)),

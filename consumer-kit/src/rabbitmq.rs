@@ -94,7 +94,9 @@ pub struct RabbitMqSource {
     /// default) members compete, up to
     /// [`crate::ConsumerConfig::max_concurrency`] messages are handled at
     /// once, and a retry waits in a delay queue without holding the others:
-    /// throughput over order.
+    /// throughput over order. Park-key ([`crate::Ordering::ParkKey`])
+    /// applies only with a single active consumer; without one, later
+    /// events of a dead-lettered key are applied ([`crate::Ordering::Skip`]).
     pub single_active_consumer: bool,
     /// Most unacknowledged deliveries at once (`basic.qos`). Default 64.
     pub prefetch: u16,

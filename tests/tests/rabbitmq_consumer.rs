@@ -258,18 +258,32 @@ async fn retries_wait_in_delay_queues_then_dead_letters_replay_once(
         assert!(l.dead_lettered_at.is_some());
     }
 
-    // Fixed, then replayed by event id, one at a time: each applied once.
+    // The operator's command lists the same two.
+    let (code, out, err) = dlq_cmd(&["list", &dlq, "--json"])?;
+    assert_eq!(code, Some(0), "{err}");
+    let listed: Vec<serde_json::Value> = out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(listed.len(), 2, "{out}");
+    assert!(listed.iter().all(
+        |l| l["original_routing_key"] == "item.added" && l["consumer_group"] == group.as_str()
+    ));
+
+    // Fixed, then replayed by event id, one through the library and one
+    // through the command: each applied once.
     fixed.store(true, Ordering::SeqCst);
-    for id in [ids[1], ids[2]] {
-        let only = DeadLetterFilter {
-            event_id: Some(id),
-            ..DeadLetterFilter::default()
-        };
-        let (_, report) = rabbitmq::dead_letters(&amqp_url(), &dlq, &only, true)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        assert_eq!(report.replayed, 1);
-    }
+    let only = DeadLetterFilter {
+        event_id: Some(ids[1]),
+        ..DeadLetterFilter::default()
+    };
+    let (_, report) = rabbitmq::dead_letters(&amqp_url(), &dlq, &only, true)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(report.replayed, 1);
+    let (code, _, err) = dlq_cmd(&["replay", &dlq, "--event-id", &ids[2].to_string()])?;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("replayed 1"), "{err}");
     eventually(WAIT, "the replayed two applied", || async {
         Ok(stats.snapshot().processed == 20)
     })
@@ -285,6 +299,20 @@ async fn retries_wait_in_delay_queues_then_dead_letters_replay_once(
     relay.stop().await?;
     assert_eq!(effect_counts(&pool).await?, (20, 20));
     Ok(())
+}
+
+/// Runs `outbox-dlq --broker rabbitmq` with `args` on `AMQP_URL`'s broker.
+fn dlq_cmd(args: &[&str]) -> anyhow::Result<(Option<i32>, String, String)> {
+    let out = std::process::Command::new(integration_tests::dlq_bin())
+        .args(["--broker", "rabbitmq"])
+        .args(args)
+        .env("AMQP_URL", amqp_url())
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 #[sqlx::test(migrations = false)]

@@ -50,8 +50,40 @@ struct Cli {
     /// Values are never printed.
     #[arg(long = "kafka-property", env = "DLQ_KAFKA_PROPERTIES", value_delimiter = ',', global = true, value_parser = parse_property)]
     kafka_properties: Vec<(String, String)>,
+    /// Where the dead letters are: `kafka` (a dead-letter topic) or
+    /// `rabbitmq` (a group's dead-letter queue, `<queue>.dlq`, given where
+    /// the commands below say topic).
+    #[arg(long, value_enum, default_value_t = Broker::Kafka, global = true)]
+    broker: Broker,
+    /// The RabbitMQ broker, for `--broker rabbitmq`. Only its host and port
+    /// are ever printed.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        hide_env_values = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        global = true
+    )]
+    amqp_url: String,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Broker {
+    Kafka,
+    Rabbitmq,
+}
+
+/// Where to read dead letters from.
+enum Source {
+    Kafka {
+        brokers: String,
+        props: BTreeMap<String, String>,
+    },
+    RabbitMq {
+        url: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,14 +265,30 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let props: BTreeMap<String, String> = cli.kafka_properties.into_iter().collect();
     let brokers = cli.kafka_brokers;
+    let source = match cli.broker {
+        Broker::Kafka => Source::Kafka {
+            brokers: brokers.clone(),
+            props: props.clone(),
+        },
+        Broker::Rabbitmq => Source::RabbitMq { url: cli.amqp_url },
+    };
     match cli.command {
-        Command::Parked(cmd) => return parked(cmd, &brokers, &props).await,
+        Command::Parked(cmd) => {
+            if cli.broker == Broker::Rabbitmq {
+                anyhow::bail!(
+                    "parked keys on RabbitMQ: not yet (order through dead letters needs Single \
+                     Active Consumer and park-key there); list the dead letters with \
+                     `outbox-dlq --broker rabbitmq list <queue>.dlq`"
+                );
+            }
+            return parked(cmd, &brokers, &props).await;
+        }
         Command::List {
             topic,
             filter,
             json,
         } => {
-            let letters = read(&brokers, &props, &topic, &filter).await?;
+            let letters = read(&source, &topic, &filter).await?;
             for l in &letters {
                 if json {
                     out!("{}", serde_json::to_string(&summary(l))?);
@@ -267,7 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Show { topic, filter } => {
-            let letters = read(&brokers, &props, &topic, &filter).await?;
+            let letters = read(&source, &topic, &filter).await?;
             for l in &letters {
                 let mut v = summary(l);
                 let headers: BTreeMap<&str, String> = l
@@ -291,7 +339,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dry_run,
             ..
         } => {
-            let letters = read(&brokers, &props, &topic, &filter).await?;
+            let letters = read(&source, &topic, &filter).await?;
             for l in &letters {
                 out!(
                     "{} {}/{}@{} -> {} ({})",
@@ -311,9 +359,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     letters.len()
                 );
             } else {
-                let report = replay::replay(&brokers, &props, &letters).await.context(
-                    "replay failed; nothing is lost: the dead letters stay in their topic",
-                )?;
+                let report = match &source {
+                    Source::Kafka { brokers, props } => {
+                        replay::replay(brokers, props, &letters).await.context(
+                            "replay failed; nothing is lost: the dead letters stay in their topic",
+                        )?
+                    }
+                    // Each is removed from the queue once its copy is confirmed.
+                    Source::RabbitMq { url } => {
+                        consumer_kit::rabbitmq::dead_letters(url, &topic, &filter.filter(), true)
+                            .await
+                            .map_err(anyhow::Error::msg)
+                            .context(
+                                "replay stopped; a dead letter not replayed stays in its queue",
+                            )?
+                            .1
+                    }
+                };
                 eprintln!(
                     "replayed {} dead letter(s) to their original topics",
                     report.replayed
@@ -438,14 +500,22 @@ async fn parked(
 }
 
 async fn read(
-    brokers: &str,
-    props: &BTreeMap<String, String>,
+    source: &Source,
     topic: &str,
     filter: &FilterArgs,
 ) -> anyhow::Result<Vec<DeadLetter>> {
-    replay::read(brokers, props, topic, &filter.filter())
-        .await
-        .with_context(|| format!("cannot read dead letters from {topic} at {brokers}"))
+    match source {
+        Source::Kafka { brokers, props } => replay::read(brokers, props, topic, &filter.filter())
+            .await
+            .with_context(|| format!("cannot read dead letters from {topic} at {brokers}")),
+        Source::RabbitMq { url } => {
+            consumer_kit::rabbitmq::dead_letters(url, topic, &filter.filter(), false)
+                .await
+                .map(|(letters, _)| letters)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("cannot read dead letters from queue {topic}"))
+        }
+    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -465,6 +535,7 @@ fn summary(l: &DeadLetter) -> serde_json::Value {
         "original_topic": l.original_topic,
         "original_partition": l.original_partition,
         "original_offset": l.original_offset,
+        "original_routing_key": l.original_routing_key,
         "consumer_group": l.consumer_group,
         "dead_lettered_at": l.dead_lettered_at,
     })
