@@ -23,6 +23,9 @@
 //! - [`dead_letter`]: what a dead letter carries, and publishing one;
 //!   [`replay`]: reading and replaying them;
 //! - [`health`]: readiness (phase, broker, database, progress, partitions);
+//! - `rabbitmq` (feature `rabbitmq`): the RabbitMQ source, a queue per
+//!   group instead of Kafka topics, with its delay and dead-letter queues;
+//! - `message.rs`: the one message type both sources hand to `process.rs`;
 //! - [`cleanup`]: the TTL cleanup and the retention check;
 //! - [`config`]: every setting with its default;
 //! - [`telemetry`]: metric names.
