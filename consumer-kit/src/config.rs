@@ -192,6 +192,12 @@ impl ConsumerConfig {
 
     /// Checks the settings; the error names the field and what to do.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_for(true)
+    }
+
+    /// [`ConsumerConfig::validate`], with the Kafka-only settings checked
+    /// only when `kafka` (not for the RabbitMQ source).
+    pub(crate) fn validate_for(&self, kafka: bool) -> Result<(), String> {
         if self.group_id.trim().is_empty() {
             return Err("group_id is empty: every consumer needs a consumer group".into());
         }
@@ -214,7 +220,7 @@ impl ConsumerConfig {
                 ));
             }
         }
-        if self.brokers.trim().is_empty() {
+        if kafka && self.brokers.trim().is_empty() {
             return Err(
                 "brokers is empty: give the Kafka bootstrap servers, such as 127.0.0.1:9092".into(),
             );

@@ -74,7 +74,13 @@ impl ConsumerBuilder {
 
     /// Checks the configuration and creates the dead-letter producer.
     pub fn build(self) -> Result<Consumer, ConsumerError> {
-        self.cfg.validate().map_err(ConsumerError::Config)?;
+        #[cfg(feature = "rabbitmq")]
+        let kafka = self.rabbitmq.is_none();
+        #[cfg(not(feature = "rabbitmq"))]
+        let kafka = true;
+        self.cfg
+            .validate_for(kafka)
+            .map_err(ConsumerError::Config)?;
         if self.routes.is_empty() {
             return Err(ConsumerError::Config(
                 "no handlers: register at least one with .handler(\"event.type\", handler)".into(),
@@ -86,6 +92,13 @@ impl ConsumerBuilder {
             source
                 .validate(&cfg.group_id, &cfg.topics)
                 .map_err(ConsumerError::Config)?;
+            if cfg.max_attempts > 100 {
+                return Err(ConsumerError::Config(format!(
+                    "max_attempts is {}: on RabbitMQ each retry has its own delay queue; \
+                     keep it at 100 or below",
+                    cfg.max_attempts
+                )));
+            }
             if !source.single_active_consumer && cfg.ordering == crate::Ordering::ParkKey {
                 // Competing, concurrent consumption has no key order to
                 // keep: parking later events would only hold them back.

@@ -678,6 +678,8 @@ pub(crate) async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     // Messages handled at once (unordered); ordered, one batch at a time.
     let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrency));
+    // The consuming channel: closed after the drain, whose acks it carries.
+    let mut consuming: Option<Channel> = None;
     while !shutdown.is_cancelled() {
         let channel = match link.consuming().await {
             Ok(ch) => ch,
@@ -692,6 +694,7 @@ pub(crate) async fn serve(
                 }
             }
         };
+        consuming = Some(channel.clone());
         let tag = format!("consumer-kit-{}", uuid::Uuid::new_v4());
         let consumer = async {
             channel
@@ -805,7 +808,11 @@ pub(crate) async fn serve(
         stop.cancel();
         tasks.abort_all();
     }
+    if let Some(channel) = consuming.filter(|c| c.status().connected()) {
+        let _ = channel.close(200, short("consumer stopped")).await;
+    }
     if let Some(live) = link.live.lock().await.take() {
+        let _ = live.publish.close(200, short("consumer stopped")).await;
         let _ = live.conn.close(200, short("consumer stopped")).await;
     }
     Ok(())

@@ -352,7 +352,8 @@ impl RelayConfig {
     /// Checks the values against each other; [`crate::Relay::new`] calls it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError(m));
-        if self.brokers.trim().is_empty() {
+        // RabbitMQ's sink needs no Kafka.
+        if self.brokers.trim().is_empty() && self.rabbitmq.is_none() {
             return bad("no Kafka brokers given (KAFKA_BROKERS / --kafka-brokers)".into());
         }
         if self.batch_size == 0 || self.batch_size > 100_000 {

@@ -68,6 +68,33 @@ impl Latencies {
     }
 }
 
+/// Where the order events travel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Broker {
+    /// Kafka, at these bootstrap servers: a topic, read by three consumer
+    /// groups.
+    Kafka(String),
+    /// RabbitMQ, at this URL: an exchange, with a queue per consumer
+    /// (`<exchange>.<consumer>`, single active consumer so that each
+    /// order's events apply in order).
+    RabbitMq(String),
+}
+
+impl Broker {
+    /// `kafka` or `rabbitmq`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Kafka(_) => "kafka",
+            Self::RabbitMq(_) => "rabbitmq",
+        }
+    }
+
+    /// The queue of consumer `name` on RabbitMQ, for events of `topic`.
+    pub fn queue(topic: &str, name: &str) -> String {
+        format!("{topic}.{name}")
+    }
+}
+
 /// A consumer's name: its schema and its consumer group.
 pub const NAMES: [&str; 3] = ["inventory", "notifications", "analytics"];
 
@@ -228,17 +255,21 @@ pub struct Consumers {
 }
 
 impl Consumers {
-    /// Builds the consumers of `topic` over their `pools` (from
+    /// Builds the consumers of `topic` on `broker` over their `pools` (from
     /// [`prepare`]). Event types a consumer does not handle are skipped.
     pub fn build(
-        brokers: &str,
+        broker: &Broker,
         topic: &str,
         pools: &[PgPool],
         latencies: &Latencies,
         fix: &Fix,
     ) -> anyhow::Result<Self> {
+        let brokers = match broker {
+            Broker::Kafka(b) => b.clone(),
+            Broker::RabbitMq(_) => String::new(),
+        };
         let cfg = |group: &str| ConsumerConfig {
-            brokers: brokers.to_string(),
+            brokers: brokers.clone(),
             unknown_event_type: consumer_kit::UnknownEventType::Skip,
             max_attempts: 3,
             min_backoff: Duration::from_millis(100),
@@ -248,27 +279,38 @@ impl Consumers {
             kafka_properties: [("fetch.wait.max.ms".to_string(), "20".to_string())].into(),
             ..ConsumerConfig::new(group, [topic])
         };
+        let builder = |group: &'static str, pool: &PgPool| {
+            let b = Consumer::builder(cfg(group), pool.clone());
+            match broker {
+                Broker::Kafka(_) => b,
+                Broker::RabbitMq(url) => b.rabbitmq(consumer_kit::RabbitMqSource {
+                    queue: Some(Broker::queue(topic, group)),
+                    single_active_consumer: true,
+                    ..consumer_kit::RabbitMqSource::new(url.clone())
+                }),
+            }
+        };
         let inventory = Inventory(latencies.clone());
         let notifications = Notifications(latencies.clone(), fix.clone());
         let analytics = Analytics(latencies.clone());
         let consumers = vec![
             (
                 NAMES[0],
-                Consumer::builder(cfg(NAMES[0]), pools[0].clone())
+                builder(NAMES[0], &pools[0])
                     .handler("order.created", inventory.clone())
                     .handler("order.cancelled", inventory)
                     .build()?,
             ),
             (
                 NAMES[1],
-                Consumer::builder(cfg(NAMES[1]), pools[1].clone())
+                builder(NAMES[1], &pools[1])
                     .handler("order.created", notifications.clone())
                     .handler("order.shipped", notifications)
                     .build()?,
             ),
             (
                 NAMES[2],
-                Consumer::builder(cfg(NAMES[2]), pools[2].clone())
+                builder(NAMES[2], &pools[2])
                     .handler("order.created", analytics.clone())
                     .handler("order.paid", analytics.clone())
                     .handler("order.shipped", analytics.clone())

@@ -40,7 +40,7 @@ use test_kit::wait::eventually;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    consumers::{self, Consumers, Fix, Latencies, POISON_CUSTOMER},
+    consumers::{self, Broker, Consumers, Fix, Latencies, NAMES, POISON_CUSTOMER},
     orders::{self, NewOrder, Orders},
 };
 
@@ -49,8 +49,8 @@ use crate::{
 pub struct DemoOptions {
     /// PostgreSQL server (the demo creates its own database on it).
     pub database: PgConnectOptions,
-    /// Kafka bootstrap servers.
-    pub brokers: String,
+    /// The broker: Kafka (the default) or RabbitMQ.
+    pub broker: Broker,
     /// Orders in the burst. Default 200.
     pub orders: usize,
     /// Records published a second time. Default 50.
@@ -126,15 +126,32 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         "sample.orders.{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    test_kit::topic::create(&opts.brokers, &topic, 3).await?;
-    say(format!("database {DATABASE} ready (outbox, orders, schemas inventory/notifications/analytics); topic {topic} (3 partitions)"));
+    // On RabbitMQ, a tap queue keeps a copy of every message, for step 4.
+    let mut tap = None;
+    match &opts.broker {
+        Broker::Kafka(brokers) => {
+            test_kit::topic::create(brokers, &topic, 3).await?;
+            say(format!("database {DATABASE} ready (outbox, orders, schemas inventory/notifications/analytics); topic {topic} (3 partitions)"));
+        }
+        Broker::RabbitMq(url) => {
+            tap = Some(rabbit::Tap::open(url, &topic).await?);
+            say(format!("database {DATABASE} ready (outbox, orders, schemas inventory/notifications/analytics); exchange {topic} on RabbitMQ"));
+        }
+    }
 
     // 2. Relay, order service, consumers.
     let shutdown = opts.keep_running.clone().unwrap_or_default();
     let stop = CancellationToken::new();
     let relay = outbox_relay::Relay::new(
         outbox_relay::RelayConfig {
-            brokers: opts.brokers.clone(),
+            brokers: match &opts.broker {
+                Broker::Kafka(b) => b.clone(),
+                Broker::RabbitMq(_) => String::new(),
+            },
+            rabbitmq: match &opts.broker {
+                Broker::Kafka(_) => None,
+                Broker::RabbitMq(url) => Some(outbox_relay::RabbitMqSink::new(url)),
+            },
             poll_interval: Duration::from_millis(200),
             ..Default::default()
         },
@@ -155,13 +172,22 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     ));
     let latencies = Latencies::default();
     let fix = Fix::default();
-    let consumers = Consumers::build(&opts.brokers, &topic, &consumer_pools, &latencies, &fix)?;
+    let consumers = Consumers::build(&opts.broker, &topic, &consumer_pools, &latencies, &fix)?;
     let stats = consumers.stats();
+    let health = consumers.health();
     let consumer_handles: Vec<_> = consumers
         .consumers
         .into_iter()
         .map(|(name, c)| (name, c.start()))
         .collect();
+    if tap.is_some() {
+        // Their queues must be bound before the first event is routed.
+        eventually(Duration::from_secs(30), "the consumers' queues", || async {
+            Ok(health.iter().all(|(_, h)| h.is_ready()))
+        })
+        .await
+        .context("the consumers did not declare their queues within 30 s")?;
+    }
     say(format!("relay, order service (http://{addr}/orders) and consumers inventory, notifications, analytics running"));
 
     // 3. The burst, through HTTP.
@@ -176,7 +202,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     })
     .await
     .context("the relay did not publish every event within 60 s")?;
-    let duplicated = republish(&opts.brokers, &topic, opts.duplicates).await?;
+    let duplicated = match (&opts.broker, &tap) {
+        (Broker::Kafka(brokers), _) => republish(brokers, &topic, opts.duplicates).await?,
+        (Broker::RabbitMq(_), Some(tap)) => tap.republish(opts.duplicates, POISON_CUSTOMER).await?,
+        (Broker::RabbitMq(_), None) => 0,
+    };
     let records = events + duplicated as u64;
     say(format!("relay published all {events} events; {duplicated} of them published again (duplicate deliveries)"));
 
@@ -184,7 +214,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     wait_settled(n, &stats, records).await?;
 
     // 6. The dead letter, the fix, the replay.
-    let letters = replay_dead_letters(n, &opts.brokers, &topic, &fix, &stats, records).await?;
+    let letters = replay_dead_letters(n, &opts.broker, &topic, &fix, &stats, records).await?;
     let dead_letters: Vec<(String, String)> = letters
         .iter()
         .map(|l| {
@@ -230,6 +260,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     }
     relay.stop().await?;
     http_task.await??;
+    if let Some(tap) = tap {
+        tap.remove_all().await;
+    }
     drop(shutdown);
     say("stopped cleanly".into());
     Ok(report)
@@ -356,20 +389,33 @@ async fn drive_orders(n: Narrator, addr: SocketAddr, orders: usize) -> anyhow::R
 /// replays them and waits until every consumer settled them. Returns them.
 async fn replay_dead_letters(
     n: Narrator,
-    brokers: &str,
+    broker: &Broker,
     topic: &str,
     fix: &Fix,
     stats: &[(&'static str, Arc<ConsumerStats>)],
     records: u64,
 ) -> anyhow::Result<Vec<DeadLetter>> {
-    let dlq_topic = format!("{topic}.dlq");
-    let letters = replay::read(
-        brokers,
-        &BTreeMap::new(),
-        &dlq_topic,
-        &DeadLetterFilter::default(),
-    )
-    .await?;
+    let all = DeadLetterFilter::default();
+    let (letters, dlq_topic) = match broker {
+        Broker::Kafka(brokers) => {
+            let dlq_topic = format!("{topic}.dlq");
+            (
+                replay::read(brokers, &BTreeMap::new(), &dlq_topic, &all).await?,
+                dlq_topic,
+            )
+        }
+        Broker::RabbitMq(url) => {
+            let mut letters = Vec::new();
+            for name in NAMES {
+                let dlq = format!("{}.dlq", Broker::queue(topic, name));
+                let (found, _) = consumer_kit::rabbitmq::dead_letters(url, &dlq, &all, false)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                letters.extend(found);
+            }
+            (letters, "the consumers' dead-letter queues".to_string())
+        }
+    };
     for l in &letters {
         n.say(format!(
             "dead letter in {dlq_topic}: {} {} for group {} ({}): {}",
@@ -382,10 +428,26 @@ async fn replay_dead_letters(
     }
     fix.deploy();
     let before = stats[1].1.snapshot().processed;
-    let replayed = replay::replay(brokers, &BTreeMap::new(), &letters).await?;
+    let replayed = match broker {
+        Broker::Kafka(brokers) => {
+            replay::replay(brokers, &BTreeMap::new(), &letters)
+                .await?
+                .replayed
+        }
+        Broker::RabbitMq(url) => {
+            let mut replayed = 0;
+            for name in NAMES {
+                let dlq = format!("{}.dlq", Broker::queue(topic, name));
+                let (_, report) = consumer_kit::rabbitmq::dead_letters(url, &dlq, &all, true)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                replayed += report.replayed;
+            }
+            replayed
+        }
+    };
     n.say(format!(
-        "fix deployed to notifications; replayed {} dead letter(s) to {topic}",
-        replayed.replayed
+        "fix deployed to notifications; replayed {replayed} dead letter(s) to {topic}"
     ));
     eventually(
         Duration::from_secs(60),
@@ -600,6 +662,142 @@ async fn republish(brokers: &str, topic: &str, n: usize) -> anyhow::Result<usize
             .map_err(|(e, _)| anyhow::anyhow!("republishing: {e}"))?;
     }
     Ok(copies.len())
+}
+
+/// The demo's RabbitMQ side: a tap on the exchange for the duplicates, and
+/// the clean-up of what the demo declared.
+mod rabbit {
+    use lapin::{
+        options::{
+            BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+            ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+        },
+        types::FieldTable,
+        Channel, Connection, ConnectionProperties, ExchangeKind,
+    };
+
+    use crate::consumers::{Broker, NAMES};
+
+    /// An exclusive queue bound to the exchange for every routing key: a
+    /// copy of every message the relay published.
+    pub(super) struct Tap {
+        conn: Connection,
+        channel: Channel,
+        exchange: String,
+        queue: String,
+    }
+
+    impl Tap {
+        pub(super) async fn open(url: &str, exchange: &str) -> anyhow::Result<Self> {
+            let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+            let channel = conn.create_channel().await?;
+            channel
+                .exchange_declare(
+                    exchange.to_string().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            let queue = format!("{exchange}.tap");
+            channel
+                .queue_declare(
+                    queue.clone().into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    queue.clone().into(),
+                    exchange.to_string().into(),
+                    "#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok(Self {
+                conn,
+                channel,
+                exchange: exchange.to_string(),
+                queue,
+            })
+        }
+
+        /// Publishes the first `n` tapped messages again, unchanged (the
+        /// one for `poison` excepted): what consumers see when a relay
+        /// crashes after the broker's confirm and before its commit.
+        pub(super) async fn republish(&self, n: usize, poison: &str) -> anyhow::Result<usize> {
+            let publish = self.conn.create_channel().await?;
+            publish
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            let mut done = 0;
+            while done < n {
+                let Some(got) = self
+                    .channel
+                    .basic_get(self.queue.clone().into(), BasicGetOptions { no_ack: true })
+                    .await?
+                else {
+                    break;
+                };
+                let d = got.delivery;
+                if String::from_utf8_lossy(&d.data).contains(poison) {
+                    continue;
+                }
+                publish
+                    .basic_publish(
+                        self.exchange.clone().into(),
+                        d.routing_key.clone(),
+                        BasicPublishOptions::default(),
+                        &d.data,
+                        d.properties.clone(),
+                    )
+                    .await?
+                    .await?;
+                done += 1;
+            }
+            Ok(done)
+        }
+
+        /// Deletes what the demo and its consumers declared (best effort):
+        /// the tap, each consumer's queue with its delay and dead-letter
+        /// queues, and the exchanges.
+        pub(super) async fn remove_all(self) {
+            let mut queues = vec![self.queue.clone()];
+            let mut exchanges = vec![self.exchange.clone()];
+            for name in NAMES {
+                let q = Broker::queue(&self.exchange, name);
+                queues.extend((1..10).map(|n| format!("{q}.retry.{n}")));
+                queues.push(format!("{q}.dlq"));
+                exchanges.push(format!("{q}.dlx"));
+                queues.push(q);
+            }
+            // Each on its own channel: a refusal closes the channel it
+            // came on, and the rest should still go.
+            for q in queues {
+                if let Ok(c) = self.conn.create_channel().await {
+                    let _ = c
+                        .queue_delete(q.into(), QueueDeleteOptions::default())
+                        .await;
+                }
+            }
+            for e in exchanges {
+                if let Ok(c) = self.conn.create_channel().await {
+                    let _ = c
+                        .exchange_delete(e.into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+            }
+            let _ = self.conn.close(200, "demo done".into()).await;
+        }
+    }
 }
 
 /// The demo's HTTP client: (status, body).

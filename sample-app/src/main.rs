@@ -7,7 +7,7 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sample_app::{
-    consumers::{self, Consumers, Fix, Latencies},
+    consumers::{self, Broker, Consumers, Fix, Latencies},
     demo::{self, DemoOptions},
     orders::{self, Orders},
 };
@@ -31,8 +31,36 @@ struct Cli {
         global = true
     )]
     kafka_brokers: String,
+    /// The broker the events travel through: `kafka` (a topic and three
+    /// consumer groups) or `rabbitmq` (an exchange and a queue per consumer).
+    #[arg(long, value_enum, default_value_t = BrokerArg::Kafka, global = true)]
+    broker: BrokerArg,
+    /// The RabbitMQ broker, for `--broker rabbitmq`. Never printed whole.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        hide_env_values = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        global = true
+    )]
+    amqp_url: String,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BrokerArg {
+    Kafka,
+    Rabbitmq,
+}
+
+impl Cli {
+    fn broker(&self) -> Broker {
+        match self.broker {
+            BrokerArg::Kafka => Broker::Kafka(self.kafka_brokers.clone()),
+            BrokerArg::Rabbitmq => Broker::RabbitMq(self.amqp_url.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,6 +219,7 @@ fn ctrl_c() -> CancellationToken {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let broker = cli.broker();
     let url = cli
         .database_url
         .as_deref()
@@ -219,7 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let report = demo::run(DemoOptions {
                 database,
-                brokers: cli.kafka_brokers,
+                broker: broker.clone(),
                 orders,
                 duplicates,
                 http_addr,
@@ -271,13 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pools = consumers::prepare(&database).await?;
             let fix = Fix::default();
             fix.deploy();
-            let built = Consumers::build(
-                &cli.kafka_brokers,
-                &topic,
-                &pools,
-                &Latencies::default(),
-                &fix,
-            )?;
+            let built = Consumers::build(&broker, &topic, &pools, &Latencies::default(), &fix)?;
             serve_metrics(metrics_addr, metrics, built.health(), stop.clone()).await?;
             let handles: Vec<_> = built
                 .consumers

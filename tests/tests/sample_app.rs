@@ -3,6 +3,7 @@
 
 use integration_tests::brokers;
 use sample_app::{
+    consumers::Broker,
     demo::{self, http, DemoOptions},
     orders::{self, Orders},
 };
@@ -108,13 +109,14 @@ async fn the_api_writes_each_change_with_its_event_and_answers_bad_requests_with
     Ok(())
 }
 
-#[tokio::test]
-async fn the_demo_applies_every_event_once_per_consumer_and_replays_the_poison_event(
-) -> anyhow::Result<()> {
+/// Runs the demo on `broker` and checks its report: every event applied
+/// once per consumer, duplicates suppressed, the poison event dead-lettered
+/// and replayed once, each consumer's state equal to the orders table.
+async fn demo_on(broker: Broker) -> anyhow::Result<()> {
     let url = std::env::var("DATABASE_URL")?;
     let report = demo::run(DemoOptions {
         database: url.parse()?,
-        brokers: brokers(),
+        broker,
         orders: 60,
         duplicates: 20,
         http_addr: "127.0.0.1:0".parse()?,
@@ -144,3 +146,23 @@ async fn the_demo_applies_every_event_once_per_consumer_and_replays_the_poison_e
     );
     Ok(())
 }
+
+// One at a time: both use the database sample_demo.
+#[tokio::test]
+async fn the_demo_applies_every_event_once_per_consumer_and_replays_the_poison_event(
+) -> anyhow::Result<()> {
+    let _one = DEMO.lock().await;
+    demo_on(Broker::Kafka(brokers())).await
+}
+
+#[tokio::test]
+async fn the_demo_on_rabbitmq_does_the_same_through_an_exchange_and_a_queue_per_consumer(
+) -> anyhow::Result<()> {
+    let _one = DEMO.lock().await;
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    demo_on(Broker::RabbitMq(url)).await
+}
+
+/// The demo recreates its database: one run at a time.
+static DEMO: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
