@@ -21,12 +21,9 @@
 use std::time::{Duration, Instant};
 
 use lapin::{
-    options::{
-        BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
-    },
+    options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions, QueuePurgeOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
-    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Connection, ConnectionProperties,
 };
 use outbox_relay::{RabbitMqSink, RelayConfig};
 use tokio_util::sync::CancellationToken;
@@ -127,32 +124,8 @@ pub(crate) async fn rabbitmq(
 }
 
 async fn declare(ch: &Channel, exchange: &str, queue: &str) -> anyhow::Result<()> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    ch.exchange_declare(
-        exchange.to_string().into(),
-        ExchangeKind::Topic,
-        durable,
-        FieldTable::default(),
-    )
-    .await?;
-    let q = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    ch.queue_declare(queue.to_string().into(), q, FieldTable::default())
-        .await?;
-    ch.queue_bind(
-        queue.to_string().into(),
-        exchange.to_string().into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    Ok(())
+    test_kit::rabbitmq::bind_queue(ch, exchange, queue, test_kit::rabbitmq::QueueLife::Durable)
+        .await
 }
 
 /// Messages like the relay's, in windows of `window`: published, then

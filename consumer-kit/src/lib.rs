@@ -1,5 +1,5 @@
-//! consumer-kit: consume outbox events from Kafka with exactly-once effects
-//! per consumer group.
+//! consumer-kit: consume outbox events from Kafka (or RabbitMQ, with the
+//! cargo feature `rabbitmq`) with exactly-once effects per consumer group.
 //!
 //! For each record: `BEGIN`; insert (group, event id) into
 //! `processed_events`, where a conflict means the group already applied the

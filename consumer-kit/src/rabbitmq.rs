@@ -181,7 +181,7 @@ impl RabbitMqSource {
 }
 
 /// `host:port/vhost` of an AMQP URL, without the user or password.
-pub(crate) fn broker_for_logs(url: &str) -> String {
+pub fn broker_for_logs(url: &str) -> String {
     match lapin::uri::AMQPUri::from_str(url) {
         Ok(uri) if uri.vhost == "/" => format!("{}:{}", uri.authority.host, uri.authority.port),
         Ok(uri) => format!(

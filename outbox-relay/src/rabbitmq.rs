@@ -380,20 +380,14 @@ impl RabbitMqPublisher {
     }
 }
 
-/// A refusal by the broker (precondition failed, access refused, not
-/// allowed): sending again would fail the same way.
+/// A refusal by the broker, which sending again would meet the same way:
+/// access refused (403), resource locked (405), precondition failed (406:
+/// the exchange exists with another type), not allowed (530).
 fn is_refusal(e: &lapin::Error) -> bool {
-    let text = e.to_string().to_ascii_uppercase();
-    [
-        "PRECONDITION",
-        "ACCESS",
-        "NOT_ALLOWED",
-        "NOTALLOWED",
-        "406",
-        "403",
-    ]
-    .iter()
-    .any(|w| text.contains(w))
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 405 | 406 | 530)
+    )
 }
 
 fn transient_all(records: &[Option<Record>], why: &str) -> Vec<Option<Outcome>> {

@@ -669,11 +669,10 @@ async fn republish(brokers: &str, topic: &str, n: usize) -> anyhow::Result<usize
 mod rabbit {
     use lapin::{
         options::{
-            BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-            ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+            BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+            QueueDeleteOptions,
         },
-        types::FieldTable,
-        Channel, Connection, ConnectionProperties, ExchangeKind,
+        Channel, Connection, ConnectionProperties,
     };
 
     use crate::consumers::{Broker, NAMES};
@@ -691,37 +690,14 @@ mod rabbit {
         pub(super) async fn open(url: &str, exchange: &str) -> anyhow::Result<Self> {
             let conn = Connection::connect(url, ConnectionProperties::default()).await?;
             let channel = conn.create_channel().await?;
-            channel
-                .exchange_declare(
-                    exchange.to_string().into(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
             let queue = format!("{exchange}.tap");
-            channel
-                .queue_declare(
-                    queue.clone().into(),
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    queue.clone().into(),
-                    exchange.to_string().into(),
-                    "#".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            test_kit::rabbitmq::bind_queue(
+                &channel,
+                exchange,
+                &queue,
+                test_kit::rabbitmq::QueueLife::Exclusive,
+            )
+            .await?;
             Ok(Self {
                 conn,
                 channel,

@@ -1,7 +1,7 @@
-//! The brokers a soak run uses instead of `KAFKA_BROKERS`: its own Apache
-//! Kafka (`test_kit::kafka`) for the broker-restart fault, or
-//! librdkafka's mock cluster for the faults a real broker cannot show on
-//! demand.
+//! The brokers a soak run uses instead of `KAFKA_BROKERS` (or `AMQP_URL`):
+//! its own Apache Kafka (`test_kit::kafka`) or RabbitMQ node
+//! (`test_kit::rabbitmq`) for the broker-restart fault, or librdkafka's
+//! mock cluster for the faults a real broker cannot show on demand.
 
 use std::time::Duration;
 
@@ -88,6 +88,9 @@ pub enum Own {
     /// librdkafka's mock cluster (the produce-errors, broker-slow and
     /// broker-down faults).
     Mock(Mock),
+    /// Its own RabbitMQ node (`--sink rabbitmq` with the broker-restart
+    /// fault).
+    Rabbit(test_kit::rabbitmq::Node),
 }
 
 impl Own {
@@ -97,6 +100,7 @@ impl Own {
             Self::Kafka(b) => b.address.clone(),
             Self::Cluster(c) => c.bootstrap(),
             Self::Mock(m) => m.address(),
+            Self::Rabbit(n) => n.url.clone(),
         }
     }
 
@@ -106,6 +110,7 @@ impl Own {
             Self::Kafka(_) => "the soak's own Apache Kafka broker",
             Self::Cluster(_) => "the soak's own three-broker Apache Kafka cluster",
             Self::Mock(_) => "librdkafka's mock cluster, 3 brokers",
+            Self::Rabbit(_) => "the soak's own RabbitMQ node",
         }
     }
 
@@ -113,7 +118,15 @@ impl Own {
     pub fn kafka(&mut self) -> Option<&mut test_kit::kafka::Node> {
         match self {
             Self::Kafka(b) => Some(b),
-            Self::Cluster(_) | Self::Mock(_) => None,
+            _ => None,
+        }
+    }
+
+    /// Its own RabbitMQ node, if that is what runs.
+    pub fn rabbit(&mut self) -> Option<&mut test_kit::rabbitmq::Node> {
+        match self {
+            Self::Rabbit(n) => Some(n),
+            _ => None,
         }
     }
 
@@ -128,8 +141,8 @@ impl Own {
     /// The mock cluster, if that is what runs.
     pub fn mock(&self) -> Option<&Mock> {
         match self {
-            Self::Kafka(_) | Self::Cluster(_) => None,
             Self::Mock(m) => Some(m),
+            _ => None,
         }
     }
 }

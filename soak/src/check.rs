@@ -4,7 +4,8 @@
 //! - **ledger** `soak_ledger(event_id, key, seq)`: written in the producer's
 //!   transaction, with the outbox row. `seq` counts up per key; producers
 //!   serialize on the key's row, so seq order is commit order per key.
-//! - **Kafka**: the whole topic, read to its end with no group, as a
+//! - **published**: on RabbitMQ, the tap queue bound to the run's exchange
+//!   (`rabbit.rs`); on Kafka, the whole topic, read to its end with no group, as a
 //!   `read_committed` reader (librdkafka's default; the Java client's is
 //!   `read_uncommitted`), and a second time as `read_uncommitted` to count the records
 //!   of aborted transactions (exactly-once relays) apart.
@@ -85,13 +86,13 @@ impl Verdict {
 impl std::fmt::Display for Verdict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "committed by producers:     {}", self.committed)?;
-        writeln!(f, "records in Kafka:           {}", self.records)?;
+        writeln!(f, "records published:          {}", self.records)?;
         writeln!(f, "lost (must be 0):           {}", self.lost)?;
         writeln!(f, "phantom (must be 0):        {}", self.phantom)?;
         writeln!(f, "out of order per key (0):   {}", self.out_of_order)?;
         writeln!(
             f,
-            "duplicated in Kafka:        {} (read_committed)",
+            "published twice:            {} (Kafka: as read_committed reads)",
             self.duplicated_in_kafka
         )?;
         writeln!(
@@ -120,17 +121,27 @@ impl std::fmt::Display for Verdict {
 }
 
 /// One record as the checker sees it.
-struct Seen {
-    event_id: Uuid,
-    key: String,
-    seq: i64,
+pub(crate) struct Seen {
+    pub(crate) event_id: Uuid,
+    pub(crate) key: String,
+    pub(crate) seq: i64,
+}
+
+/// Where the checker reads what was published.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Published<'a> {
+    /// The Kafka topic, at these bootstrap servers.
+    Kafka(&'a str),
+    /// The RabbitMQ tap queue of the run's exchange, at this URL
+    /// (`rabbit.rs`).
+    RabbitMq(&'a str),
 }
 
 /// Runs the comparison. `replayed` counts, per event id, the dead letters
 /// the soak sent back to the topic: those copies are not duplicates.
-pub async fn check(
+pub(crate) async fn check(
     pool: &PgPool,
-    brokers: &str,
+    published: Published<'_>,
     topic: &str,
     replayed: &HashMap<Uuid, u64>,
 ) -> anyhow::Result<Verdict> {
@@ -142,15 +153,24 @@ pub async fn check(
             .context("reading the ledger")?;
     let ledger: HashMap<Uuid, (String, i64)> =
         ledger.into_iter().map(|(id, k, s)| (id, (k, s))).collect();
-    let brokers = brokers.to_string();
-    let topic = topic.to_string();
-    let (records, uncommitted) = tokio::task::spawn_blocking(move || {
-        anyhow::Ok((
-            read_topic(&brokers, &topic, "read_committed")?,
-            read_topic(&brokers, &topic, "read_uncommitted")?.len(),
-        ))
-    })
-    .await??;
+    let (records, uncommitted) = match published {
+        Published::Kafka(brokers) => {
+            let brokers = brokers.to_string();
+            let topic = topic.to_string();
+            tokio::task::spawn_blocking(move || {
+                anyhow::Ok((
+                    read_topic(&brokers, &topic, "read_committed")?,
+                    read_topic(&brokers, &topic, "read_uncommitted")?.len(),
+                ))
+            })
+            .await??
+        }
+        Published::RabbitMq(url) => {
+            let records = crate::rabbit::read_tap(url, topic).await?;
+            let n = records.len();
+            (records, n)
+        }
+    };
 
     let mut v = Verdict {
         committed: ledger.len() as u64,

@@ -16,6 +16,7 @@
 mod broker;
 mod check;
 mod memory;
+mod rabbit;
 mod role;
 mod run;
 
@@ -44,11 +45,42 @@ struct Cli {
         global = true
     )]
     kafka_brokers: String,
+    /// Where the relays publish and the consumer reads: `kafka` (a topic)
+    /// or `rabbitmq` (an exchange, the consumer's own queue, and a tap
+    /// queue the checker reads; see RELIABILITY.md).
+    #[arg(long, value_enum, default_value_t = Sink::Kafka, global = true)]
+    sink: Sink,
+    /// The RabbitMQ broker, for `--sink rabbitmq` (the broker-restart fault
+    /// runs a node of its own instead). Never printed.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        hide_env_values = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        global = true
+    )]
+    amqp_url: String,
     /// The soak's database.
     #[arg(long, default_value = "outbox_soak", global = true)]
     database: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--sink` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Sink {
+    Kafka,
+    Rabbitmq,
+}
+
+impl Sink {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Kafka => "kafka",
+            Self::Rabbitmq => "rabbitmq",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -62,7 +94,8 @@ enum Fault {
     ConsumerKill,
     /// SIGKILL the broker, then start it again 0.5 to 3 s later. With this
     /// fault the soak runs its own Apache Kafka broker (storage on disk) on
-    /// free local ports, instead of using KAFKA_BROKERS.
+    /// free local ports, instead of using KAFKA_BROKERS (with `--sink
+    /// rabbitmq`: its own RabbitMQ node, instead of AMQP_URL).
     BrokerRestart,
     /// SIGKILL one node of a three-broker Apache Kafka cluster picked at
     /// random (the leaders of its partitions, and of any transaction
@@ -212,6 +245,25 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
+        if cli.sink == Sink::Rabbitmq
+            && faults
+                .iter()
+                .any(|f| f.needs_mock() || *f == Fault::LeaderFailover)
+        {
+            eprintln!(
+                "error: --sink rabbitmq: the faults are relay-kill, pg-terminate, consumer-kill \
+                 and broker-restart (the others are Kafka's)"
+            );
+            return ExitCode::from(2);
+        }
+        if let Command::Run { mode, .. } = &cli.command {
+            if cli.sink == Sink::Rabbitmq && mode.exactly_once {
+                eprintln!(
+                    "error: --exactly-once is Kafka's (transactions); not with --sink rabbitmq"
+                );
+                return ExitCode::from(2);
+            }
+        }
         if faults.contains(&Fault::BrokerRestart) && faults.iter().any(|f| f.needs_mock()) {
             eprintln!(
                 "error: --faults: broker-restart runs an Apache Kafka broker of its own, while produce-errors, \
@@ -224,7 +276,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,pgwire_replication::client::tokio_client=off".into()),
+                // lapin logs each lost connection as an error of its own;
+                // the relay and consumer say it once, with what they do.
+                .unwrap_or_else(|_| {
+                    "warn,pgwire_replication::client::tokio_client=off,lapin=off".into()
+                }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -279,6 +335,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     test_kit::kafka::Cluster::start()
                         .context("the leader-failover fault's own three-broker cluster")?,
                 ))
+            } else if faults.contains(&Fault::BrokerRestart) && cli.sink == Sink::Rabbitmq {
+                Some(broker::Own::Rabbit(
+                    test_kit::rabbitmq::Node::start()
+                        .context("the broker-restart fault's own RabbitMQ node")?,
+                ))
             } else if faults.contains(&Fault::BrokerRestart) {
                 Some(broker::Own::Kafka(
                     test_kit::kafka::Node::start()
@@ -309,7 +370,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Check { topic } => {
             let pool = PgPool::connect_with(db).await?;
-            let v = check::check(&pool, &cli.kafka_brokers, topic, &Default::default()).await?;
+            let published = match cli.sink {
+                Sink::Kafka => check::Published::Kafka(&cli.kafka_brokers),
+                Sink::Rabbitmq => check::Published::RabbitMq(&cli.amqp_url),
+            };
+            let v = check::check(&pool, published, topic, &Default::default()).await?;
             println!("{v}");
             Ok(v.ok())
         }
@@ -346,6 +411,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     ),
                     mutation_skip_fencing: mode.mutate_skip_fencing,
                     wal: mode.wal_source(&cli)?,
+                    rabbitmq: (cli.sink == Sink::Rabbitmq)
+                        .then(|| outbox_relay::RabbitMqSink::new(&cli.amqp_url)),
                     ..Default::default()
                 },
                 db.application_name("outbox-soak-relay"),
@@ -367,9 +434,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 ]),
                 ..ConsumerConfig::new("soak", [topic])
             };
-            let consumer = Consumer::builder(cfg, pool)
-                .handler("soak.event", Apply)
-                .build()?;
+            let mut consumer = Consumer::builder(cfg, pool).handler("soak.event", Apply);
+            if cli.sink == Sink::Rabbitmq {
+                // One consumer at a time, in queue order: the checker wants
+                // each key's effects in order.
+                consumer = consumer.rabbitmq(consumer_kit::RabbitMqSource {
+                    queue: Some(rabbit::queue(topic)),
+                    single_active_consumer: true,
+                    ..consumer_kit::RabbitMqSource::new(cli.amqp_url.clone())
+                });
+            }
+            let consumer = consumer.build()?;
             consumer.run(on_sigterm()).await?;
             Ok(true)
         }

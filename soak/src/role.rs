@@ -59,6 +59,8 @@ pub(crate) fn spawn(cli: &Cli, args: &[String]) -> anyhow::Result<Child> {
                 cli.database_url.as_deref().unwrap_or_default(),
             )
             .env("KAFKA_BROKERS", &cli.kafka_brokers)
+            .env("AMQP_URL", &cli.amqp_url)
+            .args(["--sink", cli.sink.name()])
             .arg("--database")
             .arg(&cli.database)
             .stdin(Stdio::null())

@@ -46,6 +46,13 @@ pub(crate) async fn soak(
     // and checker use it.
     let with_own_broker;
     let cli = match &own {
+        Some(broker::Own::Rabbit(node)) => {
+            with_own_broker = Cli {
+                amqp_url: node.url.clone(),
+                ..cli.clone()
+            };
+            &with_own_broker
+        }
         Some(o) => {
             with_own_broker = Cli {
                 kafka_brokers: o.address(),
@@ -55,6 +62,7 @@ pub(crate) async fn soak(
         }
         None => cli,
     };
+    let rabbit = cli.sink == crate::Sink::Rabbitmq;
     let started = Instant::now();
     let say = |m: String| println!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
     let name = &cli.database;
@@ -84,6 +92,8 @@ pub(crate) async fn soak(
         .await?;
     let topic = format!("soak-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     match own.as_ref().and_then(broker::Own::mock) {
+        // The exchange, and the tap the checker reads.
+        _ if rabbit => crate::rabbit::declare_tap(&cli.amqp_url, &topic).await?,
         Some(m) => {
             m.create_topic(&topic, 3)?;
             m.create_topic(&format!("{topic}.dlq"), 3)?;
@@ -115,7 +125,14 @@ pub(crate) async fn soak(
         load.relays,
         load.lease_ttl,
         fault_every,
-        cli.kafka_brokers,
+        if rabbit {
+            format!(
+                "RabbitMQ {}",
+                consumer_kit::rabbitmq::broker_for_logs(&cli.amqp_url)
+            )
+        } else {
+            cli.kafka_brokers.clone()
+        },
         own.as_ref()
             .map(|o| format!(" ({})", o.describe()))
             .unwrap_or_default()
@@ -144,6 +161,9 @@ pub(crate) async fn soak(
         .map(|_| Role::start(cli, &relay_args))
         .collect::<anyhow::Result<_>>()?;
     let mut consumer = Role::start(cli, &["consume", "--topic", &topic])?;
+    if rabbit {
+        crate::rabbit::wait_for_queue(&cli.amqp_url, &topic).await?;
+    }
 
     // Producers: ledger row + outbox row in one transaction, serialized per
     // key by the key's row lock, so seq order is commit order per key.
@@ -222,6 +242,17 @@ pub(crate) async fn soak(
             Fault::ConsumerKill => {
                 consumer.kill_and_restart(cli)?;
                 "consumer kill -9"
+            }
+            Fault::BrokerRestart if rabbit => {
+                let node = own
+                    .as_mut()
+                    .and_then(broker::Own::rabbit)
+                    .context("the broker-restart fault needs the soak's own RabbitMQ node")?;
+                node.kill();
+                tokio::time::sleep(Duration::from_secs_f64(rand::random_range(0.5..3.0))).await;
+                tokio::task::block_in_place(|| node.restart())?;
+                broker_faults += 1;
+                "RabbitMQ kill -9 and restart"
             }
             Fault::BrokerRestart => {
                 let broker = own
@@ -314,9 +345,13 @@ pub(crate) async fn soak(
             last_replay = Instant::now();
             // Right after a broker restart the metadata can be stale for a
             // moment: try again at the next round.
-            match replay_new_letters(&cli.kafka_brokers, &topic, &mut replayed, &mut replayed_ids)
-                .await
-            {
+            let replay = if rabbit {
+                crate::rabbit::replay_letters(&cli.amqp_url, &topic, &mut replayed_ids).await
+            } else {
+                replay_new_letters(&cli.kafka_brokers, &topic, &mut replayed, &mut replayed_ids)
+                    .await
+            };
+            match replay {
                 Ok(0) => {}
                 Ok(n) => say(format!("replayed {n} dead letter(s)")),
                 Err(e) => say(format!(
@@ -351,7 +386,12 @@ pub(crate) async fn soak(
         }
     }
 
-    let v = check::check(&pool, &cli.kafka_brokers, &topic, &replayed_ids).await?;
+    let published = if rabbit {
+        check::Published::RabbitMq(&cli.amqp_url)
+    } else {
+        check::Published::Kafka(&cli.kafka_brokers)
+    };
+    let v = check::check(&pool, published, &topic, &replayed_ids).await?;
     // A relay fault repeats at most the batch that relay had in flight; a
     // pg_terminate_backend or a broker fault hits every relay at once.
     let terminations = injected
@@ -403,6 +443,7 @@ pub(crate) async fn soak(
             "topic": topic,
             "exactly_once": load.mode.exactly_once,
             "source": if load.mode.wal() { "wal" } else { "poll" },
+            "sink": cli.sink.name(),
             "mutate_skip_fencing": load.mode.mutate_skip_fencing,
             "faults": injected,
             "verdict": v,

@@ -10,12 +10,9 @@ use std::{collections::HashSet, time::Duration};
 use futures::StreamExt;
 use integration_tests::{eventually, pending, quick_relay_config, unique, RunningRelay};
 use lapin::{
-    options::{
-        BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
+    options::{BasicAckOptions, BasicConsumeOptions},
     types::FieldTable,
-    Connection, ConnectionProperties, ExchangeKind,
+    Connection, ConnectionProperties,
 };
 use outbox_core::{append, NewEvent};
 use outbox_relay::{RabbitMqSink, RelayConfig};
@@ -138,29 +135,11 @@ async fn a_broker_restart_and_a_memory_alarm_lose_nothing_and_are_reported(
     {
         let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
         let ch = conn.create_channel().await?;
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        ch.exchange_declare(
-            exchange.clone().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-        let q = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        ch.queue_declare(queue.clone().into(), q, FieldTable::default())
-            .await?;
-        ch.queue_bind(
-            queue.clone().into(),
-            exchange.clone().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
+        test_kit::rabbitmq::bind_queue(
+            &ch,
+            &exchange,
+            &queue,
+            test_kit::rabbitmq::QueueLife::Durable,
         )
         .await?;
         conn.close(200, "declared".into()).await?;

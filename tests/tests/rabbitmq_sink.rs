@@ -10,10 +10,7 @@ use std::{collections::HashMap, time::Duration};
 use futures::StreamExt;
 use integration_tests::{eventually, free_port, pending, quick_relay_config, unique, RunningRelay};
 use lapin::{
-    options::{
-        BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
+    options::{BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions},
     types::{AMQPValue, FieldTable},
     Channel, Connection, ConnectionProperties, ExchangeKind,
 };
@@ -43,37 +40,14 @@ async fn channel() -> anyhow::Result<(Connection, Channel)> {
 /// Declares `exchange` as the relay does (durable topic), and an exclusive
 /// queue bound to it for every routing key; returns the queue's name.
 async fn bound_queue(channel: &Channel, exchange: &str) -> anyhow::Result<String> {
-    channel
-        .exchange_declare(
-            exchange.to_string().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
     let queue = format!("{exchange}-q");
-    channel
-        .queue_declare(
-            queue.clone().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.clone().into(),
-            exchange.to_string().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    test_kit::rabbitmq::bind_queue(
+        channel,
+        exchange,
+        &queue,
+        test_kit::rabbitmq::QueueLife::Exclusive,
+    )
+    .await?;
     Ok(queue)
 }
 
@@ -529,4 +503,59 @@ async fn two_relays_keep_each_keys_order_on_the_queue(pool: PgPool) -> anyhow::R
         relay.stop().await?;
     }
     Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_exchange_of_another_type_fails_its_rows_while_others_flow(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let (good, _conn, ch, mut consumer) = bound_setup(&pool, "rmq-good").await?;
+    // Taken by someone else as a fanout exchange: the relay's durable topic
+    // declaration is refused (406 PRECONDITION_FAILED).
+    let taken = unique("rmq-fanout");
+    ch.exchange_declare(
+        taken.clone().into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let bad = NewEvent::new("order", "k-1", "order.placed").topic(&taken);
+    append(&pool, &bad).await?;
+    for i in 0..5 {
+        let e = NewEvent::new("order", "k-2", "order.placed")
+            .topic(&good)
+            .json_payload(&serde_json::json!({ "seq": i }))?;
+        append(&pool, &e).await?;
+    }
+    let relay = RunningRelay::start_exactly(&pool, rabbit_config(&amqp_url()))?;
+    for got in 0..5 {
+        next_message(&mut consumer, got).await?;
+    }
+    eventually(WAIT, "the row for the taken exchange failed", || async {
+        let failed: Option<String> = sqlx::query_scalar(
+            "SELECT last_error FROM outbox WHERE event_id = $1 AND status = 'failed'",
+        )
+        .bind(bad.event_id)
+        .fetch_optional(&pool)
+        .await?;
+        Ok(failed.is_some())
+    })
+    .await?;
+    let reason: String = sqlx::query_scalar("SELECT last_error FROM outbox WHERE event_id = $1")
+        .bind(bad.event_id)
+        .fetch_one(&pool)
+        .await?;
+    println!("failed: {reason}");
+    assert!(
+        reason.contains(&taken) && reason.contains("another type"),
+        "the reason names the exchange and the likely cause: {reason}"
+    );
+    let _ = ch
+        .exchange_delete(
+            taken.into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await;
+    relay.stop().await
 }

@@ -232,3 +232,42 @@ fn a_slow_and_erroring_broker_under_the_checker_loses_and_doubles_nothing() -> a
     assert!(stdout.contains("librdkafka's mock cluster"), "{stdout}");
     Ok(())
 }
+
+/// The same soak on RabbitMQ (`--sink rabbitmq`): two relays publish to the
+/// run's exchange, the consumer reads its quorum queue under single active
+/// consumer, poison events are dead-lettered to its `.dlq` and replayed,
+/// and the soak's own RabbitMQ node is killed -9 and restarted between relay
+/// kills, consumer kills and pg_terminate_backend. The checker reads a tap
+/// queue bound to the exchange.
+#[test]
+fn rabbitmq_under_broker_relay_and_consumer_kills_loses_reorders_and_doubles_nothing(
+) -> anyhow::Result<()> {
+    let (stdout, result) = soak(
+        &[
+            "--sink",
+            "rabbitmq",
+            "--seconds",
+            "25",
+            "--rate",
+            "300",
+            "--relays",
+            "2",
+            "--fault-every",
+            "2.5s",
+            "--faults",
+            "consumer-kill,broker-restart,relay-kill,pg-terminate",
+            "--poison-every",
+            "100",
+            "--database",
+            "outbox_soak_ci_rabbitmq",
+        ],
+        &["RabbitMQ kill -9 and restart", "consumer kill -9"],
+    )?;
+    assert!(stdout.contains("the soak's own RabbitMQ node"), "{stdout}");
+    assert_eq!(result["sink"], "rabbitmq", "{result:#}");
+    assert!(
+        result["verdict"]["poison"].as_u64().unwrap_or(0) > 0,
+        "{result:#}"
+    );
+    Ok(())
+}
