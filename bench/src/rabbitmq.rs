@@ -2,8 +2,9 @@
 //! rabbitmq`), against a raw lapin publisher with the same messages and the
 //! same way of confirming, side by side in each run.
 //!
-//! Both publish to a durable topic exchange with one durable classic queue
-//! bound to it (`#`), so every message is routed and written as persistent:
+//! Both publish to a durable topic exchange with one durable queue bound to
+//! it (`#`; classic, or quorum with `--queue-type quorum`), so every message
+//! is routed and written as persistent:
 //! - **raw**: `rows` messages shaped like the relay's (~200-byte JSON body,
 //!   the envelope's headers, persistent, mandatory), on one confirm-mode
 //!   channel, in windows of the relay's batch size: every message of a
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions, QueuePurgeOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Connection, ConnectionProperties,
 };
 use outbox_relay::{RabbitMqSink, RelayConfig};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +53,9 @@ pub(crate) struct RabbitArgs {
     /// Seconds of load for the latency part.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
+    /// The bound queue's type: `classic` (durable) or `quorum`.
+    #[arg(long, default_value = "classic", value_parser = ["classic", "quorum"])]
+    queue_type: String,
 }
 
 pub(crate) async fn rabbitmq(
@@ -69,14 +73,20 @@ pub(crate) async fn rabbitmq(
     } = *args;
     let url = args.amqp_url.as_str();
     println!(
-        "== rabbitmq: {rows} events backlog, ~200-byte payloads, {KEYS} keys, one durable queue \
-         bound; relay batch {batch_size}; raw: lapin, confirms awaited per window of {batch_size}"
+        "== rabbitmq: {rows} events backlog, ~200-byte payloads, {KEYS} keys, one durable {} queue \
+         bound; relay batch {batch_size}; raw: lapin, confirms awaited per window of {batch_size}",
+        args.queue_type
     );
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     let exchange = format!("bench-rmq-{}", uuid::Uuid::new_v4().simple());
     let queue = format!("{exchange}-q");
-    declare(&ch, &exchange, &queue).await?;
+    let life = if args.queue_type == "quorum" {
+        test_kit::rabbitmq::QueueLife::Quorum
+    } else {
+        test_kit::rabbitmq::QueueLife::Durable
+    };
+    test_kit::rabbitmq::bind_queue(&ch, &exchange, &queue, life).await?;
     let (mut raw, mut relay, mut p99) = (vec![], vec![], vec![]);
     for run in 1..=runs {
         let raw_rate = raw_publish(&conn, &exchange, rows as usize, batch_size).await?;
@@ -121,11 +131,6 @@ pub(crate) async fn rabbitmq(
         .await?;
     conn.close(200, "done".into()).await?;
     Ok(())
-}
-
-async fn declare(ch: &Channel, exchange: &str, queue: &str) -> anyhow::Result<()> {
-    test_kit::rabbitmq::bind_queue(ch, exchange, queue, test_kit::rabbitmq::QueueLife::Durable)
-        .await
 }
 
 /// Messages like the relay's, in windows of `window`: published, then

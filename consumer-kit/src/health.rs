@@ -172,17 +172,20 @@ impl Health {
     }
 
     /// Names the broker in the reasons ("Kafka" unless set).
+    #[cfg(feature = "rabbitmq")]
     pub(crate) fn set_broker_name(&self, name: &'static str) {
         let _ = self.broker_name.set(name);
     }
 
     /// The broker answered (RabbitMQ: connected and consuming).
+    #[cfg(feature = "rabbitmq")]
     pub(crate) fn broker_up(&self) {
         self.broker.up();
         self.publish();
     }
 
     /// The broker is unreachable, for this reason.
+    #[cfg(feature = "rabbitmq")]
     pub(crate) fn broker_down(&self, why: &str) {
         let was_down = matches!(self.broker.now(), Connection::Down { .. });
         self.broker.down(why.to_string());

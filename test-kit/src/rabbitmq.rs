@@ -20,6 +20,9 @@ pub enum QueueLife {
     Durable,
     /// Exclusive to the declaring connection, gone with it.
     Exclusive,
+    /// A durable quorum queue (replicated by Raft; a confirm means a
+    /// majority wrote it).
+    Quorum,
 }
 
 /// Declares `exchange` as the relay does (a durable topic exchange) and
@@ -49,12 +52,19 @@ pub async fn bind_queue(
         .await
         .with_context(|| format!("declaring exchange {exchange}"))?;
     let options = QueueDeclareOptions {
-        durable: life == QueueLife::Durable,
+        durable: life != QueueLife::Exclusive,
         exclusive: life == QueueLife::Exclusive,
         ..QueueDeclareOptions::default()
     };
+    let mut args = FieldTable::default();
+    if life == QueueLife::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+    }
     channel
-        .queue_declare(queue.to_string().into(), options, FieldTable::default())
+        .queue_declare(queue.to_string().into(), options, args)
         .await
         .with_context(|| format!("declaring queue {queue}"))?;
     channel
