@@ -430,6 +430,77 @@ async fn single_active_consumer_keeps_each_keys_order_through_retries(
 }
 
 #[sqlx::test(migrations = false)]
+async fn another_producers_message_applies_and_an_undecodable_one_is_dead_lettered_at_once(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let (exchange, group) = (unique("rmq-ck-foreign"), unique("g"));
+    let c = start(
+        &pool,
+        cfg(&group, &exchange),
+        RabbitMqSource::new(amqp_url()),
+        Effects::default(),
+    )
+    .await?;
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let publish = |props: BasicProperties, body: &'static [u8]| {
+        let (ch, exchange) = (ch.clone(), exchange.clone());
+        async move {
+            ch.basic_publish(
+                exchange.into(),
+                "item.added".into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await?
+            .await?;
+            anyhow::Ok(())
+        }
+    };
+    // Another producer: the event id and type only as AMQP properties.
+    let id = Uuid::new_v4();
+    publish(
+        BasicProperties::default()
+            .with_message_id(id.to_string().into())
+            .with_type("item.added".into()),
+        br#"{"seq": 1}"#,
+    )
+    .await?;
+    // Not an event at all: no id anywhere.
+    publish(BasicProperties::default(), br#"{"seq": 2}"#).await?;
+    let stats = c.stats();
+    eventually(WAIT, "one applied, one dead-lettered", || async {
+        let s = stats.snapshot();
+        Ok(s.processed == 1 && s.dead_lettered == 1)
+    })
+    .await?;
+    c.stop().await?;
+    let applied: Uuid = sqlx::query_scalar("SELECT event_id FROM effects")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(applied, id, "message_id is the event id");
+    let (letters, _) = rabbitmq::dead_letters(
+        &amqp_url(),
+        &format!("{group}.dlq"),
+        &DeadLetterFilter::default(),
+        false,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0].kind.as_deref(), Some("undecodable"));
+    assert_eq!(letters[0].attempts, Some(0));
+    assert!(
+        letters[0].reason.as_deref().unwrap().contains("ce_id"),
+        "the reason names the missing id: {:?}",
+        letters[0].reason
+    );
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
 async fn bad_settings_and_an_unreachable_broker_say_what_is_wrong(
     pool: PgPool,
 ) -> anyhow::Result<()> {
