@@ -547,6 +547,75 @@ pub async fn kill_relay_connections(pool: &sqlx::PgPool) -> anyhow::Result<usize
 
 pub mod consumer;
 
+/// A TCP proxy to the broker that can cut every connection through it and
+/// refuse new ones until healed: a lost connection, as a broker restart or
+/// a network fault makes it.
+pub struct AmqpProxy {
+    broker: String,
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl AmqpProxy {
+    /// A proxy to the broker of the AMQP URL `url`.
+    pub async fn to(url: &str) -> anyhow::Result<Self> {
+        let broker = url.to_string();
+        let url = url::Url::parse(url)?;
+        let target = format!(
+            "{}:{}",
+            url.host_str().unwrap_or("127.0.0.1"),
+            url.port().unwrap_or(5672)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, l) = (cut.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let link = tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+                l.lock().expect("links").push(link.abort_handle());
+            }
+        });
+        Ok(Self {
+            broker,
+            port,
+            cut,
+            links,
+        })
+    }
+
+    /// The broker's URL through the proxy.
+    pub fn url(&self) -> String {
+        let mut url = url::Url::parse(&self.broker).expect("AMQP URL");
+        url.set_host(Some("127.0.0.1")).expect("host");
+        url.set_port(Some(self.port)).expect("port");
+        url.to_string()
+    }
+
+    /// Cuts every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().expect("links").drain(..) {
+            link.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 fn interop_libs() -> std::path::PathBuf {
     std::env::var_os("INTEROP_LIBS")
         .map(std::path::PathBuf::from)

@@ -376,6 +376,82 @@ async fn consumers_killed_mid_stream_apply_each_event_once(pool: PgPool) -> anyh
     Ok(())
 }
 
+/// Cuts the consumer's connection (through `proxy`) while the handler of
+/// `target` runs, once: its transaction still commits, but its ack can no
+/// longer reach the broker, which gets the delivery back as unacknowledged
+/// when the connection drops: exactly a consumer that died between its
+/// database commit and its ack, as the broker sees it.
+struct CutDuringHandler {
+    inner: Effects,
+    proxy: std::sync::Arc<integration_tests::AmqpProxy>,
+    target: Uuid,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[consumer_kit::async_trait]
+impl consumer_kit::Handler for CutDuringHandler {
+    type Payload = integration_tests::consumer::Item;
+
+    async fn handle(
+        &self,
+        event: &consumer_kit::Envelope<Self::Payload>,
+        tx: &mut sqlx::PgTransaction<'static>,
+    ) -> Result<(), consumer_kit::HandlerError> {
+        if event.event_id == self.target && !self.done.swap(true, Ordering::SeqCst) {
+            self.proxy.cut();
+            let proxy = std::sync::Arc::clone(&self.proxy);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                proxy.heal();
+            });
+        }
+        self.inner.handle(event, tx).await
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_commit_whose_ack_never_reaches_the_broker_is_applied_once(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    outbox_core::migrate(&pool).await?;
+    let (exchange, group) = (unique("rmq-ck-noack"), unique("g"));
+    let proxy = std::sync::Arc::new(integration_tests::AmqpProxy::to(&amqp_url()).await?);
+    let ids = append_items(&pool, &exchange, &seqs(20)).await?;
+    let handler = CutDuringHandler {
+        inner: Effects::default(),
+        proxy: std::sync::Arc::clone(&proxy),
+        target: ids[5],
+        done: Default::default(),
+    };
+    let c = Consumer::builder(cfg(&group, &exchange), pool.clone())
+        .rabbitmq(RabbitMqSource {
+            // One at a time, so that the cut finds only the target in hand.
+            single_active_consumer: true,
+            ..RabbitMqSource::new(proxy.url())
+        })
+        .handler("item.added", handler)
+        .build()?
+        .start();
+    let health = c.health();
+    eventually(WAIT, "consuming", || async { Ok(health.is_ready()) }).await?;
+    let relay = RunningRelay::start_exactly(&pool, relay_config(&amqp_url()))?;
+    let stats = c.stats();
+    // The target was committed in a batch with what was ready beside it
+    // (single active consumer settles in batches): all of them come again.
+    let done = || async {
+        let s = stats.snapshot();
+        Ok(s.processed == 20 && s.duplicates >= 1)
+    };
+    let waited = eventually(WAIT, "20 applied and the unacknowledged ones skipped", done).await;
+    println!("stats: {:?}", stats.snapshot());
+    waited?;
+    c.stop().await?;
+    relay.stop().await?;
+    assert_eq!(effect_counts(&pool).await?, (20, 20), "no effect twice");
+    Ok(())
+}
+
 #[sqlx::test(migrations = false)]
 async fn single_active_consumer_keeps_each_keys_order_through_retries(
     pool: PgPool,

@@ -8,7 +8,9 @@
 use std::{collections::HashMap, time::Duration};
 
 use futures::StreamExt;
-use integration_tests::{eventually, free_port, pending, quick_relay_config, unique, RunningRelay};
+use integration_tests::{
+    eventually, free_port, pending, quick_relay_config, unique, AmqpProxy, RunningRelay,
+};
 use lapin::{
     options::{BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions},
     types::{AMQPValue, FieldTable},
@@ -238,70 +240,12 @@ async fn an_unreachable_broker_keeps_rows_pending_and_the_relay_unready(
     relay.stop().await
 }
 
-/// A TCP proxy to the broker that can cut every connection through it and
-/// refuse new ones until healed: a lost connection, as a broker restart or
-/// a network fault makes it.
-struct Proxy {
-    port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Proxy {
-    async fn to_broker() -> anyhow::Result<Self> {
-        let url = url::Url::parse(&amqp_url())?;
-        let target = format!(
-            "{}:{}",
-            url.host_str().unwrap_or("127.0.0.1"),
-            url.port().unwrap_or(5672)
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (c, l) = (cut.clone(), links.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if c.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: refused
-                }
-                let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
-                    continue;
-                };
-                let link = tokio::spawn(async move {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                });
-                l.lock().expect("links").push(link.abort_handle());
-            }
-        });
-        Ok(Self { port, cut, links })
-    }
-
-    fn url(&self) -> String {
-        let mut url = url::Url::parse(&amqp_url()).expect("AMQP_URL");
-        url.set_host(Some("127.0.0.1")).expect("host");
-        url.set_port(Some(self.port)).expect("port");
-        url.to_string()
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for link in self.links.lock().expect("links").drain(..) {
-            link.abort();
-        }
-    }
-
-    fn heal(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 #[sqlx::test(migrations = false)]
 async fn a_lost_connection_is_reported_reopened_and_loses_nothing(
     pool: PgPool,
 ) -> anyhow::Result<()> {
     let (exchange, _conn, _ch, mut consumer) = bound_setup(&pool, "rmq-cut").await?;
-    let proxy = Proxy::to_broker().await?;
+    let proxy = AmqpProxy::to(&amqp_url()).await?;
     let relay = RunningRelay::start_exactly(&pool, rabbit_config(&proxy.url()))?;
     eventually(WAIT, "ready", || async { Ok(relay.health.is_ready()) }).await?;
 
