@@ -685,7 +685,12 @@ pub(crate) async fn serve(
             Ok(ch) => ch,
             Err(why) => {
                 failures += 1;
-                warn!(error = %why, "RabbitMQ unreachable; trying again");
+                // Said once per outage; each further try at debug level.
+                if failures == 1 {
+                    warn!(error = %why, "RabbitMQ unreachable; trying again with backoff (said once until it answers)");
+                } else {
+                    debug!(error = %why, failures, "RabbitMQ still unreachable");
+                }
                 shared.health.broker_down(&why);
                 let wait = crate::process::backoff(failures, cfg).min(Duration::from_secs(5));
                 tokio::select! {
@@ -715,7 +720,11 @@ pub(crate) async fn serve(
             Err(e) => {
                 failures += 1;
                 let why = format!("cannot consume queue {}: {e}", link.queue());
-                warn!(error = %why, "trying again");
+                if failures == 1 {
+                    warn!(error = %why, "trying again with backoff (said once until it works)");
+                } else {
+                    debug!(error = %why, failures, "still cannot consume");
+                }
                 shared.health.broker_down(&why);
                 link.forget().await;
                 tokio::select! {
@@ -724,6 +733,9 @@ pub(crate) async fn serve(
                 }
             }
         };
+        if failures > 0 {
+            info!(tries = failures + 1, "RabbitMQ answers again");
+        }
         failures = 0;
         shared.health.broker_up();
         shared.health.set_assigned(1);
