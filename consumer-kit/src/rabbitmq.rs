@@ -210,6 +210,41 @@ struct Live {
     publish: Channel,
 }
 
+/// Why the link could not be made: the broker unreachable (tried again),
+/// or the topology refused (a queue or exchange that exists with other
+/// settings, a user who may not configure it), which trying again cannot
+/// mend.
+#[derive(Debug, Clone)]
+struct LinkError {
+    why: String,
+    refused: bool,
+}
+
+impl LinkError {
+    fn unreachable(why: String) -> Self {
+        Self {
+            why,
+            refused: false,
+        }
+    }
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+/// A refusal by the broker: access refused (403), resource locked (405),
+/// precondition failed (406: declared with other settings), not allowed
+/// (530).
+fn is_refusal(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 405 | 406 | 530)
+    )
+}
+
 impl Link {
     pub(crate) fn new(
         source: RabbitMqSource,
@@ -250,7 +285,7 @@ impl Link {
 
     /// The publishing channel, connecting (and declaring the topology)
     /// first if the link is down.
-    async fn publishing(&self) -> Result<Channel, String> {
+    async fn publishing(&self) -> Result<Channel, LinkError> {
         let mut live = self.live.lock().await;
         if let Some(l) = live.as_ref() {
             if l.conn.status().connected() && l.publish.status().connected() {
@@ -265,33 +300,38 @@ impl Link {
     }
 
     /// A new channel to consume on, on the live connection.
-    async fn consuming(&self) -> Result<Channel, String> {
+    async fn consuming(&self) -> Result<Channel, LinkError> {
         self.publishing().await?;
         let live = self.live.lock().await;
-        let l = live.as_ref().ok_or("the connection closed at once")?;
-        l.conn
-            .create_channel()
-            .await
-            .map_err(|e| format!("cannot open a channel on RabbitMQ at {}: {e}", self.broker))
+        let l = live
+            .as_ref()
+            .ok_or_else(|| LinkError::unreachable("the connection closed at once".into()))?;
+        l.conn.create_channel().await.map_err(|e| {
+            LinkError::unreachable(format!(
+                "cannot open a channel on RabbitMQ at {}: {e}",
+                self.broker
+            ))
+        })
     }
 
     async fn forget(&self) {
         *self.live.lock().await = None;
     }
 
-    async fn connect(&self) -> Result<Live, String> {
-        let cannot =
-            |what: &str, e: lapin::Error| format!("cannot {what} RabbitMQ at {}: {e}", self.broker);
+    async fn connect(&self) -> Result<Live, LinkError> {
+        let cannot = |what: &str, e: lapin::Error| {
+            LinkError::unreachable(format!("cannot {what} RabbitMQ at {}: {e}", self.broker))
+        };
         let conn = tokio::time::timeout(
             self.source.connect_timeout,
             Connection::connect(&self.source.url, ConnectionProperties::default()),
         )
         .await
         .map_err(|_| {
-            format!(
+            LinkError::unreachable(format!(
                 "cannot connect to RabbitMQ at {}: no answer within {:?}",
                 self.broker, self.source.connect_timeout
-            )
+            ))
         })?
         .map_err(|e| cannot("connect to", e))?;
         let publish = conn
@@ -311,7 +351,7 @@ impl Link {
     /// dead-letter exchange and queue, and the retry queues. Idempotent;
     /// a queue that exists with other arguments is refused by the broker,
     /// which the error says.
-    async fn declare(&self, ch: &Channel) -> Result<(), String> {
+    async fn declare(&self, ch: &Channel) -> Result<(), LinkError> {
         let durable_exchange = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
@@ -320,12 +360,13 @@ impl Link {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        let refused = |what: String, e: lapin::Error| {
-            format!(
+        let refused = |what: String, e: lapin::Error| LinkError {
+            refused: is_refusal(&e),
+            why: format!(
                 "cannot declare {what} on RabbitMQ at {}: {e} (does it exist with other \
                  settings? may this user configure it?)",
                 self.broker
-            )
+            ),
         };
         for exchange in &self.exchanges {
             ch.exchange_declare(
@@ -419,7 +460,7 @@ impl Link {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), String> {
-        let channel = self.publishing().await?;
+        let channel = self.publishing().await.map_err(|e| e.why)?;
         let sent = channel
             .basic_publish(
                 short(exchange),
@@ -683,7 +724,17 @@ pub(crate) async fn serve(
     while !shutdown.is_cancelled() {
         let channel = match link.consuming().await {
             Ok(ch) => ch,
-            Err(why) => {
+            Err(e) if e.refused => {
+                // Settings to change, not an outage to wait out.
+                shared.health.broker_down(&e.why);
+                return Err(ConsumerError::Config(format!(
+                    "{}; change the queue's settings or its name (RabbitMqSource::queue), \
+                     or delete the old queue",
+                    e.why
+                )));
+            }
+            Err(e) => {
+                let why = e.why;
                 failures += 1;
                 // Said once per outage; each further try at debug level.
                 if failures == 1 {
@@ -775,7 +826,23 @@ pub(crate) async fn serve(
                         _ => break,
                     }
                 }
-                settle_in_order(&shared, &channel, batch, &stop).await;
+                let settling = settle_in_order(&shared, &channel, batch, &stop);
+                tokio::pin!(settling);
+                tokio::select! {
+                    _ = &mut settling => {}
+                    _ = shutdown.cancelled() => {
+                        // The batch gets the drain; then its sleeps are cut
+                        // (a transaction in progress still ends), and what
+                        // did not settle goes back to the queue.
+                        if tokio::time::timeout(cfg.drain_timeout, &mut settling).await.is_err() {
+                            warn!("a batch still being settled at the end of the drain; what is left of it returns to the queue");
+                            stop.cancel();
+                            settling.await;
+                        }
+                        let _ = channel.basic_cancel(short(&tag), BasicCancelOptions::default()).await;
+                        break;
+                    }
+                }
             } else {
                 let permit = tokio::select! {
                     _ = shutdown.cancelled() => break,

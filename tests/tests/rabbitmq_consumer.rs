@@ -577,6 +577,100 @@ async fn another_producers_message_applies_and_an_undecodable_one_is_dead_letter
 }
 
 #[sqlx::test(migrations = false)]
+async fn a_queue_declared_otherwise_stops_the_consumer_with_a_clear_error(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    let (exchange, group) = (unique("rmq-ck-taken"), unique("g"));
+    // The group's queue already exists as a classic queue; the consumer
+    // asks for a quorum queue: the broker refuses (406), and no retry
+    // would change that.
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    test_kit::rabbitmq::bind_queue(
+        &ch,
+        &exchange,
+        &group,
+        test_kit::rabbitmq::QueueLife::Durable,
+    )
+    .await?;
+    let consumer = build(
+        &pool,
+        cfg(&group, &exchange),
+        RabbitMqSource::new(amqp_url()),
+        Effects::default(),
+    )?;
+    let ended = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.run(tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the consumer kept trying instead of stopping"))?;
+    let err = ended.unwrap_err().to_string();
+    println!("{err}");
+    assert!(
+        err.contains(&group)
+            && err.contains("PRECONDITION")
+            && err.contains("RabbitMqSource::queue"),
+        "names the queue, the refusal and what to do: {err}"
+    );
+    let _ = ch
+        .queue_delete(group.into(), lapin::options::QueueDeleteOptions::default())
+        .await;
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn shutdown_in_queue_order_ends_within_the_drain_even_while_retrying(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    consumer_db(&pool).await?;
+    outbox_core::migrate(&pool).await?;
+    let (exchange, group) = (unique("rmq-ck-stop"), unique("g"));
+    let c = start(
+        &pool,
+        ConsumerConfig {
+            max_attempts: 10,
+            min_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(1),
+            ..cfg(&group, &exchange)
+        },
+        RabbitMqSource {
+            single_active_consumer: true,
+            ..RabbitMqSource::new(amqp_url())
+        },
+        Effects::default(),
+    )
+    .await?;
+    append_items(
+        &pool,
+        &exchange,
+        &[serde_json::json!({ "seq": 0, "fail_times": 100 })],
+    )
+    .await?;
+    let relay = RunningRelay::start_exactly(&pool, relay_config(&amqp_url()))?;
+    let stats = c.stats();
+    eventually(WAIT, "a retry under way", || async {
+        Ok(stats.snapshot().retries >= 1)
+    })
+    .await?;
+    let asked = std::time::Instant::now();
+    c.stop().await?;
+    let took = asked.elapsed();
+    println!("stopped after {took:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the 1 s drain, not the 5 s backoff nor ten tries: {took:?}"
+    );
+    relay.stop().await?;
+    // Not dead-lettered, not applied: it waits in the queue for the next run.
+    assert_eq!(stats.snapshot().dead_lettered, 0);
+    assert_eq!(effect_counts(&pool).await?, (0, 0));
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
 async fn bad_settings_and_an_unreachable_broker_say_what_is_wrong(
     pool: PgPool,
 ) -> anyhow::Result<()> {
