@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{median, Env, KEYS};
 
-struct Insert;
+pub(crate) struct Insert;
 
 #[async_trait::async_trait]
 impl Handler for Insert {
@@ -102,7 +102,7 @@ pub async fn consumer(
     Ok(())
 }
 
-async fn reset(env: &Env) -> anyhow::Result<()> {
+pub(crate) async fn reset(env: &Env) -> anyhow::Result<()> {
     env.pool
         .execute("TRUNCATE bench_effects, processed_events")
         .await?;

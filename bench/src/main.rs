@@ -114,6 +114,9 @@ enum Which {
     /// The relay draining into RabbitMQ (`--sink rabbitmq`) vs a raw lapin
     /// publisher, side by side.
     Rabbitmq(rabbitmq::RabbitArgs),
+    /// consumer-kit's RabbitMQ source vs a raw lapin consumer doing the
+    /// same insert without dedupe.
+    RabbitmqConsumer(rabbitmq::RabbitConsumerArgs),
     /// The relay reading the WAL (`--source wal`) vs polling: drain, and
     /// commit-to-ack with rows and with table-less events, side by side.
     Wal(SideBySide),
@@ -231,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
             counts,
         } => relays::scaling(&env, &recorder, args.runs, rows, batch_size, &counts).await?,
         Which::Rabbitmq(a) => rabbitmq::rabbitmq(&env, &recorder, args.runs, &a).await?,
+        Which::RabbitmqConsumer(a) => rabbitmq::consumer(&env, args.runs, &a).await?,
         Which::Failover { rate, lease_ttl } => {
             relays::failover(&env, args.runs, rate, lease_ttl).await?
         }

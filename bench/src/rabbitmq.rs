@@ -21,6 +21,8 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use consumer_kit::{Consumer, ConsumerConfig};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions, QueuePurgeOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
@@ -222,5 +224,200 @@ async fn relay_drain(
     let rate = rows as f64 / started.elapsed().as_secs_f64();
     shutdown.cancel();
     task.await?;
+    Ok(rate)
+}
+
+/// `outbox-bench rabbitmq-consumer` flags.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RabbitConsumerArgs {
+    /// Messages per reader.
+    #[arg(long, default_value_t = 50_000)]
+    events: usize,
+    /// The broker.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+}
+
+/// consumer-kit's RabbitMQ source against a raw lapin consumer doing the
+/// same insert without dedupe: `events` relay-shaped messages are published
+/// once to an exchange with three quorum queues bound, one per reader, and
+/// each reader is timed from its first message to its last one settled:
+///
+/// - raw: one lapin consumer (prefetch 64), per message one `INSERT`
+///   (autocommit) and then its ack, one at a time;
+/// - kit×1: consumer-kit with `max_concurrency = 1` (the dedupe insert and
+///   the handler's in one transaction per batch of what is ready);
+/// - kit: consumer-kit with its default concurrency (8).
+pub(crate) async fn consumer(
+    env: &Env,
+    runs: usize,
+    args: &RabbitConsumerArgs,
+) -> anyhow::Result<()> {
+    use sqlx::Executor;
+    let (n, url) = (args.events, args.amqp_url.as_str());
+    consumer_kit::migrate(&env.pool).await?;
+    env.pool
+        .execute("CREATE TABLE IF NOT EXISTS bench_effects (event_id uuid NOT NULL, seq bigint)")
+        .await?;
+    println!(
+        "== rabbitmq-consumer: {n} messages per reader, ~200-byte payloads, quorum queues, one insert per event"
+    );
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let (mut raw, mut kit1, mut kit) = (vec![], vec![], vec![]);
+    for run in 1..=runs {
+        let exchange = format!("bench-rmqc-{}", uuid::Uuid::new_v4().simple());
+        let raw_queue = format!("{exchange}.raw");
+        test_kit::rabbitmq::bind_queue(
+            &ch,
+            &exchange,
+            &raw_queue,
+            test_kit::rabbitmq::QueueLife::Quorum,
+        )
+        .await?;
+        // consumer-kit declares its own queues: started once, then stopped.
+        let kit_of = |concurrency: usize| {
+            let queue = format!("{exchange}.kit{concurrency}");
+            Consumer::builder(
+                ConsumerConfig {
+                    max_concurrency: concurrency,
+                    cleanup_interval: None,
+                    ..ConsumerConfig::new(format!("bench-kit{concurrency}"), [exchange.as_str()])
+                },
+                env.pool.clone(),
+            )
+            .rabbitmq(consumer_kit::RabbitMqSource {
+                queue: Some(queue),
+                ..consumer_kit::RabbitMqSource::new(url)
+            })
+            .handler("bench.row", crate::consumer::Insert)
+            .build()
+        };
+        for c in [1, 8] {
+            let handle = kit_of(c)?.start();
+            let health = handle.health();
+            test_kit::wait::eventually(Duration::from_secs(30), "its queue declared", || async {
+                Ok(health.is_ready())
+            })
+            .await?;
+            handle.stop().await?;
+        }
+        raw_publish(&conn, &exchange, n, 5000).await?;
+
+        crate::consumer::reset(env).await?;
+        let raw_rate = raw_consume(env, &conn, &raw_queue, n).await?;
+        crate::consumer::reset(env).await?;
+        let kit1_rate = kit_consume(kit_of(1)?, n).await?;
+        crate::consumer::reset(env).await?;
+        let kit_rate = kit_consume(kit_of(8)?, n).await?;
+        for q in [
+            raw_queue,
+            format!("{exchange}.kit1"),
+            format!("{exchange}.kit8"),
+        ] {
+            for name in std::iter::once(q.clone())
+                .chain([format!("{q}.dlq")])
+                .chain((1..5).map(|i| format!("{q}.retry.{i}")))
+            {
+                let _ = ch
+                    .queue_delete(name.into(), QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        println!(
+            "run {run}: raw {raw_rate:>7.0}/s  kit×1 {kit1_rate:>7.0}/s  kit {kit_rate:>7.0}/s  \
+             kit×1/raw {:.2}  kit/raw {:.2}",
+            kit1_rate / raw_rate,
+            kit_rate / raw_rate
+        );
+        raw.push(raw_rate);
+        kit1.push(kit1_rate);
+        kit.push(kit_rate);
+    }
+    let r1: Vec<f64> = kit1.iter().zip(&raw).map(|(k, r)| k / r).collect();
+    let r8: Vec<f64> = kit.iter().zip(&raw).map(|(k, r)| k / r).collect();
+    println!(
+        "median: raw {:.0}/s  kit×1 {:.0}/s  kit {:.0}/s  kit×1/raw {:.2}  kit/raw {:.2}",
+        median(raw),
+        median(kit1),
+        median(kit),
+        median(r1),
+        median(r8)
+    );
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// The raw reader: messages per second, first delivery to last ack.
+async fn raw_consume(env: &Env, conn: &Connection, queue: &str, n: usize) -> anyhow::Result<f64> {
+    use futures::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(64, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.to_string().into(),
+            "bench-raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut started = None;
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await?
+            .context("the raw consumer ended")??;
+        started.get_or_insert_with(Instant::now);
+        let body: serde_json::Value = serde_json::from_slice(&d.data)?;
+        let id = match d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("cloudEvents:id"))
+        {
+            Some(AMQPValue::LongString(s)) => {
+                uuid::Uuid::parse_str(&String::from_utf8_lossy(s.as_bytes()))?
+            }
+            _ => anyhow::bail!("a message without cloudEvents:id"),
+        };
+        sqlx::query("INSERT INTO bench_effects (event_id, seq) VALUES ($1, $2)")
+            .bind(id)
+            .bind(body["seq"].as_i64())
+            .execute(&env.pool)
+            .await?;
+        d.acker.ack(BasicAckOptions::default()).await?;
+    }
+    let rate = n as f64 / started.map_or(1.0, |s| s.elapsed().as_secs_f64());
+    ch.close(200, "done".into()).await?;
+    Ok(rate)
+}
+
+/// A consumer-kit reader: messages per second, first settled to last.
+async fn kit_consume(consumer: consumer_kit::Consumer, n: usize) -> anyhow::Result<f64> {
+    let stats = consumer.stats();
+    let handle = consumer.start();
+    let mut started = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let s = stats.snapshot();
+        let done = s.processed + s.duplicates;
+        if done > 0 {
+            started.get_or_insert_with(Instant::now);
+        }
+        if done as usize >= n {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "consumer-kit settled only {done} of {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = n as f64 / started.map_or(1.0, |s: Instant| s.elapsed().as_secs_f64());
+    handle.stop().await?;
     Ok(rate)
 }

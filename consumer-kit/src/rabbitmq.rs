@@ -849,30 +849,20 @@ pub(crate) async fn serve(
                     p = Arc::clone(&permits).acquire_owned() => p,
                 };
                 let Ok(permit) = permit else { break };
+                // What else is ready goes with it, settled in one
+                // transaction when all goes well (process.rs's batch path).
+                let mut batch = vec![delivery];
+                while batch.len() < cfg.max_batch {
+                    match consumer.next().now_or_never() {
+                        Some(Some(Ok(d))) => batch.push(d),
+                        _ => break,
+                    }
+                }
                 let (shared, stop) = (Arc::clone(&shared), stop.clone());
                 while tasks.try_join_next().is_some() {}
                 tasks.spawn(async move {
                     let _permit = permit;
-                    let msg = message_of(
-                        delivery.delivery_tag,
-                        delivery.exchange.as_str(),
-                        delivery.routing_key.as_str(),
-                        &delivery.properties,
-                        delivery.data,
-                    );
-                    if process_batch(&shared, std::slice::from_ref(&msg), &stop).await == 1 {
-                        if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                            debug!(error = %e, "ack lost; the message comes again and dedupes");
-                        }
-                    } else {
-                        let _ = delivery
-                            .acker
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..BasicNackOptions::default()
-                            })
-                            .await;
-                    }
+                    settle_concurrently(&shared, batch, &stop).await;
                 });
             }
         }
@@ -895,6 +885,47 @@ pub(crate) async fn serve(
         let _ = live.conn.close(200, short("consumer stopped")).await;
     }
     Ok(())
+}
+
+/// Settles `batch` (deliveries ready together, unordered consumption) and
+/// acknowledges each that settled; one not settled (shutdown) and the rest
+/// go back to the queue. Other batches are settled beside it, so each ack
+/// names its own delivery.
+async fn settle_concurrently(
+    shared: &Shared,
+    batch: Vec<lapin::message::Delivery>,
+    stop: &CancellationToken,
+) {
+    let mut ackers = Vec::with_capacity(batch.len());
+    let msgs: Vec<Message> = batch
+        .into_iter()
+        .map(|d| {
+            ackers.push(d.acker);
+            message_of(
+                d.delivery_tag,
+                d.exchange.as_str(),
+                d.routing_key.as_str(),
+                &d.properties,
+                d.data,
+            )
+        })
+        .collect();
+    let settled = process_batch(shared, &msgs, stop).await;
+    for (i, acker) in ackers.iter().enumerate() {
+        let done = if i < settled {
+            acker.ack(BasicAckOptions::default()).await
+        } else {
+            acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        };
+        if let Err(e) = done {
+            debug!(error = %e, "ack lost; the message comes again and dedupes");
+        }
+    }
 }
 
 /// Settles `batch`, deliveries of the queue in order (single active
