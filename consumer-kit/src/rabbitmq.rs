@@ -887,6 +887,18 @@ pub(crate) async fn serve(
     Ok(())
 }
 
+/// A delivery's message, and what acknowledges it.
+fn unpack(d: lapin::message::Delivery) -> (Message, lapin::Acker) {
+    let msg = message_of(
+        d.delivery_tag,
+        d.exchange.as_str(),
+        d.routing_key.as_str(),
+        &d.properties,
+        d.data,
+    );
+    (msg, d.acker)
+}
+
 /// Settles `batch` (deliveries ready together, unordered consumption) and
 /// acknowledges each that settled; one not settled (shutdown) and the rest
 /// go back to the queue. Other batches are settled beside it, so each ack
@@ -896,20 +908,7 @@ async fn settle_concurrently(
     batch: Vec<lapin::message::Delivery>,
     stop: &CancellationToken,
 ) {
-    let mut ackers = Vec::with_capacity(batch.len());
-    let msgs: Vec<Message> = batch
-        .into_iter()
-        .map(|d| {
-            ackers.push(d.acker);
-            message_of(
-                d.delivery_tag,
-                d.exchange.as_str(),
-                d.routing_key.as_str(),
-                &d.properties,
-                d.data,
-            )
-        })
-        .collect();
+    let (msgs, ackers): (Vec<Message>, Vec<lapin::Acker>) = batch.into_iter().map(unpack).unzip();
     let settled = process_batch(shared, &msgs, stop).await;
     for (i, acker) in ackers.iter().enumerate() {
         let done = if i < settled {
@@ -939,18 +938,7 @@ async fn settle_in_order(
     stop: &CancellationToken,
 ) {
     let tags: Vec<u64> = batch.iter().map(|d| d.delivery_tag).collect();
-    let msgs: Vec<Message> = batch
-        .into_iter()
-        .map(|d| {
-            message_of(
-                d.delivery_tag,
-                d.exchange.as_str(),
-                d.routing_key.as_str(),
-                &d.properties,
-                d.data,
-            )
-        })
-        .collect();
+    let msgs: Vec<Message> = batch.into_iter().map(|d| unpack(d).0).collect();
     let settled = process_batch(shared, &msgs, stop).await;
     if settled > 0 {
         let ack = channel
