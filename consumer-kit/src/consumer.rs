@@ -229,32 +229,12 @@ impl Consumer {
                 return Err(e);
             }
         };
-        let watchers = CancellationToken::new();
-        let cleaner = cfg
-            .cleanup_interval
-            .map(|every| tokio::spawn(cleanup::run(Arc::clone(&shared), every, shutdown.clone())));
-        tokio::spawn(health::watch_database(
-            shared.pool.clone(),
-            Arc::clone(&health),
-            watchers.clone(),
-        ));
-        member.watch_group(watchers.clone());
-        if cfg.ordering == crate::config::Ordering::ParkKey {
-            tokio::spawn(crate::park::report(
-                shared.pool.clone(),
-                cfg.group_id.clone(),
-                watchers.clone(),
-            ));
-        }
+        let beside = Beside::start(&shared, &shutdown);
+        member.watch_group(beside.watchers.clone());
         health.set_phase(Phase::Running);
         info!(group = %cfg.group_id, topics = ?cfg.topics, "consumer started");
         let result = member.serve(shutdown.clone()).await;
-        watchers.cancel();
-        health.set_phase(Phase::Stopped);
-        if let Some(task) = cleaner {
-            task.abort();
-        }
-        info!(group = %shared.cfg.group_id, "consumer stopped");
+        beside.stop(&shared);
         result
     }
 }
@@ -274,32 +254,52 @@ async fn run_rabbitmq(
         return Err(e);
     }
     health.database_up();
-    let watchers = CancellationToken::new();
-    let cleaner = cfg
-        .cleanup_interval
-        .map(|every| tokio::spawn(cleanup::run(Arc::clone(&shared), every, shutdown.clone())));
-    tokio::spawn(health::watch_database(
-        shared.pool.clone(),
-        Arc::clone(&health),
-        watchers.clone(),
-    ));
-    if cfg.ordering == crate::config::Ordering::ParkKey {
-        tokio::spawn(crate::park::report(
-            shared.pool.clone(),
-            cfg.group_id.clone(),
-            watchers.clone(),
-        ));
-    }
+    let beside = Beside::start(&shared, &shutdown);
     health.set_phase(Phase::Running);
     info!(group = %cfg.group_id, queue = link.queue(), "consumer started on RabbitMQ");
     let result = crate::rabbitmq::serve(Arc::clone(&shared), link, shutdown).await;
-    watchers.cancel();
-    health.set_phase(Phase::Stopped);
-    if let Some(task) = cleaner {
-        task.abort();
-    }
-    info!(group = %shared.cfg.group_id, "consumer stopped");
+    beside.stop(&shared);
     result
+}
+
+/// What runs beside either source: the TTL cleanup, the database watch and
+/// the parked-keys report.
+struct Beside {
+    watchers: CancellationToken,
+    cleaner: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Beside {
+    fn start(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Self {
+        let cfg = &shared.cfg;
+        let watchers = CancellationToken::new();
+        let cleaner = cfg
+            .cleanup_interval
+            .map(|every| tokio::spawn(cleanup::run(Arc::clone(shared), every, shutdown.clone())));
+        tokio::spawn(health::watch_database(
+            shared.pool.clone(),
+            Arc::clone(&shared.health),
+            watchers.clone(),
+        ));
+        if cfg.ordering == crate::config::Ordering::ParkKey {
+            tokio::spawn(crate::park::report(
+                shared.pool.clone(),
+                cfg.group_id.clone(),
+                watchers.clone(),
+            ));
+        }
+        Self { watchers, cleaner }
+    }
+
+    /// Stops them and marks the consumer stopped.
+    fn stop(self, shared: &Shared) {
+        self.watchers.cancel();
+        shared.health.set_phase(Phase::Stopped);
+        if let Some(task) = self.cleaner {
+            task.abort();
+        }
+        info!(group = %shared.cfg.group_id, "consumer stopped");
+    }
 }
 
 impl Consumer {
