@@ -1,6 +1,6 @@
 //! [`append()`]: the producer's one call, inside its own transaction.
 
-use sqlx::{types::Json, PgExecutor};
+use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::NewEvent;
@@ -33,6 +33,16 @@ pub enum AppendError {
     /// restart PostgreSQL, or use [`append()`] with a polling relay.
     #[error("{0}")]
     WalLevelNotLogical(String),
+    /// The database's outbox schema is older than the feature asked for
+    /// (for example a delayed event before migration V10). Run
+    /// `outbox-relay migrate` (or `outbox_core::migrate`).
+    #[error("{feature} needs outbox migration V{version}; run `outbox-relay migrate`")]
+    NeedsMigration {
+        /// What was asked for.
+        feature: &'static str,
+        /// The migration that brings it.
+        version: u32,
+    },
     /// The database refused the insert (for example the outbox table is
     /// missing: run `outbox-relay migrate`).
     #[error("could not insert the outbox row: {0}")]
@@ -62,38 +72,42 @@ pub async fn append<'e, E: PgExecutor<'e>>(
     event: &NewEvent,
 ) -> Result<Appended, AppendError> {
     event.validate()?;
-    let (json, bytes) = event.payload.columns();
-    let id: i64 = sqlx::query_scalar(
+    // A delayed event (migration V10) names two more columns; the common
+    // statement stays as it was.
+    let sql = if event.not_before.is_some() {
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, event_version, \
+             topic, payload, payload_bytes, content_type, headers, correlation_id, causation_id, \
+             traceparent, tracestate, source, occurred_at, status, not_before) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+             CASE WHEN $17::timestamptz > now() THEN 'delayed' ELSE 'pending' END, \
+             CASE WHEN $17::timestamptz > now() THEN $17::timestamptz END) \
+         RETURNING id"
+    } else {
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, event_version, \
              topic, payload, payload_bytes, content_type, headers, correlation_id, causation_id, \
              traceparent, tracestate, source, occurred_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-         RETURNING id",
-    )
-    .bind(event.event_id)
-    .bind(&event.aggregate_type)
-    .bind(&event.aggregate_id)
-    .bind(&event.event_type)
-    .bind(event.event_version)
-    .bind(&event.topic)
-    .bind(json)
-    .bind(bytes)
-    .bind(&event.content_type)
-    .bind(Json(&event.headers))
-    .bind(&event.correlation_id)
-    .bind(&event.causation_id)
-    .bind(&event.traceparent)
-    .bind(&event.tracestate)
-    .bind(&event.source)
-    .bind(event.occurred_at)
-    .fetch_one(executor)
-    .await
-    .map_err(|e| match &e {
+         RETURNING id"
+    };
+    let mut query = crate::event::bind_columns(sqlx::query_scalar(sql), event);
+    if let Some(at) = event.not_before {
+        query = query.bind(at);
+    }
+    let id: i64 = query.fetch_one(executor).await.map_err(|e| match &e {
         sqlx::Error::Database(db) if db.constraint() == Some("outbox_event_id_key") => {
             AppendError::DuplicateEventId(event.event_id)
         }
         sqlx::Error::Database(db) if db.constraint() == Some("outbox_published_ids") => {
             AppendError::AlreadyPublished(event.event_id)
+        }
+        // undefined_column: the not_before column came with V10.
+        sqlx::Error::Database(db)
+            if event.not_before.is_some() && db.code().as_deref() == Some("42703") =>
+        {
+            AppendError::NeedsMigration {
+                feature: "a delayed event (not_before)",
+                version: 10,
+            }
         }
         _ => AppendError::Database(e),
     })?;

@@ -8,7 +8,7 @@
 //! there. `docs/schema.md` documents the function and the message format,
 //! for producers in other languages.
 
-use sqlx::{types::Json, PgExecutor};
+use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::{AppendError, NewEvent};
@@ -21,6 +21,11 @@ use crate::{AppendError, NewEvent};
 /// message is decoded if and only if that transaction commits, and in
 /// commit order with every other event. Returns the event id.
 ///
+/// A delayed event ([`NewEvent::not_before`]) cannot wait in the WAL: it
+/// is appended to the outbox table as a delayed row instead
+/// ([`crate::append()`]), and published from there when due, by either
+/// source.
+///
 /// Fails with [`AppendError::WalLevelNotLogical`] when the database's
 /// `wal_level` is not `logical` (no relay could ever read the event), and
 /// with [`AppendError::Invalid`] for an event that breaks the contract.
@@ -28,13 +33,15 @@ pub async fn emit<'e, E: PgExecutor<'e>>(
     executor: E,
     event: &NewEvent,
 ) -> Result<Uuid, AppendError> {
+    if event.not_before.is_some() {
+        return crate::append(executor, event).await.map(|a| a.event_id);
+    }
     event.validate()?;
-    let (json, bytes) = event.payload.columns();
     // The message outbox_emit() writes (migration V7), built by one SQL
     // expression instead of a PL/pgSQL call: the event is validated above,
     // and this costs a producer about what one more tiny row does
     // (BENCHMARKS.md, producer cost). NULL when wal_level is not logical.
-    let lsn: Option<String> = sqlx::query_scalar(
+    let query = sqlx::query_scalar(
         "SELECT CASE WHEN current_setting('wal_level') = 'logical' THEN \
              pg_logical_emit_message(true, 'outbox', convert_to(json_build_object( \
                  'v', 1, 'event_id', $1::uuid, 'aggregate_type', $2::text, \
@@ -45,26 +52,11 @@ pub async fn emit<'e, E: PgExecutor<'e>>(
                  'causation_id', $12::text, 'traceparent', $13::text, 'tracestate', $14::text, \
                  'source', $15::text, 'occurred_at', $16::timestamptz)::text, 'UTF8'))::text \
          END",
-    )
-    .bind(event.event_id)
-    .bind(&event.aggregate_type)
-    .bind(&event.aggregate_id)
-    .bind(&event.event_type)
-    .bind(event.event_version)
-    .bind(&event.topic)
-    .bind(json)
-    .bind(bytes)
-    .bind(&event.content_type)
-    .bind(Json(&event.headers))
-    .bind(&event.correlation_id)
-    .bind(&event.causation_id)
-    .bind(&event.traceparent)
-    .bind(&event.tracestate)
-    .bind(&event.source)
-    .bind(event.occurred_at)
-    .fetch_one(executor)
-    .await
-    .map_err(AppendError::Database)?;
+    );
+    let lsn: Option<String> = crate::event::bind_columns(query, event)
+        .fetch_one(executor)
+        .await
+        .map_err(AppendError::Database)?;
     match lsn {
         Some(_) => Ok(event.event_id),
         None => Err(AppendError::WalLevelNotLogical(

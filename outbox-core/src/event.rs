@@ -38,6 +38,33 @@ impl Payload {
     }
 }
 
+/// Binds the event's sixteen columns, in the table's order (`event_id` …
+/// `occurred_at`), as `$1` … `$16`: the statements of [`crate::append()`]
+/// and [`crate::emit()`] take them alike.
+pub(crate) fn bind_columns<'q, O>(
+    query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    event: &'q NewEvent,
+) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    let (json, bytes) = event.payload.columns();
+    query
+        .bind(event.event_id)
+        .bind(&event.aggregate_type)
+        .bind(&event.aggregate_id)
+        .bind(&event.event_type)
+        .bind(event.event_version)
+        .bind(&event.topic)
+        .bind(json)
+        .bind(bytes)
+        .bind(&event.content_type)
+        .bind(sqlx::types::Json(&event.headers))
+        .bind(&event.correlation_id)
+        .bind(&event.causation_id)
+        .bind(&event.traceparent)
+        .bind(&event.tracestate)
+        .bind(&event.source)
+        .bind(event.occurred_at)
+}
+
 /// An event to append to the outbox.
 ///
 /// Build it with [`NewEvent::new`] and the chained setters; every field is
@@ -81,6 +108,11 @@ pub struct NewEvent {
     pub source: Option<String>,
     /// When the event happened. Defaults to now.
     pub occurred_at: DateTime<Utc>,
+    /// Publish no earlier than this (delayed delivery, migration V10).
+    /// Defaults to `None`: publish as soon as the transaction commits. A
+    /// time not after the transaction's start counts as `None`. See
+    /// [`NewEvent::not_before`].
+    pub not_before: Option<DateTime<Utc>>,
 }
 
 impl NewEvent {
@@ -107,6 +139,7 @@ impl NewEvent {
             tracestate: None,
             source: None,
             occurred_at: Utc::now(),
+            not_before: None,
         }
     }
 
@@ -182,6 +215,27 @@ impl NewEvent {
     pub fn occurred_at(mut self, at: DateTime<Utc>) -> Self {
         self.occurred_at = at;
         self
+    }
+
+    /// Delays the event: the relay publishes it no earlier than `at`.
+    ///
+    /// The row waits in the outbox with status `delayed`, in none of the
+    /// relay's claim indexes, so a far due time costs nothing until then.
+    /// When it is due, a relay inserts it again as a new pending row (same
+    /// event id), so it takes its place in its key's order *at its due
+    /// time*: events of the key committed before then are published before
+    /// it, later ones after it, and it never holds back the key's other
+    /// events. `docs/schema.md` ("Delayed events") has the details.
+    pub fn not_before(mut self, at: DateTime<Utc>) -> Self {
+        self.not_before = Some(at);
+        self
+    }
+
+    /// Delays the event by `delay` from now: [`NewEvent::not_before`] with
+    /// `now + delay`.
+    pub fn delayed_by(self, delay: std::time::Duration) -> Self {
+        let at = Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or(chrono::TimeDelta::MAX);
+        self.not_before(at)
     }
 
     /// Checks the event against the contract; [`crate::append()`] calls this.

@@ -220,6 +220,11 @@ pub struct RunArgs {
     #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
 
+    /// Delayed events: how often to look for newly inserted ones due
+    /// before the earliest known (the relay also wakes at that due time).
+    #[arg(long, env = "RELAY_DELAYED_CHECK_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub delayed_check_interval: Duration,
+
     /// Do not LISTEN for the outbox trigger's notifications; poll only.
     #[arg(long, env = "RELAY_NO_LISTEN")]
     pub no_listen: bool,
@@ -401,6 +406,7 @@ impl RunArgs {
             kafka_properties: self.kafka_properties.iter().cloned().collect(),
             batch_size: self.batch_size,
             poll_interval: self.poll_interval,
+            delayed_check_interval: self.delayed_check_interval,
             listen: !self.no_listen,
             topic_template: self.topic_template.clone(),
             default_source: self.ce_source.clone(),

@@ -80,6 +80,12 @@ pub struct RelayConfig {
     /// Polling fallback: how often the relay looks for rows when no
     /// notification arrives. Default 500 ms.
     pub poll_interval: Duration,
+    /// Delayed events (rows with a `not_before` time): how often the relay
+    /// looks for newly inserted ones that are due before the earliest it
+    /// knows of. It also wakes at that earliest due time, so an event is
+    /// published when due, at most this late if it was inserted due within
+    /// this interval. Default 1 s.
+    pub delayed_check_interval: Duration,
     /// Whether to LISTEN for the outbox trigger's notifications. Default true.
     pub listen: bool,
     /// The notification channel. Default `outbox`.
@@ -308,6 +314,7 @@ impl Default for RelayConfig {
             kafka_properties: BTreeMap::new(),
             batch_size: 1000,
             poll_interval: Duration::from_millis(500),
+            delayed_check_interval: Duration::from_secs(1),
             listen: true,
             channel: "outbox".into(),
             topic_template: "{aggregate_type}".into(),
@@ -364,6 +371,9 @@ impl RelayConfig {
         }
         if self.poll_interval.is_zero() {
             return bad("poll interval must be greater than zero".into());
+        }
+        if self.delayed_check_interval.is_zero() {
+            return bad("the delayed-event check interval must be greater than zero".into());
         }
         if let Some(wal) = &self.wal {
             crate::slot::check_name("slot", &wal.slot).map_err(|e| ConfigError(e.to_string()))?;

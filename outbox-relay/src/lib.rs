@@ -49,6 +49,7 @@ pub mod topics;
 // The machinery: see docs/architecture.md's map for which file holds what.
 mod batch;
 mod claim;
+mod delay;
 mod exactly_once;
 mod lease;
 mod pgoutput;

@@ -99,12 +99,16 @@ pub(crate) async fn status(
     let relays = store::relays(&mut *tx).await?;
     let partitions = store::partition_stats(&mut *tx).await?;
     tx.commit().await?;
+    // Before migration V10 there is no not_before column: nothing is delayed.
+    let next_due = store::next_delayed_due(&pool).await.unwrap_or(None);
     if json {
         let doc = serde_json::json!({
             "pending": totals.pending,
             "oldest_pending_age_seconds": totals.oldest_pending_age_seconds,
             "failed": totals.failed,
             "published_kept": totals.published_kept,
+            "delayed": totals.delayed,
+            "next_delayed_due_in_seconds": next_due,
             "relays": relays,
             "partitions": partitions,
             "checkpoints": checkpoints,
@@ -120,6 +124,19 @@ pub(crate) async fn status(
     );
     out!("  failed:             {}", totals.failed);
     out!("  published (kept):   {}", totals.published_kept);
+    match next_due {
+        Some(s) if s > 0.0 => out!(
+            "  delayed:            {} (next due in {:.1}s)",
+            totals.delayed,
+            s
+        ),
+        Some(s) => out!(
+            "  delayed:            {} (overdue by {:.1}s: is a relay running?)",
+            totals.delayed,
+            -s
+        ),
+        None => out!("  delayed:            {}", totals.delayed),
+    }
     let live = relays.iter().filter(|r| r.live).count();
     out!("relays: {live} live");
     for r in &relays {

@@ -229,6 +229,12 @@ impl Relay {
             ));
         }
         tasks.spawn(self.leases.clone().run(wake.clone(), background.clone()));
+        tasks.spawn(crate::delay::run(
+            self.pool.clone(),
+            self.cfg.delayed_check_interval,
+            Some(wake.clone()),
+            background.clone(),
+        ));
         tasks.spawn(upkeep::report_stats(
             self.pool.clone(),
             self.leases.clone(),
@@ -313,6 +319,12 @@ impl Relay {
                 background.clone(),
             ));
         }
+        tasks.spawn(crate::delay::run(
+            self.pool.clone(),
+            self.cfg.delayed_check_interval,
+            None,
+            background.clone(),
+        ));
         tasks.spawn(crate::wal::watch_slot(
             self.pool.clone(),
             wal.clone(),

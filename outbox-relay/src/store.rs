@@ -113,6 +113,8 @@ pub struct Stats {
     pub failed: i64,
     /// Published rows kept for retention (mark mode).
     pub published_kept: i64,
+    /// Delayed rows waiting for their `not_before` time (migration V10).
+    pub delayed: i64,
 }
 
 /// Reads the backlog figures (index scans on the partial indexes).
@@ -121,6 +123,7 @@ pub async fn stats<'e>(db: impl PgExecutor<'e>) -> Result<Stats, sqlx::Error> {
         "SELECT (SELECT count(*) FROM outbox WHERE status = 'pending') AS pending, \
                 (SELECT count(*) FROM outbox WHERE status = 'failed') AS failed, \
                 (SELECT count(*) FROM outbox WHERE status = 'published') AS published_kept, \
+                (SELECT count(*) FROM outbox WHERE status = 'delayed') AS delayed, \
                 COALESCE((SELECT EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 FROM outbox \
                           WHERE status = 'pending' ORDER BY id LIMIT 1), 0) AS oldest",
     )
@@ -131,8 +134,22 @@ pub async fn stats<'e>(db: impl PgExecutor<'e>) -> Result<Stats, sqlx::Error> {
         pending: row.try_get("pending")?,
         failed: row.try_get("failed")?,
         published_kept: row.try_get("published_kept")?,
+        delayed: row.try_get("delayed")?,
         oldest_pending_age_seconds: row.try_get::<f64, _>("oldest")?.max(0.0),
     })
+}
+
+/// Seconds until the earliest delayed row is due (negative: overdue), or
+/// `None` when no row is delayed; by the database's clock, the one the
+/// relay's release compares with. Needs migration V10.
+pub async fn next_delayed_due<'e>(db: impl PgExecutor<'e>) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM min(not_before) - clock_timestamp())::float8 \
+         FROM outbox WHERE status = 'delayed'",
+    )
+    .persistent(false)
+    .fetch_one(db)
+    .await
 }
 
 /// One key partition, for `status` and the per-partition gauges.

@@ -21,6 +21,16 @@ pub const PENDING: &str = "outbox_relay_pending_rows";
 pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
 /// Rows in the failed state.
 pub const FAILED: &str = "outbox_relay_failed_rows";
+/// Delayed rows waiting for their `not_before` time.
+pub const DELAYED: &str = "outbox_relay_delayed_rows";
+/// Delayed rows made pending once due (released), by this relay.
+pub const DELAYED_RELEASED: &str = "outbox_relay_delayed_released_total";
+/// How late the most overdue row of each release was, after its
+/// `not_before` time (the check interval bounds it while the database keeps
+/// up).
+pub const DELAYED_RELEASE_LATENESS: &str = "outbox_relay_delayed_release_lateness_seconds";
+/// Seconds until the earliest delayed row is due; 0 when none waits.
+pub const DELAYED_NEXT_DUE: &str = "outbox_relay_delayed_next_due_seconds";
 /// Key partitions this relay owns.
 pub const PARTITIONS_OWNED: &str = "outbox_relay_partitions_owned";
 /// Relays with a live lease, as this relay last saw them.
@@ -104,6 +114,16 @@ pub(crate) fn backlog(stats: &crate::store::Stats) {
     gauge!(PENDING).set(stats.pending as f64);
     gauge!(OLDEST_PENDING_AGE).set(stats.oldest_pending_age_seconds);
     gauge!(FAILED).set(stats.failed as f64);
+    gauge!(DELAYED).set(stats.delayed as f64);
+}
+
+pub(crate) fn delayed_released(rows: u64, most_late_by: f64) {
+    counter!(DELAYED_RELEASED).increment(rows);
+    histogram!(DELAYED_RELEASE_LATENESS).record(most_late_by.max(0.0));
+}
+
+pub(crate) fn delayed_next_due(due_in: Option<Duration>) {
+    gauge!(DELAYED_NEXT_DUE).set(due_in.map_or(0.0, |d| d.as_secs_f64()));
 }
 
 pub(crate) fn ownership(owned: usize, live_relays: i32) {

@@ -50,6 +50,9 @@ pub struct Received {
     pub value: Option<Vec<u8>>,
     /// Headers as text.
     pub headers: HashMap<String, String>,
+    /// The record's timestamp (the relay's produce time), in ms since the
+    /// epoch.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl Received {
@@ -75,6 +78,7 @@ impl Received {
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             value: m.payload().map(<[u8]>::to_vec),
             headers,
+            timestamp_ms: m.timestamp().to_millis(),
         }
     }
 

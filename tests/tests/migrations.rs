@@ -37,10 +37,11 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
             "V6__partition_checkpoints_to_finish",
             "V7__emit_table_less_events",
             "V8__slot_reader_lease",
-            "V9__published_id_check_per_row"
+            "V9__published_id_check_per_row",
+            "V10__delayed_events"
         ]
     );
-    assert_eq!(first.current_version, Some(9));
+    assert_eq!(first.current_version, Some(10));
     assert_eq!(
         columns(&pool, "outbox_relays").await,
         [
@@ -92,12 +93,14 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
             "attempts",
             "last_error",
             "published_at",
-            "failed_at"
+            "failed_at",
+            "not_before"
         ]
     );
     assert_eq!(
         indexes(&pool, "outbox").await,
         [
+            "outbox_delayed_idx",
             "outbox_event_id_key",
             "outbox_failed_key_idx",
             "outbox_pending_idx",
@@ -141,7 +144,7 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(history, 9);
+    assert_eq!(history, 10);
     // The consumer set is separate: nothing of it exists yet.
     assert!(columns(&pool, "processed_events").await.is_empty());
 }
@@ -355,5 +358,5 @@ async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
     for r in futures::future::join_all(runs).await {
         applied += r.unwrap().unwrap().applied.len();
     }
-    assert_eq!(applied, 9, "V1 to V9, once each");
+    assert_eq!(applied, 10, "V1 to V10, once each");
 }

@@ -580,3 +580,62 @@ async fn switching_a_running_system_from_poll_to_wal_loses_and_repeats_nothing(
     drop_test_slots(&pool, &[&slot_name]).await;
     Ok(())
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_delayed_event_is_published_when_due_in_commit_order_at_that_time(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "wal-delayed", 1).await?;
+    let (slot_name, cfg) = wal_setup(&pool).await?;
+    let relay = RunningRelay::start(&pool, cfg)?;
+    let ev = |n: &str| NewEvent::new("order", "k-1", n).topic(&topic);
+
+    // A table-less event delayed by 3 s cannot wait in the WAL: it waits
+    // as a delayed row, which the slot skips, and is published once due.
+    let before = ev("before");
+    let late = ev("late").delayed_by(Duration::from_secs(3));
+    let mut tx = pool.begin().await?;
+    emit(&mut *tx, &before).await?;
+    emit(&mut *tx, &late).await?;
+    tx.commit().await?;
+    let due = late.not_before.expect("delayed");
+    let first = consume(&topic, 1, WAIT, Duration::from_millis(300)).await?;
+    assert_eq!(ids(&first), [before.event_id.to_string()]);
+    assert!(
+        chrono::Utc::now() < due,
+        "the first read took past the due time"
+    );
+
+    let got = consume(&topic, 2, WAIT, Duration::from_millis(300)).await?;
+    assert_eq!(
+        ids(&got),
+        [before.event_id.to_string(), late.event_id.to_string()]
+    );
+    assert!(
+        got[1].timestamp_ms.expect("timestamp") >= due.timestamp_millis(),
+        "published before its due time"
+    );
+    // An event committed after the due time comes after it.
+    let after = ev("after");
+    append(&pool, &after).await?;
+    let got = consume(&topic, 3, WAIT, SETTLE).await?;
+    assert_eq!(
+        ids(&got),
+        [
+            before.event_id.to_string(),
+            late.event_id.to_string(),
+            after.event_id.to_string()
+        ],
+        "each once, the delayed one in the key's order at its due time"
+    );
+    eventually(WAIT, "the outbox emptied", || async {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&pool)
+            .await?;
+        Ok(rows == 0)
+    })
+    .await?;
+    relay.stop().await?;
+    drop_test_slots(&pool, &[&slot_name]).await;
+    Ok(())
+}
