@@ -40,6 +40,7 @@ pub struct ConsumerBuilder {
     cfg: ConsumerConfig,
     pool: sqlx::PgPool,
     routes: HashMap<String, Arc<dyn Route>>,
+    sagas: Vec<&'static str>,
     #[cfg(feature = "rabbitmq")]
     rabbitmq: Option<crate::rabbitmq::RabbitMqSource>,
 }
@@ -72,7 +73,27 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Checks the configuration and creates the dead-letter producer.
+    /// Runs the saga `saga` ([`crate::saga`]): its events
+    /// ([`crate::saga::Saga::events`]) and its timeouts
+    /// (`<NAME>.timeout`) are routed to it. The consumer must read the
+    /// topics of both, and the database needs the outbox schema (the saga
+    /// sends commands and schedules timeouts through it) and a relay.
+    pub fn saga<S: crate::saga::Saga>(mut self, saga: S) -> Self {
+        let handler = Arc::new(crate::saga::SagaHandler(Arc::new(saga)));
+        let mut types = handler.0.events();
+        types.push(crate::saga::timeout_type::<S>());
+        for t in types {
+            self.routes
+                .insert(t, Arc::new(TypedRoute(Arc::clone(&handler))));
+        }
+        if !self.sagas.contains(&S::NAME) {
+            self.sagas.push(S::NAME);
+        }
+        self
+    }
+
+    /// Checks the configuration and creates the dead-letter producer (or
+    /// the RabbitMQ link).
     pub fn build(self) -> Result<Consumer, ConsumerError> {
         #[cfg(feature = "rabbitmq")]
         let kafka = self.rabbitmq.is_none();
@@ -86,75 +107,90 @@ impl ConsumerBuilder {
                 "no handlers: register at least one with .handler(\"event.type\", handler)".into(),
             ));
         }
+        #[allow(unused_mut)]
+        let mut cfg = self.cfg;
         #[cfg(feature = "rabbitmq")]
-        if let Some(source) = self.rabbitmq {
-            let mut cfg = self.cfg;
-            source
-                .validate(&cfg.group_id, &cfg.topics)
-                .map_err(ConsumerError::Config)?;
-            if cfg.max_attempts > 100 {
-                return Err(ConsumerError::Config(format!(
-                    "max_attempts is {}: on RabbitMQ each retry has its own delay queue; \
-                     keep it at 100 or below",
-                    cfg.max_attempts
-                )));
-            }
-            if !source.single_active_consumer && cfg.ordering == crate::Ordering::ParkKey {
-                // Competing, concurrent consumption has no key order to
-                // keep: parking later events would only hold them back.
-                info!("RabbitMQ without single active consumer: the key order is not kept, so later events of a dead-lettered key are not parked");
-                cfg.ordering = crate::Ordering::Skip;
-            }
-            let link = Arc::new(crate::rabbitmq::Link::new(
-                source.clone(),
-                &cfg.group_id,
-                &cfg.topics,
-                cfg.max_attempts,
-            ));
-            let delay_queues = (!source.single_active_consumer).then(|| Arc::clone(&link));
-            let stats = Arc::<ConsumerStats>::default();
-            let health = Arc::new(Health::new(&cfg.group_id, Arc::clone(&stats)));
-            health.set_broker_name("RabbitMQ");
-            return Ok(Consumer {
-                shared: Arc::new(Shared {
-                    permits: tokio::sync::Semaphore::new(cfg.max_concurrency),
-                    cfg,
-                    pool: self.pool,
-                    routes: self.routes,
-                    dead_letters: dead_letter::DeadLetterSink::RabbitMq(Arc::clone(&link)),
-                    stats,
-                    health,
+        let (dead_letters, delay_queues, link) = match self.rabbitmq {
+            Some(source) => {
+                let in_place = source.single_active_consumer;
+                let link = rabbitmq_link(source, &mut cfg)?;
+                let delay_queues = (!in_place).then(|| Arc::clone(&link));
+                (
+                    dead_letter::DeadLetterSink::RabbitMq(Arc::clone(&link)),
                     delay_queues,
-                }),
-                rabbitmq: Some(link),
-            });
-        }
-        let dead_letters =
-            dead_letter::DeadLetterSink::Kafka(dead_letter::DeadLetterProducer::new(
-                &self.cfg.brokers,
-                &self.cfg.kafka_properties,
-                self.cfg.dead_letter_timeout,
-                &self.cfg.group_id,
-            )?);
-        let permits = tokio::sync::Semaphore::new(self.cfg.max_concurrency);
+                    Some(link),
+                )
+            }
+            None => (kafka_dead_letters(&cfg)?, None, None),
+        };
+        #[cfg(not(feature = "rabbitmq"))]
+        let dead_letters = kafka_dead_letters(&cfg)?;
         let stats = Arc::<ConsumerStats>::default();
-        let health = Arc::new(Health::new(&self.cfg.group_id, Arc::clone(&stats)));
+        let health = Arc::new(Health::new(&cfg.group_id, Arc::clone(&stats)));
+        #[cfg(feature = "rabbitmq")]
+        if link.is_some() {
+            health.set_broker_name("RabbitMQ");
+        }
         Ok(Consumer {
             shared: Arc::new(Shared {
-                cfg: self.cfg,
+                permits: tokio::sync::Semaphore::new(cfg.max_concurrency),
+                cfg,
                 pool: self.pool,
                 routes: self.routes,
+                sagas: self.sagas,
                 dead_letters,
                 stats,
                 health,
-                permits,
                 #[cfg(feature = "rabbitmq")]
-                delay_queues: None,
+                delay_queues,
             }),
             #[cfg(feature = "rabbitmq")]
-            rabbitmq: None,
+            rabbitmq: link,
         })
     }
+}
+
+/// Kafka's dead-letter producer for `cfg`.
+fn kafka_dead_letters(cfg: &ConsumerConfig) -> Result<dead_letter::DeadLetterSink, ConsumerError> {
+    Ok(dead_letter::DeadLetterSink::Kafka(
+        dead_letter::DeadLetterProducer::new(
+            &cfg.brokers,
+            &cfg.kafka_properties,
+            cfg.dead_letter_timeout,
+            &cfg.group_id,
+        )?,
+    ))
+}
+
+/// The RabbitMQ link for `source`, after the checks that only RabbitMQ
+/// needs; adjusts `cfg` where RabbitMQ's semantics differ.
+#[cfg(feature = "rabbitmq")]
+fn rabbitmq_link(
+    source: crate::rabbitmq::RabbitMqSource,
+    cfg: &mut ConsumerConfig,
+) -> Result<Arc<crate::rabbitmq::Link>, ConsumerError> {
+    source
+        .validate(&cfg.group_id, &cfg.topics)
+        .map_err(ConsumerError::Config)?;
+    if cfg.max_attempts > 100 {
+        return Err(ConsumerError::Config(format!(
+            "max_attempts is {}: on RabbitMQ each retry has its own delay queue; \
+             keep it at 100 or below",
+            cfg.max_attempts
+        )));
+    }
+    if !source.single_active_consumer && cfg.ordering == crate::Ordering::ParkKey {
+        // Competing, concurrent consumption has no key order to
+        // keep: parking later events would only hold them back.
+        info!("RabbitMQ without single active consumer: the key order is not kept, so later events of a dead-lettered key are not parked");
+        cfg.ordering = crate::Ordering::Skip;
+    }
+    Ok(Arc::new(crate::rabbitmq::Link::new(
+        source,
+        &cfg.group_id,
+        &cfg.topics,
+        cfg.max_attempts,
+    )))
 }
 
 /// An idempotent consumer: see the crate documentation.
@@ -181,6 +217,7 @@ impl Consumer {
             cfg,
             pool,
             routes: HashMap::new(),
+            sagas: Vec::new(),
             #[cfg(feature = "rabbitmq")]
             rabbitmq: None,
         }
@@ -281,6 +318,13 @@ impl Beside {
             Arc::clone(&shared.health),
             watchers.clone(),
         ));
+        if !shared.sagas.is_empty() {
+            tokio::spawn(crate::saga::report(
+                shared.pool.clone(),
+                shared.sagas.clone(),
+                watchers.clone(),
+            ));
+        }
         if cfg.ordering == crate::config::Ordering::ParkKey {
             tokio::spawn(crate::park::report(
                 shared.pool.clone(),

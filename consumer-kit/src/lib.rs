@@ -26,6 +26,9 @@
 //! - `rabbitmq` (feature `rabbitmq`): the RabbitMQ source, a queue per
 //!   group instead of Kafka topics, with its delay and dead-letter queues;
 //! - `message.rs`: the one message type both sources hand to `process.rs`;
+//! - [`saga`]: orchestrated sagas, a state machine per instance whose
+//!   transitions commit with the dedupe row, their commands and their
+//!   timeouts (delayed outbox events);
 //! - [`cleanup`]: the TTL cleanup and the retention check;
 //! - [`config`]: every setting with its default;
 //! - [`telemetry`]: metric names.
@@ -90,6 +93,7 @@ pub(crate) mod process;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 pub mod replay;
+pub mod saga;
 pub mod telemetry;
 
 /// Re-exported so handlers can be written without depending on async-trait:
@@ -106,6 +110,7 @@ pub use outbox_core::{MigrateError, MigrationReport};
 #[cfg(feature = "rabbitmq")]
 pub use rabbitmq::{QueueType, RabbitMqSource};
 pub use replay::{DeadLetterError, ReplayReport};
+pub use saga::{Saga, SagaEvent, Transition};
 pub use telemetry::{ConsumerStats, StatsSnapshot};
 
 mod schema_files {

@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     pub(crate) cfg: ConsumerConfig,
     pub(crate) pool: sqlx::PgPool,
     pub(crate) routes: std::collections::HashMap<String, Arc<dyn Route>>,
+    /// The sagas among the routes' handlers, by name (their gauges).
+    pub(crate) sagas: Vec<&'static str>,
     pub(crate) dead_letters: dead_letter::DeadLetterSink,
     pub(crate) stats: Arc<ConsumerStats>,
     pub(crate) health: Arc<crate::health::Health>,

@@ -2,7 +2,8 @@
 //! emits is defined here, once, through the `metrics` facade. Install any
 //! recorder (for example `metrics-exporter-prometheus`) to export them.
 //!
-//! Every metric carries a `group` label (the consumer group).
+//! Every metric carries a `group` label (the consumer group), except the
+//! saga metrics, which carry the saga's name.
 
 use std::time::Duration;
 
@@ -35,6 +36,41 @@ pub const CLEANED: &str = "consumer_kit_cleanup_deleted_total";
 /// fail, processing goes on, but a restart redelivers everything since the
 /// last commit that succeeded (dedupe skips it).
 pub const OFFSET_COMMIT_FAILURES: &str = "consumer_kit_offset_commit_failures_total";
+
+/// Saga transitions applied, by `saga`, `from` and `to` state.
+pub const SAGA_TRANSITIONS: &str = "consumer_kit_saga_transitions_total";
+/// Saga timeout events, by `saga` and `result`: `fired` (the step was
+/// still waiting) or `stale` (cancelled, replaced or outlived: a no-op).
+pub const SAGA_TIMEOUTS: &str = "consumer_kit_saga_timeouts_total";
+/// Saga instances finished, by `saga` and `status` (`completed`, or
+/// `failed`: compensated, or abandoned by an operator).
+pub const SAGA_FINISHED: &str = "consumer_kit_saga_finished_total";
+/// Events that did not fit their saga instance's state, by `saga`.
+pub const SAGA_UNEXPECTED: &str = "consumer_kit_saga_unexpected_total";
+/// Saga instances by `saga`, `status` and `state` (refreshed every 15 s).
+pub const SAGA_INSTANCES: &str = "consumer_kit_saga_instances";
+
+pub(crate) fn saga_transition(saga: &'static str, from: &str, to: &str) {
+    counter!(SAGA_TRANSITIONS, "saga" => saga, "from" => from.to_string(), "to" => to.to_string())
+        .increment(1);
+}
+
+pub(crate) fn saga_timeout(saga: &'static str, result: &'static str) {
+    counter!(SAGA_TIMEOUTS, "saga" => saga, "result" => result).increment(1);
+}
+
+pub(crate) fn saga_finished(saga: &str, status: &'static str) {
+    counter!(SAGA_FINISHED, "saga" => saga.to_string(), "status" => status).increment(1);
+}
+
+pub(crate) fn saga_unexpected(saga: &'static str) {
+    counter!(SAGA_UNEXPECTED, "saga" => saga).increment(1);
+}
+
+pub(crate) fn saga_instances(saga: &str, status: &str, state: &str, n: i64) {
+    gauge!(SAGA_INSTANCES, "saga" => saga.to_string(), "status" => status.to_string(), "state" => state.to_string())
+        .set(n as f64);
+}
 
 /// Events parked behind a dead-lettered event of their key
 /// ([`crate::Ordering::ParkKey`]), by `group`, `topic`.

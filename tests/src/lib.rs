@@ -162,6 +162,20 @@ pub async fn consume_from(
 
 pub use test_kit::{process::Child, wait::eventually};
 
+/// A token cancelled on SIGTERM, for the fixture processes (a test stops
+/// them cleanly with SIGTERM, or kills them with SIGKILL).
+pub fn shutdown_on_sigterm() -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        term.recv().await;
+        token.cancel();
+    });
+    shutdown
+}
+
 /// How many partitions each live relay owns, as `outbox_relays` shows them
 /// (live relays ordered by id).
 pub async fn owned_by_live_relays(pool: &sqlx::PgPool) -> anyhow::Result<Vec<usize>> {
@@ -549,6 +563,7 @@ pub async fn kill_relay_connections(pool: &sqlx::PgPool) -> anyhow::Result<usize
     Ok(killed.len())
 }
 
+pub mod booking;
 pub mod consumer;
 
 /// A TCP proxy to the broker that can cut every connection through it and

@@ -34,14 +34,8 @@ async fn main() -> anyhow::Result<()> {
     let consumer = consumer_kit::Consumer::builder(cfg, pool)
         .handler("item.added", handler)
         .build()?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
-        term.recv().await;
-        token.cancel();
-    });
-    consumer.run(shutdown).await?;
+    consumer
+        .run(integration_tests::shutdown_on_sigterm())
+        .await?;
     Ok(())
 }
