@@ -261,7 +261,23 @@ async fn consumer_set_has_its_own_history(pool: PgPool) {
     let report = consumer_kit::migrate(&pool).await.unwrap();
     assert_eq!(
         report.applied,
-        vec!["V1__create_processed_events", "V2__park_keys"]
+        vec!["V1__create_processed_events", "V2__park_keys", "V3__sagas"]
+    );
+    assert_eq!(
+        columns(&pool, "consumer_kit_sagas").await,
+        [
+            "saga",
+            "instance_id",
+            "state",
+            "data",
+            "status",
+            "version",
+            "timeouts",
+            "started_at",
+            "updated_at",
+            "finished_at",
+            "reason"
+        ]
     );
     assert_eq!(
         columns(&pool, "processed_events").await,
@@ -296,7 +312,7 @@ async fn consumer_set_has_its_own_history(pool: PgPool) {
     migrate::OUTBOX.apply(&pool).await.unwrap();
     assert_eq!(
         consumer_kit::SCHEMA.current_version(&pool).await.unwrap(),
-        Some(2)
+        Some(3)
     );
     assert_eq!(
         indexes(&pool, "consumer_kit_parked_keys").await,
