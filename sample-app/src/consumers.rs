@@ -20,7 +20,9 @@ use std::{
     time::Duration,
 };
 
-use consumer_kit::{Consumer, ConsumerConfig, ConsumerStats, Envelope, Handler, HandlerError};
+use consumer_kit::{
+    Consumer, ConsumerBuilder, ConsumerConfig, ConsumerStats, Envelope, Handler, HandlerError,
+};
 use sqlx::{postgres::PgConnectOptions, PgPool, PgTransaction};
 
 use crate::orders::OrderEvent;
@@ -87,6 +89,58 @@ impl Broker {
             Self::Kafka(_) => "kafka",
             Self::RabbitMq(_) => "rabbitmq",
         }
+    }
+
+    /// A consumer of `topic` for the demos: group `group` on `pool`,
+    /// event types it does not handle skipped, quick retries and commits;
+    /// on RabbitMQ its own queue under single active consumer (so each
+    /// key's events apply in order).
+    pub fn consumer(&self, group: &str, topic: &str, pool: &PgPool) -> ConsumerBuilder {
+        let cfg = ConsumerConfig {
+            brokers: match self {
+                Self::Kafka(b) => b.clone(),
+                Self::RabbitMq(_) => String::new(),
+            },
+            unknown_event_type: consumer_kit::UnknownEventType::Skip,
+            max_attempts: 3,
+            min_backoff: Duration::from_millis(100),
+            commit_interval: Duration::from_millis(500),
+            // Answer fetches quickly when a partition is idle: lower latency
+            // for a demo, at the cost of more fetch requests.
+            kafka_properties: [("fetch.wait.max.ms".to_string(), "20".to_string())].into(),
+            ..ConsumerConfig::new(group, [topic])
+        };
+        let b = Consumer::builder(cfg, pool.clone());
+        match self {
+            Self::Kafka(_) => b,
+            Self::RabbitMq(url) => b.rabbitmq(consumer_kit::RabbitMqSource {
+                queue: Some(Self::queue(topic, group)),
+                single_active_consumer: true,
+                ..consumer_kit::RabbitMqSource::new(url.clone())
+            }),
+        }
+    }
+
+    /// The relay for the demos, on `db`, publishing to this broker.
+    pub fn relay(
+        &self,
+        db: PgConnectOptions,
+        tune: impl FnOnce(&mut outbox_relay::RelayConfig),
+    ) -> anyhow::Result<outbox_relay::RelayHandle> {
+        let mut cfg = outbox_relay::RelayConfig {
+            brokers: match self {
+                Self::Kafka(b) => b.clone(),
+                Self::RabbitMq(_) => String::new(),
+            },
+            rabbitmq: match self {
+                Self::Kafka(_) => None,
+                Self::RabbitMq(url) => Some(outbox_relay::RabbitMqSink::new(url)),
+            },
+            poll_interval: Duration::from_millis(200),
+            ..Default::default()
+        };
+        tune(&mut cfg);
+        Ok(outbox_relay::Relay::new(cfg, db)?.start())
     }
 
     /// The queue of consumer `name` on RabbitMQ, for events of `topic`.
@@ -264,32 +318,7 @@ impl Consumers {
         latencies: &Latencies,
         fix: &Fix,
     ) -> anyhow::Result<Self> {
-        let brokers = match broker {
-            Broker::Kafka(b) => b.clone(),
-            Broker::RabbitMq(_) => String::new(),
-        };
-        let cfg = |group: &str| ConsumerConfig {
-            brokers: brokers.clone(),
-            unknown_event_type: consumer_kit::UnknownEventType::Skip,
-            max_attempts: 3,
-            min_backoff: Duration::from_millis(100),
-            commit_interval: Duration::from_millis(500),
-            // Answer fetches quickly when a partition is idle: lower latency
-            // for a demo, at the cost of more fetch requests.
-            kafka_properties: [("fetch.wait.max.ms".to_string(), "20".to_string())].into(),
-            ..ConsumerConfig::new(group, [topic])
-        };
-        let builder = |group: &'static str, pool: &PgPool| {
-            let b = Consumer::builder(cfg(group), pool.clone());
-            match broker {
-                Broker::Kafka(_) => b,
-                Broker::RabbitMq(url) => b.rabbitmq(consumer_kit::RabbitMqSource {
-                    queue: Some(Broker::queue(topic, group)),
-                    single_active_consumer: true,
-                    ..consumer_kit::RabbitMqSource::new(url.clone())
-                }),
-            }
-        };
+        let builder = |group: &'static str, pool: &PgPool| broker.consumer(group, topic, pool);
         let inventory = Inventory(latencies.clone());
         let notifications = Notifications(latencies.clone(), fix.clone());
         let analytics = Analytics(latencies.clone());

@@ -142,22 +142,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     // 2. Relay, order service, consumers.
     let shutdown = opts.keep_running.clone().unwrap_or_default();
     let stop = CancellationToken::new();
-    let relay = outbox_relay::Relay::new(
-        outbox_relay::RelayConfig {
-            brokers: match &opts.broker {
-                Broker::Kafka(b) => b.clone(),
-                Broker::RabbitMq(_) => String::new(),
-            },
-            rabbitmq: match &opts.broker {
-                Broker::Kafka(_) => None,
-                Broker::RabbitMq(url) => Some(outbox_relay::RabbitMqSink::new(url)),
-            },
-            poll_interval: Duration::from_millis(200),
-            ..Default::default()
-        },
-        db.clone(),
-    )?
-    .start();
+    let relay = opts.broker.relay(db.clone(), |_| {})?;
     let listener = tokio::net::TcpListener::bind(opts.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", opts.http_addr))?;
@@ -599,7 +584,7 @@ async fn check(orders: &PgPool, pools: &[PgPool]) -> anyhow::Result<Vec<String>>
 /// Publishes the first `n` records of `topic` again, unchanged: what
 /// consumers see when a relay crashes after publishing and before its
 /// commit. Returns how many were republished.
-async fn republish(brokers: &str, topic: &str, n: usize) -> anyhow::Result<usize> {
+pub(crate) async fn republish(brokers: &str, topic: &str, n: usize) -> anyhow::Result<usize> {
     let brokers_owned = brokers.to_string();
     let topic_owned = topic.to_string();
     let copies = tokio::task::spawn_blocking(
@@ -666,7 +651,7 @@ async fn republish(brokers: &str, topic: &str, n: usize) -> anyhow::Result<usize
 
 /// The demo's RabbitMQ side: a tap on the exchange for the duplicates, and
 /// the clean-up of what the demo declared.
-mod rabbit {
+pub(crate) mod rabbit {
     use lapin::{
         options::{
             BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
@@ -746,32 +731,51 @@ mod rabbit {
         /// the tap, each consumer's queue with its delay and dead-letter
         /// queues, and the exchanges.
         pub(super) async fn remove_all(self) {
-            let mut queues = vec![self.queue.clone()];
-            let mut exchanges = vec![self.exchange.clone()];
-            for name in NAMES {
-                let q = Broker::queue(&self.exchange, name);
+            remove_declared(
+                &self.conn,
+                &[(&self.exchange, &NAMES)],
+                vec![self.queue.clone()],
+            )
+            .await;
+            let _ = self.conn.close(200, "demo done".into()).await;
+        }
+    }
+
+    /// Deletes (best effort) `extra` queues and, for each (exchange,
+    /// consumers), the exchange and each consumer's queue with its delay
+    /// and dead-letter queues.
+    pub(crate) async fn remove_declared(
+        conn: &Connection,
+        declared: &[(&str, &[&str])],
+        extra: Vec<String>,
+    ) {
+        let mut queues = extra;
+        let mut exchanges = Vec::new();
+        for (exchange, consumers) in declared {
+            exchanges.push(exchange.to_string());
+            for name in *consumers {
+                let q = Broker::queue(exchange, name);
                 queues.extend((1..10).map(|n| format!("{q}.retry.{n}")));
                 queues.push(format!("{q}.dlq"));
                 exchanges.push(format!("{q}.dlx"));
                 queues.push(q);
             }
-            // Each on its own channel: a refusal closes the channel it
-            // came on, and the rest should still go.
-            for q in queues {
-                if let Ok(c) = self.conn.create_channel().await {
-                    let _ = c
-                        .queue_delete(q.into(), QueueDeleteOptions::default())
-                        .await;
-                }
+        }
+        // Each on its own channel: a refusal closes the channel it came
+        // on, and the rest should still go.
+        for q in queues {
+            if let Ok(c) = conn.create_channel().await {
+                let _ = c
+                    .queue_delete(q.into(), QueueDeleteOptions::default())
+                    .await;
             }
-            for e in exchanges {
-                if let Ok(c) = self.conn.create_channel().await {
-                    let _ = c
-                        .exchange_delete(e.into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
+        }
+        for e in exchanges {
+            if let Ok(c) = conn.create_channel().await {
+                let _ = c
+                    .exchange_delete(e.into(), ExchangeDeleteOptions::default())
+                    .await;
             }
-            let _ = self.conn.close(200, "demo done".into()).await;
         }
     }
 }

@@ -5,9 +5,13 @@
 //!   one transaction;
 //! - [`consumers`]: inventory, notifications and analytics on consumer-kit,
 //!   each in its own schema;
-//! - [`demo`]: runs everything in one process and reports what happened.
+//! - [`demo`]: runs everything in one process and reports what happened;
+//! - [`checkout`]: the checkout saga and the services it orchestrates;
+//!   [`checkout_demo`] runs a few hundred checkouts through it.
 #![forbid(unsafe_code)]
 
+pub mod checkout;
+pub mod checkout_demo;
 pub mod consumers;
 pub mod demo;
 pub mod orders;

@@ -7,6 +7,8 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sample_app::{
+    checkout::Faults,
+    checkout_demo::CheckoutOptions,
     consumers::{self, Broker, Consumers, Fix, Latencies},
     demo::{self, DemoOptions},
     orders::{self, Orders},
@@ -84,6 +86,24 @@ enum Command {
         /// After the report, keep everything running until Ctrl-C.
         #[arg(long)]
         keep_running: bool,
+        /// Run the checkout saga demo instead: checkouts across inventory,
+        /// payment and ordering, with declines and silences, then the
+        /// invariants.
+        #[arg(long)]
+        checkout: bool,
+        /// Checkouts in the checkout demo.
+        #[arg(long, default_value_t = 300)]
+        checkouts: usize,
+        /// How long a checkout step may go unanswered (checkout demo).
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        step_timeout: Duration,
+        /// The payment service declines every n-th charge (checkout demo).
+        #[arg(long, default_value_t = 9)]
+        decline_every: u64,
+        /// The payment service charges but never answers every n-th charge
+        /// (checkout demo).
+        #[arg(long, default_value_t = 13)]
+        silence_every: u64,
     },
     /// The order service alone (run outbox-relay beside it).
     Serve {
@@ -113,7 +133,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,consumer_kit::process=off".into()),
+                .unwrap_or_else(|_| "warn,consumer_kit::process=off,lapin=off".into()),
         )
         .with_writer(std::io::stderr)
         // Colours on a terminal only: log files and journals get plain text.
@@ -234,7 +254,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             duplicates,
             http_addr,
             keep_running,
+            checkout,
+            checkouts,
+            step_timeout,
+            decline_every,
+            silence_every,
         } => {
+            if checkout {
+                let report = sample_app::checkout_demo::run(CheckoutOptions {
+                    database,
+                    broker: broker.clone(),
+                    checkouts,
+                    step_timeout,
+                    faults: Faults {
+                        decline_every,
+                        silence_every,
+                    },
+                    duplicates: duplicates.min(checkouts),
+                })
+                .await?;
+                anyhow::ensure!(report.problems.is_empty(), "checkout invariants failed");
+                return Ok(());
+            }
             let metrics = install_metrics()?;
             let stop_metrics = CancellationToken::new();
             if keep_running {

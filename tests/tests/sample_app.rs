@@ -166,3 +166,89 @@ async fn the_demo_on_rabbitmq_does_the_same_through_an_exchange_and_a_queue_per_
 
 /// The demo recreates its database: one run at a time.
 static DEMO: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs the checkout demo on `broker` and checks its report: every path
+/// taken (completed, out of stock, declined, no answer), compensations
+/// made, and every invariant holding.
+async fn checkout_on(broker: Broker) -> anyhow::Result<()> {
+    use sample_app::{checkout::Faults, checkout_demo};
+    let url = std::env::var("DATABASE_URL")?;
+    let kafka = matches!(broker, Broker::Kafka(_));
+    let report = checkout_demo::run(checkout_demo::CheckoutOptions {
+        database: url.parse()?,
+        broker,
+        checkouts: 120,
+        step_timeout: std::time::Duration::from_secs(2),
+        faults: Faults {
+            decline_every: 7,
+            silence_every: 11,
+        },
+        duplicates: 30,
+    })
+    .await?;
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let outcome = |k: &str| report.outcomes.get(k).copied().unwrap_or(0);
+    assert_eq!(
+        report.outcomes.values().sum::<i64>(),
+        120,
+        "{:?}",
+        report.outcomes
+    );
+    for k in [
+        "completed",
+        "out of stock",
+        "payment declined",
+        "no answer while Charging",
+    ] {
+        assert!(
+            outcome(k) > 0,
+            "no checkout ended as {k:?}: {:?}",
+            report.outcomes
+        );
+    }
+    // Every checkout that timed out after its charge was asked for was
+    // refunded (the silent payment service charged it), and every declined
+    // or timed-out checkout released its stock.
+    let timed_out = |states: &[&str]| -> i64 {
+        states
+            .iter()
+            .map(|s| outcome(&format!("no answer while {s}")))
+            .sum()
+    };
+    assert_eq!(
+        report.compensations["payments refunded"],
+        timed_out(&["Charging", "Ordering"]),
+        "{:?} {:?}",
+        report.outcomes,
+        report.compensations
+    );
+    assert_eq!(
+        report.compensations["stock released"],
+        outcome("payment declined") + timed_out(&["Reserving", "Charging", "Ordering"]),
+        "{:?} {:?}",
+        report.outcomes,
+        report.compensations
+    );
+    if kafka {
+        assert!(report.duplicates > 0, "the duplicates were not dropped");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_checkout_saga_finishes_every_checkout_and_keeps_every_invariant() -> anyhow::Result<()>
+{
+    let _one = CHECKOUT.lock().await;
+    checkout_on(Broker::Kafka(brokers())).await
+}
+
+#[tokio::test]
+async fn the_checkout_saga_runs_on_rabbitmq_too() -> anyhow::Result<()> {
+    let _one = CHECKOUT.lock().await;
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    checkout_on(Broker::RabbitMq(url)).await
+}
+
+/// The checkout demo recreates its database: one run at a time.
+static CHECKOUT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
