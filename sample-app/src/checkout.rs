@@ -498,25 +498,7 @@ impl Handler for Ordering {
 /// instances) and returns a pool per service, in [`SERVICES`] order, whose
 /// `search_path` is its schema, then `public` (the outbox).
 pub async fn prepare(base: &PgConnectOptions) -> anyhow::Result<Vec<PgPool>> {
-    let admin = PgPool::connect_with(base.clone()).await?;
-    let mut pools = Vec::new();
-    for (name, ddl) in SERVICES.iter().zip(SCHEMAS) {
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{name}\""))
-            .execute(&admin)
-            .await?;
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(6)
-            .connect_with(
-                base.clone()
-                    .options([("search_path", format!("{name},public"))]),
-            )
-            .await?;
-        consumer_kit::migrate(&pool).await?;
-        sqlx::raw_sql(ddl).execute(&pool).await?;
-        pools.push(pool);
-    }
-    admin.close().await;
-    Ok(pools)
+    crate::consumers::services(base, &SERVICES, &SCHEMAS, "public").await
 }
 
 /// The saga's consumer and the three services', built, in [`SERVICES`]

@@ -162,15 +162,34 @@ const SCHEMAS: [&str; 3] = [
 /// Creates each consumer's schema with its tables and `processed_events`,
 /// and returns a pool per consumer whose `search_path` is its schema.
 pub async fn prepare(base: &PgConnectOptions) -> anyhow::Result<Vec<PgPool>> {
+    services(base, &NAMES, &SCHEMAS, "").await
+}
+
+/// Creates a schema per service in `names`, with its tables (`ddl`, in the
+/// same order) and consumer-kit's, and returns a pool per service whose
+/// `search_path` is its schema, followed by `then` (a comma-separated
+/// list, or empty).
+pub(crate) async fn services(
+    base: &PgConnectOptions,
+    names: &[&str],
+    ddl: &[&str],
+    then: &str,
+) -> anyhow::Result<Vec<PgPool>> {
     let admin = PgPool::connect_with(base.clone()).await?;
     let mut pools = Vec::new();
-    for (name, ddl) in NAMES.iter().zip(SCHEMAS) {
+    for (name, ddl) in names.iter().zip(ddl) {
         sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{name}\""))
             .execute(&admin)
             .await?;
+        // No spaces: the startup option splits on them.
+        let path = if then.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name},{then}")
+        };
         let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect_with(base.clone().options([("search_path", *name)]))
+            .max_connections(6)
+            .connect_with(base.clone().options([("search_path", path)]))
             .await?;
         consumer_kit::migrate(&pool).await?;
         sqlx::raw_sql(ddl).execute(&pool).await?;
