@@ -456,3 +456,88 @@ async fn a_consumer_killed_in_the_middle_of_transitions_leaves_none_half_applied
     w.relay.stop().await?;
     Ok(())
 }
+
+/// `outbox-dlq saga …` against `w`'s database: (exit code, output).
+fn dlq(w: &World, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(integration_tests::dlq_bin())
+        .arg("saga")
+        .args(args)
+        .args(["--saga", "booking"])
+        .env("DATABASE_URL", integration_tests::database_url(&w.pool))
+        .output()
+        .expect("run outbox-dlq");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_operator_lists_stuck_instances_retries_one_and_fails_another(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let w = World::new(&pool).await?;
+    // Nobody answers, and the step waits for an hour: both get stuck.
+    let c = w.consumer(w.saga(Duration::from_secs(3600)))?;
+    for b in ["stuck-1", "stuck-2"] {
+        w.say(&w.events, "booking.requested", b).await?;
+    }
+    w.wait_all(2, "both reserving", |i| i.version == 1).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let (code, out) = dlq(&w, &["list", "--stuck-for", "1s"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("stuck-1  running  Reserving  v1") && out.contains("stuck-2"),
+        "{out}"
+    );
+    assert!(out.contains("timeouts [answer]"), "{out}");
+    let (code, out) = dlq(&w, &["list", "--stuck-for", "1h"]);
+    assert_eq!((code, out.contains("stuck-")), (0, false), "{out}");
+
+    // Retry: the step's timeout fires now; the saga compensates.
+    let (code, out) = dlq(&w, &["retry", "stuck-1"]);
+    assert_eq!(code, 0, "{out}");
+    eventually(WAIT, "stuck-1 failed by its timeout", || async {
+        Ok(w.instances().await?["stuck-1"].status == "failed")
+    })
+    .await?;
+    let (code, out) = dlq(&w, &["show", "stuck-1"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"no answer in time\""), "{out}");
+    let (code, out) = dlq(&w, &["retry", "stuck-1"]);
+    assert_eq!(code, 1, "nothing left to retry: {out}");
+
+    // Fail: refused without --yes, then done without compensation.
+    let (code, out) = dlq(&w, &["fail", "stuck-2", "--reason", "settled by hand"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("--yes"), "{out}");
+    let (code, out) = dlq(
+        &w,
+        &["fail", "stuck-2", "--reason", "settled by hand", "--yes"],
+    );
+    assert_eq!(code, 0, "{out}");
+    let stuck2 = &w.instances().await?["stuck-2"];
+    assert_eq!(stuck2.status, "failed");
+    assert_eq!(
+        stuck2.reason.as_deref(),
+        Some("abandoned by an operator: settled by hand")
+    );
+    assert_eq!(w.delayed_rows().await?, 0, "its timeout was dropped");
+    c.stop().await?;
+    let commands = w.commands(3).await?;
+    assert_eq!(
+        commands.get(&("stuck-1".into(), "seat.release".into())),
+        Some(&1)
+    );
+    assert_eq!(
+        commands.get(&("stuck-2".into(), "seat.release".into())),
+        None
+    );
+    w.relay.stop().await?;
+    Ok(())
+}

@@ -30,6 +30,10 @@ macro_rules! out {
     }};
 }
 
+// After the macro: the module prints with `out!` too.
+#[path = "outbox-dlq/saga.rs"]
+mod saga;
+
 /// List, inspect and replay dead letters written by consumer-kit.
 ///
 /// Reading never commits anything and uses no consumer group, so it can be
@@ -123,6 +127,11 @@ enum Command {
     /// blocking event. Reads and writes the consumer's database.
     #[command(subcommand)]
     Parked(ParkedCommand),
+    /// Saga instances (consumer-kit's sagas): list them, show one, retry a
+    /// stuck one (its timeouts fire now) or fail one. Reads and writes the
+    /// saga's database.
+    #[command(subcommand)]
+    Saga(saga::SagaCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -273,6 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Broker::Rabbitmq => Source::RabbitMq { url: cli.amqp_url },
     };
     match cli.command {
+        Command::Saga(cmd) => return saga::run(cmd).await,
         Command::Parked(cmd) => {
             if cli.broker == Broker::Rabbitmq {
                 anyhow::bail!(
