@@ -494,6 +494,61 @@ impl Handler for Ordering {
     }
 }
 
+/// The products and how many checkouts each can serve: the last one runs
+/// out, so that some checkouts fail for want of stock.
+const PRODUCTS: [(&str, f64); 4] = [
+    ("book", 1.0),
+    ("lamp", 1.0),
+    ("mug", 1.0),
+    ("rare-print", 0.5),
+];
+
+/// Stocks the inventory (its pool, from [`prepare`]) for `checkouts`
+/// checkouts: enough of every product but the scarce one.
+pub async fn stock_up(inventory: &PgPool, checkouts: usize) -> anyhow::Result<()> {
+    for (sku, share) in PRODUCTS {
+        // Each checkout takes 1 or 2 (1.5 on average) of one product.
+        let stock = (checkouts as f64 / PRODUCTS.len() as f64 * 1.5 * share).round() as i64;
+        sqlx::query("INSERT INTO stock (sku, initial, available) VALUES ($1, $2, $2)")
+            .bind(sku)
+            .bind(stock)
+            .execute(inventory)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Starts checkout `number` as a cart service would: its cart and a
+/// `checkout.started` event in one transaction, through the checkout
+/// service's pool (from [`prepare`]).
+pub async fn start(checkout: &PgPool, topics: &Topics, number: u64) -> anyhow::Result<()> {
+    let i = number as usize;
+    let (sku, _) = PRODUCTS[i % PRODUCTS.len()];
+    let s = Step {
+        checkout_id: format!("co-{number:06}"),
+        number,
+        sku: sku.into(),
+        quantity: 1 + (i / PRODUCTS.len() % 2) as i32,
+        amount_cents: 1500 + 100 * (number as i64 % 7),
+    };
+    let mut tx = checkout.begin().await?;
+    sqlx::query(
+        "INSERT INTO carts (checkout_id, sku, quantity, amount_cents) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&s.checkout_id)
+    .bind(&s.sku)
+    .bind(s.quantity)
+    .bind(s.amount_cents)
+    .execute(&mut *tx)
+    .await?;
+    let e = NewEvent::new("checkout", s.checkout_id.clone(), "checkout.started")
+        .topic(&topics.checkout)
+        .json_payload(&s)?;
+    append(&mut *tx, &e).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Creates each service's schema (tables, `processed_events`, saga
 /// instances) and returns a pool per service, in [`SERVICES`] order, whose
 /// `search_path` is its schema, then `public` (the outbox).

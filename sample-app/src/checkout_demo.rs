@@ -18,26 +18,16 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context;
-use outbox_core::{append, NewEvent};
 use sqlx::postgres::PgConnectOptions;
 use test_kit::wait::eventually;
 
 use crate::{
-    checkout::{self, Checkout, Faults, Step, Topics, SERVICES},
+    checkout::{self, Checkout, Faults, Topics, SERVICES},
     consumers::Broker,
     demo,
 };
 
 const DATABASE: &str = "sample_checkout";
-
-/// The products and how many checkouts each can serve: the last one runs
-/// out, so that some checkouts fail for want of stock.
-const PRODUCTS: [(&str, f64); 4] = [
-    ("book", 1.0),
-    ("lamp", 1.0),
-    ("mug", 1.0),
-    ("rare-print", 0.5),
-];
 
 /// Checkout demo settings.
 #[derive(Debug, Clone)]
@@ -94,15 +84,7 @@ pub async fn run(opts: CheckoutOptions) -> anyhow::Result<CheckoutReport> {
         }
     }
     let n = opts.checkouts;
-    for (sku, share) in PRODUCTS {
-        // Each checkout takes 1 or 2 (1.5 on average) of one of the products.
-        let stock = (n as f64 / PRODUCTS.len() as f64 * 1.5 * share).round() as i64;
-        sqlx::query("INSERT INTO stock (sku, initial, available) VALUES ($1, $2, $2)")
-            .bind(sku)
-            .bind(stock)
-            .execute(&pools[1])
-            .await?;
-    }
+    checkout::stock_up(&pools[1], n).await?;
     say(format!(
         "database {DATABASE} ready (outbox; schemas {}); {} {} and {}",
         SERVICES.join(", "),
@@ -145,29 +127,7 @@ pub async fn run(opts: CheckoutOptions) -> anyhow::Result<CheckoutReport> {
 
     // 3. The checkouts.
     for i in 0..n {
-        let (sku, _) = PRODUCTS[i % PRODUCTS.len()];
-        let s = Step {
-            checkout_id: format!("co-{i:04}"),
-            number: i as u64,
-            sku: sku.into(),
-            quantity: 1 + (i / PRODUCTS.len() % 2) as i32,
-            amount_cents: 1500 + 100 * (i as i64 % 7),
-        };
-        let mut tx = pools[0].begin().await?;
-        sqlx::query(
-            "INSERT INTO carts (checkout_id, sku, quantity, amount_cents) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&s.checkout_id)
-        .bind(&s.sku)
-        .bind(s.quantity)
-        .bind(s.amount_cents)
-        .execute(&mut *tx)
-        .await?;
-        let e = NewEvent::new("checkout", s.checkout_id.clone(), "checkout.started")
-            .topic(&topics.checkout)
-            .json_payload(&s)?;
-        append(&mut *tx, &e).await?;
-        tx.commit().await?;
+        checkout::start(&pools[0], &topics, i as u64).await?;
     }
     say(format!(
         "{n} checkouts started; the payment service declines every {}th charge and never answers every {}th",

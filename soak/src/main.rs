@@ -19,6 +19,7 @@ mod memory;
 mod rabbit;
 mod role;
 mod run;
+mod sagas;
 
 use memory::memory;
 use run::{soak, Load, RELAY_BATCH};
@@ -169,6 +170,13 @@ enum Command {
         /// and the checker verifies per-key order of effects. 0: none.
         #[arg(long, default_value_t = 0)]
         poison_every: u64,
+        /// Also start this many checkouts a second through the sample
+        /// app's checkout saga (inventory, payment with declines and
+        /// silences, ordering), under the same faults; the checker then
+        /// requires every checkout finished and the saga's invariants. 0:
+        /// none.
+        #[arg(long, default_value_t = 0)]
+        sagas_per_second: u64,
         /// How the relays run.
         #[command(flatten)]
         mode: RelayMode,
@@ -211,6 +219,9 @@ enum Command {
     Consume {
         #[arg(long)]
         topic: String,
+        /// Also run the checkout saga's consumers (`run --sagas-per-second`).
+        #[arg(long)]
+        sagas: bool,
     },
 }
 
@@ -325,6 +336,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             faults,
             json,
             poison_every,
+            sagas_per_second,
             mode,
         } => {
             let mock_faults = faults.iter().any(|f| f.needs_mock());
@@ -360,6 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     lease_ttl: *lease_ttl,
                     json: json.clone(),
                     poison_every: *poison_every,
+                    sagas_per_second: *sagas_per_second,
                     mode: mode.clone(),
                 },
                 *fault_every,
@@ -421,10 +434,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             relay.run(stop).await;
             Ok(true)
         }
-        Command::Consume { topic } => {
+        Command::Consume { topic, sagas } => {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(8)
-                .connect_with(db)
+                .connect_with(db.clone())
                 .await?;
             let cfg = ConsumerConfig {
                 brokers: cli.kafka_brokers.clone(),
@@ -444,8 +457,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     ..consumer_kit::RabbitMqSource::new(cli.amqp_url.clone())
                 });
             }
-            let consumer = consumer.build()?;
-            consumer.run(on_sigterm()).await?;
+            let stop = on_sigterm();
+            let mut running = vec![consumer.build()?];
+            if *sagas {
+                let broker = match cli.sink {
+                    Sink::Kafka => sample_app::consumers::Broker::Kafka(cli.kafka_brokers.clone()),
+                    Sink::Rabbitmq => sample_app::consumers::Broker::RabbitMq(cli.amqp_url.clone()),
+                };
+                let topics = sagas::topics(topic);
+                let pools = sample_app::checkout::prepare(&db).await?;
+                running.extend(sagas::consumers(&broker, &topics, &pools)?);
+            }
+            let results =
+                futures::future::join_all(running.into_iter().map(|c| c.run(stop.clone()))).await;
+            for r in results {
+                r?;
+            }
             Ok(true)
         }
     }

@@ -50,6 +50,11 @@ pub(crate) async fn declare_tap(url: &str, topic: &str) -> anyhow::Result<()> {
 /// Waits until the consumer process has declared its queue, so that no
 /// event is published before it is bound.
 pub(crate) async fn wait_for_queue(url: &str, topic: &str) -> anyhow::Result<()> {
+    wait_for_named_queue(url, &queue(topic)).await
+}
+
+/// Waits until a consumer process has declared `name`.
+pub(crate) async fn wait_for_named_queue(url: &str, name: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let conn = connect(url).await?;
     loop {
@@ -60,7 +65,7 @@ pub(crate) async fn wait_for_queue(url: &str, topic: &str) -> anyhow::Result<()>
             ..QueueDeclareOptions::default()
         };
         if ch
-            .queue_declare(queue(topic).into(), passive, FieldTable::default())
+            .queue_declare(name.into(), passive, FieldTable::default())
             .await
             .is_ok()
         {
@@ -69,8 +74,7 @@ pub(crate) async fn wait_for_queue(url: &str, topic: &str) -> anyhow::Result<()>
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the consumer did not declare queue {} within 60 s",
-            queue(topic)
+            "the consumer did not declare queue {name} within 60 s"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

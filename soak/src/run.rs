@@ -29,6 +29,9 @@ pub(crate) struct Load {
     pub(crate) relays: usize,
     pub(crate) lease_ttl: Duration,
     pub(crate) poison_every: u64,
+    /// Checkouts started per second beside the events (the sample app's
+    /// saga, `sagas.rs`); 0: none.
+    pub(crate) sagas_per_second: u64,
     /// How the relays run (exactly-once, the crash hook, the mutation, the
     /// WAL source).
     pub(crate) mode: crate::RelayMode,
@@ -91,30 +94,25 @@ pub(crate) async fn soak(
         .execute(&pool)
         .await?;
     let topic = format!("soak-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    match own.as_ref().and_then(broker::Own::mock) {
+    if rabbit {
         // The exchange, and the tap the checker reads.
-        _ if rabbit => crate::rabbit::declare_tap(&cli.amqp_url, &topic).await?,
-        Some(m) => {
-            m.create_topic(&topic, 3)?;
-            m.create_topic(&format!("{topic}.dlq"), 3)?;
-        }
-        None => {
-            // On the three-broker cluster every topic is replicated 3 times.
-            let replication = if matches!(own, Some(broker::Own::Cluster(_))) {
-                3
-            } else {
-                1
-            };
-            outbox_relay::topics::create(
-                &cli.kafka_brokers,
-                &BTreeMap::new(),
-                &topic,
-                3,
-                replication,
-            )
-            .await?;
-        }
+        crate::rabbit::declare_tap(&cli.amqp_url, &topic).await?;
+    } else {
+        create_topic(cli, own.as_ref(), &topic, true).await?;
     }
+    let sagas = if load.sagas_per_second > 0 {
+        let topics = crate::sagas::topics(&topic);
+        if !rabbit {
+            for t in [&topics.checkout, &topics.commands] {
+                create_topic(cli, own.as_ref(), t, false).await?;
+            }
+        }
+        let expected = (load.sagas_per_second * load.seconds) as usize;
+        let db = pool.connect_options().as_ref().clone();
+        Some((topics, crate::sagas::prepare(&db, expected.max(8)).await?))
+    } else {
+        None
+    };
     say(format!(
         "database {name}, topic {topic}: {} producers at {} events/s over {} keys for {} s; \
          {} relay(s), lease TTL {:?}; a fault every {:?} ({faults:?}); broker {}{}",
@@ -160,9 +158,16 @@ pub(crate) async fn soak(
     let mut relays: Vec<Role> = (0..load.relays)
         .map(|_| Role::start(cli, &relay_args))
         .collect::<anyhow::Result<_>>()?;
-    let mut consumer = Role::start(cli, &["consume", "--topic", &topic])?;
+    let mut consume_args = vec!["consume", "--topic", topic.as_str()];
+    if sagas.is_some() {
+        consume_args.push("--sagas");
+    }
+    let mut consumer = Role::start(cli, &consume_args)?;
     if rabbit {
         crate::rabbit::wait_for_queue(&cli.amqp_url, &topic).await?;
+        for q in sagas.iter().flat_map(|(t, _)| crate::sagas::queues(t)) {
+            crate::rabbit::wait_for_named_queue(&cli.amqp_url, &q).await?;
+        }
     }
 
     // Producers: ledger row + outbox row in one transaction, serialized per
@@ -197,6 +202,24 @@ pub(crate) async fn soak(
                 };
             }
         }));
+    }
+
+    let checkouts = Arc::new(AtomicU64::new(0));
+    if let Some((topics, pools)) = &sagas {
+        tasks.push(crate::sagas::drive(
+            pools[0].clone(),
+            topics.clone(),
+            load.sagas_per_second,
+            Arc::clone(&stop),
+            Arc::clone(&checkouts),
+        ));
+        say(format!(
+            "checkouts: {}/s through the checkout saga (topics {} and {}; step timeout {:?})",
+            load.sagas_per_second,
+            topics.checkout,
+            topics.commands,
+            crate::sagas::STEP_TIMEOUT
+        ));
     }
 
     let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -364,11 +387,15 @@ pub(crate) async fn soak(
         )
         .fetch_one(&pool)
         .await?;
-        if pending == 0 && applied as u64 >= committed {
+        let running = match &sagas {
+            Some((_, pools)) => crate::sagas::running(&pools[0], Duration::ZERO).await?.0,
+            None => 0,
+        };
+        if pending == 0 && applied as u64 >= committed && running == 0 {
             break;
         }
         if Instant::now() > deadline {
-            say(format!("gave up waiting: {pending} rows still in the outbox, {applied} of {committed} applied"));
+            say(format!("gave up waiting: {pending} rows still in the outbox, {applied} of {committed} applied, {running} checkouts running"));
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -392,6 +419,12 @@ pub(crate) async fn soak(
         check::Published::Kafka(&cli.kafka_brokers)
     };
     let v = check::check(&pool, published, &topic, &replayed_ids).await?;
+    let saga_verdict = match &sagas {
+        Some((_, pools)) => {
+            Some(crate::sagas::check(pools, checkouts.load(Ordering::Relaxed)).await?)
+        }
+        None => None,
+    };
     // A relay fault repeats at most the batch that relay had in flight; a
     // pg_terminate_backend or a broker fault hits every relay at once.
     let terminations = injected
@@ -421,6 +454,9 @@ pub(crate) async fn soak(
         println!("relays:                     --exactly-once (the topic read as read_committed)");
     }
     println!("{v}");
+    if let Some(sv) = &saga_verdict {
+        println!("{sv}");
+    }
     if load.mode.exactly_once {
         println!(
             "duplicate bound:            0 (exactly-once; {relay_faults} relay faults){}",
@@ -437,7 +473,7 @@ pub(crate) async fn soak(
         relays.iter().map(|r| r.peak_rss_kib()).max().unwrap_or(0) / 1024,
         consumer.peak_rss_kib() / 1024
     );
-    let ok = v.ok() && within;
+    let ok = v.ok() && within && saga_verdict.as_ref().is_none_or(crate::sagas::Verdict::ok);
     if let Some(path) = &load.json {
         let result = serde_json::json!({
             "topic": topic,
@@ -447,6 +483,7 @@ pub(crate) async fn soak(
             "mutate_skip_fencing": load.mode.mutate_skip_fencing,
             "faults": injected,
             "verdict": v,
+            "sagas": saga_verdict,
             "duplicate_bound": bound,
             "duplicates_within_bound": within,
             "peak_rss_mib": {
@@ -478,6 +515,33 @@ pub(crate) async fn soak(
         }
     }
     Ok(ok)
+}
+
+/// Creates `topic` (3 partitions) on the run's broker: the mock cluster,
+/// the three-broker cluster (replicated 3 times) or a single broker. With
+/// `dlq`, on the mock cluster, its dead-letter topic too (the others create
+/// it on demand).
+async fn create_topic(
+    cli: &Cli,
+    own: Option<&broker::Own>,
+    topic: &str,
+    dlq: bool,
+) -> anyhow::Result<()> {
+    if let Some(m) = own.and_then(broker::Own::mock) {
+        m.create_topic(topic, 3)?;
+        if dlq {
+            m.create_topic(&format!("{topic}.dlq"), 3)?;
+        }
+        return Ok(());
+    }
+    let replication = if matches!(own, Some(broker::Own::Cluster(_))) {
+        3
+    } else {
+        1
+    };
+    outbox_relay::topics::create(&cli.kafka_brokers, &BTreeMap::new(), topic, 3, replication)
+        .await?;
+    Ok(())
 }
 
 /// Restarts the relays that exited by themselves (the crash hook aborts

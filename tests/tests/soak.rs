@@ -44,6 +44,16 @@ fn soak(args: &[&str], faults: &[&str]) -> anyhow::Result<(String, serde_json::V
     assert!(verdict["committed"].as_u64().unwrap_or(0) > 0, "{result:#}");
     assert_eq!(result["duplicates_within_bound"], true, "{result:#}");
     assert_eq!(result["guarantees_held"], true, "{result:#}");
+    // With --sagas-per-second: every checkout finished, every invariant held.
+    if let Some(sagas) = result["sagas"].as_object() {
+        assert!(sagas["started"].as_u64().unwrap_or(0) > 0, "{result:#}");
+        assert_eq!(sagas["non_terminal"].as_i64(), Some(0), "{result:#}");
+        assert_eq!(
+            sagas["violations"].as_array().map(Vec::len),
+            Some(0),
+            "{result:#}"
+        );
+    }
     Ok((stdout, result))
 }
 
@@ -178,11 +188,15 @@ fn wal_relays_killed_and_cut_off_lose_reorder_and_double_nothing() -> anyhow::Re
 /// Apache Kafka broker (storage on disk), kills it -9 and restarts it,
 /// between relay kills, consumer kills and terminated relay connections, at
 /// the soak's usual rate. The relays' publish timeout (1.5 s) is shorter than
-/// the longer outages, so batches time out and are sent again.
+/// the longer outages, so batches time out and are sent again. Checkouts run
+/// through the sample app's saga beside the events: every one must finish,
+/// with the saga's invariants.
 #[test]
 fn broker_restarts_with_consumer_kills_lose_reorder_and_double_nothing() -> anyhow::Result<()> {
-    let (stdout, _) = soak(
+    let (stdout, result) = soak(
         &[
+            "--sagas-per-second",
+            "8",
             "--seconds",
             "25",
             "--rate",
@@ -202,6 +216,7 @@ fn broker_restarts_with_consumer_kills_lose_reorder_and_double_nothing() -> anyh
         stdout.contains("the soak's own Apache Kafka broker"),
         "{stdout}"
     );
+    assert!(result["sagas"].is_object(), "{result:#}");
     Ok(())
 }
 
@@ -246,6 +261,8 @@ fn rabbitmq_under_broker_relay_and_consumer_kills_loses_reorders_and_doubles_not
         &[
             "--sink",
             "rabbitmq",
+            "--sagas-per-second",
+            "8",
             "--seconds",
             "25",
             "--rate",
@@ -265,6 +282,7 @@ fn rabbitmq_under_broker_relay_and_consumer_kills_loses_reorders_and_doubles_not
     )?;
     assert!(stdout.contains("the soak's own RabbitMQ node"), "{stdout}");
     assert_eq!(result["sink"], "rabbitmq", "{result:#}");
+    assert!(result["sagas"].is_object(), "{result:#}");
     assert!(
         result["verdict"]["poison"].as_u64().unwrap_or(0) > 0,
         "{result:#}"
