@@ -90,6 +90,14 @@ pub struct ConsumerConfig {
     pub min_backoff: Duration,
     /// Longest delay between tries. Default 30 s.
     pub max_backoff: Duration,
+    /// Kafka: a retry whose back-off is at least this long waits in the
+    /// consumer's outbox as a delayed event instead of in memory, so the
+    /// partition goes on meanwhile; under park-key the event's key waits
+    /// behind it (see `defer.rs`). Needs the outbox schema
+    /// (`outbox_core::migrate`) in the consumer's database and a relay
+    /// publishing it to the same cluster. Default `None`: every retry
+    /// waits in place.
+    pub defer_retries_after: Option<Duration>,
     /// The dead-letter topic for a source topic: `{topic}` is replaced by the
     /// source topic's name. Default `{topic}.dlq`.
     pub dead_letter_topic: String,
@@ -168,6 +176,7 @@ impl ConsumerConfig {
             max_attempts: 5,
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
+            defer_retries_after: None,
             dead_letter_topic: "{topic}.dlq".into(),
             create_dead_letter_topics: true,
             dead_letter_timeout: Duration::from_secs(30),

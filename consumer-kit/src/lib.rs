@@ -80,6 +80,7 @@ pub mod config;
 pub mod consumer;
 pub mod dead_letter;
 pub mod dedupe;
+mod defer;
 pub mod envelope;
 mod error;
 pub mod handler;

@@ -19,7 +19,8 @@ pub(crate) struct Message {
     /// The headers, in order, with the broker-neutral names (`ce_id`, …).
     pub(crate) headers: Vec<(String, Option<Vec<u8>>)>,
     /// Handler tries already spent on this event by earlier deliveries
-    /// (RabbitMQ retries through delay queues); 0 on Kafka.
+    /// (RabbitMQ retries through delay queues, deferred retries on Kafka:
+    /// the `x-outbox-attempts` header); 0 on a first delivery.
     pub(crate) prior_attempts: u32,
 }
 
@@ -27,7 +28,7 @@ impl Message {
     /// The message of a Kafka record.
     pub(crate) fn from_kafka(msg: &impl rdkafka::message::Message) -> Self {
         use rdkafka::message::Headers;
-        Self {
+        let mut m = Self {
             position: Position {
                 topic: msg.topic().to_string(),
                 partition: msg.partition(),
@@ -44,7 +45,9 @@ impl Message {
                 })
                 .unwrap_or_default(),
             prior_attempts: 0,
-        }
+        };
+        m.prior_attempts = crate::defer::prior_attempts(m.header(crate::defer::ATTEMPTS_HEADER));
+        m
     }
 
     pub(crate) fn topic(&self) -> &str {

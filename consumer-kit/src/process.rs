@@ -137,7 +137,7 @@ async fn process(
     };
     match settled {
         Settled::Abandoned => Done::Abandoned,
-        Settled::Done | Settled::DeadLettered(_) => {
+        Settled::Done | Settled::DeadLettered(_) | Settled::Deferred(_) => {
             shared.health.progressed();
             Done::Completed
         }
@@ -283,6 +283,9 @@ enum Settled {
     Done,
     /// Sent to the dead-letter topic, for this reason.
     DeadLettered(String),
+    /// Its retry waits in the outbox (`defer.rs`), for this reason: under
+    /// park-key its key is blocked behind it, as behind a dead letter.
+    Deferred(String),
     /// Stopped before it settled: not acknowledged, redelivered later.
     Abandoned,
 }
@@ -309,7 +312,7 @@ async fn in_key_order(
     match block {
         None => {
             let settled = decode_and_settle(shared, msg, stop, prior).await;
-            if let Settled::DeadLettered(reason) = &settled {
+            if let Settled::DeadLettered(reason) | Settled::Deferred(reason) = &settled {
                 if !block_key(shared, msg, key, event_id, reason, stop).await {
                     return Settled::Abandoned;
                 }
@@ -321,7 +324,7 @@ async fn in_key_order(
             let settled = decode_and_settle(shared, msg, stop, prior).await;
             match &settled {
                 Settled::Done => drain(shared, topic, key, stop).await,
-                Settled::DeadLettered(reason) => {
+                Settled::DeadLettered(reason) | Settled::Deferred(reason) => {
                     if block_key(shared, msg, key, event_id, reason, stop).await {
                         settled
                     } else {
@@ -389,7 +392,7 @@ async fn drain(shared: &Shared, topic: &str, key: &str, stop: &CancellationToken
         if settled == Settled::Abandoned {
             return settled;
         }
-        if let Settled::DeadLettered(reason) = &settled {
+        if let Settled::DeadLettered(reason) | Settled::Deferred(reason) = &settled {
             let event_id = RawEnvelope::decode_message(&parked)
                 .ok()
                 .map(|r| r.event_id);
@@ -403,7 +406,7 @@ async fn drain(shared: &Shared, topic: &str, key: &str, stop: &CancellationToken
         {
             return Settled::Abandoned;
         }
-        if matches!(settled, Settled::DeadLettered(_)) {
+        if matches!(settled, Settled::DeadLettered(_) | Settled::Deferred(_)) {
             return Settled::Done;
         }
     }
@@ -627,7 +630,11 @@ async fn settle(
                         }
                     }
                 }
-                if !sleep_or_stop(backoff(attempt, cfg), stop).await {
+                let delay = backoff(attempt, cfg);
+                if let Some(deferred) = try_defer(shared, msg, raw, attempt, delay, &e).await {
+                    return deferred;
+                }
+                if !sleep_or_stop(delay, stop).await {
                     return Settled::Abandoned;
                 }
             }
@@ -698,6 +705,38 @@ async fn apply_once(
                 "handler panicked: {}",
                 panic_text(panic.as_ref())
             ))))
+        }
+    }
+}
+
+/// Defers the retry of `msg` to the outbox when its `delay` reaches
+/// [`ConsumerConfig::defer_retries_after`] (Kafka only; see `defer.rs`).
+/// `None`: the retry waits in place.
+async fn try_defer(
+    shared: &Shared,
+    msg: &Message,
+    raw: &RawEnvelope,
+    attempt: u32,
+    delay: Duration,
+    error: &BoxError,
+) -> Option<Settled> {
+    let after = shared.cfg.defer_retries_after?;
+    if delay < after || !matches!(shared.dead_letters, dead_letter::DeadLetterSink::Kafka(_)) {
+        return None;
+    }
+    match crate::defer::defer(shared, msg, raw, attempt, delay).await {
+        Ok(due) => {
+            debug!(attempt, %due, "retry deferred to the outbox");
+            telemetry::deferred(&shared.cfg.group_id, msg.topic());
+            Some(Settled::Deferred(format!(
+                "retry {} deferred to the outbox until {} after: {error}",
+                attempt + 1,
+                due.format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            )))
+        }
+        Err(why) => {
+            warn!(error = %why, "cannot defer the retry to the outbox; it waits in place");
+            None
         }
     }
 }

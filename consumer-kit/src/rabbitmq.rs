@@ -51,7 +51,7 @@ pub const EXCHANGE_HEADER: &str = "x-outbox-exchange";
 /// The routing key it was first published with.
 pub const ROUTING_KEY_HEADER: &str = "x-outbox-routing-key";
 /// Handler tries spent on it by earlier deliveries (on a retried copy).
-pub const ATTEMPTS_HEADER: &str = "x-outbox-attempts";
+pub const ATTEMPTS_HEADER: &str = crate::defer::ATTEMPTS_HEADER;
 
 /// The longest AMQP short string (queue, exchange and header names,
 /// routing keys).

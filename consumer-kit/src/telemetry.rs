@@ -37,6 +37,14 @@ pub const CLEANED: &str = "consumer_kit_cleanup_deleted_total";
 /// last commit that succeeded (dedupe skips it).
 pub const OFFSET_COMMIT_FAILURES: &str = "consumer_kit_offset_commit_failures_total";
 
+/// Retries deferred to the outbox (`defer_retries_after`), by `group` and
+/// `topic`.
+pub const DEFERRED: &str = "consumer_kit_deferred_retries_total";
+
+pub(crate) fn deferred(group: &str, topic: &str) {
+    counter!(DEFERRED, "group" => group.to_string(), "topic" => topic.to_string()).increment(1);
+}
+
 /// Saga transitions applied, by `saga`, `from` and `to` state.
 pub const SAGA_TRANSITIONS: &str = "consumer_kit_saga_transitions_total";
 /// Saga timeout events, by `saga` and `result`: `fired` (the step was

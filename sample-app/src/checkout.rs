@@ -557,16 +557,18 @@ pub async fn prepare(base: &PgConnectOptions) -> anyhow::Result<Vec<PgPool>> {
 }
 
 /// The saga's consumer and the three services', built, in [`SERVICES`]
-/// order.
+/// order, each configuration changed by `tune`.
 pub fn consumers(
     broker: &Broker,
     topics: &Topics,
     pools: &[PgPool],
     saga: Checkout,
     faults: Faults,
+    tune: impl Fn(&mut consumer_kit::ConsumerConfig),
 ) -> anyhow::Result<Vec<(&'static str, Consumer)>> {
-    let builder =
-        |group: &'static str, topic: &str, pool: &PgPool| broker.consumer(group, topic, pool);
+    let builder = |group: &'static str, topic: &str, pool: &PgPool| {
+        broker.consumer_with(group, topic, pool, &tune)
+    };
     let inventory = Inventory(topics.clone());
     let payment = Payment(topics.clone(), faults);
     let ordering = Ordering(topics.clone());

@@ -105,7 +105,7 @@ pub async fn run(opts: CheckoutOptions) -> anyhow::Result<CheckoutReport> {
         topics: topics.clone(),
         step_timeout: opts.step_timeout,
     };
-    let built = checkout::consumers(&opts.broker, &topics, &pools, saga, opts.faults)?;
+    let built = checkout::consumers(&opts.broker, &topics, &pools, saga, opts.faults, |_| {})?;
     let stats: Vec<_> = built.iter().map(|(name, c)| (*name, c.stats())).collect();
     let health: Vec<_> = built.iter().map(|(_, c)| c.health()).collect();
     let handles: Vec<_> = built

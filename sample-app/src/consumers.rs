@@ -96,7 +96,20 @@ impl Broker {
     /// on RabbitMQ its own queue under single active consumer (so each
     /// key's events apply in order).
     pub fn consumer(&self, group: &str, topic: &str, pool: &PgPool) -> ConsumerBuilder {
-        let cfg = ConsumerConfig {
+        self.consumer_with(group, topic, pool, |_| {})
+    }
+
+    /// [`Broker::consumer`], its configuration changed by `tune` (the soak
+    /// shortens the session timeout, so that a killed member's partitions
+    /// move on quickly).
+    pub fn consumer_with(
+        &self,
+        group: &str,
+        topic: &str,
+        pool: &PgPool,
+        tune: impl FnOnce(&mut ConsumerConfig),
+    ) -> ConsumerBuilder {
+        let mut cfg = ConsumerConfig {
             brokers: match self {
                 Self::Kafka(b) => b.clone(),
                 Self::RabbitMq(_) => String::new(),
@@ -110,6 +123,7 @@ impl Broker {
             kafka_properties: [("fetch.wait.max.ms".to_string(), "20".to_string())].into(),
             ..ConsumerConfig::new(group, [topic])
         };
+        tune(&mut cfg);
         let b = Consumer::builder(cfg, pool.clone());
         match self {
             Self::Kafka(_) => b,

@@ -400,6 +400,10 @@ pub(crate) async fn soak(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    if let Some((_, pools)) = &sagas {
+        // The services may still be applying what finished checkouts asked.
+        crate::sagas::settle(pools, Duration::from_secs(20)).await?;
+    }
     relays.iter_mut().for_each(Role::terminate);
     consumer.terminate();
     if let Some(slot) = &slot {

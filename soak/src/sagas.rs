@@ -72,10 +72,20 @@ pub(crate) fn consumers(
         topics: topics.clone(),
         step_timeout: STEP_TIMEOUT,
     };
-    Ok(checkout::consumers(broker, topics, pools, saga, FAULTS)?
-        .into_iter()
-        .map(|(_, c)| c)
-        .collect())
+    // As the soak's own consumer: a killed member's partitions move on
+    // after 6 s, not 45.
+    let tune = |cfg: &mut consumer_kit::ConsumerConfig| {
+        cfg.kafka_properties
+            .insert("session.timeout.ms".into(), "6000".into());
+        cfg.kafka_properties
+            .insert("heartbeat.interval.ms".into(), "1000".into());
+    };
+    Ok(
+        checkout::consumers(broker, topics, pools, saga, FAULTS, tune)?
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect(),
+    )
 }
 
 /// Starts checkouts at `rate` per second until `stop`; counts them in
@@ -110,6 +120,32 @@ pub(crate) async fn running(pool: &PgPool, grace: Duration) -> anyhow::Result<(i
     .bind((STEP_TIMEOUT + grace).as_secs_f64())
     .fetch_one(pool)
     .await?)
+}
+
+/// Waits until the services have applied everything the finished
+/// checkouts asked of them: the invariants hold, or nothing has been
+/// applied for `quiet` (then the checker reports what is left).
+pub(crate) async fn settle(pools: &[PgPool], quiet: Duration) -> anyhow::Result<()> {
+    let mut last = -1;
+    let mut since = std::time::Instant::now();
+    loop {
+        if checkout::check(pools).await?.is_empty() {
+            return Ok(());
+        }
+        let mut applied = 0i64;
+        for pool in pools {
+            applied += sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processed_events")
+                .fetch_one(pool)
+                .await?;
+        }
+        if applied != last {
+            last = applied;
+            since = std::time::Instant::now();
+        } else if since.elapsed() > quiet {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// What the sagas did, for the soak's result.

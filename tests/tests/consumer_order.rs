@@ -377,3 +377,75 @@ async fn a_block_holds_across_a_rebalance(pool: PgPool) -> anyhow::Result<()> {
     assert_eq!(parked_rows(&pool).await?, (0, 0));
     Ok(())
 }
+
+/// Deferred retries (`defer_retries_after`): an event whose retry would
+/// wait long goes back through the consumer's outbox as a delayed copy, so
+/// its partition goes on; its key's later events wait behind it (park-key)
+/// and follow it in order, each applied once.
+#[sqlx::test(migrations = false)]
+async fn a_long_retry_waits_in_the_outbox_while_its_partition_goes_on(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    outbox_core::migrate(&pool).await?;
+    consumer_db(&pool).await?;
+    let topic = unique("ck-defer");
+    create_topic(&topic, 1).await?;
+    let relay =
+        integration_tests::RunningRelay::start(&pool, integration_tests::quick_relay_config())?;
+    // Key A: seq 1 fails twice (each retry deferred), 2 and 3 wait behind
+    // it. Key B: 11 to 13, on the same partition, must not wait.
+    let flaky = Uuid::new_v4();
+    let mut records = vec![event(
+        "A",
+        flaky,
+        "item.added",
+        serde_json::json!({ "seq": 1, "fail_times": 2 }),
+    )];
+    records.push(item("A", 2, false).1);
+    records.push(item("B", 11, false).1);
+    records.push(item("A", 3, false).1);
+    records.push(item("B", 12, false).1);
+    records.push(item("B", 13, false).1);
+    produce(&topic, &records).await?;
+
+    let group = unique("g");
+    let mut cfg = consumer_cfg(&group, &topic);
+    cfg.min_backoff = Duration::from_millis(400);
+    cfg.max_backoff = Duration::from_secs(2);
+    cfg.max_attempts = 5;
+    cfg.defer_retries_after = Some(Duration::from_millis(300));
+    let handler = Effects::default();
+    let c = start_consumer(&pool, cfg, "item.added", handler.clone())?;
+    eventually(WAIT, "all six applied", || async {
+        Ok(integration_tests::consumer::effect_counts(&pool).await?.1 == 6)
+    })
+    .await?;
+    c.stop().await?;
+    relay.stop().await?;
+
+    let seqs = applied(&pool).await?;
+    assert_eq!(of_key(&seqs, 1..=3), [1, 2, 3], "key A in order: {seqs:?}");
+    assert_eq!(of_key(&seqs, 11..=13), [11, 12, 13]);
+    // Key B went on while A's retries waited in the outbox.
+    let pos = |s: i64| seqs.iter().position(|&x| x == s).expect("applied");
+    assert!(
+        pos(13) < pos(1),
+        "the partition waited for the retry: {seqs:?}"
+    );
+    assert_eq!(
+        integration_tests::consumer::effect_counts(&pool).await?.0,
+        6
+    );
+    assert_eq!(handler.calls.lock().unwrap()[&flaky], 3, "three tries");
+    // The copies went through the outbox: published and deleted, their id
+    // remembered once (each deferral forgets it, each publish remembers it).
+    let (remembered, left): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox_published_ids WHERE event_id = $1), \
+                (SELECT count(*) FROM outbox)",
+    )
+    .bind(flaky)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!((remembered, left), (1, 0));
+    Ok(())
+}
