@@ -7,6 +7,7 @@
 
 mod consumer;
 mod debezium;
+mod delayed;
 mod drain;
 mod env;
 mod exactly_once;
@@ -53,6 +54,20 @@ enum Which {
         /// Relay batch size.
         #[arg(long, default_value_t = 5000)]
         batch_size: usize,
+    },
+    /// Delayed events: drain with and without far-future delayed rows
+    /// waiting, side by side; then how soon rows due at one moment are
+    /// published after it.
+    Delayed {
+        /// Backlog size of each drain.
+        #[arg(long, default_value_t = 300_000)]
+        rows: i64,
+        /// Delayed rows waiting (due in 30 days) in the "with" drains.
+        #[arg(long, default_value_t = 1_000_000)]
+        waiting: i64,
+        /// Rows due at one moment.
+        #[arg(long, default_value_t = 20_000)]
+        due: i64,
     },
     /// Commit-to-ack latency at a fixed offered load.
     Latency {
@@ -206,6 +221,9 @@ async fn main() -> anyhow::Result<()> {
     match args.which {
         Which::Drain { rows, batch_size } => {
             drain(&env, &recorder, args.runs, rows, batch_size).await?
+        }
+        Which::Delayed { rows, waiting, due } => {
+            delayed::delayed(&env, &recorder, args.runs, rows, waiting, due).await?
         }
         Which::Latency {
             rate,

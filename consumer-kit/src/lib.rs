@@ -18,6 +18,8 @@
 //! - [`dedupe`]: every SQL statement on `processed_events`;
 //! - [`park`]: per-key order through dead letters (the park-key ordering
 //!   policy), its tables and the operator's calls;
+//! - `defer.rs`: long retries that wait in the consumer's outbox as delayed
+//!   copies instead of in memory (`defer_retries_after`);
 //! - `member.rs`: the group member (poll thread, rebalances, offsets,
 //!   partition workers); `preflight.rs`: the checks before it joins;
 //! - [`dead_letter`]: what a dead letter carries, and publishing one;

@@ -121,12 +121,23 @@ pub enum State {
 pub struct Checkout {
     /// Where its commands go, and its timeouts.
     pub topics: Topics,
-    /// How long each step may take to answer. 30 s by default; seconds in
-    /// the demo.
+    /// How long each step may take to answer. Default
+    /// [`Checkout::DEFAULT_STEP_TIMEOUT`]; seconds in the demo.
     pub step_timeout: Duration,
 }
 
 impl Checkout {
+    /// A step's default timeout.
+    pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// The saga on `topics`, with the default step timeout.
+    pub fn new(topics: Topics) -> Self {
+        Self {
+            topics,
+            step_timeout: Self::DEFAULT_STEP_TIMEOUT,
+        }
+    }
+
     fn command(&self, data: &Step, kind: &str) -> NewEvent {
         NewEvent::new("checkout", data.checkout_id.clone(), kind)
             .topic(&self.topics.commands)
