@@ -408,7 +408,7 @@ async fn apply<S: Saga>(
     if !gone.is_empty() {
         // A timeout still waiting in the outbox is deleted; one already on
         // its way finds no pending timeout of its id, and changes nothing.
-        sqlx::query("DELETE FROM outbox WHERE event_id = ANY($1) AND status = 'delayed'")
+        sqlx::query("DELETE FROM outbox_delayed WHERE event_id = ANY($1)")
             .bind(&gone)
             .execute(&mut **tx)
             .await?;
@@ -416,7 +416,7 @@ async fn apply<S: Saga>(
     if !finishing {
         for (name, after) in &t.schedule {
             if let Some(old) = instance.timeouts.remove(name) {
-                sqlx::query("DELETE FROM outbox WHERE event_id = $1 AND status = 'delayed'")
+                sqlx::query("DELETE FROM outbox_delayed WHERE event_id = $1")
                     .bind(old.event_id)
                     .execute(&mut **tx)
                     .await?;
@@ -689,8 +689,8 @@ pub async fn expire_timeouts(
     instance_id: &str,
 ) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE outbox SET not_before = clock_timestamp() \
-         WHERE status = 'delayed' AND event_id IN ( \
+        "UPDATE outbox_delayed SET not_before = clock_timestamp() \
+         WHERE event_id IN ( \
              SELECT (t.value ->> 'event_id')::uuid FROM consumer_kit_sagas s, \
                     jsonb_each(s.timeouts) t \
              WHERE s.saga = $1 AND s.instance_id = $2 AND s.status = 'running')",
@@ -731,7 +731,7 @@ pub async fn abandon(
         .flat_map(|m| m.values())
         .filter_map(|t| t.get("event_id")?.as_str()?.parse().ok())
         .collect();
-    sqlx::query("DELETE FROM outbox WHERE event_id = ANY($1) AND status = 'delayed'")
+    sqlx::query("DELETE FROM outbox_delayed WHERE event_id = ANY($1)")
         .bind(&ids)
         .execute(&mut *tx)
         .await?;

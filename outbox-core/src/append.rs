@@ -52,7 +52,8 @@ pub enum AppendError {
 /// What [`append()`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
-    /// The row's `id` (its position in the outbox sequence).
+    /// The row's `id`: its position in the outbox sequence, or, for a
+    /// delayed event, in `outbox_delayed` (it gets an outbox id when due).
     pub id: i64,
     /// The event id.
     pub event_id: Uuid,
@@ -72,15 +73,14 @@ pub async fn append<'e, E: PgExecutor<'e>>(
     event: &NewEvent,
 ) -> Result<Appended, AppendError> {
     event.validate()?;
-    // A delayed event (migration V10) names two more columns; the common
-    // statement stays as it was.
-    let sql = if event.not_before.is_some() {
-        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, event_version, \
-             topic, payload, payload_bytes, content_type, headers, correlation_id, causation_id, \
-             traceparent, tracestate, source, occurred_at, status, not_before) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-             CASE WHEN $17::timestamptz > now() THEN 'delayed' ELSE 'pending' END, \
-             CASE WHEN $17::timestamptz > now() THEN $17::timestamptz END) \
+    // A delayed event (migration V10) waits in outbox_delayed until it is
+    // due; a due time already past is no delay.
+    let delayed = event.not_before.filter(|at| *at > chrono::Utc::now());
+    let sql = if delayed.is_some() {
+        "INSERT INTO outbox_delayed (event_id, aggregate_type, aggregate_id, event_type, \
+             event_version, topic, payload, payload_bytes, content_type, headers, correlation_id, \
+             causation_id, traceparent, tracestate, source, occurred_at, not_before) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
          RETURNING id"
     } else {
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, event_version, \
@@ -90,20 +90,23 @@ pub async fn append<'e, E: PgExecutor<'e>>(
          RETURNING id"
     };
     let mut query = crate::event::bind_columns(sqlx::query_scalar(sql), event);
-    if let Some(at) = event.not_before {
+    if let Some(at) = delayed {
         query = query.bind(at);
     }
     let id: i64 = query.fetch_one(executor).await.map_err(|e| match &e {
-        sqlx::Error::Database(db) if db.constraint() == Some("outbox_event_id_key") => {
+        sqlx::Error::Database(db)
+            if matches!(
+                db.constraint(),
+                Some("outbox_event_id_key" | "outbox_delayed_event_id_key")
+            ) =>
+        {
             AppendError::DuplicateEventId(event.event_id)
         }
         sqlx::Error::Database(db) if db.constraint() == Some("outbox_published_ids") => {
             AppendError::AlreadyPublished(event.event_id)
         }
-        // undefined_column: the not_before column came with V10.
-        sqlx::Error::Database(db)
-            if event.not_before.is_some() && db.code().as_deref() == Some("42703") =>
-        {
+        // undefined_table: outbox_delayed came with V10.
+        sqlx::Error::Database(db) if delayed.is_some() && db.code().as_deref() == Some("42P01") => {
             AppendError::NeedsMigration {
                 feature: "a delayed event (not_before)",
                 version: 10,

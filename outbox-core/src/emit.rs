@@ -22,9 +22,8 @@ use crate::{AppendError, NewEvent};
 /// commit order with every other event. Returns the event id.
 ///
 /// A delayed event ([`NewEvent::not_before`]) cannot wait in the WAL: it
-/// is appended to the outbox table as a delayed row instead
-/// ([`crate::append()`]), and published from there when due, by either
-/// source.
+/// is written to `outbox_delayed` instead ([`crate::append()`]), and moved
+/// into the outbox when due, where either source publishes it.
 ///
 /// Fails with [`AppendError::WalLevelNotLogical`] when the database's
 /// `wal_level` is not `logical` (no relay could ever read the event), and

@@ -219,13 +219,14 @@ impl NewEvent {
 
     /// Delays the event: the relay publishes it no earlier than `at`.
     ///
-    /// The row waits in the outbox with status `delayed`, in none of the
-    /// relay's claim indexes, so a far due time costs nothing until then.
-    /// When it is due, a relay inserts it again as a new pending row (same
-    /// event id), so it takes its place in its key's order *at its due
-    /// time*: events of the key committed before then are published before
-    /// it, later ones after it, and it never holds back the key's other
-    /// events. `docs/schema.md` ("Delayed events") has the details.
+    /// The event waits in `outbox_delayed`, apart from the outbox, so a far
+    /// due time costs nothing until then. When it is due, a relay moves it
+    /// into the outbox as a new pending row (same event id), so it takes
+    /// its place in its key's order *at its due time*: events of the key
+    /// committed before then are published before it, later ones after
+    /// it, and it never holds back the key's other events. A time already
+    /// past is no delay. `docs/schema.md` ("V10: delayed events") has the
+    /// details.
     pub fn not_before(mut self, at: DateTime<Utc>) -> Self {
         self.not_before = Some(at);
         self

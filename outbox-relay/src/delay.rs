@@ -2,14 +2,14 @@
 //! V10), and the task that lets them go when it comes.
 //!
 //! ```text
-//!  producer: INSERT … status 'delayed', not_before T    (append() with
+//!  producer: INSERT INTO outbox_delayed … not_before T   (append() with
 //!     │      NewEvent::not_before, or outbox_emit(…, not_before => T))
-//!     │      in no claim index, skipped by the WAL source: costs nothing
+//!     │      apart from the outbox: no claim and no slot sees it
 //!     ▼
 //!  release (every relay, at the earliest due time or every
 //!     │  `delayed_check_interval`, whichever comes first):
-//!     │  one statement deletes the due rows and inserts them again as new
-//!     │  pending rows, same event_id, in due-time order
+//!     │  one statement moves the due rows into the outbox as new pending
+//!     │  rows, same event_id, in due-time order
 //!     ▼
 //!  an ordinary pending row: claimed (poll) or read from the slot (WAL)
 //! ```
@@ -50,15 +50,26 @@ pub(crate) struct Released {
     pub(crate) most_late_by: f64,
 }
 
-/// Makes the due delayed rows (at most [`CHUNK`]) pending again, in one
-/// statement: deleted and inserted again as new rows, in due-time order.
+/// Moves the due delayed rows (at most [`CHUNK`]) into the outbox as new
+/// pending rows, in one statement, in due-time order.
+///
+/// "Due" compares with `statement_timestamp()`, which is stable within the
+/// statement, so the index on `(not_before, id)` reads only the due rows
+/// (`clock_timestamp()` is volatile: with it PostgreSQL would filter every
+/// waiting row on each check).
+///
+/// A due row whose event id is already in the outbox, or was published
+/// (the relay remembers published ids), is left where it is: moving it
+/// would fail the statement for every row. [`stuck`] counts them.
 pub(crate) async fn release(pool: &PgPool) -> Result<Released, sqlx::Error> {
     let sql = format!(
-        "WITH due AS (SELECT ctid FROM outbox WHERE status = 'delayed' \
-                        AND not_before <= clock_timestamp() \
-                      ORDER BY not_before, id LIMIT $1 FOR UPDATE SKIP LOCKED), \
-              gone AS (DELETE FROM outbox o WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM due)) \
-                       RETURNING o.id, o.not_before, {KEPT}), \
+        "WITH due AS (SELECT d.ctid FROM outbox_delayed d \
+                      WHERE d.not_before <= statement_timestamp() \
+                        AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = d.event_id) \
+                        AND NOT EXISTS (SELECT 1 FROM outbox_published_ids p WHERE p.event_id = d.event_id) \
+                      ORDER BY d.not_before, d.id LIMIT $1 FOR UPDATE SKIP LOCKED), \
+              gone AS (DELETE FROM outbox_delayed d WHERE d.ctid = ANY (ARRAY(SELECT ctid FROM due)) \
+                       RETURNING d.id, d.not_before, {KEPT}), \
               again AS (INSERT INTO outbox ({KEPT}) SELECT {KEPT} FROM gone \
                         ORDER BY not_before, id RETURNING 1) \
          SELECT (SELECT count(*) FROM again), \
@@ -73,6 +84,19 @@ pub(crate) async fn release(pool: &PgPool) -> Result<Released, sqlx::Error> {
         rows: rows as u64,
         most_late_by,
     })
+}
+
+/// Due rows that cannot move: their event id is in the outbox already, or
+/// was published. They wait for an operator.
+pub(crate) async fn stuck(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_delayed d WHERE d.not_before <= statement_timestamp() \
+           AND (EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = d.event_id) \
+             OR EXISTS (SELECT 1 FROM outbox_published_ids p WHERE p.event_id = d.event_id))",
+    )
+    .persistent(false)
+    .fetch_one(pool)
+    .await
 }
 
 /// How long until the earliest due time of a delayed row, if any (zero
@@ -93,19 +117,20 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) {
     let mut schema_warned = false;
+    let mut stuck_warned = 0;
     loop {
-        let pause = match release_and_look_ahead(&pool, wake.as_deref()).await {
+        let pause = match release_and_look_ahead(&pool, wake.as_deref(), &mut stuck_warned).await {
             Ok(Some(due_in)) => due_in.min(check_every),
             Ok(None) => check_every,
             Err(e) => {
                 let missing = e
                     .as_database_error()
                     .and_then(|d| d.code())
-                    .is_some_and(|c| c == "42703");
+                    .is_some_and(|c| c == "42P01");
                 if missing && !schema_warned {
                     warn!(
-                        "the outbox table has no not_before column: delayed events need \
-                         migration V10; run `outbox-relay migrate`"
+                        "there is no outbox_delayed table: delayed events need migration V10; \
+                         run `outbox-relay migrate`"
                     );
                     schema_warned = true;
                 } else if !missing {
@@ -124,6 +149,7 @@ pub(crate) async fn run(
 async fn release_and_look_ahead(
     pool: &PgPool,
     wake: Option<&Notify>,
+    stuck_warned: &mut i64,
 ) -> Result<Option<Duration>, sqlx::Error> {
     loop {
         let done = release(pool).await?;
@@ -142,7 +168,24 @@ async fn release_and_look_ahead(
             break;
         }
     }
-    let next = next_due_in(pool).await?;
+    let mut next = next_due_in(pool).await?;
+    if next == Some(Duration::ZERO) {
+        // Due, yet not released: stuck rows (or ones a concurrent release
+        // holds). Say so once per number, and do not spin on them.
+        let n = stuck(pool).await?;
+        if n > 0 && n != *stuck_warned {
+            warn!(
+                rows = n,
+                "delayed events are due but their event id is already in the outbox or was \
+                 published, so they cannot move; `SELECT * FROM outbox_delayed WHERE not_before \
+                 <= now()` lists them: delete them, or give them new ids"
+            );
+        }
+        *stuck_warned = n;
+        if n > 0 {
+            next = None;
+        }
+    }
     telemetry::delayed_next_due(next);
     Ok(next)
 }

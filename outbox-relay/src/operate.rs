@@ -40,10 +40,11 @@ pub(crate) async fn topic(cmd: TopicCommand) -> anyhow::Result<()> {
 
 async fn require_schema(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let (outbox, partitions, waiting): (bool, bool, bool) = sqlx::query_as(
+    let (outbox, partitions, waiting, delayed): (bool, bool, bool, bool) = sqlx::query_as(
         "SELECT to_regclass('outbox') IS NOT NULL, to_regclass('outbox_relay_partitions') IS NOT NULL, \
                 EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('outbox_relays') \
-                        AND attname = 'waiting_since' AND NOT attisdropped)",
+                        AND attname = 'waiting_since' AND NOT attisdropped), \
+                to_regclass('outbox_delayed') IS NOT NULL",
     )
     .persistent(false)
     .fetch_one(&mut *tx)
@@ -54,13 +55,15 @@ async fn require_schema(pool: &sqlx::PgPool) -> anyhow::Result<()> {
             "there is no outbox table in this database: run `outbox-relay migrate` first"
         );
     }
-    if !partitions || !waiting {
+    if !partitions || !waiting || !delayed {
         anyhow::bail!(
             "the outbox schema is older than this relay (it lacks {}): run `outbox-relay migrate`",
-            if partitions {
+            if !partitions {
+                "the outbox_relay_partitions table, migration V2"
+            } else if !waiting {
                 "outbox_relays.waiting_since, migration V4"
             } else {
-                "the outbox_relay_partitions table, migration V2"
+                "the outbox_delayed table, migration V10"
             }
         );
     }
@@ -99,8 +102,7 @@ pub(crate) async fn status(
     let relays = store::relays(&mut *tx).await?;
     let partitions = store::partition_stats(&mut *tx).await?;
     tx.commit().await?;
-    // Before migration V10 there is no not_before column: nothing is delayed.
-    let next_due = store::next_delayed_due(&pool).await.unwrap_or(None);
+    let next_due = store::next_delayed_due(&pool).await?;
     if json {
         let doc = serde_json::json!({
             "pending": totals.pending,

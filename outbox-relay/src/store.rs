@@ -113,7 +113,8 @@ pub struct Stats {
     pub failed: i64,
     /// Published rows kept for retention (mark mode).
     pub published_kept: i64,
-    /// Delayed rows waiting for their `not_before` time (migration V10).
+    /// Delayed events waiting for their `not_before` time, in
+    /// `outbox_delayed` (migration V10).
     pub delayed: i64,
 }
 
@@ -123,7 +124,7 @@ pub async fn stats<'e>(db: impl PgExecutor<'e>) -> Result<Stats, sqlx::Error> {
         "SELECT (SELECT count(*) FROM outbox WHERE status = 'pending') AS pending, \
                 (SELECT count(*) FROM outbox WHERE status = 'failed') AS failed, \
                 (SELECT count(*) FROM outbox WHERE status = 'published') AS published_kept, \
-                (SELECT count(*) FROM outbox WHERE status = 'delayed') AS delayed, \
+                (SELECT count(*) FROM outbox_delayed) AS delayed, \
                 COALESCE((SELECT EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 FROM outbox \
                           WHERE status = 'pending' ORDER BY id LIMIT 1), 0) AS oldest",
     )
@@ -145,7 +146,7 @@ pub async fn stats<'e>(db: impl PgExecutor<'e>) -> Result<Stats, sqlx::Error> {
 pub async fn next_delayed_due<'e>(db: impl PgExecutor<'e>) -> Result<Option<f64>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT EXTRACT(EPOCH FROM min(not_before) - clock_timestamp())::float8 \
-         FROM outbox WHERE status = 'delayed'",
+         FROM outbox_delayed",
     )
     .persistent(false)
     .fetch_one(db)

@@ -21,13 +21,15 @@ fn id_of(r: &Received) -> String {
     r.header(h::CE_ID).unwrap_or_default().to_string()
 }
 
+/// Rows of the outbox with `status`, or with `"delayed"` the events
+/// waiting in `outbox_delayed`.
 async fn count(pool: &PgPool, status: &str) -> anyhow::Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = $1")
-            .bind(status)
-            .fetch_one(pool)
-            .await?,
-    )
+    let sql = if status == "delayed" {
+        "SELECT count(*) FROM outbox_delayed WHERE $1 <> ''"
+    } else {
+        "SELECT count(*) FROM outbox WHERE status = $1"
+    };
+    Ok(sqlx::query_scalar(sql).bind(status).fetch_one(pool).await?)
 }
 
 /// The record with event id `id`, and that it was produced at or after
@@ -71,8 +73,8 @@ async fn delayed_events_wait_for_their_time_and_do_not_hold_back_their_key(
     // raw insert, and outbox_emit with not_before (a delayed table-less
     // event becomes a delayed row).
     let (raw, raw_due): (uuid::Uuid, DateTime<Utc>) = sqlx::query_as(
-        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, status, not_before) \
-         VALUES (gen_random_uuid(), 'order', 'k2', 'order.raw', $1, 'delayed', now() + interval '5 seconds') \
+        "INSERT INTO outbox_delayed (event_id, aggregate_type, aggregate_id, event_type, topic, not_before) \
+         VALUES (gen_random_uuid(), 'order', 'k2', 'order.raw', $1, now() + interval '5 seconds') \
          RETURNING event_id, not_before",
     )
     .bind(&topic)
@@ -86,7 +88,7 @@ async fn delayed_events_wait_for_their_time_and_do_not_hold_back_their_key(
     .fetch_one(&mut *tx)
     .await?;
     let emitted_due: DateTime<Utc> =
-        sqlx::query_scalar("SELECT not_before FROM outbox WHERE event_id = $1")
+        sqlx::query_scalar("SELECT not_before FROM outbox_delayed WHERE event_id = $1")
             .bind(emitted)
             .fetch_one(&mut *tx)
             .await?;
@@ -148,9 +150,9 @@ async fn delayed_events_survive_a_relay_restart_and_two_relays_release_each_once
     // 300 rows over 7 keys, all due at one moment 4 s from now.
     let due: DateTime<Utc> = sqlx::query_scalar(
         "WITH due AS (SELECT clock_timestamp() + interval '4 seconds' AS at) \
-         INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, topic, payload, status, not_before) \
+         INSERT INTO outbox_delayed (event_id, aggregate_type, aggregate_id, event_type, topic, payload, not_before) \
          SELECT gen_random_uuid(), 'load', 'k' || (g % 7), 'load.row', $1, jsonb_build_object('seq', g), \
-                'delayed', (SELECT at FROM due) \
+                (SELECT at FROM due) \
          FROM generate_series(1, $2) g ORDER BY g RETURNING not_before",
     )
     .bind(&topic)
@@ -189,19 +191,31 @@ async fn delayed_events_survive_a_relay_restart_and_two_relays_release_each_once
 #[sqlx::test(migrations = false)]
 async fn the_schema_and_append_keep_delayed_rows_consistent(pool: PgPool) -> anyhow::Result<()> {
     let topic = outbox_with_topic(&pool, "delayed-schema", 1).await?;
-    // A due time without the delayed status would be published at once:
-    // refused, naming the constraint.
+    // A due time is required.
     let err = sqlx::query(
-        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, not_before) \
-         VALUES (gen_random_uuid(), 'a', 'b', 'c', now() + interval '1 hour')",
+        "INSERT INTO outbox_delayed (event_id, aggregate_type, aggregate_id, event_type) \
+         VALUES (gen_random_uuid(), 'a', 'b', 'c')",
     )
     .execute(&pool)
     .await
-    .expect_err("a pending row with a due time");
+    .expect_err("a delayed event without a due time");
     assert_eq!(
-        err.as_database_error().and_then(|d| d.constraint()),
-        Some("outbox_delayed_has_not_before")
+        err.as_database_error().and_then(|d| d.code()).as_deref(),
+        Some("23502"),
+        "not null: {err}"
     );
+    // The same id twice among the delayed is a duplicate, as in the outbox.
+    let twice = NewEvent::new("a", "b", "c")
+        .topic(&topic)
+        .delayed_by(Duration::from_secs(3600));
+    append(&pool, &twice).await?;
+    assert!(matches!(
+        append(&pool, &twice).await,
+        Err(outbox_core::AppendError::DuplicateEventId(_))
+    ));
+    sqlx::query("DELETE FROM outbox_delayed")
+        .execute(&pool)
+        .await?;
 
     // A due time already past is no delay: an ordinary pending row.
     let past = NewEvent::new("a", "b", "c")
@@ -235,5 +249,36 @@ async fn the_schema_and_append_keep_delayed_rows_consistent(pool: PgPool) -> any
     .await?;
     relay.stop().await?;
     assert_eq!(count(&pool, "delayed").await?, 1);
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_due_event_whose_id_was_published_waits_without_blocking_the_others(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "delayed-stuck", 1).await?;
+    let first = NewEvent::new("a", "k", "first").topic(&topic);
+    append(&pool, &first).await?;
+    let relay = RunningRelay::start(&pool, cfg())?;
+    consume(&topic, 1, WAIT, Duration::from_millis(200)).await?;
+    // A delayed event reusing the published id, and a good one, both due
+    // in a second.
+    for id in [first.event_id, uuid::Uuid::new_v4()] {
+        sqlx::query(
+            "INSERT INTO outbox_delayed (event_id, aggregate_type, aggregate_id, event_type, topic, not_before) \
+             VALUES ($1, 'a', 'k', 'later', $2, now() + interval '1 second')",
+        )
+        .bind(id)
+        .bind(&topic)
+        .execute(&pool)
+        .await?;
+    }
+    let got = consume(&topic, 2, WAIT, SETTLE).await?;
+    relay.stop().await?;
+    assert_eq!(got.len(), 2, "the good one published, the reused id not");
+    assert_eq!(count(&pool, "delayed").await?, 1, "the reused id waits");
+    let (code, out) = relay_cli(&database_url(&pool), &["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("delayed:            1 (overdue by"), "{out}");
     Ok(())
 }

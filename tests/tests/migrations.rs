@@ -93,14 +93,20 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
             "attempts",
             "last_error",
             "published_at",
-            "failed_at",
-            "not_before"
+            "failed_at"
+        ]
+    );
+    assert_eq!(
+        indexes(&pool, "outbox_delayed").await,
+        [
+            "outbox_delayed_due_idx",
+            "outbox_delayed_event_id_key",
+            "outbox_delayed_pkey"
         ]
     );
     assert_eq!(
         indexes(&pool, "outbox").await,
         [
-            "outbox_delayed_idx",
             "outbox_event_id_key",
             "outbox_failed_key_idx",
             "outbox_pending_idx",

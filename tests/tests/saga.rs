@@ -151,11 +151,9 @@ impl World {
     }
 
     async fn delayed_rows(&self) -> anyhow::Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'delayed'")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_scalar("SELECT count(*) FROM outbox_delayed")
+            .fetch_one(&self.pool)
+            .await?)
     }
 }
 

@@ -206,28 +206,29 @@ async fn checkout_on(broker: Broker) -> anyhow::Result<()> {
             report.outcomes
         );
     }
-    // Every checkout that timed out after its charge was asked for was
-    // refunded (the silent payment service charged it), and every declined
-    // or timed-out checkout released its stock.
+    // A checkout that timed out after its charge was asked for is
+    // refunded if the payment service charged it (the silent ones did);
+    // every declined or timed-out checkout releases its stock if it was
+    // reserved. On a loaded machine a slow step may time out too, after a
+    // refusal or before a charge, with nothing to undo: hence the bounds.
     let timed_out = |states: &[&str]| -> i64 {
         states
             .iter()
             .map(|s| outcome(&format!("no answer while {s}")))
             .sum()
     };
-    assert_eq!(
-        report.compensations["payments refunded"],
-        timed_out(&["Charging", "Ordering"]),
-        "{:?} {:?}",
-        report.outcomes,
-        report.compensations
+    let refunded = report.compensations["payments refunded"];
+    let released = report.compensations["stock released"];
+    let why = format!("{:?} {:?}", report.outcomes, report.compensations);
+    assert!(refunded > 0, "{why}");
+    assert!(refunded <= timed_out(&["Charging", "Ordering"]), "{why}");
+    assert!(
+        released >= outcome("payment declined") + timed_out(&["Charging", "Ordering"]),
+        "{why}"
     );
-    assert_eq!(
-        report.compensations["stock released"],
-        outcome("payment declined") + timed_out(&["Reserving", "Charging", "Ordering"]),
-        "{:?} {:?}",
-        report.outcomes,
-        report.compensations
+    assert!(
+        released <= outcome("payment declined") + timed_out(&["Reserving", "Charging", "Ordering"]),
+        "{why}"
     );
     if kafka {
         assert!(report.duplicates > 0, "the duplicates were not dropped");
