@@ -439,14 +439,20 @@ async fn apply<S: Saga>(
                 .insert(name.clone(), PendingTimeout { due_at, event_id });
         }
     }
-    for e in t.send {
-        send(&mut instance, cause, e, tx).await?;
-    }
     let (status, reason) = match &t.finish {
         None => (instance.status, None),
         Some(Finish::Completed) => (Status::Completed, None),
         Some(Finish::Failed(why)) => (Status::Failed, Some(why.clone())),
     };
+    // What a failing or failed instance sends undoes earlier steps.
+    let compensations = if status == Status::Failed {
+        t.send.len()
+    } else {
+        0
+    };
+    for e in t.send {
+        send(&mut instance, cause, e, tx).await?;
+    }
     let to = t.to.unwrap_or(from.clone());
     sqlx::query(
         "UPDATE consumer_kit_sagas SET state = $3, data = $4, status = $5, timeouts = $6, \
@@ -468,6 +474,7 @@ async fn apply<S: Saga>(
     if status != instance.status {
         telemetry::saga_finished(S::NAME, status.as_str());
     }
+    telemetry::saga_compensations(S::NAME, compensations);
     debug!(saga = S::NAME, instance = %instance.id, from = ?from, to = ?to,
            status = status.as_str(), event.id = %cause.event_id, "saga transition");
     Ok(())

@@ -53,6 +53,9 @@ pub const SAGA_TIMEOUTS: &str = "consumer_kit_saga_timeouts_total";
 /// Saga instances finished, by `saga` and `status` (`completed`, or
 /// `failed`: compensated, or abandoned by an operator).
 pub const SAGA_FINISHED: &str = "consumer_kit_saga_finished_total";
+/// Commands sent to compensate, by `saga`: those of transitions that fail
+/// an instance or act on a failed one.
+pub const SAGA_COMPENSATIONS: &str = "consumer_kit_saga_compensations_total";
 /// Events that did not fit their saga instance's state, by `saga`.
 pub const SAGA_UNEXPECTED: &str = "consumer_kit_saga_unexpected_total";
 /// Saga instances by `saga`, `status` and `state` (refreshed every 15 s).
@@ -69,6 +72,12 @@ pub(crate) fn saga_timeout(saga: &'static str, result: &'static str) {
 
 pub(crate) fn saga_finished(saga: &str, status: &'static str) {
     counter!(SAGA_FINISHED, "saga" => saga.to_string(), "status" => status).increment(1);
+}
+
+pub(crate) fn saga_compensations(saga: &'static str, n: usize) {
+    if n > 0 {
+        counter!(SAGA_COMPENSATIONS, "saga" => saga).increment(n as u64);
+    }
 }
 
 pub(crate) fn saga_unexpected(saga: &'static str) {
