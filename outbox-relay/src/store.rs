@@ -118,24 +118,34 @@ pub struct Stats {
     pub delayed: i64,
 }
 
-/// Reads the backlog figures (index scans on the partial indexes).
-pub async fn stats<'e>(db: impl PgExecutor<'e>) -> Result<Stats, sqlx::Error> {
+/// Reads the backlog figures (index scans on the partial indexes). A
+/// schema before migration V10 has no delayed events: 0, so that the
+/// other figures still show while it waits for `outbox-relay migrate`.
+pub async fn stats(conn: &mut sqlx::PgConnection) -> Result<Stats, sqlx::Error> {
     let row = sqlx::query(
         "SELECT (SELECT count(*) FROM outbox WHERE status = 'pending') AS pending, \
                 (SELECT count(*) FROM outbox WHERE status = 'failed') AS failed, \
                 (SELECT count(*) FROM outbox WHERE status = 'published') AS published_kept, \
-                (SELECT count(*) FROM outbox_delayed) AS delayed, \
+                to_regclass('outbox_delayed') IS NOT NULL AS has_delayed, \
                 COALESCE((SELECT EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 FROM outbox \
                           WHERE status = 'pending' ORDER BY id LIMIT 1), 0) AS oldest",
     )
     .persistent(false)
-    .fetch_one(db)
+    .fetch_one(&mut *conn)
     .await?;
+    let delayed = if row.try_get("has_delayed")? {
+        sqlx::query_scalar("SELECT count(*) FROM outbox_delayed")
+            .persistent(false)
+            .fetch_one(&mut *conn)
+            .await?
+    } else {
+        0
+    };
     Ok(Stats {
         pending: row.try_get("pending")?,
         failed: row.try_get("failed")?,
         published_kept: row.try_get("published_kept")?,
-        delayed: row.try_get("delayed")?,
+        delayed,
         oldest_pending_age_seconds: row.try_get::<f64, _>("oldest")?.max(0.0),
     })
 }
