@@ -98,7 +98,7 @@ pub(crate) async fn status(
     // One transaction: a consistent picture, and it works through a
     // transaction-mode pooler.
     let mut tx = pool.begin().await?;
-    let totals = store::stats(&mut *tx).await?;
+    let totals = store::stats(&mut tx).await?;
     let relays = store::relays(&mut *tx).await?;
     let partitions = store::partition_stats(&mut *tx).await?;
     tx.commit().await?;

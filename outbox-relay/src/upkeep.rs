@@ -35,7 +35,7 @@ pub(crate) async fn report_stats(
         // In a transaction, so that it works through a transaction-mode pooler.
         let figures = async {
             let mut tx = pool.begin().await?;
-            let totals = store::stats(&mut *tx).await?;
+            let totals = store::stats(&mut tx).await?;
             let partitions = store::partition_stats(&mut *tx).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>((totals, partitions))
