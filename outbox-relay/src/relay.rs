@@ -642,7 +642,14 @@ impl Relay {
             Vec::new()
         };
         if let Some(eo) = txn {
-            if let Err(e) = eo.begin(self.kafka()).await {
+            // Beginning and ending the transaction wait on the broker's
+            // transaction coordinator like the sends wait on the leaders:
+            // a stall there counts for readiness too.
+            let began = {
+                let _awaiting = self.health.awaiting(sent);
+                eo.begin(self.kafka()).await
+            };
+            if let Err(e) = began {
                 let _ = tx.rollback().await;
                 eo.owe(&[], true, ticket);
                 return Err(BatchError::Broker(format!(
@@ -683,7 +690,11 @@ impl Relay {
                 }
                 None => "the checkpoint's delivery report did not come".to_string(),
             };
-            match eo.end(self.kafka(), commit, &why).await {
+            let ended = {
+                let _awaiting = self.health.awaiting(sent);
+                eo.end(self.kafka(), commit, &why).await
+            };
+            match ended {
                 Ended::Committed => {
                     committed_in_kafka = true;
                     if eo.crash_now() {

@@ -593,7 +593,15 @@ pub fn consumers(
         ),
         (
             SERVICES[1],
-            builder(SERVICES[1], c, &pools[1])
+            // One transaction per command: a batch would hold several
+            // products' stock rows at once, and batches of other
+            // partitions lock them in another order (deadlocks, each a
+            // second's wait).
+            broker
+                .consumer_with(SERVICES[1], c, &pools[1], |cfg| {
+                    tune(cfg);
+                    cfg.max_batch = 1;
+                })
                 .handler("stock.reserve", inventory.clone())
                 .handler("stock.confirm", inventory.clone())
                 .handler("stock.release", inventory)

@@ -178,7 +178,9 @@ async fn checkout_on(broker: Broker) -> anyhow::Result<()> {
         database: url.parse()?,
         broker,
         checkouts: 120,
-        step_timeout: std::time::Duration::from_secs(2),
+        // Long enough for a loaded CI machine: the silent payments time
+        // out whatever the timeout.
+        step_timeout: std::time::Duration::from_secs(5),
         faults: Faults {
             decline_every: 7,
             silence_every: 11,
