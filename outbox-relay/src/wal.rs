@@ -238,7 +238,8 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
         health.set(State::Active, format!("reading slot {}", wal.slot));
         info!(slot = %wal.slot, publication = %wal.publication, "reading the slot");
         let keeping = CancellationToken::new();
-        let mut session = Session::new(relay, wal, &writes, &lease, shutdown);
+        let frontier = wal_insert_position(&relay.pool).await;
+        let mut session = Session::new(relay, wal, &writes, &lease, frontier, shutdown);
         let ended = tokio::select! {
             r = session.read(&mut client, shutdown) => r,
             () = lease.keep(&keeping) => Err("the slot's lease ran out or was taken over".to_string()),
@@ -262,6 +263,27 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
     lease.release().await;
 }
 
+/// The server's WAL insert position, read once the slot is ours (see
+/// `Session::frontier`); if it cannot be read, the end of time, so that
+/// every row is looked up.
+async fn wal_insert_position(pool: &sqlx::PgPool) -> Lsn {
+    let read: Result<String, sqlx::Error> =
+        sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+            .fetch_one(pool)
+            .await;
+    match read.map(|l| Lsn::parse(&l)) {
+        Ok(Ok(lsn)) => lsn,
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot parse the WAL insert position; every row is looked up");
+            Lsn::from_u64(u64::MAX)
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read the WAL insert position; every row is looked up");
+            Lsn::from_u64(u64::MAX)
+        }
+    }
+}
+
 /// One replication connection's reading.
 struct Session<'a> {
     relay: &'a Relay,
@@ -274,6 +296,14 @@ struct Session<'a> {
     /// Committed events not yet published, and the last commit's end.
     ready: Vec<Event>,
     ready_end: Option<Lsn>,
+    /// The first ready transaction's commit end.
+    ready_from: Option<Lsn>,
+    /// The server's WAL insert position when this session began: no
+    /// earlier reader of the slot, and no polling relay stopped before a
+    /// switch to WAL, can have published an event committed after it, so
+    /// only batches that begin at or before it are looked up
+    /// ([`look_up_gone`]).
+    frontier: Lsn,
     /// Writes batches' outcomes.
     writer: Writer,
     /// The last published batch's outcome, being written; nothing after
@@ -287,6 +317,7 @@ impl<'a> Session<'a> {
         wal: &'a WalSource,
         writes: &sqlx::PgPool,
         lease: &'a SlotLease,
+        frontier: Lsn,
         shutdown: &CancellationToken,
     ) -> Self {
         let writer = Writer {
@@ -306,6 +337,8 @@ impl<'a> Session<'a> {
             open: None,
             ready: Vec::new(),
             ready_end: None,
+            ready_from: None,
+            frontier,
             writer,
             pending: None,
         }
@@ -337,8 +370,10 @@ impl<'a> Session<'a> {
                 None
             } else if !self.ready.is_empty() {
                 // Take what has arrived already; publish when the stream
-                // pauses.
-                client.recv().now_or_never()
+                // pauses. Unconstrained: tokio's cooperative budget would
+                // otherwise report an exhausted budget as a pause, and cut
+                // batches at one transaction.
+                tokio::task::unconstrained(client.recv()).now_or_never()
             } else if self.pending.is_some() {
                 // Idle while the last outcome is written: confirm it as
                 // soon as it is (a short sleep, not a busy loop).
@@ -413,6 +448,9 @@ impl<'a> Session<'a> {
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 if let Some((_, events)) = self.open.take() {
+                    if self.ready.is_empty() && !events.is_empty() {
+                        self.ready_from = Some(end_lsn);
+                    }
                     self.ready.extend(events);
                 }
                 if self.ready.is_empty() && self.pending.is_none() {
@@ -468,9 +506,15 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         let mut events = std::mem::take(&mut self.ready);
+        // Rows are looked up only if the batch begins with a transaction
+        // committed before this session (see `Session::frontier`).
+        let look_up = self
+            .ready_from
+            .take()
+            .is_some_and(|from| from <= self.frontier);
         let mut backoff = Backoff::new(self.relay.cfg.min_backoff, self.relay.cfg.max_backoff);
         let outcome = loop {
-            match self.publish_once(&events).await {
+            match self.publish_once(&events, look_up).await {
                 Ok((again, outcome)) if again.is_empty() => break outcome,
                 Ok((again, outcome)) => {
                     // What settled is written before the next try, which
@@ -543,15 +587,25 @@ impl<'a> Session<'a> {
     /// One try: returns the events to send again (transient failures and
     /// the events of their keys after them), and what the others' fates
     /// are, to be written.
-    async fn publish_once(&self, events: &[Event]) -> Result<(Vec<Event>, Outcome), sqlx::Error> {
+    async fn publish_once(
+        &self,
+        events: &[Event],
+        look_up: bool,
+    ) -> Result<(Vec<Event>, Outcome), sqlx::Error> {
         let started = std::time::Instant::now();
         let relay = self.relay;
-        let (seen, blocked) =
-            tokio::try_join!(look_up_rows(relay, events), blocked_keys(relay, events))?;
-        if !seen.gone.is_empty() {
+        let look_up = async {
+            if look_up {
+                look_up_gone(relay, events).await
+            } else {
+                Ok(HashSet::new())
+            }
+        };
+        let (gone, blocked) = tokio::try_join!(look_up, blocked_keys(relay, events))?;
+        if !gone.is_empty() {
             let kept: Vec<Event> = events
                 .iter()
-                .filter(|e| !matches!(e.origin, Origin::Row(id) if seen.gone.contains(&id)))
+                .filter(|e| !matches!(e.origin, Origin::Row(id) if gone.contains(&id)))
                 .cloned()
                 .collect();
             debug!(
@@ -561,7 +615,7 @@ impl<'a> Session<'a> {
             if kept.is_empty() {
                 return Ok((Vec::new(), Outcome::default()));
             }
-            return Box::pin(self.publish_once(&kept)).await;
+            return Box::pin(self.publish_once(&kept, false)).await;
         }
         let mut rows: Vec<OutboxRow> = events.iter().map(|e| e.row.clone()).collect();
         let (mut prepared, _) = relay.prepare(&mut rows).await;
@@ -590,10 +644,7 @@ impl<'a> Session<'a> {
         // A held event follows its key: failed if an earlier event of the
         // key failed for good (block-key), else sent again.
         let mut failed_keys: HashSet<(&str, &str)> = HashSet::new();
-        let mut outcome = Outcome {
-            unseen: seen.unseen,
-            ..Outcome::default()
-        };
+        let mut outcome = Outcome::default();
         let mut again = Vec::new();
         for (e, fate) in events.iter().zip(&fates) {
             let key = (e.row.aggregate_type.as_str(), e.row.aggregate_id.as_str());
@@ -632,27 +683,17 @@ impl<'a> Session<'a> {
     }
 }
 
-/// What the table says of a batch's rows, in one query.
-#[derive(Debug, Default)]
-struct RowsSeen {
-    /// No longer pending: published (by this relay before a crash, or by a
-    /// polling relay while a system switches from poll to WAL: their ids are
-    /// remembered, `outbox_published_ids`) or moved to failed. They are not
-    /// sent again.
-    gone: HashSet<i64>,
-    /// Neither visible nor remembered. The WAL can deliver a commit a
-    /// moment before the transaction is visible to other sessions (the
-    /// commit record is flushed before the committing backend leaves the
-    /// proc array), so these are sent; recording their outcome waits until
-    /// they are visible (`wal_outcome::await_visible`), or they would be left
-    /// behind.
-    unseen: Vec<i64>,
-}
-
-/// Looks `events`' rows up, without waiting (see [`RowsSeen`]). Waiting
-/// here, before publishing, put the visibility lag of busy producers into
-/// every latency; after publishing it overlaps Kafka's acknowledgement.
-async fn look_up_rows(relay: &Relay, events: &[Event]) -> Result<RowsSeen, sqlx::Error> {
+/// Looks `events`' rows up: the ids of those no longer pending, which are
+/// not sent again. They were published (by an earlier reader of the slot
+/// before a crash, or by a polling relay before a switch from poll to WAL:
+/// their ids are remembered, `outbox_published_ids`) or moved to failed.
+///
+/// Only events committed before the session began can be such rows
+/// ([`Session::frontier`]); later ones skip this query. A row neither
+/// visible nor remembered is sent: the WAL can deliver a commit a moment
+/// before it is visible, and recording the outcome waits for it
+/// (`wal_outcome::delete_delivered`).
+async fn look_up_gone(relay: &Relay, events: &[Event]) -> Result<HashSet<i64>, sqlx::Error> {
     let (ids, event_ids): (Vec<i64>, Vec<Uuid>) = events
         .iter()
         .filter_map(|e| match e.origin {
@@ -661,32 +702,20 @@ async fn look_up_rows(relay: &Relay, events: &[Event]) -> Result<RowsSeen, sqlx:
         })
         .unzip();
     if ids.is_empty() {
-        return Ok(RowsSeen::default());
+        return Ok(HashSet::new());
     }
-    let rows: Vec<(i64, Option<String>, bool)> = sqlx::query_as(
-        "SELECT e.id, o.status, \
-                EXISTS (SELECT 1 FROM outbox_published_ids p WHERE p.event_id = e.event_id) \
+    sqlx::query_scalar(
+        "SELECT e.id \
          FROM unnest($1::bigint[], $2::uuid[]) AS e(id, event_id) \
-         LEFT JOIN outbox o ON o.id = e.id",
+         LEFT JOIN outbox o ON o.id = e.id \
+         WHERE o.status <> 'pending' OR (o.id IS NULL AND EXISTS \
+               (SELECT 1 FROM outbox_published_ids p WHERE p.event_id = e.event_id))",
     )
     .bind(&ids)
     .bind(&event_ids)
     .fetch_all(&relay.pool)
-    .await?;
-    let mut seen = RowsSeen::default();
-    for (id, status, remembered) in rows {
-        match status {
-            Some(s) if s != "pending" => {
-                seen.gone.insert(id);
-            }
-            Some(_) => {}
-            None if remembered => {
-                seen.gone.insert(id);
-            }
-            None => seen.unseen.push(id),
-        }
-    }
-    Ok(seen)
+    .await
+    .map(|ids| ids.into_iter().collect())
 }
 
 /// The keys among `events` that have a failed event in the store, under

@@ -47,10 +47,6 @@ pub(crate) struct Outcome {
     /// Failed rows (by id, `Some`) and failed table-less events (`None`:
     /// inserted as failed rows), with the reason.
     pub(crate) failed: Vec<(Option<i64>, OutboxRow, String)>,
-    /// Rows sent before they were visible to other sessions: the write
-    /// waits for them first ([`await_visible`]), or their delete would miss
-    /// them.
-    pub(crate) unseen: Vec<i64>,
 }
 
 impl Outcome {
@@ -112,37 +108,10 @@ impl Writer {
     }
 
     async fn write_once(&self, outcome: &Outcome) -> Result<(), sqlx::Error> {
-        if !outcome.unseen.is_empty() {
-            await_visible(&self.pool, &outcome.unseen).await?;
-        }
-        let remember = self.remember && !outcome.delivered_ids.is_empty();
-        if outcome.failed.is_empty() {
-            // The usual batch: one statement.
-            let sql = if remember {
-                "WITH gone AS (DELETE FROM outbox WHERE id = ANY($1)) \
-                 INSERT INTO outbox_published_ids (event_id) SELECT unnest($2::uuid[])"
-            } else {
-                "DELETE FROM outbox WHERE id = ANY($1)"
-            };
-            let mut q = sqlx::query(sql).bind(&outcome.delivered_rows);
-            if remember {
-                q = q.bind(&outcome.delivered_ids);
-            }
-            q.execute(&self.writes).await?;
-            return Ok(());
-        }
         let mut tx = self.writes.begin().await?;
         if !outcome.delivered_rows.is_empty() {
-            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-                .bind(&outcome.delivered_rows)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if remember {
-            sqlx::query("INSERT INTO outbox_published_ids (event_id) SELECT unnest($1::uuid[])")
-                .bind(&outcome.delivered_ids)
-                .execute(&mut *tx)
-                .await?;
+            let remember = self.remember.then_some(outcome.delivered_ids.as_slice());
+            delete_delivered(&mut tx, &self.pool, &outcome.delivered_rows, remember).await?;
         }
         for (id, r, reason) in &outcome.failed {
             match id {
@@ -223,9 +192,56 @@ impl Pending {
     }
 }
 
+/// Deletes the delivered rows `ids` in `tx`, remembering `event_ids` when
+/// given, in one statement that also says which rows it missed.
+///
+/// The WAL can deliver a commit a moment before the transaction is visible
+/// to other sessions (the commit record is flushed before the committing
+/// backend leaves the proc array), so a delete may miss rows that were
+/// already sent. Those are waited for ([`await_visible`]) and deleted then;
+/// the usual batch misses none and costs the one statement.
+async fn delete_delivered(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    pool: &PgPool,
+    ids: &[i64],
+    event_ids: Option<&[Uuid]>,
+) -> Result<(), sqlx::Error> {
+    // Each returns the ids of `ids` it did not delete.
+    const DELETE: &str = "WITH gone AS (DELETE FROM outbox WHERE id = ANY($1) RETURNING id) \
+         SELECT ARRAY(SELECT unnest($1::bigint[]) EXCEPT SELECT id FROM gone)";
+    const DELETE_AND_REMEMBER: &str =
+        "WITH gone AS (DELETE FROM outbox WHERE id = ANY($1) RETURNING id), \
+              remembered AS (INSERT INTO outbox_published_ids (event_id) \
+                             SELECT unnest($2::uuid[])) \
+         SELECT ARRAY(SELECT unnest($1::bigint[]) EXCEPT SELECT id FROM gone)";
+    let missed: Vec<i64> = match event_ids {
+        Some(event_ids) => sqlx::query_scalar(DELETE_AND_REMEMBER)
+            .bind(ids)
+            .bind(event_ids),
+        None => sqlx::query_scalar(DELETE).bind(ids),
+    }
+    .fetch_one(&mut **tx)
+    .await?;
+    if missed.is_empty() {
+        return Ok(());
+    }
+    await_visible(pool, &missed).await?;
+    let late = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(&missed)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    debug!(
+        missed = missed.len(),
+        late, "rows not yet visible to the delete: deleted once they were"
+    );
+    Ok(())
+}
+
 /// Waits until each of `ids` is visible in the table, up to
 /// [`VISIBLE_WITHIN`]: a row still missing then was deleted by someone else
-/// (a `failed discard`, or a polling relay with `--remember-published 0`).
+/// (its producer, in Debezium's style; a `failed discard`; or a polling
+/// relay with `--remember-published 0`).
 async fn await_visible(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
     let deadline = std::time::Instant::now() + VISIBLE_WITHIN;
     let mut tries = 0u32;
