@@ -397,15 +397,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn connect(db: &GroupArgs) -> anyhow::Result<sqlx::PgPool> {
-    let opts: sqlx::postgres::PgConnectOptions = db
-        .database_url
+    connect_to(&db.database_url, "the consumer's database").await
+}
+
+/// One connection to `what` (named in errors), from `DATABASE_URL`.
+async fn connect_to(url: &str, what: &str) -> anyhow::Result<sqlx::PgPool> {
+    let opts: sqlx::postgres::PgConnectOptions = url
         .parse()
         .context("DATABASE_URL is not a valid PostgreSQL URL")?;
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect_with(opts)
         .await
-        .context("cannot connect to the consumer's database (DATABASE_URL)")
+        .with_context(|| format!("cannot connect to {what} (DATABASE_URL)"))
 }
 
 async fn parked(

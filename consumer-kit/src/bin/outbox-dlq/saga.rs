@@ -76,15 +76,7 @@ pub(crate) struct SagaArgs {
 }
 
 async fn connect(db: &SagaArgs) -> anyhow::Result<sqlx::PgPool> {
-    let opts: sqlx::postgres::PgConnectOptions = db
-        .database_url
-        .parse()
-        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(opts)
-        .await
-        .context("cannot connect to the saga's database (DATABASE_URL)")
+    super::connect_to(&db.database_url, "the saga's database").await
 }
 
 pub(crate) async fn run(cmd: SagaCommand) -> anyhow::Result<()> {
