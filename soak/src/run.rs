@@ -240,6 +240,7 @@ pub(crate) async fn soak(
         tokio::time::sleep(wait).await;
         relays.iter_mut().for_each(Role::sample_rss);
         self_crashes += restart_crashed(cli, &mut relays, &say)?;
+        restart_exited_consumer(cli, &mut consumer, &say)?;
         let Some(fault) = faults.get(next % faults.len().max(1)).copied() else {
             break;
         };
@@ -364,6 +365,7 @@ pub(crate) async fn soak(
     loop {
         relays.iter_mut().for_each(Role::sample_rss);
         self_crashes += restart_crashed(cli, &mut relays, &say)?;
+        restart_exited_consumer(cli, &mut consumer, &say)?;
         if load.poison_every > 0 && last_replay.elapsed() >= Duration::from_secs(2) {
             last_replay = Instant::now();
             // Right after a broker restart the metadata can be stale for a
@@ -560,6 +562,23 @@ fn restart_crashed(cli: &Cli, relays: &mut [Role], say: &impl Fn(String)) -> any
         }
     }
     Ok(n)
+}
+
+/// Restarts the consumer if it ended by itself, as its supervisor would: it
+/// refuses to start while the broker does not answer (a clear error, exit
+/// 1), which a consumer restarted during a broker restart meets.
+fn restart_exited_consumer(
+    cli: &Cli,
+    consumer: &mut Role,
+    say: &impl Fn(String),
+) -> anyhow::Result<()> {
+    if let Some(status) = consumer.child.process.try_wait()? {
+        consumer.kill_and_restart(cli)?;
+        say(format!(
+            "the consumer ended by itself ({status}); restarted"
+        ));
+    }
+    Ok(())
 }
 
 /// Replays the dead letters of `topic` not replayed yet (`done` holds their
