@@ -38,17 +38,31 @@ use serde::{Deserialize, Serialize};
 /// The checkpoint topic's name unless configured otherwise.
 pub const DEFAULT_TOPIC: &str = "outbox-relay-checkpoints";
 
-/// The last batch one relay committed in a Kafka transaction.
+/// The last batch one relay (poll source) or one slot's reader (WAL source)
+/// committed in a Kafka transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    /// The relay that wrote it (also the record's key).
+    /// The relay that wrote it. With the poll source it is also the
+    /// record's key; with the WAL source the key is [`slot_key`].
     pub relay: String,
-    /// The outbox ids published by that transaction, as inclusive ranges.
+    /// The outbox ids published by that transaction, as inclusive ranges
+    /// (with the WAL source: its rows; table-less events have no id).
     pub ids: Vec<(i64, i64)>,
     /// The relay's transaction counter since it started.
     pub transaction: u64,
     /// When it was written (the relay's clock).
     pub at: DateTime<Utc>,
+    /// WAL source: the commit position (`X/Y`) of the batch's last
+    /// transaction. Every transaction of the slot that ended at or before
+    /// it is in Kafka; the next reader does not send those again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
+}
+
+/// The checkpoint record's key for the readers of the slot `slot` (WAL
+/// source): one per slot, whichever relay reads it.
+pub fn slot_key(slot: &str) -> String {
+    format!("slot:{slot}")
 }
 
 impl Checkpoint {
@@ -59,6 +73,7 @@ impl Checkpoint {
             ids: ranges(ids),
             transaction,
             at: Utc::now(),
+            lsn: None,
         }
     }
 

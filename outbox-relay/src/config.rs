@@ -165,7 +165,9 @@ pub struct RelayConfig {
     /// `outbox-relay-checkpoints`.
     pub checkpoint_topic: String,
     /// With [`RelayConfig::exactly_once`]: the producer's `transactional.id`
-    /// is this prefix followed by the relay id. With ACLs, grant `WRITE` and
+    /// is this prefix followed by the relay id (poll source), or by `slot-`
+    /// and the slot's name (WAL source: every reader of a slot shares it,
+    /// so a new reader fences the last one). With ACLs, grant `WRITE` and
     /// `DESCRIBE` on the prefixed `TransactionalId` resource. Default
     /// `outbox-relay-`.
     pub transactional_id_prefix: String,
@@ -182,7 +184,9 @@ pub struct RelayConfig {
     pub crash_after_kafka_commit: Option<CrashAfterCommit>,
     /// A mutation for the soak checker's self-test: take partitions over
     /// from dead relays without fencing them or finishing their
-    /// checkpoints. Breaks exactly-once; never set it otherwise.
+    /// checkpoints (poll source), or give each reader of a slot its own
+    /// transactional id, so that no reader fences the last one (WAL
+    /// source). Breaks exactly-once; never set it otherwise.
     #[doc(hidden)]
     pub mutation_skip_fencing: bool,
     /// Read committed events from a logical replication slot instead of
@@ -356,6 +360,18 @@ impl RelayConfig {
         self.after_publish == AfterPublish::Delete && !self.remember_published.is_zero()
     }
 
+    /// The exactly-once producer's `transactional.id` for the relay
+    /// `relay_id` ([`RelayConfig::transactional_id_prefix`]): one per relay
+    /// with the poll source, one per slot with the WAL source.
+    pub(crate) fn transactional_id(&self, relay_id: &str) -> String {
+        match &self.wal {
+            Some(wal) if !self.mutation_skip_fencing => {
+                format!("{}slot-{}", self.transactional_id_prefix, wal.slot)
+            }
+            _ => format!("{}{relay_id}", self.transactional_id_prefix),
+        }
+    }
+
     /// Checks the values against each other; [`crate::Relay::new`] calls it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError(m));
@@ -379,11 +395,6 @@ impl RelayConfig {
             crate::slot::check_name("slot", &wal.slot).map_err(|e| ConfigError(e.to_string()))?;
             crate::slot::check_name("publication", &wal.publication)
                 .map_err(|e| ConfigError(e.to_string()))?;
-            if self.exactly_once {
-                return bad("--exactly-once is not available with --source wal yet; \
-                     use one or the other"
-                    .into());
-            }
             if self.after_publish != AfterPublish::Delete {
                 return bad(
                     "--source wal deletes what it published; --after-publish mark \

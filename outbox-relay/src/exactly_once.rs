@@ -148,6 +148,56 @@ impl ExactlyOnce {
         }
     }
 
+    /// WAL source: the checkpoint record of a transaction publishing a
+    /// batch of the slot `slot` that ends at `lsn` (its rows' `ids`).
+    pub(crate) fn slot_checkpoint_record(&self, slot: &str, ids: &[i64], lsn: String) -> Record {
+        let n = self.transactions.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut ck = Checkpoint::new(&self.relay_id, n, ids);
+        ck.lsn = Some(lsn);
+        Record {
+            topic: self.topic.clone(),
+            key: checkpoint::slot_key(slot),
+            value: Some(ck.encode()),
+            headers: OwnedHeaders::new(),
+        }
+    }
+
+    /// WAL source: makes this relay the writer of the slot `slot`'s events,
+    /// once it reads the slot and before it sends anything. It re-creates
+    /// the producer and initializes its transactions under the slot's
+    /// transactional id, which fences the slot's last reader (its open
+    /// transaction is aborted; it can commit nothing more), then reads the
+    /// slot's checkpoint. Returns the checkpoint's position: the slot's
+    /// transactions that ended at or before it are in Kafka already, and
+    /// only their database side may be left to do (`wal.rs`).
+    pub(crate) async fn start_reading(
+        &self,
+        publisher: &Publisher,
+        slot: &str,
+    ) -> Result<Option<String>, String> {
+        self.ensure_topic().await?;
+        self.fresh_producer(publisher).await?;
+        let key = checkpoint::slot_key(slot);
+        let mut read = self.read(vec![key.clone()]).await?;
+        // The WAL source owes nothing across sessions: what a session left
+        // half done is settled by the next one from this checkpoint.
+        self.owed.lock().expect("owed").take();
+        Ok(read.remove(&key).and_then(|ck| ck.lsn))
+    }
+
+    /// Re-creates the producer and registers its transactional id, which
+    /// fences any earlier producer with that id (its open transaction is
+    /// aborted).
+    async fn fresh_producer(&self, publisher: &Publisher) -> Result<(), String> {
+        publisher
+            .rebuild()
+            .map_err(|e| format!("kafka: cannot re-create the producer: {e}"))?;
+        publisher
+            .init_transactions()
+            .await
+            .map_err(|e| explain_init(&e, &self.prefix))
+    }
+
     /// Records work left behind by the batch of `ticket`.
     pub(crate) fn owe(&self, finish: &[i64], reinit: bool, ticket: u64) {
         let mut owed = self.owed.lock().expect("owed");
@@ -187,13 +237,7 @@ impl ExactlyOnce {
             let t0 = Instant::now();
             self.ensure_topic().await?;
             let t1 = Instant::now();
-            publisher
-                .rebuild()
-                .map_err(|e| format!("kafka: cannot re-create the producer: {e}"))?;
-            publisher
-                .init_transactions()
-                .await
-                .map_err(|e| explain_init(&e, &self.prefix))?;
+            self.fresh_producer(publisher).await?;
             let t2 = Instant::now();
             let own = self.read(vec![self.relay_id.clone()]).await?;
             if let Some(ck) = own.get(&self.relay_id) {

@@ -154,14 +154,19 @@ pub(crate) async fn status(
     }
     if let Some(cks) = &checkpoints {
         out!("checkpoints (exactly-once): {}", cks.len());
-        for ck in cks.values() {
+        for (key, ck) in cks {
             let (first, last) = (
                 ck.ids.first().map_or(0, |r| r.0),
                 ck.ids.last().map_or(0, |r| r.1),
             );
+            // WAL source: the slot's key, who wrote it and up to where.
+            let unit = match &ck.lsn {
+                Some(lsn) => format!("{key} (relay {}) up to {lsn}", ck.relay),
+                None => ck.relay.clone(),
+            };
             out!(
                 "  {:<40} transaction {:<8} {:>5} ids ({first}..{last})  at {}",
-                ck.relay,
+                unit,
                 ck.transaction,
                 ck.len(),
                 ck.at.format("%Y-%m-%d %H:%M:%S%.3fZ")

@@ -80,8 +80,8 @@ impl std::fmt::Debug for Publisher {
 
 impl Publisher {
     /// Creates the producer: idempotent, `acks=all`, delivery timeout from
-    /// [`RelayConfig::publish_timeout`], transactional with the id
-    /// `<prefix><relay_id>` in exactly-once mode, then the configured
+    /// [`RelayConfig::publish_timeout`], transactional in exactly-once mode
+    /// (with `RelayConfig::transactional_id`), then the configured
     /// librdkafka properties (which override these).
     pub fn new(cfg: &RelayConfig, relay_id: &str) -> Result<Self, PublisherError> {
         let mut cc = ClientConfig::new();
@@ -109,14 +109,11 @@ impl Publisher {
                 outbox_kafka::reach::STATS_INTERVAL_MS,
             );
         if cfg.exactly_once {
-            cc.set(
-                "transactional.id",
-                format!("{}{relay_id}", cfg.transactional_id_prefix),
-            )
-            .set(
-                "transaction.timeout.ms",
-                cfg.transaction_timeout.as_millis().to_string(),
-            );
+            cc.set("transactional.id", cfg.transactional_id(relay_id))
+                .set(
+                    "transaction.timeout.ms",
+                    cfg.transaction_timeout.as_millis().to_string(),
+                );
         }
         outbox_kafka::secrets::set_all(&mut cc, &cfg.kafka_properties);
         let reach = Arc::new(Reach::default());

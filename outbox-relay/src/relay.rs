@@ -105,7 +105,7 @@ pub struct Relay {
     health: Arc<Health>,
     leases: Arc<Leases>,
     /// Exactly-once mode's state ([`RelayConfig::exactly_once`]).
-    exactly_once: Option<ExactlyOnce>,
+    pub(crate) exactly_once: Option<ExactlyOnce>,
     /// When the lease failure now in force was last logged.
     idle_warned_at: std::sync::Mutex<Option<Instant>>,
 }
@@ -171,7 +171,7 @@ impl Relay {
 
     /// The Kafka producer, in exactly-once mode (which
     /// [`RelayConfig::validate`] allows only with Kafka).
-    fn kafka(&self) -> &Publisher {
+    pub(crate) fn kafka(&self) -> &Publisher {
         self.sink
             .kafka()
             .expect("exactly-once runs on Kafka only (RelayConfig::validate)")

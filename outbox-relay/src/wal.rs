@@ -55,6 +55,7 @@ use crate::{
     batch::{Batch, Fate},
     claim::OutboxRow,
     config::{PoisonPolicy, WalSource},
+    exactly_once::Ended,
     health::State,
     pgoutput::{self, Change, Relations, Value},
     relay::{note_delivered, Relay},
@@ -80,6 +81,10 @@ struct Event {
     /// Set when the event cannot be built (a malformed message): it goes
     /// to the failed store as is.
     malformed: Option<String>,
+    /// Exactly-once: its transaction ended at or before the slot's
+    /// checkpoint, so an earlier reader committed it in Kafka; it is not
+    /// sent again (`Session::in_kafka_until`).
+    in_kafka: bool,
 }
 
 /// The heartbeat's prefix: a message the reader confirms past at once.
@@ -233,6 +238,18 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
             }
             continue;
         }
+        // Exactly-once: fence the slot's last reader in Kafka and learn
+        // how far its events are in Kafka already, before reading.
+        let in_kafka_until = match start_exactly_once(relay, wal).await {
+            Ok(lsn) => lsn,
+            Err(e) => {
+                client.abort();
+                health.set(State::Degraded, e.clone());
+                warn!(error = %e, "cannot start the slot's Kafka transactions; retrying");
+                back_off(&mut backoff, shutdown).await;
+                continue;
+            }
+        };
         said_standby.store(false, std::sync::atomic::Ordering::Relaxed);
         backoff = fresh();
         health.set(State::Active, format!("reading slot {}", wal.slot));
@@ -240,11 +257,17 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
         let keeping = CancellationToken::new();
         let frontier = wal_insert_position(&relay.pool).await;
         let mut session = Session::new(relay, wal, &writes, &lease, frontier, shutdown);
+        session.in_kafka_until = in_kafka_until;
         let ended = tokio::select! {
             r = session.read(&mut client, shutdown) => r,
             () = lease.keep(&keeping) => Err("the slot's lease ran out or was taken over".to_string()),
         };
         keeping.cancel();
+        if session.halted {
+            // Keeping the lease, like a killed relay.
+            client.abort();
+            return;
+        }
         if let Err(why) = &ended {
             health.set(State::Degraded, why.clone());
             warn!(error = %why, "the replication stream ended; reconnecting");
@@ -261,6 +284,29 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
         }
     }
     lease.release().await;
+}
+
+/// Exactly-once ([`crate::RelayConfig::exactly_once`]): takes the slot's
+/// transactional id (fencing its last reader) and reads the slot's
+/// checkpoint, whose position is returned. `None` without exactly-once or
+/// without a checkpoint yet.
+async fn start_exactly_once(relay: &Relay, wal: &WalSource) -> Result<Option<Lsn>, String> {
+    let Some(eo) = &relay.exactly_once else {
+        return Ok(None);
+    };
+    let Some(text) = eo.start_reading(relay.kafka(), &wal.slot).await? else {
+        return Ok(None);
+    };
+    let lsn = Lsn::parse(&text).map_err(|e| {
+        format!(
+            "the checkpoint of slot {} holds a bad position {text:?}: {e}",
+            wal.slot
+        )
+    })?;
+    info!(slot = %wal.slot, checkpoint = %lsn,
+          "exactly-once: transactions up to the checkpoint are in Kafka already; \
+           they are not sent again");
+    Ok(Some(lsn))
 }
 
 /// The server's WAL insert position, read once the slot is ours (see
@@ -304,8 +350,15 @@ struct Session<'a> {
     /// only batches that begin at or before it are looked up
     /// ([`look_up_gone`]).
     frontier: Lsn,
+    /// Exactly-once: the slot's checkpoint when this session began. The
+    /// transactions that ended at or before it were committed in Kafka by
+    /// an earlier reader: their events are not sent again, only their
+    /// rows deleted ([`Event::in_kafka`]).
+    in_kafka_until: Option<Lsn>,
     /// Writes batches' outcomes.
     writer: Writer,
+    /// The crash hook fired: the relay stops as if killed.
+    halted: bool,
     /// The last published batch's outcome, being written; nothing after
     /// it is confirmed before it is done.
     pending: Option<Pending>,
@@ -339,7 +392,9 @@ impl<'a> Session<'a> {
             ready_end: None,
             ready_from: None,
             frontier,
+            in_kafka_until: None,
             writer,
+            halted: false,
             pending: None,
         }
     }
@@ -447,7 +502,12 @@ impl<'a> Session<'a> {
                 }
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
-                if let Some((_, events)) = self.open.take() {
+                if let Some((_, mut events)) = self.open.take() {
+                    if self.in_kafka_until.is_some_and(|until| end_lsn <= until) {
+                        for e in &mut events {
+                            e.in_kafka = true;
+                        }
+                    }
                     if self.ready.is_empty() && !events.is_empty() {
                         self.ready_from = Some(end_lsn);
                     }
@@ -514,7 +574,7 @@ impl<'a> Session<'a> {
             .is_some_and(|from| from <= self.frontier);
         let mut backoff = Backoff::new(self.relay.cfg.min_backoff, self.relay.cfg.max_backoff);
         let outcome = loop {
-            match self.publish_once(&events, look_up).await {
+            match self.publish_once(&events, look_up, end).await {
                 Ok((again, outcome)) if again.is_empty() => break outcome,
                 Ok((again, outcome)) => {
                     // What settled is written before the next try, which
@@ -528,9 +588,14 @@ impl<'a> Session<'a> {
                     );
                     events = again;
                 }
-                Err(e) => {
+                Err(TryError::Database(e)) => {
                     self.relay.degraded(format!("database: {e}"));
                     warn!(error = %e, "cannot look a batch's rows up; trying again");
+                }
+                Err(TryError::Kafka(why)) => return Err(why),
+                Err(TryError::Halted) => {
+                    self.halted = true;
+                    return Err("halted by the crash hook after a Kafka commit".into());
                 }
             }
             back_off(&mut backoff, shutdown).await;
@@ -586,12 +651,20 @@ impl<'a> Session<'a> {
 
     /// One try: returns the events to send again (transient failures and
     /// the events of their keys after them), and what the others' fates
-    /// are, to be written.
+    /// are, to be written. `end` is the batch's last commit position.
+    ///
+    /// Exactly-once: the sends are one Kafka transaction with the slot's
+    /// checkpoint (`end`) as one more record. It commits only if every
+    /// record was acknowledged; the try's failures are recorded in the
+    /// table before the commit, so that a row still pending at or before a
+    /// checkpoint is always one that Kafka has. Otherwise it is aborted,
+    /// and every event that did not fail is sent again.
     async fn publish_once(
         &self,
         events: &[Event],
         look_up: bool,
-    ) -> Result<(Vec<Event>, Outcome), sqlx::Error> {
+        end: Lsn,
+    ) -> Result<(Vec<Event>, Outcome), TryError> {
         let started = std::time::Instant::now();
         let relay = self.relay;
         let look_up = async {
@@ -615,7 +688,30 @@ impl<'a> Session<'a> {
             if kept.is_empty() {
                 return Ok((Vec::new(), Outcome::default()));
             }
-            return Box::pin(self.publish_once(&kept, false)).await;
+            return Box::pin(self.publish_once(&kept, false, end)).await;
+        }
+        // Exactly-once: what an earlier reader committed in Kafka is not
+        // sent again; its rows that are still pending are deleted.
+        let mut outcome = Outcome::default();
+        let (done, events): (Vec<&Event>, Vec<&Event>) = events
+            .iter()
+            .partition(|e| e.in_kafka && e.malformed.is_none());
+        for e in &done {
+            if let Origin::Row(id) = e.origin {
+                outcome.delivered_rows.push(id);
+                outcome.delivered_ids.push(e.row.event_id);
+            }
+        }
+        let recovered = outcome.delivered_rows.len();
+        if recovered > 0 {
+            crate::telemetry::checkpoint_finished(recovered);
+            info!(
+                rows = recovered,
+                "rows already in Kafka (the slot's checkpoint) are deleted, not sent again"
+            );
+        }
+        if events.is_empty() {
+            return Ok((Vec::new(), outcome));
         }
         let mut rows: Vec<OutboxRow> = events.iter().map(|e| e.row.clone()).collect();
         let (mut prepared, _) = relay.prepare(&mut rows).await;
@@ -632,21 +728,36 @@ impl<'a> Session<'a> {
             }
         }
         let policy = relay.cfg.poison_policy;
-        let (batch, records) = Batch::plan(rows, prepared, policy);
-        let outcomes = if records.iter().any(Option::is_some) {
-            let health = relay.health();
-            let _awaiting = health.awaiting(records.len());
+        let (batch, mut records) = Batch::plan(rows, prepared, policy);
+        let health = relay.health();
+        let sends = records.iter().filter(|r| r.is_some()).count();
+        let txn = relay.exactly_once.as_ref().filter(|_| sends > 0);
+        if let Some(eo) = txn {
+            let _awaiting = health.awaiting(sends);
+            eo.begin(relay.kafka())
+                .await
+                .map_err(|e| TryError::Kafka(format!("cannot begin a Kafka transaction: {e}")))?;
+            let ids: Vec<i64> = batch.sent_ids();
+            records.push(Some(eo.slot_checkpoint_record(
+                &self.wal.slot,
+                &ids,
+                end.to_string(),
+            )));
+        }
+        let mut outcomes = if sends > 0 {
+            let _awaiting = health.awaiting(sends);
             relay.sink.publish(records).await
         } else {
             vec![None; events.len()]
         };
-        let fates = batch.settle(&outcomes);
+        let checkpoint = txn.and_then(|_| outcomes.pop().flatten());
+        let mut fates = batch.settle(&outcomes);
         // A held event follows its key: failed if an earlier event of the
         // key failed for good (block-key), else sent again.
         let mut failed_keys: HashSet<(&str, &str)> = HashSet::new();
-        let mut outcome = Outcome::default();
+        let mut failed_at: HashSet<usize> = HashSet::new();
         let mut again = Vec::new();
-        for (e, fate) in events.iter().zip(&fates) {
+        for (i, (e, fate)) in events.iter().zip(&fates).enumerate() {
             let key = (e.row.aggregate_type.as_str(), e.row.aggregate_id.as_str());
             let row_id = match e.origin {
                 Origin::Row(id) => Some(id),
@@ -665,6 +776,7 @@ impl<'a> Session<'a> {
                 }
                 Fate::Failed(reason) => {
                     failed_keys.insert(key);
+                    failed_at.insert(i);
                     outcome.failed.push((row_id, e.row.clone(), reason.clone()));
                 }
                 Fate::Held if policy == PoisonPolicy::BlockKey && failed_keys.contains(&key) => {
@@ -673,13 +785,90 @@ impl<'a> Session<'a> {
                          discard that one first",
                         key.0, key.1
                     );
+                    failed_at.insert(i);
                     outcome.failed.push((row_id, e.row.clone(), reason));
                 }
-                Fate::Retry(_) | Fate::Held => again.push(e.clone()),
+                Fate::Retry(_) | Fate::Held => again.push((*e).clone()),
+            }
+        }
+        if let Some(eo) = txn {
+            let mut commit = again.is_empty()
+                && batch.all_sent_delivered(&fates)
+                && checkpoint == Some(crate::publisher::Outcome::Delivered);
+            if commit && !outcome.failed.is_empty() {
+                // The failures first (see above).
+                let failures = Outcome {
+                    failed: std::mem::take(&mut outcome.failed),
+                    ..Outcome::default()
+                };
+                commit = self.writer.write(&failures).await;
+            }
+            let why = match &checkpoint {
+                Some(crate::publisher::Outcome::Delivered) => {
+                    "a record was not acknowledged".to_string()
+                }
+                Some(other) => format!("the checkpoint was not acknowledged: {other:?}"),
+                None => "the checkpoint's delivery report did not come".to_string(),
+            };
+            let ended = {
+                let _awaiting = health.awaiting(sends);
+                eo.end(relay.kafka(), commit, &why).await
+            };
+            match ended {
+                Ended::Committed => {
+                    if eo.crash_now() {
+                        return Err(TryError::Halted);
+                    }
+                }
+                Ended::Aborted { reason, reinit } => {
+                    if reinit {
+                        return Err(TryError::Kafka(format!(
+                            "the Kafka transaction was aborted, and its producer must be \
+                             re-created: {reason}"
+                        )));
+                    }
+                    debug!(reason = %reason, "Kafka transaction aborted; sending its events again");
+                    // Nothing of it is visible: all but the failed go again.
+                    outcome.delivered_rows.truncate(recovered);
+                    outcome.delivered_ids.truncate(recovered);
+                    again = events
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !failed_at.contains(i))
+                        .map(|(_, e)| (*e).clone())
+                        .collect();
+                    fates = crate::batch::aborted(fates);
+                }
+                Ended::Unknown(reason) => {
+                    return Err(TryError::Kafka(format!(
+                        "the Kafka transaction's outcome is unknown ({reason}); the next \
+                         reading settles it from the slot's checkpoint"
+                    )));
+                }
             }
         }
         note_delivered(batch.rows(), &fates, started);
         Ok((again, outcome))
+    }
+}
+
+/// Why one try of a batch could not settle it.
+#[derive(Debug)]
+enum TryError {
+    /// The rows could not be looked up: the try is repeated.
+    Database(sqlx::Error),
+    /// Exactly-once: the Kafka transaction could not be run or its end is
+    /// unknown. The reading session ends; the next one fences this
+    /// producer and settles the batch from the slot's checkpoint.
+    Kafka(String),
+    /// The crash hook (tests): stop right after the Kafka commit, as if
+    /// killed.
+    Halted,
+}
+
+impl From<sqlx::Error> for TryError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(e)
     }
 }
 
@@ -841,6 +1030,7 @@ fn from_row(columns: &[String], values: Vec<Value>) -> Option<Event> {
         origin: Origin::Row(row.id),
         row,
         malformed,
+        in_kafka: false,
     })
 }
 
@@ -924,6 +1114,7 @@ fn from_message(content: &[u8], lsn: Lsn, at: DateTime<Utc>) -> Event {
             row,
             origin: Origin::Message,
             malformed: None,
+            in_kafka: false,
         },
         Err(why) => {
             let mut row = empty_row();
@@ -934,6 +1125,7 @@ fn from_message(content: &[u8], lsn: Lsn, at: DateTime<Utc>) -> Event {
                 row,
                 origin: Origin::Message,
                 malformed: Some(format!("malformed outbox message at {lsn}: {why}")),
+                in_kafka: false,
             }
         }
     }

@@ -247,6 +247,31 @@ impl RunningRelay {
             .context("relay did not stop within 30s")??;
         Ok(())
     }
+
+    /// Runs an exactly-once relay with `cfg` (brokers filled in) that
+    /// stops, as if killed, right after its first Kafka commit and before
+    /// it records that batch in the database; returns once it stopped.
+    pub async fn crash_after_first_commit(
+        pool: &sqlx::PgPool,
+        cfg: outbox_relay::RelayConfig,
+    ) -> anyhow::Result<()> {
+        let crashing = Self::start(
+            pool,
+            outbox_relay::RelayConfig {
+                crash_after_kafka_commit: Some(outbox_relay::config::CrashAfterCommit {
+                    one_in: 1,
+                    abort_process: false,
+                }),
+                ..cfg
+            },
+        )?;
+        let health = crashing.health.clone();
+        eventually(Duration::from_secs(90), "the crash hook fired", || async {
+            Ok(health.state() == outbox_relay::health::State::Stopping)
+        })
+        .await?;
+        crashing.stop().await
+    }
 }
 
 /// Publishes every pending row with a quick in-process relay, then stops it.
@@ -675,6 +700,34 @@ pub fn java_interop(args: &[&str]) -> anyhow::Result<Vec<String>> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(stdout.lines().map(str::to_string).collect())
+}
+
+/// The event ids the Java consumer (`tests/interop/`) reads from `topic` at
+/// `isolation` (`read_committed`, `read_uncommitted`): at least `count`,
+/// and whatever more comes within 3 s.
+pub fn java_ids(topic: &str, count: usize, isolation: &str) -> anyhow::Result<Vec<String>> {
+    let lines = java_interop(&["read", &brokers(), topic, &count.to_string(), isolation])?;
+    lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            Ok(v["id"].as_str().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+/// How many times each event id (`ce_id`) arrived.
+pub fn copies(got: &[Received]) -> HashMap<String, usize> {
+    let mut n = HashMap::new();
+    for r in got {
+        *n.entry(
+            r.header(outbox_core::headers::CE_ID)
+                .unwrap_or("?")
+                .to_string(),
+        )
+        .or_default() += 1;
+    }
+    n
 }
 
 /// A replication slot name for a test: `test_p<pid>_<what>_<random>`.

@@ -3,17 +3,14 @@
 //! commit, and an aborted transaction, publish nothing twice for a
 //! `read_committed` reader.
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::Duration,
-};
+use std::{collections::HashSet, time::Duration};
 
 use integration_tests::{
-    append_events, brokers, consume, eventually, java_interop, outbox_with_topic, pending, unique,
-    Received, RunningRelay,
+    append_events, brokers, consume, copies, eventually, java_ids, outbox_with_topic, pending,
+    unique, RunningRelay,
 };
-use outbox_core::{append, headers as h, NewEvent};
-use outbox_relay::{config::CrashAfterCommit, health::State, PoisonPolicy, RelayConfig};
+use outbox_core::{append, NewEvent};
+use outbox_relay::{PoisonPolicy, RelayConfig};
 use rdkafka::{
     consumer::{Consumer, StreamConsumer},
     ClientConfig, Message,
@@ -34,29 +31,6 @@ fn eo_cfg(checkpoint_topic: &str) -> RelayConfig {
         heartbeat_interval: Duration::from_millis(500),
         ..integration_tests::quick_relay_config()
     }
-}
-
-/// How many times each event id arrived.
-fn copies(got: &[Received]) -> HashMap<String, usize> {
-    let mut n = HashMap::new();
-    for r in got {
-        *n.entry(r.header(h::CE_ID).unwrap_or("?").to_string())
-            .or_default() += 1;
-    }
-    n
-}
-
-/// The event ids the Java consumer (`tests/interop/`) reads from `topic` at
-/// `isolation`: at least `count`, and whatever more comes within 3 s.
-fn java_ids(topic: &str, count: usize, isolation: &str) -> anyhow::Result<Vec<String>> {
-    let lines = java_interop(&["read", &brokers(), topic, &count.to_string(), isolation])?;
-    lines
-        .iter()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l)?;
-            Ok(v["id"].as_str().unwrap_or_default().to_string())
-        })
-        .collect()
 }
 
 /// Every record of `topic` as a `read_uncommitted` reader sees it, aborted
@@ -106,22 +80,7 @@ async fn a_crash_between_the_kafka_and_database_commits_publishes_nothing_twice(
         let checkpoints = unique("eo-checkpoints");
         append_events(&pool, &topic, 300, 20).await?;
 
-        let crashing = RunningRelay::start(
-            &pool,
-            RelayConfig {
-                crash_after_kafka_commit: Some(CrashAfterCommit {
-                    one_in: 1,
-                    abort_process: false,
-                }),
-                ..eo_cfg(&checkpoints)
-            },
-        )?;
-        let health = crashing.health.clone();
-        eventually(WAIT, "the crash hook fired", || async {
-            Ok(health.state() == State::Stopping)
-        })
-        .await?;
-        crashing.stop().await?;
+        RunningRelay::crash_after_first_commit(&pool, eo_cfg(&checkpoints)).await?;
         // Its batch is in Kafka, its claim rolled back.
         assert_eq!(pending(&pool).await?, 300, "the claim rolled back");
         let visible = consume(&topic, 50, WAIT, SETTLE).await?;

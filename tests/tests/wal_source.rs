@@ -663,3 +663,97 @@ async fn a_delayed_event_is_published_when_due_in_commit_order_at_that_time(
     drop_test_slots(&pool, &[&slot_name]).await;
     Ok(())
 }
+
+/// Exactly-once with the WAL source: the first relay stops (as if killed)
+/// right after its first Kafka commit, before it records the batch, so that
+/// batch is in Kafka while its rows are pending and the slot has not moved.
+/// The relay that takes the slot over fences it, reads the slot's
+/// checkpoint, deletes those rows without sending them again, and
+/// publishes the rest: each event once for `read_committed` readers, the
+/// Java consumer included. With the checkpoint out of the taker's sight
+/// (another checkpoint topic), the same crash sends that batch twice,
+/// which shows the test can fail.
+#[sqlx::test(migrations = false)]
+async fn exactly_once_a_crash_after_the_kafka_commit_sends_nothing_twice(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    use integration_tests::{copies, java_ids};
+    for checkpoint_seen in [true, false] {
+        let topic = outbox_with_topic(&pool, "wal-eo", 3).await?;
+        let (slot_name, cfg) = wal_setup(&pool).await?;
+        let checkpoints = unique("wal-eo-checkpoints");
+        let eo = |checkpoint_topic: &str| RelayConfig {
+            exactly_once: true,
+            checkpoint_topic: checkpoint_topic.to_string(),
+            batch_size: 50,
+            lease_ttl: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_millis(500),
+            ..cfg.clone()
+        };
+        // Written before the relay starts: full batches of 50.
+        write_events(&pool, &topic, 0..300).await?;
+        RunningRelay::crash_after_first_commit(&pool, eo(&checkpoints)).await?;
+        // Up to 50 events: whatever had arrived when the stream paused.
+        let first = consume(&topic, 1, WAIT, SETTLE).await?.len();
+        assert!(first <= 50, "one batch was committed in Kafka: {first}");
+        assert_eq!(
+            left_in_outbox(&pool).await?,
+            150,
+            "every row is still pending, the first batch's too"
+        );
+        if checkpoint_seen {
+            let (code, out) = integration_tests::relay_cli(
+                &database_url(&pool),
+                &[
+                    "status",
+                    "--exactly-once",
+                    "--kafka-brokers",
+                    &integration_tests::brokers(),
+                    "--checkpoint-topic",
+                    &checkpoints,
+                ],
+            );
+            assert_eq!(code, 0, "{out}");
+            assert!(
+                out.contains(&format!("slot:{slot_name} (relay ")) && out.contains(" up to "),
+                "status shows the slot's checkpoint: {out}"
+            );
+        }
+        let taker_checkpoints = if checkpoint_seen {
+            checkpoints.clone()
+        } else {
+            unique("wal-eo-elsewhere")
+        };
+        let taker = RunningRelay::start(&pool, eo(&taker_checkpoints))?;
+        let expected = if checkpoint_seen { 300 } else { 300 + first };
+        let got = consume(&topic, expected, WAIT, SETTLE).await?;
+        eventually(WAIT, "every row deleted", || async {
+            Ok(left_in_outbox(&pool).await? == 0)
+        })
+        .await?;
+        taker.stop().await?;
+        let twice = check_complete_in_order(&got, 300);
+        println!(
+            "checkpoint seen: {checkpoint_seen}; first batch {first}; {} records, {twice} twice",
+            got.len()
+        );
+        if checkpoint_seen {
+            assert_eq!(twice, 0, "each event exactly once");
+            let per_event = copies(&got);
+            assert!(per_event.values().all(|n| *n == 1), "{per_event:?}");
+            let java = java_ids(&topic, 300, "read_committed")?;
+            assert_eq!(java.len(), 300, "the Java consumer read each record once");
+            assert_eq!(
+                java.iter().collect::<std::collections::HashSet<_>>().len(),
+                300
+            );
+        } else {
+            assert_eq!(
+                twice, first,
+                "without the checkpoint the crashed batch comes twice"
+            );
+        }
+        drop_test_slots(&pool, &[&slot_name]).await;
+    }
+    Ok(())
+}
