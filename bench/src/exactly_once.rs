@@ -1,11 +1,20 @@
 //! `exactly-once`: what `--exactly-once` costs, side by side in one run:
 //! the drain of a backlog and commit-to-ack at a fixed offered load, each
-//! with the relay's defaults and with Kafka transactions.
+//! with the relay's defaults and with Kafka transactions. With `--wal`, both
+//! relays read the WAL (`--source wal`): the drain of a backlog of rows,
+//! and commit-to-ack with table-less events (the WAL source's fast path).
 
 use outbox_relay::RelayConfig;
 
-use crate::{drain::relay_drain, latency::measure, median, samples, Env};
+use crate::{
+    drain::relay_drain,
+    latency::{measure_with, Measured},
+    median, samples,
+    wal::{wal_config, wal_drain, wal_latency},
+    Env,
+};
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn exactly_once(
     env: &Env,
     recorder: &samples::Samples,
@@ -14,23 +23,44 @@ pub(crate) async fn exactly_once(
     batch_size: usize,
     rate: u64,
     seconds: u64,
+    wal: bool,
 ) -> anyhow::Result<()> {
+    let source = if wal { "WAL source" } else { "poll source" };
     println!(
-        "== exactly-once: drain of {rows} rows (batch {batch_size}) and commit-to-ack at {rate}/s for {seconds}s, \
-         relay defaults vs --exactly-once, alternating in each run"
+        "== exactly-once ({source}): drain of {rows} rows (batch {batch_size}) and commit-to-ack at \
+         {rate}/s for {seconds}s, relay defaults vs --exactly-once, alternating in each run"
     );
-    let plain = RelayConfig::default();
+    let plain = if wal {
+        wal_config(env, RelayConfig::default().batch_size)?
+    } else {
+        RelayConfig::default()
+    };
     let eo = RelayConfig {
         exactly_once: true,
         checkpoint_topic: format!(
             "bench-checkpoints-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         ),
-        ..RelayConfig::default()
+        ..plain.clone()
     };
     let drain_cfg = |c: &RelayConfig| RelayConfig {
         batch_size,
         ..c.clone()
+    };
+    let relay_drain = |env, recorder, rows, cfg| async move {
+        if wal {
+            wal_drain(env, recorder, rows, cfg).await
+        } else {
+            relay_drain(env, recorder, rows, cfg).await
+        }
+    };
+    let measure = |env, recorder, rate, seconds, cfg| async move {
+        let m: anyhow::Result<Measured> = if wal {
+            wal_latency(env, recorder, rate, seconds, cfg, true).await
+        } else {
+            measure_with(env, recorder, rate, seconds, cfg, false).await
+        };
+        m
     };
     let (mut drain_ratio, mut p50_ratio, mut p99_ratio) = (vec![], vec![], vec![]);
     let (mut d_plain, mut d_eo, mut p99_plain, mut p99_eo) = (vec![], vec![], vec![], vec![]);

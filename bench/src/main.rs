@@ -125,7 +125,7 @@ enum Which {
     },
     /// What `--exactly-once` costs: drain and commit-to-ack latency with
     /// and without it, side by side.
-    ExactlyOnce(SideBySide),
+    ExactlyOnce(ExactlyOnceArgs),
     /// The relay draining into RabbitMQ (`--sink rabbitmq`) vs a raw lapin
     /// publisher, side by side.
     Rabbitmq(rabbitmq::RabbitArgs),
@@ -179,6 +179,17 @@ enum Which {
         #[arg(long)]
         lease_ttl_ms: u64,
     },
+}
+
+/// The arguments of `exactly-once`.
+#[derive(Debug, clap::Args)]
+struct ExactlyOnceArgs {
+    #[command(flatten)]
+    side: SideBySide,
+    /// Both relays read the WAL (`--source wal`); latency with table-less
+    /// events.
+    #[arg(long)]
+    wal: bool,
 }
 
 /// The arguments of a side-by-side comparison (`exactly-once`, `wal`): a
@@ -262,14 +273,20 @@ async fn main() -> anyhow::Result<()> {
             rate,
             seconds,
         }) => wal::wal(&env, &recorder, args.runs, rows, batch_size, rate, seconds).await?,
-        Which::ExactlyOnce(SideBySide {
-            rows,
-            batch_size,
-            rate,
-            seconds,
+        Which::ExactlyOnce(ExactlyOnceArgs {
+            side:
+                SideBySide {
+                    rows,
+                    batch_size,
+                    rate,
+                    seconds,
+                },
+            wal,
         }) => {
-            exactly_once::exactly_once(&env, &recorder, args.runs, rows, batch_size, rate, seconds)
-                .await?
+            exactly_once::exactly_once(
+                &env, &recorder, args.runs, rows, batch_size, rate, seconds, wal,
+            )
+            .await?
         }
         Which::Debezium {
             rows,
@@ -318,7 +335,8 @@ async fn main() -> anyhow::Result<()> {
             consumer::consumer(&env, args.runs, 20_000, true).await?;
             relays::scaling(&env, &recorder, args.runs, 300_000, 5000, &[1, 2, 4]).await?;
             relays::failover(&env, args.runs, 500, Duration::from_secs(10)).await?;
-            exactly_once::exactly_once(&env, &recorder, args.runs, 300_000, 5000, 2000, 20).await?;
+            exactly_once::exactly_once(&env, &recorder, args.runs, 300_000, 5000, 2000, 20, false)
+                .await?;
         }
     }
     Ok(())

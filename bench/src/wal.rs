@@ -13,7 +13,7 @@ use crate::{drain::relay_drain, latency::measure_with, median, samples, Env};
 const SLOT: &str = "outbox_bench_wal";
 
 /// A relay config reading the bench's slot.
-fn wal_config(env: &Env, batch_size: usize) -> anyhow::Result<RelayConfig> {
+pub(crate) fn wal_config(env: &Env, batch_size: usize) -> anyhow::Result<RelayConfig> {
     let mut wal = WalSource::new(slot::ReplicationTarget::from_url(&env.url)?);
     wal.slot = SLOT.into();
     wal.publication = SLOT.into();
@@ -24,29 +24,30 @@ fn wal_config(env: &Env, batch_size: usize) -> anyhow::Result<RelayConfig> {
     })
 }
 
-/// The WAL relay's drain of a backlog written after its slot, rows/s.
-async fn wal_drain(
+/// The drain of a backlog written after the slot by a relay reading it
+/// with `cfg` ([`wal_config`] and more), rows/s.
+pub(crate) async fn wal_drain(
     env: &Env,
     recorder: &samples::Samples,
     rows: i64,
-    batch_size: usize,
+    cfg: RelayConfig,
 ) -> anyhow::Result<f64> {
     env.fresh_slot(SLOT).await?;
-    let rate = relay_drain(env, recorder, rows, wal_config(env, batch_size)?).await;
+    let rate = relay_drain(env, recorder, rows, cfg).await;
     env.drop_slot(SLOT).await;
     rate
 }
 
-/// Commit-to-ack through a WAL relay on a fresh slot.
-async fn wal_latency(
+/// Commit-to-ack through a relay reading a fresh slot with `cfg`.
+pub(crate) async fn wal_latency(
     env: &Env,
     recorder: &samples::Samples,
     rate: u64,
     seconds: u64,
+    cfg: RelayConfig,
     table_less: bool,
 ) -> anyhow::Result<crate::latency::Measured> {
     env.fresh_slot(SLOT).await?;
-    let cfg = wal_config(env, RelayConfig::default().batch_size)?;
     let m = measure_with(env, recorder, rate, seconds, cfg, table_less).await;
     env.drop_slot(SLOT).await;
     m
@@ -75,10 +76,11 @@ pub(crate) async fn wal(
     let (mut p50_poll, mut p50_rows, mut p50_less) = (vec![], vec![], vec![]);
     for run in 1..=runs {
         let a = relay_drain(env, recorder, rows, poll.clone()).await?;
-        let b = wal_drain(env, recorder, rows, batch_size).await?;
+        let b = wal_drain(env, recorder, rows, wal_config(env, batch_size)?).await?;
         let lp = measure_with(env, recorder, rate, seconds, RelayConfig::default(), false).await?;
-        let lr = wal_latency(env, recorder, rate, seconds, false).await?;
-        let lt = wal_latency(env, recorder, rate, seconds, true).await?;
+        let reading = wal_config(env, RelayConfig::default().batch_size)?;
+        let lr = wal_latency(env, recorder, rate, seconds, reading.clone(), false).await?;
+        let lt = wal_latency(env, recorder, rate, seconds, reading, true).await?;
         println!(
             "run {run}: drain poll {a:>8.0}/s  wal {b:>8.0}/s  (wal/poll {:.2})  |  at {:.0}/{:.0}/{:.0} events/s: \
              p50 {:.1} / {:.1} / {:.1} ms, p99 {:.1} / {:.1} / {:.1} ms, p99.9 {:.1} / {:.1} / {:.1} ms \

@@ -471,6 +471,20 @@ impl ExactlyOnce {
     }
 }
 
+/// Why a batch's transaction is not committed, given its checkpoint
+/// record's delivery outcome: the checkpoint's own failure, or else a
+/// record's.
+pub(crate) fn abort_reason(checkpoint: Option<&crate::publisher::Outcome>) -> String {
+    use crate::publisher::Outcome;
+    match checkpoint {
+        Some(Outcome::Delivered) => "a record was not acknowledged".to_string(),
+        Some(Outcome::Permanent(r) | Outcome::Transient(r)) => {
+            format!("the checkpoint was not acknowledged: {r}")
+        }
+        None => "the checkpoint's delivery report did not come".to_string(),
+    }
+}
+
 /// Counts this relay's producer being fenced by another one.
 fn note_fenced(e: &KafkaError) {
     if matches!(

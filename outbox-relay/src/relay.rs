@@ -641,15 +641,13 @@ impl Relay {
         } else {
             Vec::new()
         };
+        // From the transaction's begin to its end, the batch waits on the
+        // broker: on its leaders for the sends and, in exactly-once mode, on
+        // its transaction coordinator too. A stall anywhere there counts for
+        // readiness.
+        let mut awaiting = (sent > 0).then(|| self.health.awaiting(sent));
         if let Some(eo) = txn {
-            // Beginning and ending the transaction wait on the broker's
-            // transaction coordinator like the sends wait on the leaders:
-            // a stall there counts for readiness too.
-            let began = {
-                let _awaiting = self.health.awaiting(sent);
-                eo.begin(self.kafka()).await
-            };
-            if let Err(e) = began {
+            if let Err(e) = eo.begin(self.kafka()).await {
                 let _ = tx.rollback().await;
                 eo.owe(&[], true, ticket);
                 return Err(BatchError::Broker(format!(
@@ -660,17 +658,13 @@ impl Relay {
         }
         let (mut outcomes, next) = match (sent > 0, in_flight) {
             (true, Some(in_flight)) => {
-                let _awaiting = self.health.awaiting(sent);
                 let (outcomes, next) =
                     tokio::join!(self.sink.publish(records), self.claim(in_flight));
                 // A failed prefetch is not this batch's problem; the next
                 // claim will meet the error again.
                 (outcomes, next.ok())
             }
-            (true, None) => {
-                let _awaiting = self.health.awaiting(sent);
-                (self.sink.publish(records).await, None)
-            }
+            (true, None) => (self.sink.publish(records).await, None),
             (false, _) => (Vec::new(), None),
         };
         let checkpoint = if txn.is_some() {
@@ -683,17 +677,9 @@ impl Relay {
         let mut aborted: Option<String> = None;
         if let Some(eo) = txn {
             let commit = batch.all_sent_delivered(&fates) && checkpoint == Some(Outcome::Delivered);
-            let why = match &checkpoint {
-                Some(Outcome::Delivered) => "a record was not acknowledged".to_string(),
-                Some(Outcome::Permanent(r) | Outcome::Transient(r)) => {
-                    format!("the checkpoint was not acknowledged: {r}")
-                }
-                None => "the checkpoint's delivery report did not come".to_string(),
-            };
-            let ended = {
-                let _awaiting = self.health.awaiting(sent);
-                eo.end(self.kafka(), commit, &why).await
-            };
+            let why = crate::exactly_once::abort_reason(checkpoint.as_ref());
+            let ended = eo.end(self.kafka(), commit, &why).await;
+            drop(awaiting.take());
             match ended {
                 Ended::Committed => {
                     committed_in_kafka = true;
@@ -725,6 +711,7 @@ impl Relay {
                 }
             }
         }
+        drop(awaiting);
         // Committed in Kafka, not yet in the database: owed until finished.
         let owe_sent = |what: &str| {
             if let (true, Some(eo)) = (committed_in_kafka, txn) {

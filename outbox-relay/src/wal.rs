@@ -317,17 +317,12 @@ async fn wal_insert_position(pool: &sqlx::PgPool) -> Lsn {
         sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
             .fetch_one(pool)
             .await;
-    match read.map(|l| Lsn::parse(&l)) {
-        Ok(Ok(lsn)) => lsn,
-        Ok(Err(e)) => {
-            warn!(error = %e, "cannot parse the WAL insert position; every row is looked up");
-            Lsn::from_u64(u64::MAX)
-        }
-        Err(e) => {
+    read.map_err(|e| e.to_string())
+        .and_then(|l| Lsn::parse(&l).map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| {
             warn!(error = %e, "cannot read the WAL insert position; every row is looked up");
             Lsn::from_u64(u64::MAX)
-        }
-    }
+        })
 }
 
 /// One replication connection's reading.
@@ -698,11 +693,10 @@ impl<'a> Session<'a> {
             .partition(|e| e.in_kafka && e.malformed.is_none());
         for e in &done {
             if let Origin::Row(id) = e.origin {
-                outcome.delivered_rows.push(id);
-                outcome.delivered_ids.push(e.row.event_id);
+                outcome.delivered.push((id, e.row.event_id));
             }
         }
-        let recovered = outcome.delivered_rows.len();
+        let recovered = outcome.delivered.len();
         if recovered > 0 {
             crate::telemetry::checkpoint_finished(recovered);
             info!(
@@ -732,8 +726,9 @@ impl<'a> Session<'a> {
         let health = relay.health();
         let sends = records.iter().filter(|r| r.is_some()).count();
         let txn = relay.exactly_once.as_ref().filter(|_| sends > 0);
+        // The broker owes the sends (and the transaction's begin).
+        let awaiting = (sends > 0).then(|| health.awaiting(sends));
         if let Some(eo) = txn {
-            let _awaiting = health.awaiting(sends);
             eo.begin(relay.kafka())
                 .await
                 .map_err(|e| TryError::Kafka(format!("cannot begin a Kafka transaction: {e}")))?;
@@ -745,11 +740,11 @@ impl<'a> Session<'a> {
             )));
         }
         let mut outcomes = if sends > 0 {
-            let _awaiting = health.awaiting(sends);
             relay.sink.publish(records).await
         } else {
             vec![None; events.len()]
         };
+        drop(awaiting);
         let checkpoint = txn.and_then(|_| outcomes.pop().flatten());
         let mut fates = batch.settle(&outcomes);
         // A held event follows its key: failed if an earlier event of the
@@ -770,8 +765,7 @@ impl<'a> Session<'a> {
                     // see the ids still on their way), so writing it would
                     // only cost (a third of the drain rate).
                     if let Some(id) = row_id {
-                        outcome.delivered_rows.push(id);
-                        outcome.delivered_ids.push(e.row.event_id);
+                        outcome.delivered.push((id, e.row.event_id));
                     }
                 }
                 Fate::Failed(reason) => {
@@ -803,13 +797,7 @@ impl<'a> Session<'a> {
                 };
                 commit = self.writer.write(&failures).await;
             }
-            let why = match &checkpoint {
-                Some(crate::publisher::Outcome::Delivered) => {
-                    "a record was not acknowledged".to_string()
-                }
-                Some(other) => format!("the checkpoint was not acknowledged: {other:?}"),
-                None => "the checkpoint's delivery report did not come".to_string(),
-            };
+            let why = crate::exactly_once::abort_reason(checkpoint.as_ref());
             let ended = {
                 let _awaiting = health.awaiting(sends);
                 eo.end(relay.kafka(), commit, &why).await
@@ -829,8 +817,7 @@ impl<'a> Session<'a> {
                     }
                     debug!(reason = %reason, "Kafka transaction aborted; sending its events again");
                     // Nothing of it is visible: all but the failed go again.
-                    outcome.delivered_rows.truncate(recovered);
-                    outcome.delivered_ids.truncate(recovered);
+                    outcome.delivered.truncate(recovered);
                     again = events
                         .iter()
                         .enumerate()

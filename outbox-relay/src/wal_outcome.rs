@@ -38,12 +38,11 @@ use outbox_core::backoff::Backoff;
 /// transaction.
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
-    /// Delivered rows: deleted.
-    pub(crate) delivered_rows: Vec<i64>,
-    /// Their event ids: remembered (`outbox_published_ids`), when the
-    /// relay remembers published ids. Table-less events' ids are not
-    /// (docs/schema.md, "What unique means for `event_id`").
-    pub(crate) delivered_ids: Vec<Uuid>,
+    /// Delivered rows (id, event id): deleted, and their event ids
+    /// remembered (`outbox_published_ids`) when the relay remembers
+    /// published ids. Table-less events' ids are not (docs/schema.md,
+    /// "What unique means for `event_id`").
+    pub(crate) delivered: Vec<(i64, Uuid)>,
     /// Failed rows (by id, `Some`) and failed table-less events (`None`:
     /// inserted as failed rows), with the reason.
     pub(crate) failed: Vec<(Option<i64>, OutboxRow, String)>,
@@ -51,7 +50,7 @@ pub(crate) struct Outcome {
 
 impl Outcome {
     fn is_empty(&self) -> bool {
-        self.delivered_rows.is_empty() && self.delivered_ids.is_empty() && self.failed.is_empty()
+        self.delivered.is_empty() && self.failed.is_empty()
     }
 }
 
@@ -109,9 +108,10 @@ impl Writer {
 
     async fn write_once(&self, outcome: &Outcome) -> Result<(), sqlx::Error> {
         let mut tx = self.writes.begin().await?;
-        if !outcome.delivered_rows.is_empty() {
-            let remember = self.remember.then_some(outcome.delivered_ids.as_slice());
-            delete_delivered(&mut tx, &self.pool, &outcome.delivered_rows, remember).await?;
+        if !outcome.delivered.is_empty() {
+            let (ids, event_ids): (Vec<i64>, Vec<Uuid>) = outcome.delivered.iter().copied().unzip();
+            let remember = self.remember.then_some(event_ids.as_slice());
+            delete_delivered(&mut tx, &self.pool, &ids, remember).await?;
         }
         for (id, r, reason) in &outcome.failed {
             match id {
