@@ -21,6 +21,12 @@
 #   emit-sql   base + the statement outbox_core::emit() sends: the same
 #              message built by one SQL expression, validated in Rust, no
 #              PL/pgSQL call
+#   outbox-notrig, outbox-notify, outbox-check, outbox-nopend
+#              the parts of the outbox row: base + a row in a copy of the
+#              outbox table (LIKE outbox INCLUDING ALL: its columns,
+#              defaults, checks and indexes) with no trigger, with only the
+#              NOTIFY trigger, with only the published-id check (V5/V9),
+#              and with no trigger and no pending index
 #   debezium   base + a row in Debezium's recommended outbox table (uuid
 #              primary key, aggregatetype, aggregateid, type, payload jsonb;
 #              nothing else), as its outbox event router reads it
@@ -74,7 +80,8 @@ as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -o \
 psql_ -c "DROP SCHEMA public CASCADE; CREATE SCHEMA public;" \
   -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots" \
   -c "DROP PUBLICATION IF EXISTS floor_none" >/dev/null
-for f in "$ROOT"/outbox-core/migrations/V*.sql; do psql_ -f "$f" >/dev/null; done
+# In version order (V10 after V9, not after V1).
+for f in $(ls "$ROOT"/outbox-core/migrations/V*.sql | sort -V); do psql_ -f "$f" >/dev/null; done
 psql_ >/dev/null <<'SQL'
 CREATE TABLE bench_orders (id bigserial PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL,
                            created_at timestamptz NOT NULL DEFAULT now());
@@ -85,6 +92,20 @@ CREATE TABLE bare_outbox (LIKE outbox INCLUDING DEFAULTS INCLUDING IDENTITY);
 CREATE TABLE debezium_outbox (id uuid PRIMARY KEY, aggregatetype varchar(255) NOT NULL,
                               aggregateid varchar(255) NOT NULL, type varchar(255) NOT NULL,
                               payload jsonb);
+-- The outbox row's parts: copies of the table, each with some of its triggers.
+CREATE TABLE outbox_notrig (LIKE outbox INCLUDING ALL);
+CREATE TABLE outbox_notify (LIKE outbox INCLUDING ALL);
+CREATE TRIGGER outbox_notify AFTER INSERT ON outbox_notify
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify();
+CREATE TABLE outbox_check (LIKE outbox INCLUDING ALL);
+CREATE TRIGGER outbox_refuse_published_ids AFTER INSERT ON outbox_check
+    REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION outbox_refuse_published_ids();
+CREATE TABLE outbox_nopend (LIKE outbox INCLUDING ALL);
+DO $$ DECLARE i regclass; BEGIN
+  SELECT indexrelid::regclass INTO i FROM pg_index
+  WHERE indrelid = 'outbox_nopend'::regclass AND pg_get_indexdef(indexrelid) LIKE '%''pending''%';
+  EXECUTE 'DROP INDEX ' || i;
+END $$;
 CREATE PUBLICATION floor_none;  -- no tables: the decoder sends only the messages
 SELECT pg_create_logical_replication_slot('floor_slot', 'pgoutput');
 SQL
@@ -96,6 +117,7 @@ script base ""
 script tiny "INSERT INTO bench_second (customer, total) VALUES ('c' || :client_id, 1.5);"
 script bare "INSERT INTO bare_outbox $ROW;"
 script outbox "INSERT INTO outbox $ROW;"
+for part in notrig notify check nopend; do script "outbox-$part" "INSERT INTO outbox_$part $ROW;"; done
 # The event as JSON text with a fresh id, as the message's content.
 MESSAGE=$(cat <<'SQL'
 SELECT pg_logical_emit_message(true, 'outbox', '{"event_id":"' || gen_random_uuid() || '","aggregate_type":"order","aggregate_id":"123","event_type":"order.created","event_version":1,"topic":"bench-orders","payload":{"id":123,"customer":"c1"},"headers":{},"occurred_at":"2026-11-24T16:00:00Z"}');
@@ -127,7 +149,8 @@ caught_up() { # wait until the decoder has confirmed everything written so far
 echo "producer floor: pgbench -M prepared, $SECS s per variant, $ROUNDS rounds, PostgreSQL $("$BIN/postgres" -V | awk '{print $3}')"
 for round in $(seq 1 "$ROUNDS"); do
   for c in 1 8; do
-    for v in base tiny bare outbox debezium message emit emit-sql; do
+    for v in base tiny bare outbox outbox-notrig outbox-notify outbox-check outbox-nopend debezium \
+      message emit emit-sql; do
       ms=$(latency "$c" "$v")
       echo "$round $c $v $ms" >>"$WORK/results"
     done
@@ -154,7 +177,8 @@ def ratios(c, v, base):
 print(f"{'clients':>7} {'variant':<16} {'latency ms (median)':>20} {'÷ base (median)':>16}  per round")
 for c in ("1", "8"):
     for v, base in (("base", "base"), ("tiny", "base"), ("bare", "base"), ("outbox", "base"),
-                    ("debezium", "base"), ("message", "base"), ("emit", "base"), ("emit-sql", "base"),
+                    ("outbox-notrig", "base"), ("outbox-notify", "base"), ("outbox-check", "base"),
+                    ("outbox-nopend", "base"), ("debezium", "base"), ("message", "base"), ("emit", "base"), ("emit-sql", "base"),
                     ("base+decoder", "base+decoder"), ("message+decoder", "base+decoder"),
                     ("emit+decoder", "base+decoder"),
                     ("emit-sql+decoder", "base+decoder")):

@@ -329,7 +329,8 @@ pub struct RunArgs {
     pub checkpoint_topic: String,
 
     /// With --exactly-once: the transactional.id prefix (the relay id
-    /// follows it); with ACLs, grant WRITE and DESCRIBE on this prefix.
+    /// follows it; with --source wal, `slot-` and the slot's name); with
+    /// ACLs, grant WRITE and DESCRIBE on this prefix.
     #[arg(
         long,
         env = "RELAY_TRANSACTIONAL_ID_PREFIX",
