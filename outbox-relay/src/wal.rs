@@ -786,56 +786,77 @@ impl<'a> Session<'a> {
             }
         }
         if let Some(eo) = txn {
-            let mut commit = again.is_empty()
+            let acknowledged = again.is_empty()
                 && batch.all_sent_delivered(&fates)
                 && checkpoint == Some(crate::publisher::Outcome::Delivered);
-            if commit && !outcome.failed.is_empty() {
-                // The failures first (see above).
-                let failures = Outcome {
-                    failed: std::mem::take(&mut outcome.failed),
-                    ..Outcome::default()
-                };
-                commit = self.writer.write(&failures).await;
-            }
             let why = crate::exactly_once::abort_reason(checkpoint.as_ref());
-            let ended = {
-                let _awaiting = health.awaiting(sends);
-                eo.end(relay.kafka(), commit, &why).await
-            };
-            match ended {
-                Ended::Committed => {
-                    if eo.crash_now() {
-                        return Err(TryError::Halted);
-                    }
-                }
-                Ended::Aborted { reason, reinit } => {
-                    if reinit {
-                        return Err(TryError::Kafka(format!(
-                            "the Kafka transaction was aborted, and its producer must be \
-                             re-created: {reason}"
-                        )));
-                    }
-                    debug!(reason = %reason, "Kafka transaction aborted; sending its events again");
-                    // Nothing of it is visible: all but the failed go again.
-                    outcome.delivered.truncate(recovered);
-                    again = events
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| !failed_at.contains(i))
-                        .map(|(_, e)| (*e).clone())
-                        .collect();
-                    fates = crate::batch::aborted(fates);
-                }
-                Ended::Unknown(reason) => {
-                    return Err(TryError::Kafka(format!(
-                        "the Kafka transaction's outcome is unknown ({reason}); the next \
-                         reading settles it from the slot's checkpoint"
-                    )));
-                }
+            if !self
+                .end_transaction(eo, acknowledged, &why, &mut outcome, sends)
+                .await?
+            {
+                // Nothing of it is visible: all but the failed go again.
+                outcome.delivered.truncate(recovered);
+                again = events
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !failed_at.contains(i))
+                    .map(|(_, e)| (*e).clone())
+                    .collect();
+                fates = crate::batch::aborted(fates);
             }
         }
         note_delivered(batch.rows(), &fates, started);
         Ok((again, outcome))
+    }
+
+    /// Exactly-once: ends a try's Kafka transaction, committing it if every
+    /// record of it was `acknowledged`, after writing the try's failures
+    /// (taken from `outcome`) to the table. Returns whether it committed;
+    /// `false` when it was aborted, so that its events go again. Errs when
+    /// the session must end: the crash hook, an abort that failed, or a
+    /// commit whose outcome is unknown (the next session settles those from
+    /// the slot's checkpoint).
+    async fn end_transaction(
+        &self,
+        eo: &crate::exactly_once::ExactlyOnce,
+        acknowledged: bool,
+        why: &str,
+        outcome: &mut Outcome,
+        sends: usize,
+    ) -> Result<bool, TryError> {
+        let mut commit = acknowledged;
+        if commit && !outcome.failed.is_empty() {
+            let failures = Outcome {
+                failed: std::mem::take(&mut outcome.failed),
+                ..Outcome::default()
+            };
+            // Only false when the relay stops: then abort.
+            commit = self.writer.write(&failures).await;
+        }
+        let relay = self.relay;
+        let ended = {
+            let health = relay.health();
+            let _awaiting = health.awaiting(sends);
+            eo.end(relay.kafka(), commit, why).await
+        };
+        match ended {
+            Ended::Committed if eo.crash_now() => Err(TryError::Halted),
+            Ended::Committed => Ok(true),
+            Ended::Aborted {
+                reason,
+                reinit: false,
+            } => {
+                debug!(reason = %reason, "Kafka transaction aborted; sending its events again");
+                Ok(false)
+            }
+            Ended::Aborted { reason, .. } => Err(TryError::Kafka(format!(
+                "the Kafka transaction was aborted, and its producer must be re-created: {reason}"
+            ))),
+            Ended::Unknown(reason) => Err(TryError::Kafka(format!(
+                "the Kafka transaction's outcome is unknown ({reason}); the next reading \
+                 settles it from the slot's checkpoint"
+            ))),
+        }
     }
 }
 

@@ -227,11 +227,35 @@ async fn a_restarted_relay_resumes_from_the_slot_and_a_standby_takes_over(
     Ok(())
 }
 
+/// Also with `--exactly-once`, where the failures are recorded before the
+/// batch's Kafka transaction commits.
 #[sqlx::test(migrations = false)]
 async fn a_poison_event_goes_to_failed_and_holds_its_key(pool: PgPool) -> anyhow::Result<()> {
+    // Built now, not at the first `relay_cli` below: a build then would
+    // block this test's one thread, and the in-process relay's lease with
+    // it.
+    integration_tests::relay_bin();
+    for exactly_once in [false, true] {
+        poison_event_goes_to_failed_and_holds_its_key(&pool, exactly_once).await?;
+    }
+    Ok(())
+}
+
+async fn poison_event_goes_to_failed_and_holds_its_key(
+    pool: &PgPool,
+    exactly_once: bool,
+) -> anyhow::Result<()> {
+    let pool = pool.clone();
     let topic = outbox_with_topic(&pool, "wal-poison", 1).await?;
     let (slot_name, cfg) = wal_setup(&pool).await?;
-    let relay = RunningRelay::start(&pool, cfg)?;
+    let relay = RunningRelay::start(
+        &pool,
+        RelayConfig {
+            exactly_once,
+            checkpoint_topic: unique("wal-poison-checkpoints"),
+            ..cfg
+        },
+    )?;
     // A table-less event for a topic that does not exist fails for good;
     // the later events of its key wait behind it (block-key), others flow.
     let missing = unique("wal-missing");
