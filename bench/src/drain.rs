@@ -11,7 +11,10 @@ use rdkafka::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{enqueue, median, samples, Env, KEYS, PARTITIONS};
+use crate::{
+    cpu::{self, CpuMark, CpuUse},
+    enqueue, median, samples, Env, KEYS, PARTITIONS,
+};
 
 pub(crate) async fn drain(
     env: &Env,
@@ -21,12 +24,17 @@ pub(crate) async fn drain(
     batch_size: usize,
 ) -> anyhow::Result<()> {
     println!("== drain: {rows} rows backlog, ~200-byte payloads, {KEYS} keys, {PARTITIONS} partitions, relay batch {batch_size}");
-    let (mut raw_db, mut raw_kafka, mut relay, mut forgetful) = (vec![], vec![], vec![], vec![]);
+    println!(
+        "   CPU: busy CPU-µs per row of the whole machine ({} cores; pg / java / bench split); \
+         bound = cores ÷ (raw drain's + raw producer's µs per row)",
+        cpu::cores()
+    );
+    let mut all = Vec::new();
     for run in 1..=runs {
         // Raw PostgreSQL drain: DELETE … LIMIT 1000 … RETURNING, one connection.
         let topic = env.topic("drain-db").await?;
         env.fill(&topic, rows).await?;
-        let started = Instant::now();
+        let mark = CpuMark::now();
         let mut conn = env.pool.acquire().await?;
         loop {
             let n = sqlx::query(
@@ -43,12 +51,14 @@ pub(crate) async fn drain(
             }
         }
         drop(conn);
-        let db_rate = rows as f64 / started.elapsed().as_secs_f64();
+        let db = Phase::new(rows, mark.used());
         env.drop_topic(&topic).await;
 
         // Raw producer: the same records, pipelined, same producer settings.
         let topic = env.topic("drain-kafka").await?;
-        let kafka_rate = raw_produce(env, &topic, rows as usize).await?;
+        let mark = CpuMark::now();
+        raw_produce(env, &topic, rows as usize).await?;
+        let kafka = Phase::new(rows, mark.used());
         env.drop_topic(&topic).await;
 
         // The relay draining the same backlog: as configured by default
@@ -57,45 +67,121 @@ pub(crate) async fn drain(
             batch_size,
             ..RelayConfig::default()
         };
-        let relay_rate = relay_drain(env, recorder, rows, cfg.clone()).await?;
+        let (_, used) = relay_drain_measured(env, recorder, rows, cfg.clone()).await?;
+        let relay = Phase::new(rows, used);
         let without_ids = RelayConfig {
             remember_published: Duration::ZERO,
             ..cfg
         };
-        let forgetful_rate = relay_drain(env, recorder, rows, without_ids).await?;
-        forgetful.push(forgetful_rate);
-
-        println!(
-            "run {run}: raw drain {db_rate:>9.0}/s  raw producer {kafka_rate:>9.0}/s  relay {relay_rate:>9.0}/s  \
-             relay/drain {:.2}  relay/producer {:.2}  relay without remembering ids {forgetful_rate:>9.0}/s \
-             (remembering costs {:.3})",
-            relay_rate / db_rate,
-            relay_rate / kafka_rate,
-            forgetful_rate / relay_rate,
-        );
-        raw_db.push(db_rate);
-        raw_kafka.push(kafka_rate);
-        relay.push(relay_rate);
+        let (_, used) = relay_drain_measured(env, recorder, rows, without_ids).await?;
+        let forgetful = Phase::new(rows, used);
+        let run_figures = DrainRun {
+            db,
+            kafka,
+            relay,
+            forgetful,
+        };
+        run_figures.print(&format!("run {run}"), rows);
+        all.push(run_figures);
     }
-    let ratios_db: Vec<f64> = relay.iter().zip(&raw_db).map(|(r, d)| r / d).collect();
-    let ratios_k: Vec<f64> = relay.iter().zip(&raw_kafka).map(|(r, k)| r / k).collect();
-    let ratios_slow: Vec<f64> = relay
-        .iter()
-        .zip(raw_db.iter().zip(&raw_kafka))
-        .map(|(r, (d, k))| r / d.min(*k))
-        .collect();
+    let med = |f: &dyn Fn(&DrainRun) -> f64| median(all.iter().map(f).collect());
     println!(
         "median: raw drain {:.0}/s  raw producer {:.0}/s  relay {:.0}/s  relay/drain {:.2}  relay/producer {:.2}  \
-         relay/slower-baseline {:.2} (target >= 0.5); remembering published ids costs {:.3}",
-        median(raw_db),
-        median(raw_kafka),
-        median(relay.clone()),
-        median(ratios_db),
-        median(ratios_k),
-        median(ratios_slow),
-        median(forgetful.iter().zip(&relay).map(|(f, r)| f / r).collect()),
+         relay/slower-baseline {:.2} (target >= 0.8); remembering published ids costs {:.3}",
+        med(&|r| r.db.rate),
+        med(&|r| r.kafka.rate),
+        med(&|r| r.relay.rate),
+        med(&|r| r.relay.rate / r.db.rate),
+        med(&|r| r.relay.rate / r.kafka.rate),
+        med(&|r| r.relay.rate / r.slower()),
+        med(&|r| r.forgetful.rate / r.relay.rate),
+    );
+    println!(
+        "median CPU: µs per row raw drain {:.1}, raw producer {:.1}, relay {:.1}, relay without ids {:.1}; \
+         CPU bound {:.0}/s = {:.2} of the slower baseline; relay/bound {:.2}, without ids {:.2}; \
+         relay's µs per row ÷ the baselines' sum {:.2}, without ids {:.2}",
+        med(&|r| r.db.us),
+        med(&|r| r.kafka.us),
+        med(&|r| r.relay.us),
+        med(&|r| r.forgetful.us),
+        med(&|r| r.bound()),
+        med(&|r| r.bound() / r.slower()),
+        med(&|r| r.relay.rate / r.bound()),
+        med(&|r| r.forgetful.rate / r.bound()),
+        med(&|r| r.relay.us / (r.db.us + r.kafka.us)),
+        med(&|r| r.forgetful.us / (r.db.us + r.kafka.us)),
     );
     Ok(())
+}
+
+/// One phase of a drain run: its rate and what it cost the machine.
+#[derive(Debug, Clone, Copy)]
+struct Phase {
+    rate: f64,
+    /// Busy CPU-µs per row, every process.
+    us: f64,
+    used: CpuUse,
+}
+
+impl Phase {
+    fn new(rows: i64, used: CpuUse) -> Self {
+        Phase {
+            rate: rows as f64 / used.wall,
+            us: used.per_row_us(rows),
+            used,
+        }
+    }
+
+    fn describe(&self, rows: i64) -> String {
+        format!(
+            "{:>7.0}/s  {:5.1} µs/row ({}; machine {:.0} % busy)",
+            self.rate,
+            self.us,
+            self.used.split_us(rows),
+            self.used.load() * 100.0
+        )
+    }
+}
+
+/// The four phases of one drain run.
+#[derive(Debug)]
+struct DrainRun {
+    db: Phase,
+    kafka: Phase,
+    relay: Phase,
+    forgetful: Phase,
+}
+
+impl DrainRun {
+    fn slower(&self) -> f64 {
+        self.db.rate.min(self.kafka.rate)
+    }
+
+    /// The CPU bound: the most rows per second a relay doing both baselines'
+    /// work could reach on this machine's cores.
+    fn bound(&self) -> f64 {
+        cpu::cores() as f64 * 1e6 / (self.db.us + self.kafka.us)
+    }
+
+    fn print(&self, label: &str, rows: i64) {
+        println!("{label}: raw drain     {}", self.db.describe(rows));
+        println!("{label}: raw producer  {}", self.kafka.describe(rows));
+        println!("{label}: relay         {}", self.relay.describe(rows));
+        println!("{label}: relay w/o ids {}", self.forgetful.describe(rows));
+        println!(
+            "{label}: relay/drain {:.2}  relay/producer {:.2}  relay/slower-baseline {:.2}  \
+             remembering costs {:.3}  CPU bound {:.0}/s ({:.2} of the slower baseline)  relay/bound {:.2}  \
+             without ids {:.2}",
+            self.relay.rate / self.db.rate,
+            self.relay.rate / self.kafka.rate,
+            self.relay.rate / self.slower(),
+            self.forgetful.rate / self.relay.rate,
+            self.bound(),
+            self.bound() / self.slower(),
+            self.relay.rate / self.bound(),
+            self.forgetful.rate / self.bound(),
+        );
+    }
 }
 
 /// A relay configured by `cfg` draining a backlog of `rows` on a fresh
@@ -106,11 +192,21 @@ pub(crate) async fn relay_drain(
     rows: i64,
     cfg: RelayConfig,
 ) -> anyhow::Result<f64> {
+    Ok(relay_drain_measured(env, recorder, rows, cfg).await?.0)
+}
+
+/// [`relay_drain`], with the CPU the machine spent while the relay drained.
+async fn relay_drain_measured(
+    env: &Env,
+    recorder: &samples::Samples,
+    rows: i64,
+    cfg: RelayConfig,
+) -> anyhow::Result<(f64, CpuUse)> {
     let topic = env.topic("drain-relay").await?;
     env.fill(&topic, rows).await?;
     let shutdown = CancellationToken::new();
     let r = env.relay(cfg)?;
-    let started = Instant::now();
+    let mark = CpuMark::now();
     recorder.clear();
     let task = tokio::spawn(r.run(shutdown.clone()));
     // One commit-to-ack sample per acknowledged row: watching the sample
@@ -118,11 +214,11 @@ pub(crate) async fn relay_drain(
     while (recorder.len() as i64) < rows {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    let used = mark.used();
     shutdown.cancel();
     task.await?;
     env.drop_topic(&topic).await;
-    Ok(rate)
+    Ok((rows as f64 / used.wall, used))
 }
 
 /// Produces `n` records shaped like the relay's (key, ~200-byte JSON value,

@@ -6,6 +6,7 @@
 //! `cargo run --release -p outbox-bench -- --help`.
 
 mod consumer;
+mod cpu;
 mod debezium;
 mod delayed;
 mod drain;

@@ -185,17 +185,12 @@ impl InFlight {
 /// `$4` synchronous commit, `$5` partitions to leave out (`int[]`), `$6`–`$8`
 /// the batch in flight ([`InFlight`]). See [`claim`] and [`crate::lease`].
 ///
-/// In delete mode with `remember` set, the claimed ids go into
-/// `outbox_published_ids` in the same statement: they are remembered if and
-/// only if the claim commits, that is, once Kafka acknowledged them.
-pub fn claim_sql(after: AfterPublish, policy: PoisonPolicy, remember: bool) -> String {
+/// In delete mode the claimed ids are remembered by [`remember`], a second
+/// statement in the claim's transaction that runs while the batch is
+/// published, not in this one: the claim is the relay's critical path.
+pub fn claim_sql(after: AfterPublish, policy: PoisonPolicy) -> String {
     let pending = pending_subquery(policy);
     match after {
-        AfterPublish::Delete if remember => format!(
-            "{FENCE}, claimed AS (DELETE FROM outbox o WHERE o.ctid = ANY (ARRAY({pending})) RETURNING {COLUMNS}), \
-             remembered AS (INSERT INTO outbox_published_ids (event_id) SELECT event_id FROM claimed) \
-             SELECT * FROM claimed"
-        ),
         AfterPublish::Delete => {
             format!("{FENCE}DELETE FROM outbox o WHERE o.ctid = ANY (ARRAY({pending})) RETURNING {COLUMNS}")
         }
@@ -204,6 +199,25 @@ pub fn claim_sql(after: AfterPublish, policy: PoisonPolicy, remember: bool) -> S
              WHERE o.ctid = ANY (ARRAY({pending})) RETURNING {COLUMNS}"
         ),
     }
+}
+
+/// Remembers the event ids of a claimed batch in `outbox_published_ids`
+/// (migration V5), inside the claim's open transaction: they are remembered
+/// if and only if the claim commits, that is, once Kafka acknowledged every
+/// row. The relay runs it while the batch's records are in flight, beside
+/// the next claim on the other connection, so it adds to neither
+/// (`BENCHMARKS.md`, set U).
+pub async fn remember(
+    conn: &mut PgConnection,
+    event_ids: &[Uuid],
+    prepared: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO outbox_published_ids (event_id) SELECT unnest($1::uuid[])")
+        .persistent(prepared)
+        .bind(event_ids)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Who claims, for [`claim`].

@@ -46,7 +46,7 @@ async fn claims_are_fenced_by_partition_ownership(pool: PgPool) -> anyhow::Resul
     use crate::claim::{claim, claim_sql};
     outbox_core::migrate(&pool).await?;
     insert_rows(&pool, "fence", 500, 50).await?;
-    let sql = claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey, false);
+    let sql = claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey);
     sqlx::query(
         "INSERT INTO outbox_relays (relay_id, lease_until) VALUES \
            ('A', now() + interval '1 hour'), ('B', now() + interval '1 hour')",
@@ -153,15 +153,14 @@ async fn an_overlapping_claim_skips_the_batch_in_flight_and_no_late_row(
         .execute(&pool)
         .await?;
     let modes = [
-        claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey, false),
+        claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey),
         claim_sql(
             AfterPublish::Mark {
                 retention: Duration::from_secs(60),
             },
             PoisonPolicy::SkipRow,
-            false,
         ),
-        claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey, true),
+        claim_sql(AfterPublish::Delete, PoisonPolicy::SkipRow),
     ];
     for sql in modes {
         sqlx::query("TRUNCATE outbox").execute(&pool).await?;

@@ -16,7 +16,9 @@
 //!    missing topic) are set aside, and later rows of their key are held back
 //!    (the decisions are in `batch.rs`);
 //! 3. send all records pipelined; while their delivery reports come in,
-//!    claim the next batch on the other connection (not sent yet);
+//!    claim the next batch on the other connection (not sent yet), and in
+//!    delete mode remember this batch's event ids in its own transaction
+//!    ([`crate::claim::remember`]);
 //! 4. all acknowledged: `COMMIT`, and the next batch becomes current.
 //!    Otherwise `ROLLBACK` both, and record per row: acknowledged rows are
 //!    deleted, permanent failures move to `failed`, transient ones stay
@@ -154,11 +156,7 @@ impl Relay {
         Ok(Self {
             claim_pool,
             router: TopicRouter::new(cfg.topic_template.clone()),
-            claim_sql: claim::claim_sql(
-                cfg.after_publish,
-                cfg.poison_policy,
-                cfg.remembers_published(),
-            ),
+            claim_sql: claim::claim_sql(cfg.after_publish, cfg.poison_policy),
             cfg,
             pool,
             health: Arc::new(Health::naming(sink.reach(), sink.name())),
@@ -614,7 +612,7 @@ impl Relay {
     async fn relay_batch(&self, current: Claim) -> Result<Option<Claim>, BatchError> {
         let started = Instant::now();
         let Claim {
-            tx,
+            mut tx,
             mut rows,
             ticket,
         } = current;
@@ -656,16 +654,32 @@ impl Relay {
             }
             records.push(Some(eo.checkpoint_record(&sent_ids)));
         }
-        let (mut outcomes, next) = match (sent > 0, in_flight) {
+        // In delete mode the batch's ids are remembered (V5) in its own
+        // transaction while its records are in flight: off the claim's path.
+        let remember = (sent > 0 && self.cfg.remembers_published())
+            .then(|| batch.rows().iter().map(|r| r.event_id).collect::<Vec<_>>());
+        let remembering = async {
+            match &remember {
+                Some(ids) => claim::remember(&mut tx, ids, !self.cfg.transaction_pooler).await,
+                None => Ok(()),
+            }
+        };
+        let (mut outcomes, next, remembered) = match (sent > 0, in_flight) {
             (true, Some(in_flight)) => {
-                let (outcomes, next) =
-                    tokio::join!(self.sink.publish(records), self.claim(in_flight));
+                let (outcomes, next, remembered) = tokio::join!(
+                    self.sink.publish(records),
+                    self.claim(in_flight),
+                    remembering
+                );
                 // A failed prefetch is not this batch's problem; the next
                 // claim will meet the error again.
-                (outcomes, next.ok())
+                (outcomes, next.ok(), remembered)
             }
-            (true, None) => (self.sink.publish(records).await, None),
-            (false, _) => (Vec::new(), None),
+            (true, None) => {
+                let (outcomes, remembered) = tokio::join!(self.sink.publish(records), remembering);
+                (outcomes, None, remembered)
+            }
+            (false, _) => (Vec::new(), None, remembering.await),
         };
         let checkpoint = if txn.is_some() {
             outcomes.pop().flatten()
@@ -676,8 +690,13 @@ impl Relay {
         let mut committed_in_kafka = false;
         let mut aborted: Option<String> = None;
         if let Some(eo) = txn {
-            let commit = batch.all_sent_delivered(&fates) && checkpoint == Some(Outcome::Delivered);
-            let why = crate::exactly_once::abort_reason(checkpoint.as_ref());
+            let commit = remembered.is_ok()
+                && batch.all_sent_delivered(&fates)
+                && checkpoint == Some(Outcome::Delivered);
+            let why = match &remembered {
+                Err(e) => format!("the batch's ids could not be remembered: {e}"),
+                Ok(()) => crate::exactly_once::abort_reason(checkpoint.as_ref()),
+            };
             let ended = eo.end(self.kafka(), commit, &why).await;
             drop(awaiting.take());
             match ended {
@@ -721,6 +740,20 @@ impl Relay {
             }
         };
 
+        if let Err(e) = remembered {
+            // The claim cannot commit without its ids (in exactly-once mode
+            // the Kafka transaction was aborted above).
+            if !committed_in_kafka && aborted.is_none() && sent > 0 {
+                error!(error = %e, rows = fates.len(),
+                       "remembering the batch's ids failed; the claim is rolled back and the batch \
+                        will be published again (duplicates)");
+            }
+            if let Some(next) = next {
+                let _ = next.tx.rollback().await;
+            }
+            let _ = tx.rollback().await;
+            return Err(e.into());
+        }
         if batch::all_delivered(&fates) {
             if let Err(e) = tx.commit().await {
                 if committed_in_kafka {

@@ -655,3 +655,49 @@ async fn a_published_event_id_cannot_be_inserted_again(pool: PgPool) -> anyhow::
     append(&pool, &again).await?;
     Ok(())
 }
+
+/// The batch's ids are remembered in its own transaction while its records
+/// are in flight (`claim::remember`). When that write fails, the claim is
+/// not committed: the rows stay pending (published again later, the
+/// documented duplicates), the relay says why, and once the write works
+/// again every id is remembered exactly once.
+#[sqlx::test(migrations = false)]
+async fn a_batch_whose_ids_cannot_be_remembered_is_not_committed(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let topic = outbox_with_topic(&pool, "remember-fails", 1).await?;
+    let ids = append_events(&pool, &topic, 5, 2).await?;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_remembering() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'remembering refused by the test'; END $$; \
+         CREATE TRIGGER refuse_remembering BEFORE INSERT ON outbox_published_ids \
+         FOR EACH STATEMENT EXECUTE FUNCTION refuse_remembering();",
+    )
+    .execute(&pool)
+    .await?;
+    let relay = RunningRelay::start(&pool, cfg())?;
+    eventually(WAIT, "the relay reports the failed write", || async {
+        Ok(relay.health.reason().contains("remembering refused"))
+    })
+    .await?;
+    // Its records went out, but the claim did not commit.
+    consume(&topic, 5, WAIT, Duration::ZERO).await?;
+    assert_eq!(pending(&pool).await?, 5, "no row is deleted without its id");
+    sqlx::raw_sql("DROP TRIGGER refuse_remembering ON outbox_published_ids")
+        .execute(&pool)
+        .await?;
+    eventually(WAIT, "published", || async {
+        Ok(pending(&pool).await? == 0)
+    })
+    .await?;
+    relay.stop().await?;
+    let mut remembered: Vec<Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM outbox_published_ids ORDER BY event_id")
+            .fetch_all(&pool)
+            .await?;
+    let mut expected = ids.clone();
+    expected.sort();
+    remembered.sort();
+    assert_eq!(remembered, expected, "each published id, once");
+    Ok(())
+}
