@@ -741,9 +741,10 @@ impl Relay {
         };
 
         if let Err(e) = remembered {
-            // The claim cannot commit without its ids (in exactly-once mode
-            // the Kafka transaction was aborted above).
-            if !committed_in_kafka && aborted.is_none() && sent > 0 {
+            // The claim cannot commit without its ids. (Ids are remembered
+            // only for a batch with records sent; in exactly-once mode the
+            // Kafka transaction was aborted above, and said so.)
+            if aborted.is_none() {
                 error!(error = %e, rows = fates.len(),
                        "remembering the batch's ids failed; the claim is rolled back and the batch \
                         will be published again (duplicates)");
