@@ -101,8 +101,8 @@ pub(crate) async fn status(
     let totals = store::stats(&mut tx).await?;
     let relays = store::relays(&mut *tx).await?;
     let partitions = store::partition_stats(&mut *tx).await?;
+    let next_due = store::next_delayed_due(&mut *tx).await?;
     tx.commit().await?;
-    let next_due = store::next_delayed_due(&pool).await?;
     if json {
         let doc = serde_json::json!({
             "pending": totals.pending,
