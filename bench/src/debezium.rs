@@ -21,7 +21,8 @@
 //!   per transaction and note the time the commit returned; a consumer reads
 //!   the topic and notes when each event arrives (the same consumer for
 //!   every system, so its own delay is in every figure alike); the first
-//!   two seconds of load warm the system up and are not counted;
+//!   seconds of load (`--warm-up`, 15 by default) warm the system up and
+//!   are not counted;
 //! - **peak RSS** of the system's process (`VmHWM`), over its drain and
 //!   its latency runs (`--rows 0` skips the drain).
 //!
@@ -54,8 +55,6 @@ use crate::{median, Env, KEYS, PARTITIONS};
 const SLOT: &str = "outbox_bench_side";
 /// Producers offering the load, one event per transaction each.
 const PRODUCERS: u64 = 16;
-/// Seconds of load before each latency measurement, not counted.
-const WARM_UP_SECONDS: u64 = 2;
 /// The relay's HTTP port while it runs under the benchmark.
 const RELAY_HTTP: &str = "127.0.0.1:19464";
 /// Kafka Connect's REST port.
@@ -75,6 +74,9 @@ pub(crate) struct Installed {
     /// More arguments for `outbox-relay run` (`--relay-arg`), to measure a
     /// setting.
     pub(crate) relay_args: Vec<String>,
+    /// Where to keep every process's log (`--keep-logs`); by default they
+    /// go to a temporary folder removed at the end.
+    pub(crate) keep_logs: Option<PathBuf>,
 }
 
 /// A system under measurement (`--systems`, all four by default).
@@ -112,6 +114,17 @@ impl System {
     }
 }
 
+/// The offered loads of the latency runs.
+#[derive(Debug, Clone)]
+pub(crate) struct Load {
+    /// Events per second, one latency run each.
+    pub(crate) rates: Vec<u64>,
+    /// Counted seconds of load per run.
+    pub(crate) seconds: u64,
+    /// Seconds of load before them, not counted.
+    pub(crate) warm_up: u64,
+}
+
 /// One system's figures in one run.
 #[derive(Debug, Default, Clone)]
 struct Figures {
@@ -126,14 +139,18 @@ pub(crate) async fn debezium(
     installed: &Installed,
     runs: usize,
     rows: i64,
-    rates: &[u64],
-    seconds: u64,
+    load: &Load,
     systems: &[System],
 ) -> anyhow::Result<()> {
+    let Load {
+        rates,
+        seconds,
+        warm_up,
+    } = load;
     installed.check(systems.contains(&System::Debezium))?;
     println!(
         "== debezium: drain of {rows} events, commit-to-consume at {rates:?} events/s for {seconds}s \
-         ({PRODUCERS} producers, one event per transaction), peak RSS; each system its own process, \
+         after {warm_up}s not counted ({PRODUCERS} producers, one event per transaction), peak RSS; each system its own process, \
          one after another"
     );
     let producers = PgPoolOptions::new()
@@ -143,7 +160,7 @@ pub(crate) async fn debezium(
     let mut all: Vec<Vec<Figures>> = vec![vec![]; systems.len()];
     for run in 1..=runs {
         for (i, &system) in systems.iter().enumerate() {
-            let f = measure_system(env, installed, &producers, system, rows, rates, seconds)
+            let f = measure_system(env, installed, &producers, system, rows, load)
                 .await
                 .with_context(|| format!("{} (run {run})", system.name()))?;
             print!(
@@ -162,7 +179,12 @@ pub(crate) async fn debezium(
         }
     }
     report(systems, &all, rates);
-    let _ = std::fs::remove_dir_all(work_dir());
+    match &installed.keep_logs {
+        Some(dir) => println!("logs kept in {}", dir.display()),
+        None => {
+            let _ = std::fs::remove_dir_all(work_dir(installed));
+        }
+    }
     Ok(())
 }
 
@@ -244,8 +266,7 @@ async fn measure_system(
     producers: &PgPool,
     system: System,
     rows: i64,
-    rates: &[u64],
-    seconds: u64,
+    load: &Load,
 ) -> anyhow::Result<Figures> {
     let mut figures = Figures::default();
 
@@ -267,14 +288,24 @@ async fn measure_system(
     }
 
     // Commit-to-consume at each rate.
-    for &rate in rates {
+    for &rate in &load.rates {
         clean(env).await?;
         if system.reads_slot() {
             env.fresh_slot(SLOT).await?;
         }
         let topic = env.topic("side-latency").await?;
         let running = start(env, installed, system, 1000).await?;
-        let m = latency(env, producers, &topic, system, rate, seconds, &running).await;
+        let m = latency(env, producers, &topic, system, rate, load, &running).await;
+        if let (Ok(m), Some(_)) = (&m, &installed.keep_logs) {
+            println!(
+                "  {} at {rate}/s: the slowest event was committed at {} and consumed {:.0} ms later (log: {})",
+                system.name(),
+                m.worst_at.format("%H:%M:%S%.3f"),
+                m.worst_ms,
+                running.log.display()
+            );
+        }
+        let m = m.map(|m| m.quantiles);
         figures.rss_mib = figures.rss_mib.max(running.peak_rss_mib());
         running.stop().await;
         env.drop_topic(&topic).await;
@@ -373,8 +404,18 @@ impl Running {
     }
 }
 
-fn work_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("outbox-bench-side-{}", std::process::id()))
+fn work_dir(installed: &Installed) -> PathBuf {
+    match &installed.keep_logs {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("outbox-bench-side-{}", std::process::id())),
+    }
+}
+
+/// A log file name of its own for each process started (`relay-3.log`),
+/// so that kept logs are not overwritten by the next phase.
+fn log_name(what: &str) -> String {
+    static STARTED: AtomicU64 = AtomicU64::new(0);
+    format!("{what}-{}", STARTED.fetch_add(1, Ordering::Relaxed) + 1)
 }
 
 /// Starts `system` against the bench database.
@@ -384,7 +425,7 @@ fn spawn_system(
     system: System,
     batch_size: usize,
 ) -> anyhow::Result<Running> {
-    let dir = work_dir();
+    let dir = work_dir(installed);
     std::fs::create_dir_all(&dir)?;
     match system {
         System::Debezium => start_connect(env, installed, &dir),
@@ -443,7 +484,7 @@ fn start_relay(
     batch_size: usize,
     dir: &Path,
 ) -> anyhow::Result<Running> {
-    let log = dir.join("relay.log");
+    let log = dir.join(format!("{}.log", log_name("relay")));
     let mut cmd = Command::new(&installed.relay_bin);
     cmd.arg("run")
         .args(["--batch-size", &batch_size.to_string()])
@@ -499,12 +540,21 @@ fn start_connect(env: &Env, installed: &Installed, dir: &Path) -> anyhow::Result
         .replace("@SLOT@", SLOT);
     std::fs::write(dir.join("worker.properties"), worker)?;
     std::fs::write(dir.join("connector.properties"), connector)?;
-    std::fs::write(
-        dir.join("log4j2.yaml"),
-        include_str!("../debezium/log4j2.yaml"),
-    )?;
+    // Kept logs say what Connect and Debezium were doing (INFO).
+    let log_config = include_str!("../debezium/log4j2.yaml");
+    let log_config = if installed.keep_logs.is_some() {
+        log_config.replace("level: WARN", "level: INFO")
+    } else {
+        log_config.to_string()
+    };
+    std::fs::write(dir.join("log4j2.yaml"), log_config)?;
+    let name = log_name("connect");
     let mut cmd = Command::new(&installed.java);
     cmd.args(["-Xms256m", "-Xmx1g"])
+        .arg(format!(
+            "-Xlog:gc*:file={}:time,uptime",
+            dir.join(format!("{name}.gc.log")).display()
+        ))
         .arg(format!(
             "-Dlog4j2.configurationFile={}",
             dir.join("log4j2.yaml").display()
@@ -514,7 +564,7 @@ fn start_connect(env: &Env, installed: &Installed, dir: &Path) -> anyhow::Result
         .arg("org.apache.kafka.connect.cli.ConnectStandalone")
         .arg(dir.join("worker.properties"))
         .arg(dir.join("connector.properties"));
-    spawn(cmd, dir.join("connect.log"))
+    spawn(cmd, dir.join(format!("{name}.log")))
 }
 
 // ----------------------------------------------------------- measurements
@@ -580,14 +630,15 @@ async fn latency(
     topic: &str,
     system: System,
     rate: u64,
-    seconds: u64,
+    load: &Load,
     running: &Running,
-) -> anyhow::Result<(f64, f64, f64, f64)> {
-    // Two seconds of load first, left out of the figures (a JVM compiles
-    // its hot paths then).
-    let warm_up = rate * WARM_UP_SECONDS;
-    let total = rate * (seconds + WARM_UP_SECONDS);
+) -> anyhow::Result<Latency> {
+    // The warm-up seconds of load first, left out of the figures (a JVM
+    // compiles its hot paths then).
+    let warm_up = rate * load.warm_up;
+    let total = rate * (load.seconds + load.warm_up);
     let base = Instant::now();
+    let base_wall = chrono::Utc::now();
     let nanos = move || base.elapsed().as_nanos() as u64;
     let committed: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
     let consumed: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
@@ -712,18 +763,33 @@ async fn latency(
     reader.await??;
     let achieved = result?;
 
-    let mut ms: Vec<f64> = committed
+    // (commit time, ms until consumed) of every counted event.
+    let mut ms: Vec<(u64, f64)> = committed
         .iter()
         .zip(consumed.iter())
         .skip(warm_up as usize)
         .map(|(c, r)| {
+            let c = c.load(Ordering::Relaxed);
             // An event can arrive before its producer saw the commit return.
-            r.load(Ordering::Relaxed)
-                .saturating_sub(c.load(Ordering::Relaxed)) as f64
-                / 1e6
+            (c, r.load(Ordering::Relaxed).saturating_sub(c) as f64 / 1e6)
         })
         .collect();
-    ms.sort_by(f64::total_cmp);
-    let q = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
-    Ok((achieved, q(0.50), q(0.99), q(0.999)))
+    ms.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let q = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1].1;
+    let (worst_commit, worst_ms) = ms.last().copied().unwrap_or_default();
+    Ok(Latency {
+        quantiles: (achieved, q(0.50), q(0.99), q(0.999)),
+        worst_at: base_wall + chrono::Duration::nanoseconds(worst_commit as i64),
+        worst_ms,
+    })
+}
+
+/// One latency run's figures.
+struct Latency {
+    /// Achieved rate, p50, p99, p99.9 (ms).
+    quantiles: (f64, f64, f64, f64),
+    /// When the slowest event was committed (to find it in the logs).
+    worst_at: chrono::DateTime<chrono::Utc>,
+    /// How long it took to be consumed, ms.
+    worst_ms: f64,
 }

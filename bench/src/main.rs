@@ -149,6 +149,12 @@ enum Which {
         /// Seconds of load per latency run.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        /// Seconds of load before each latency run's counted seconds, the
+        /// same for every system. Kafka Connect's JIT compiler is still
+        /// busy for 10-15 s of load on a 2-core machine, and the backlog
+        /// it leaves would be counted as Debezium's latency.
+        #[arg(long, default_value_t = 15)]
+        warm_up: u64,
         /// The `outbox-relay` binary (default: beside this one).
         #[arg(long, env = "OUTBOX_RELAY_BIN")]
         relay_bin: Option<std::path::PathBuf>,
@@ -169,6 +175,11 @@ enum Which {
         /// (`--relay-arg=--remember-published --relay-arg=0`).
         #[arg(long = "relay-arg", allow_hyphen_values = true)]
         relay_args: Vec<String>,
+        /// Keep every process's log (and Kafka Connect's GC log) in this
+        /// folder, and print when each run's slowest event was committed,
+        /// to find it there (default: logs are removed at the end).
+        #[arg(long)]
+        keep_logs: Option<std::path::PathBuf>,
     },
     /// Everything, with the defaults (the consumer with and without duplicates).
     All,
@@ -293,12 +304,14 @@ async fn main() -> anyhow::Result<()> {
             rows,
             rates,
             seconds,
+            warm_up,
             relay_bin,
             kafka_libs,
             debezium_plugins,
             java,
             systems,
             relay_args,
+            keep_logs,
         } => {
             let relay_bin = match relay_bin {
                 Some(p) => p,
@@ -310,13 +323,19 @@ async fn main() -> anyhow::Result<()> {
                 debezium_plugins,
                 java,
                 relay_args,
+                keep_logs,
             };
             let systems = if systems.is_empty() {
                 debezium::System::ALL.to_vec()
             } else {
                 systems
             };
-            debezium::debezium(&env, &installed, args.runs, rows, &rates, seconds, &systems).await?
+            let load = debezium::Load {
+                rates,
+                seconds,
+                warm_up,
+            };
+            debezium::debezium(&env, &installed, args.runs, rows, &load, &systems).await?
         }
         Which::RelayChild { .. } => unreachable!("handled above"),
         Which::All => {
