@@ -47,9 +47,11 @@ pub const PARTITION_OLDEST_PENDING_AGE: &str = "outbox_relay_partition_oldest_pe
 /// Times the relay woke from waiting for rows, by `by`: `notify` (a
 /// producer's notification, or a partition take-over or a lost LISTEN
 /// connection, which wake the relay the same way) or `timer` (the poll
-/// interval, or the short re-check after raising the waiting flag). A
-/// steady stream of `timer` wake-ups while rows keep coming means
-/// notifications do not arrive.
+/// interval, or the short re-check after raising the waiting flag), or
+/// `linger` (the short naps between claims, flag down, for a moment after
+/// a claim found rows: steady under a steady load). A steady stream of
+/// `timer` wake-ups while rows keep coming means notifications do not
+/// arrive.
 pub const WAKEUPS: &str = "outbox_relay_wakeups_total";
 
 /// Exactly-once mode: Kafka transactions ended, by `result`: `committed`,

@@ -8,7 +8,12 @@
 //! V4) notifies only while some live relay has set `waiting_since` in its
 //! `outbox_relays` row, and a relay sets it only just before it sleeps:
 //!
-//! 1. a claim came back empty: raise the flag ([`WaitFlag::raise`]);
+//! 0. a claim came back empty less than [`LINGER`] after one found rows:
+//!    nap [`LINGER_NAP`] and claim again, flag down. Under a steady load the
+//!    flag then never goes up, so producers never notify, and the relay
+//!    does not commit a raise and a lower around every batch;
+//! 1. a claim came back empty, and none found rows for [`LINGER`]: raise the
+//!    flag ([`WaitFlag::raise`]);
 //! 2. claim once more, so a row committed before producers could see the
 //!    flag is not left waiting;
 //! 3. sleep until a notification, the poll timer, or shutdown. The first
@@ -32,7 +37,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sqlx::{postgres::PgListener, PgExecutor, PgPool};
@@ -48,6 +53,17 @@ use crate::{health::Health, retry::back_off, store, telemetry};
 /// relay claims once more (step 3 above).
 pub const RECHECK_AFTER: Duration = Duration::from_millis(25);
 
+/// How long after its last claim that found rows a relay keeps claiming
+/// with its flag down before it raises the flag (step 0 above). At 1,000
+/// events/s a claim every [`LINGER_NAP`] finds rows long before this runs
+/// out; without it, the flag went up and down around every batch and the
+/// producers' notifying commits queued on PostgreSQL's notification lock
+/// (`BENCHMARKS.md`, set V).
+pub const LINGER: Duration = Duration::from_millis(20);
+
+/// The nap between two claims while lingering (step 0 above).
+pub const LINGER_NAP: Duration = Duration::from_millis(2);
+
 /// The wake protocol as the publish loop runs it: after each batch, claim
 /// again at once or raise the flag and sleep (steps 1 to 4 above).
 #[derive(Debug)]
@@ -58,6 +74,8 @@ pub(crate) struct Wakeups {
     poll_interval: Duration,
     /// The next sleep is the short one right after raising the flag.
     recheck: bool,
+    /// When a claim last found rows (step 0 above).
+    found_at: Option<Instant>,
 }
 
 impl Wakeups {
@@ -75,6 +93,7 @@ impl Wakeups {
             listening,
             poll_interval,
             recheck: false,
+            found_at: None,
         }
     }
 
@@ -102,6 +121,7 @@ impl Wakeups {
         if claimed > 0 {
             // Busy: producers need not notify (step 4).
             self.flag.lower().await;
+            self.found_at = Some(Instant::now());
         }
         if more {
             return;
@@ -109,6 +129,17 @@ impl Wakeups {
         if self.listening.load(Ordering::SeqCst) {
             if claimed > 0 {
                 // Claim again at once, until a claim finds nothing.
+                return;
+            }
+            let lingering = self.found_at.is_some_and(|at| at.elapsed() < LINGER);
+            if !self.flag.is_raised() && lingering {
+                // Rows came a moment ago: claim again soon, flag down (step 0).
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(LINGER_NAP.min(self.poll_interval)) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                telemetry::wakeup("linger");
                 return;
             }
             if !self.flag.is_raised() && self.flag.raise().await {

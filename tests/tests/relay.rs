@@ -262,6 +262,65 @@ async fn a_busy_relay_lowers_its_flag_and_producers_stop_notifying(
 }
 
 #[sqlx::test(migrations = false)]
+async fn under_a_steady_trickle_the_flag_stays_down(pool: PgPool) -> anyhow::Result<()> {
+    // Every raise or lower of a waiting flag, counted by a trigger.
+    let topic = outbox_with_topic(&pool, "relay-trickle", 2).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE flag_flips (at timestamptz NOT NULL DEFAULT clock_timestamp()); \
+         CREATE FUNCTION count_flag_flip() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN INSERT INTO flag_flips DEFAULT VALUES; RETURN NULL; END $$; \
+         CREATE TRIGGER count_flag_flip AFTER UPDATE ON outbox_relays FOR EACH ROW \
+         WHEN (OLD.waiting_since IS DISTINCT FROM NEW.waiting_since) \
+         EXECUTE FUNCTION count_flag_flip();",
+    )
+    .execute(&pool)
+    .await?;
+    let relay = RunningRelay::start(
+        &pool,
+        RelayConfig {
+            poll_interval: Duration::from_secs(120),
+            ..cfg()
+        },
+    )?;
+    eventually(WAIT, "the relay waits for notifications", || async {
+        Ok(waiting_relays(&pool).await? == 1)
+    })
+    .await?;
+    sqlx::query("TRUNCATE flag_flips").execute(&pool).await?;
+
+    // One event every 5 ms for 2 s, each in its own transaction. Before
+    // the relay lingered, its flag went up after every batch and down at
+    // the next: a flip every few milliseconds, each a commit, and while it
+    // was up every producer's commit queued on the notification lock.
+    let events = 400;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    for i in 0..events {
+        tick.tick().await;
+        let e = NewEvent::new("t", format!("k{}", i % 10), "x")
+            .topic(&topic)
+            .json_payload(&serde_json::json!({ "seq": i }))?;
+        append(&pool, &e).await?;
+    }
+    let got = consume(&topic, events, WAIT, SETTLE).await?;
+    relay.stop().await?;
+    assert_eq!(got.len(), events);
+    let flips: i64 = sqlx::query_scalar("SELECT count(*) FROM flag_flips")
+        .fetch_one(&pool)
+        .await?;
+    // Down at the first event, up once the trickle ends; a machine that
+    // stalls for longer than the linger may add a few more.
+    assert!(
+        flips <= 40,
+        "the waiting flag flipped {flips} times during a steady trickle of {events} events"
+    );
+    assert!(
+        flips >= 1,
+        "the flag never went down: the trigger counts nothing"
+    );
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
 async fn polling_delivers_without_notify_and_after_the_listener_is_killed(
     pool: PgPool,
 ) -> anyhow::Result<()> {
