@@ -153,19 +153,9 @@ async fn per_key_order_holds_with_concurrent_producers(pool: PgPool) -> anyhow::
 #[sqlx::test(migrations = false)]
 async fn notify_wakes_the_relay_long_before_the_poll_interval(pool: PgPool) -> anyhow::Result<()> {
     let topic = outbox_with_topic(&pool, "relay-notify", 1).await?;
-    let relay = RunningRelay::start(
-        &pool,
-        RelayConfig {
-            poll_interval: Duration::from_secs(120),
-            ..cfg()
-        },
-    )?;
     // The relay found nothing, so it flagged itself as waiting and sleeps:
     // producers notify it.
-    eventually(WAIT, "the relay waits for notifications", || async {
-        Ok(waiting_relays(&pool).await? == 1)
-    })
-    .await?;
+    let relay = waiting_relay(&pool, cfg()).await?;
     let started = std::time::Instant::now();
     append_events(&pool, &topic, 5, 5).await?;
     let got = consume(
@@ -197,6 +187,23 @@ async fn notify_wakes_the_relay_long_before_the_poll_interval(pool: PgPool) -> a
     Ok(())
 }
 
+/// A relay with nothing to claim, once it has raised its waiting flag:
+/// only a notification wakes it (its poll interval is 120 s).
+async fn waiting_relay(pool: &PgPool, cfg: RelayConfig) -> anyhow::Result<RunningRelay> {
+    let relay = RunningRelay::start(
+        pool,
+        RelayConfig {
+            poll_interval: Duration::from_secs(120),
+            ..cfg
+        },
+    )?;
+    eventually(WAIT, "the relay waits for notifications", || async {
+        Ok(waiting_relays(pool).await? == 1)
+    })
+    .await?;
+    Ok(relay)
+}
+
 async fn waiting_relays(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
         "SELECT count(*) FROM outbox_relays WHERE waiting_since IS NOT NULL AND lease_until > now()",
@@ -210,17 +217,13 @@ async fn a_busy_relay_lowers_its_flag_and_producers_stop_notifying(
     pool: PgPool,
 ) -> anyhow::Result<()> {
     let topic = outbox_with_topic(&pool, "relay-busy", 2).await?;
-    let relay = RunningRelay::start(
+    let relay = waiting_relay(
         &pool,
         RelayConfig {
-            poll_interval: Duration::from_secs(120),
             batch_size: 20,
             ..cfg()
         },
-    )?;
-    eventually(WAIT, "the relay waits for notifications", || async {
-        Ok(waiting_relays(&pool).await? == 1)
-    })
+    )
     .await?;
     // A backlog of 2,000 rows in one transaction: one notification wakes the
     // relay, which then claims batch after batch with its flag down.
@@ -275,17 +278,7 @@ async fn under_a_steady_trickle_the_flag_stays_down(pool: PgPool) -> anyhow::Res
     )
     .execute(&pool)
     .await?;
-    let relay = RunningRelay::start(
-        &pool,
-        RelayConfig {
-            poll_interval: Duration::from_secs(120),
-            ..cfg()
-        },
-    )?;
-    eventually(WAIT, "the relay waits for notifications", || async {
-        Ok(waiting_relays(&pool).await? == 1)
-    })
-    .await?;
+    let relay = waiting_relay(&pool, cfg()).await?;
     sqlx::query("TRUNCATE flag_flips").execute(&pool).await?;
 
     // One event every 5 ms for 2 s, each in its own transaction. Before
