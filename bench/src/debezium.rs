@@ -764,7 +764,7 @@ async fn latency(
     let achieved = result?;
 
     // (commit time, ms until consumed) of every counted event.
-    let mut ms: Vec<(u64, f64)> = committed
+    let mut waits: Vec<(u64, f64)> = committed
         .iter()
         .zip(consumed.iter())
         .skip(warm_up as usize)
@@ -774,9 +774,9 @@ async fn latency(
             (c, r.load(Ordering::Relaxed).saturating_sub(c) as f64 / 1e6)
         })
         .collect();
-    ms.sort_by(|a, b| a.1.total_cmp(&b.1));
-    let q = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1].1;
-    let (worst_commit, worst_ms) = ms.last().copied().unwrap_or_default();
+    waits.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let q = |p: f64| waits[((waits.len() as f64 * p).ceil() as usize).clamp(1, waits.len()) - 1].1;
+    let (worst_commit, worst_ms) = waits.last().copied().unwrap_or_default();
     Ok(Latency {
         quantiles: (achieved, q(0.50), q(0.99), q(0.999)),
         worst_at: base_wall + chrono::Duration::nanoseconds(worst_commit as i64),

@@ -126,39 +126,38 @@ impl Wakeups {
         if more {
             return;
         }
+        let mut lingering = false;
         if self.listening.load(Ordering::SeqCst) {
             if claimed > 0 {
                 // Claim again at once, until a claim finds nothing.
                 return;
             }
-            let lingering = self.found_at.is_some_and(|at| at.elapsed() < LINGER);
-            if !self.flag.is_raised() && lingering {
-                // Rows came a moment ago: claim again soon, flag down (step 0).
-                tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(LINGER_NAP.min(self.poll_interval)) => {}
-                    _ = shutdown.cancelled() => {}
+            if !self.flag.is_raised() {
+                // Rows came less than LINGER ago: nap briefly and claim
+                // again, flag down (step 0); else raise the flag.
+                lingering = self.found_at.is_some_and(|at| at.elapsed() < LINGER);
+                if !lingering && self.flag.raise().await {
+                    // Claim once more, now that producers notify (steps 1, 2).
+                    self.recheck = true;
+                    return;
                 }
-                telemetry::wakeup("linger");
-                return;
-            }
-            if !self.flag.is_raised() && self.flag.raise().await {
-                // Claim once more, now that producers notify (steps 1, 2).
-                self.recheck = true;
-                return;
             }
         } else {
             // Producers must not notify a relay that cannot hear them.
             self.flag.lower().await;
         }
-        let nap = if std::mem::take(&mut self.recheck) {
-            RECHECK_AFTER.min(self.poll_interval)
+        let nap = if lingering {
+            LINGER_NAP
+        } else if std::mem::take(&mut self.recheck) {
+            RECHECK_AFTER
         } else {
             self.poll_interval
         };
         tokio::select! {
-            _ = self.wake.notified() => telemetry::wakeup("notify"),
-            _ = tokio::time::sleep(nap) => telemetry::wakeup("timer"),
+            _ = self.wake.notified() => telemetry::wakeup(if lingering { "linger" } else { "notify" }),
+            _ = tokio::time::sleep(nap.min(self.poll_interval)) => {
+                telemetry::wakeup(if lingering { "linger" } else { "timer" });
+            }
             _ = shutdown.cancelled() => {}
         }
     }
