@@ -3,7 +3,7 @@
 //! ```text
 //! Consumer::builder(cfg, pool).handler(..).build()   config checked, DLQ producer made
 //!   └─ run(shutdown) / start()
-//!        ├─ preflight.rs   processed_events exists, topics exist, TTL vs retention
+//!        ├─ preflight.rs   processed_events exists, topics exist; TTL vs retention (beside)
 //!        ├─ member.rs      join the group; one worker per assigned partition,
 //!        │                 settling records in offset order (process.rs)
 //!        ├─ cleanup.rs     expired processed_events rows, in the background
@@ -243,9 +243,10 @@ impl Consumer {
     /// [`ConsumerError::ShutdownIncomplete`], naming its message.
     ///
     /// At start it checks that `processed_events` exists and that every
-    /// topic exists, creates missing dead-letter topics (if so configured),
-    /// and warns when [`ConsumerConfig::processed_ttl`] is shorter than a
-    /// topic's retention. Runs the TTL cleanup in the background.
+    /// topic exists, and creates missing dead-letter topics (if so
+    /// configured). Once running, it warns when
+    /// [`ConsumerConfig::processed_ttl`] is shorter than a topic's retention.
+    /// Runs the TTL cleanup in the background.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
         #[cfg(feature = "rabbitmq")]
         if let Some(link) = self.rabbitmq {
@@ -268,6 +269,13 @@ impl Consumer {
         };
         let beside = Beside::start(&shared, &shutdown);
         member.watch_group(beside.watchers.clone());
+        let (retention, stopped) = (Arc::clone(&shared), beside.watchers.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stopped.cancelled() => {}
+                _ = preflight::warn_on_retention(&retention.cfg) => {}
+            }
+        });
         health.set_phase(Phase::Running);
         info!(group = %cfg.group_id, topics = ?cfg.topics, "consumer started");
         let result = member.serve(shutdown.clone()).await;

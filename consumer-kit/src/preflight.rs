@@ -1,7 +1,9 @@
 //! What [`crate::Consumer::run`] checks before it joins the group: that
-//! `processed_events` exists, that every topic exists (creating missing
-//! dead-letter topics if so configured), and whether
-//! [`ConsumerConfig::processed_ttl`] covers each topic's retention.
+//! `processed_events` exists and that every topic exists (creating missing
+//! dead-letter topics if so configured). Whether
+//! [`ConsumerConfig::processed_ttl`] covers each topic's retention is
+//! checked beside the running consumer: it only warns, and a broker slow to
+//! describe its configs (up to 10 s) must not hold back the start.
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,11 +17,17 @@ use tracing::{debug, info, warn};
 
 use crate::{cleanup, config::ConsumerConfig, error::ConsumerError, kafka_config};
 
-/// Runs every check; errs on the first that fails. A retention shorter
-/// than the TTL only warns.
+/// Runs the checks that must pass before the consumer joins its group;
+/// errs on the first that fails.
 pub(crate) async fn check(pool: &PgPool, cfg: &ConsumerConfig) -> Result<(), ConsumerError> {
     check_schema(pool).await?;
-    prepare_topics(cfg).await?;
+    prepare_topics(cfg).await
+}
+
+/// Warns for each topic whose retention is longer than
+/// [`ConsumerConfig::processed_ttl`]; says nothing (but at debug) when the
+/// broker does not describe its topics' configs.
+pub(crate) async fn warn_on_retention(cfg: &ConsumerConfig) {
     match cleanup::retention_check(
         &cfg.brokers,
         &cfg.kafka_properties,
@@ -37,7 +45,6 @@ pub(crate) async fn check(pool: &PgPool, cfg: &ConsumerConfig) -> Result<(), Con
             debug!(error = %e, "could not read topic retention to compare with processed_ttl")
         }
     }
-    Ok(())
 }
 
 /// Fails with a clear message when `processed_events` is missing.

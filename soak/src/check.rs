@@ -62,6 +62,10 @@ pub struct Verdict {
     pub phantom: u64,
     /// Committed events the consumer has not applied.
     pub not_applied: u64,
+    /// Where those are on Kafka, per partition, beside the consumer
+    /// group's committed offset there: whether the consumer never fetched
+    /// them or fetched and did not settle them.
+    pub not_applied_where: Vec<String>,
     /// Effects beyond the first of their event id.
     pub applied_more_than_once: u64,
     /// Per key, effects applied after an effect of a higher seq.
@@ -106,6 +110,9 @@ impl std::fmt::Display for Verdict {
             self.replayed_records
         )?;
         writeln!(f, "not applied (must be 0):    {}", self.not_applied)?;
+        for line in &self.not_applied_where {
+            writeln!(f, "  {line}")?;
+        }
         writeln!(
             f,
             "applied more than once (0): {}",
@@ -125,6 +132,8 @@ pub(crate) struct Seen {
     pub(crate) event_id: Uuid,
     pub(crate) key: String,
     pub(crate) seq: i64,
+    /// Its partition and offset, on Kafka.
+    pub(crate) at: Option<(i32, i64)>,
 }
 
 /// Where the checker reads what was published.
@@ -215,6 +224,9 @@ pub(crate) async fn check(
     .fetch_one(pool)
     .await?;
     v.not_applied = not_applied as u64;
+    if not_applied > 0 {
+        v.not_applied_where = where_not_applied(pool, published, topic, &records).await?;
+    }
     let effects: Vec<(String, i64)> =
         sqlx::query_as("SELECT key, seq FROM soak_effects ORDER BY applied")
             .fetch_all(pool)
@@ -232,6 +244,68 @@ pub(crate) async fn check(
         .fetch_one(pool)
         .await? as u64;
     Ok(v)
+}
+
+/// The consumer group of the soak's consumer (`outbox-soak consume`).
+pub(crate) const GROUP: &str = "soak";
+
+/// Where the events not applied are: per partition, how many, their first
+/// and last offsets, and the group's committed offset there (Kafka only).
+async fn where_not_applied(
+    pool: &PgPool,
+    published: Published<'_>,
+    topic: &str,
+    records: &[Seen],
+) -> anyhow::Result<Vec<String>> {
+    let Published::Kafka(brokers) = published else {
+        return Ok(Vec::new());
+    };
+    let missing: HashSet<Uuid> = sqlx::query_scalar(
+        "SELECT event_id FROM soak_ledger l WHERE NOT EXISTS (SELECT 1 FROM soak_effects e WHERE e.event_id = l.event_id)",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    let mut spans: std::collections::BTreeMap<i32, (usize, i64, i64)> = Default::default();
+    for (p, o) in records
+        .iter()
+        .filter(|r| missing.contains(&r.event_id))
+        .filter_map(|r| r.at)
+    {
+        let span = spans.entry(p).or_insert((0, o, o));
+        *span = (span.0 + 1, span.1.min(o), span.2.max(o));
+    }
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    let partitions: Vec<i32> = spans.keys().copied().collect();
+    let committed = tokio::task::spawn_blocking(move || -> anyhow::Result<TopicPartitionList> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", GROUP)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(&topic, p);
+        }
+        Ok(c.committed_offsets(tpl, Duration::from_secs(10))?)
+    });
+    let committed = committed.await?;
+    Ok(spans
+        .iter()
+        .map(|(p, (n, first, last))| {
+            let group = match &committed {
+                Ok(tpl) => match tpl.elements().iter().find(|e| e.partition() == *p) {
+                    Some(e) => format!("{:?}", e.offset()),
+                    None => "none".into(),
+                },
+                Err(e) => format!("unknown ({e})"),
+            };
+            format!(
+                "partition {p}: {n} at offsets {first}..={last}; group {GROUP:?} committed {group}"
+            )
+        })
+        .collect())
 }
 
 /// Every record of `topic` at `isolation` (`read_committed` or
@@ -316,6 +390,7 @@ fn read_topic(brokers: &str, topic: &str, isolation: &str) -> anyhow::Result<Vec
                     .map(|k| String::from_utf8_lossy(k).into_owned())
                     .unwrap_or_default(),
                 seq: payload["seq"].as_i64().unwrap_or(-1),
+                at: Some((p, m.offset())),
             },
         ));
     }

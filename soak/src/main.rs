@@ -445,7 +445,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     ("session.timeout.ms".to_string(), "6000".to_string()),
                     ("heartbeat.interval.ms".to_string(), "1000".to_string()),
                 ]),
-                ..ConsumerConfig::new("soak", [topic])
+                ..ConsumerConfig::new(check::GROUP, [topic])
             };
             let mut consumer = Consumer::builder(cfg, pool).handler("soak.event", Apply);
             if cli.sink == Sink::Rabbitmq {
@@ -468,11 +468,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 let pools = sample_app::checkout::prepare(&db).await?;
                 running.extend(sagas::consumers(&broker, &topics, &pools)?);
             }
-            let results =
-                futures::future::join_all(running.into_iter().map(|c| c.run(stop.clone()))).await;
-            for r in results {
-                r?;
-            }
+            run_together(running, stop).await?;
             Ok(true)
         }
     }
@@ -569,6 +565,31 @@ fn slot_name(database: &str) -> String {
         })
         .collect();
     format!("soak_{name}")
+}
+
+/// Runs the consumer process's consumers (the soak's own, and the saga's
+/// with `--sagas-per-second`) until `stop`. The first one to end with an
+/// error stops the others and ends the process with that error, so that
+/// the soak restarts the whole process, as a supervisor would. A consumer
+/// refuses to start while the broker does not answer; waiting for the
+/// others instead left a process running without that consumer for the
+/// rest of the run (its commands never applied).
+async fn run_together(consumers: Vec<Consumer>, stop: CancellationToken) -> anyhow::Result<()> {
+    let mut running = tokio::task::JoinSet::new();
+    for c in consumers {
+        running.spawn(c.run(stop.clone()));
+    }
+    let mut first_error = None;
+    while let Some(ended) = running.join_next().await {
+        let error = match ended {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => anyhow::Error::from(e),
+            Err(e) => anyhow::anyhow!("a consumer task ended abnormally: {e}"),
+        };
+        stop.cancel();
+        first_error.get_or_insert(error);
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 fn on_sigterm() -> CancellationToken {

@@ -109,6 +109,7 @@ pub(crate) async fn read_tap(url: &str, topic: &str) -> anyhow::Result<Vec<Seen>
             event_id,
             key: header("cloudEvents:subject").unwrap_or_default(),
             seq: payload["seq"].as_i64().unwrap_or(-1),
+            at: None,
         });
     }
     let _ = conn.close(200, "read".into()).await;
