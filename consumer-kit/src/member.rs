@@ -397,37 +397,45 @@ async fn run_worker(
         handling,
         ..
     } = &link;
-    let mut next_offset = -1;
+    let mut handled = Handled::default();
+    // A late record met while a batch was being gathered: settled next.
+    let mut carried: Option<Message> = None;
     // Under park-key, blocks an operator discarded are drained between
     // messages (and while the partition is idle).
     let parking = shared.cfg.ordering == Ordering::ParkKey;
     let mut park_check = tokio::time::interval(PARK_CHECK_EVERY);
     park_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let msg = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            Some(msg) = side.recv() => msg,
-            msg = next_from_queue(queue.as_ref(), &notify) => msg,
-            _ = park_check.tick(), if parking => {
-                let permit = tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => break,
-                    permit = shared.permits.acquire() => permit,
-                };
-                let done = drain_discarded(&shared, topic, *partition, stop).await;
-                drop(permit);
-                if done == Done::Abandoned {
-                    break;
+        let msg = match carried.take() {
+            Some(msg) => msg,
+            None => tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                Some(msg) = side.recv() => msg,
+                msg = next_from_queue(queue.as_ref(), &notify) => msg,
+                _ = park_check.tick(), if parking => {
+                    let permit = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        permit = shared.permits.acquire() => permit,
+                    };
+                    let done = drain_discarded(&shared, topic, *partition, stop).await;
+                    drop(permit);
+                    if done == Done::Abandoned {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
-            }
+            },
         };
-        if msg.offset() < next_offset {
-            // Seen already (the same record by both routes).
-            continue;
+        match handled.arrival(msg.offset()) {
+            Arrival::New => {}
+            Arrival::Again => continue,
+            Arrival::Late => {
+                error!(topic = %topic, partition = *partition, offset = msg.offset(), handled_from = handled.first, "a record arrived after newer ones of its partition; settling it now (its key's order may be broken)");
+            }
         }
-        next_offset = msg.offset() + 1;
+        handled.take(msg.offset());
         // The messages already waiting behind it, up to `max_batch`: settled
         // together in one transaction when they can be (`process_batch`).
         let mut batch = vec![msg];
@@ -440,9 +448,16 @@ async fn run_worker(
                 },
             };
             let Some(m) = next else { break };
-            if m.offset() >= next_offset {
-                next_offset = m.offset() + 1;
-                batch.push(m);
+            match handled.arrival(m.offset()) {
+                Arrival::New => {
+                    handled.take(m.offset());
+                    batch.push(m);
+                }
+                Arrival::Again => {}
+                Arrival::Late => {
+                    carried = Some(m);
+                    break;
+                }
             }
         }
         let permit = tokio::select! {
@@ -461,6 +476,55 @@ async fn run_worker(
         if settled < batch.len() {
             break;
         }
+    }
+}
+
+/// The offsets a partition worker has handled: from `first` up to, not
+/// including, `next`. A record reaches the worker by its partition's queue
+/// or, rarely, by the main queue (`Workers::hand_over`); this says whether
+/// it is new, seen already, or late: older than anything handled, so never
+/// handled here and never to be skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Handled {
+    first: i64,
+    next: i64,
+}
+
+impl Default for Handled {
+    fn default() -> Self {
+        Self {
+            first: i64::MAX,
+            next: -1,
+        }
+    }
+}
+
+/// How a record arrives at its partition's worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// Past everything handled: the normal case.
+    New,
+    /// Among the offsets handled already (the same record by both routes):
+    /// skipped.
+    Again,
+    /// Before the first offset handled: settled, out of order.
+    Late,
+}
+
+impl Handled {
+    fn arrival(&self, offset: i64) -> Arrival {
+        if offset >= self.next {
+            Arrival::New
+        } else if offset >= self.first {
+            Arrival::Again
+        } else {
+            Arrival::Late
+        }
+    }
+
+    fn take(&mut self, offset: i64) {
+        self.first = self.first.min(offset);
+        self.next = offset + 1;
     }
 }
 
@@ -520,6 +584,29 @@ struct KitContext {
     lag_said: Mutex<Option<Instant>>,
     /// Since when offset commits fail, and when that was last said.
     commits_failing_since: Mutex<Option<(Instant, Instant)>>,
+}
+
+impl KitContext {
+    /// Gives each newly assigned partition its own queue and worker before
+    /// librdkafka starts fetching it, so that every record of the partition
+    /// arrives on that queue. Split after the assignment instead (as this
+    /// once was), the records fetched in between went to the main queue and
+    /// could reach the worker after newer ones from its own queue.
+    fn before_assign(&self, tpl: &TopicPartitionList) {
+        let keys: Vec<PartitionKey> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        info!(group = %self.group, partitions = ?keys, "partitions assigned");
+        if let Some(consumer) = self.consumer.get().and_then(std::sync::Weak::upgrade) {
+            let mut workers = lock(&self.workers);
+            for key in keys {
+                workers.start(&consumer, key);
+            }
+            self.health.set_assigned(workers.map.len());
+        }
+    }
 }
 
 /// While offset commits keep failing, the warning is repeated this often.
@@ -594,8 +681,10 @@ impl ConsumerContext for KitContext {
     }
 
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
+        let tpl = match rebalance {
+            Rebalance::Assign(tpl) => return self.before_assign(tpl),
+            Rebalance::Revoke(tpl) => tpl,
+            Rebalance::Error(_) => return,
         };
         let keys: Vec<PartitionKey> = tpl
             .elements()
@@ -617,24 +706,28 @@ impl ConsumerContext for KitContext {
             }
         }
     }
+}
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            let keys: Vec<(String, i32)> = tpl
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_string(), e.partition()))
-                .collect();
-            info!(group = %self.group, partitions = ?keys, "partitions assigned");
-            // Give each partition its own queue and worker before any of its
-            // records is fetched.
-            if let Some(consumer) = self.consumer.get().and_then(std::sync::Weak::upgrade) {
-                let mut workers = lock(&self.workers);
-                for key in keys {
-                    workers.start(&consumer, key);
-                }
-                self.health.set_assigned(workers.map.len());
-            }
+#[cfg(test)]
+mod tests {
+    use super::{Arrival, Handled};
+
+    #[test]
+    fn a_record_older_than_all_handled_is_late_never_seen() {
+        let mut h = Handled::default();
+        assert_eq!(h.arrival(442), Arrival::New);
+        for offset in 442..=540 {
+            h.take(offset);
         }
+        // The same record by both routes is skipped.
+        assert_eq!(h.arrival(500), Arrival::Again);
+        assert_eq!(h.arrival(540), Arrival::Again);
+        assert_eq!(h.arrival(541), Arrival::New);
+        // A record fetched before the partition had its own queue, arriving
+        // after newer ones: never handled here, so it must be settled.
+        assert_eq!(h.arrival(334), Arrival::Late);
+        h.take(334);
+        assert_eq!(h.arrival(335), Arrival::New);
+        assert_eq!(h.arrival(333), Arrival::Late);
     }
 }
