@@ -217,6 +217,13 @@ fn lock(workers: &Mutex<Workers>) -> std::sync::MutexGuard<'_, Workers> {
 }
 
 type PartitionKey = (String, i32);
+
+fn keys_of(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
 type KitConsumer = BaseConsumer<KitContext>;
 
 /// The partition workers of this member: one per assigned partition.
@@ -593,11 +600,7 @@ impl KitContext {
     /// once was), the records fetched in between went to the main queue and
     /// could reach the worker after newer ones from its own queue.
     fn before_assign(&self, tpl: &TopicPartitionList) {
-        let keys: Vec<PartitionKey> = tpl
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_string(), e.partition()))
-            .collect();
+        let keys = keys_of(tpl);
         info!(group = %self.group, partitions = ?keys, "partitions assigned");
         if let Some(consumer) = self.consumer.get().and_then(std::sync::Weak::upgrade) {
             let mut workers = lock(&self.workers);
@@ -686,11 +689,7 @@ impl ConsumerContext for KitContext {
             Rebalance::Revoke(tpl) => tpl,
             Rebalance::Error(_) => return,
         };
-        let keys: Vec<PartitionKey> = tpl
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_string(), e.partition()))
-            .collect();
+        let keys = keys_of(tpl);
         info!(group = %self.group, partitions = ?keys, "partitions revoked; finishing their messages and committing offsets");
         // What could not finish is said by `stop` (abandoned messages are
         // redelivered to the next owner).
