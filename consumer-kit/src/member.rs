@@ -217,14 +217,15 @@ fn lock(workers: &Mutex<Workers>) -> std::sync::MutexGuard<'_, Workers> {
 }
 
 type PartitionKey = (String, i32);
+type KitConsumer = BaseConsumer<KitContext>;
 
+/// The (topic, partition) of each element of `tpl`.
 fn keys_of(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
     tpl.elements()
         .iter()
         .map(|e| (e.topic().to_string(), e.partition()))
         .collect()
 }
-type KitConsumer = BaseConsumer<KitContext>;
 
 /// The partition workers of this member: one per assigned partition.
 struct Workers {
