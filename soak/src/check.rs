@@ -218,14 +218,16 @@ pub(crate) async fn check(
             .fetch_one(pool)
             .await?;
     v.applied_more_than_once = (effects - distinct) as u64;
-    let not_applied: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM soak_ledger l WHERE NOT EXISTS (SELECT 1 FROM soak_effects e WHERE e.event_id = l.event_id)",
+    let not_applied: HashSet<Uuid> = sqlx::query_scalar(
+        "SELECT event_id FROM soak_ledger l WHERE NOT EXISTS (SELECT 1 FROM soak_effects e WHERE e.event_id = l.event_id)",
     )
-    .fetch_one(pool)
-    .await?;
-    v.not_applied = not_applied as u64;
-    if not_applied > 0 {
-        v.not_applied_where = where_not_applied(pool, published, topic, &records).await?;
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    v.not_applied = not_applied.len() as u64;
+    if !not_applied.is_empty() {
+        v.not_applied_where = where_not_applied(published, topic, &records, &not_applied).await?;
     }
     let effects: Vec<(String, i64)> =
         sqlx::query_as("SELECT key, seq FROM soak_effects ORDER BY applied")
@@ -252,21 +254,14 @@ pub(crate) const GROUP: &str = "soak";
 /// Where the events not applied are: per partition, how many, their first
 /// and last offsets, and the group's committed offset there (Kafka only).
 async fn where_not_applied(
-    pool: &PgPool,
     published: Published<'_>,
     topic: &str,
     records: &[Seen],
+    missing: &HashSet<Uuid>,
 ) -> anyhow::Result<Vec<String>> {
     let Published::Kafka(brokers) = published else {
         return Ok(Vec::new());
     };
-    let missing: HashSet<Uuid> = sqlx::query_scalar(
-        "SELECT event_id FROM soak_ledger l WHERE NOT EXISTS (SELECT 1 FROM soak_effects e WHERE e.event_id = l.event_id)",
-    )
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .collect();
     let mut spans: std::collections::BTreeMap<i32, (usize, i64, i64)> = Default::default();
     for (p, o) in records
         .iter()
