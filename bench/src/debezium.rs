@@ -9,7 +9,12 @@
 //! - `debezium`: Kafka Connect standalone (Apache Kafka's own jars) with
 //!   Debezium's PostgreSQL connector and its outbox event router, the
 //!   producer aligned with the relay's (idempotent, `acks=all`,
-//!   `linger.ms=0`).
+//!   `linger.ms=0`); nothing deletes its rows;
+//! - `debezium-delete`: the same, with each producer transaction deleting
+//!   the row it inserted, as Debezium recommends to keep the table from
+//!   growing (its Quarkus outbox extension does so by default,
+//!   `remove-after-insert`): the log still holds the insert, the connector
+//!   skips the delete.
 //!
 //! The figures, for each system:
 //! - **drain**: a backlog of `rows` events, written in transactions of
@@ -26,8 +31,9 @@
 //! - **peak RSS** of the system's process (`VmHWM`), over its drain and
 //!   its latency runs (`--rows 0` skips the drain).
 //!
-//! Nothing deletes Debezium's rows (as with Debezium's own recommendation,
-//! producers would); the table is truncated between systems.
+//! The relay in WAL row mode deletes what it published itself, in batches;
+//! with `debezium` nothing does, and the table is truncated between
+//! systems. Ratios are printed to each Debezium system measured.
 
 use std::{
     path::{Path, PathBuf},
@@ -79,21 +85,25 @@ pub(crate) struct Installed {
     pub(crate) keep_logs: Option<PathBuf>,
 }
 
-/// A system under measurement (`--systems`, all four by default).
+/// A system under measurement (`--systems`, all five by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum System {
     Poll,
     WalRows,
     WalTableLess,
     Debezium,
+    /// Debezium, its producers deleting each row in the transaction that
+    /// inserted it.
+    DebeziumDelete,
 }
 
 impl System {
-    pub(crate) const ALL: [System; 4] = [
+    pub(crate) const ALL: [System; 5] = [
         System::Poll,
         System::WalRows,
         System::WalTableLess,
         System::Debezium,
+        System::DebeziumDelete,
     ];
 
     fn name(self) -> &'static str {
@@ -102,7 +112,17 @@ impl System {
             System::WalRows => "relay wal rows",
             System::WalTableLess => "relay wal table-less",
             System::Debezium => "debezium",
+            System::DebeziumDelete => "debezium, rows deleted",
         }
+    }
+
+    fn debezium(self) -> bool {
+        matches!(self, System::Debezium | System::DebeziumDelete)
+    }
+
+    /// Whether the producers delete each row in its own transaction.
+    fn producers_delete(self) -> bool {
+        self == System::DebeziumDelete
     }
 
     fn reads_slot(self) -> bool {
@@ -147,7 +167,7 @@ pub(crate) async fn debezium(
         seconds,
         warm_up,
     } = load;
-    installed.check(systems.contains(&System::Debezium))?;
+    installed.check(systems.iter().any(|s| s.debezium()))?;
     println!(
         "== debezium: drain of {rows} events, commit-to-consume at {rates:?} events/s for {seconds}s \
          after {warm_up}s not counted ({PRODUCERS} producers, one event per transaction), peak RSS; each system its own process, \
@@ -208,28 +228,30 @@ fn report(systems: &[System], all: &[Vec<Figures>], rates: &[u64]) {
         }
         println!();
     }
-    let Some(dbz) = systems.iter().position(|s| *s == System::Debezium) else {
-        return;
-    };
-    println!("ratios to debezium (medians of each run's ratio; goals: drain >= 3, debezium's p99 / relay's >= 5):");
-    for (i, system) in systems.iter().enumerate().filter(|(i, _)| *i != dbz) {
-        let ratio = |f: &dyn Fn(&Figures, &Figures) -> f64| {
-            median(all[i].iter().zip(&all[dbz]).map(|(a, b)| f(a, b)).collect())
-        };
-        print!(
-            "  {:<21} drain x{:.2}  RSS x{:.2}",
-            system.name(),
-            ratio(&|a, b| a.drain / b.drain),
-            ratio(&|a, b| a.rss_mib / b.rss_mib)
+    for (dbz, debezium) in systems.iter().enumerate().filter(|(_, s)| s.debezium()) {
+        println!(
+            "ratios to {} (medians of each run's ratio; goals: drain >= 3, debezium's p99 / relay's >= 5):",
+            debezium.name()
         );
-        for (r, rate) in rates.iter().enumerate() {
+        for (i, system) in systems.iter().enumerate().filter(|(_, s)| !s.debezium()) {
+            let ratio = |f: &dyn Fn(&Figures, &Figures) -> f64| {
+                median(all[i].iter().zip(&all[dbz]).map(|(a, b)| f(a, b)).collect())
+            };
             print!(
-                "  |  at {rate}/s: p99 1/{:.1}, p99.9 1/{:.1}",
-                ratio(&|a, b| b.latency[r].2 / a.latency[r].2),
-                ratio(&|a, b| b.latency[r].3 / a.latency[r].3)
+                "  {:<21} drain x{:.2}  RSS x{:.2}",
+                system.name(),
+                ratio(&|a, b| a.drain / b.drain),
+                ratio(&|a, b| a.rss_mib / b.rss_mib)
             );
+            for (r, rate) in rates.iter().enumerate() {
+                print!(
+                    "  |  at {rate}/s: p99 1/{:.1}, p99.9 1/{:.1}",
+                    ratio(&|a, b| b.latency[r].2 / a.latency[r].2),
+                    ratio(&|a, b| b.latency[r].3 / a.latency[r].3)
+                );
+            }
+            println!();
         }
-        println!();
     }
 }
 
@@ -277,7 +299,7 @@ async fn measure_system(
         if system.reads_slot() {
             env.fresh_slot(SLOT).await?;
         }
-        fill(env, &topic, rows, system.table_less()).await?;
+        fill(env, &topic, rows, system).await?;
         let running = spawn_system(env, installed, system, 5000)?;
         let counted = wait_for_records(env, &topic, rows as u64, &running).await;
         figures.rss_mib = running.peak_rss_mib();
@@ -329,9 +351,10 @@ async fn clean(env: &Env) -> anyhow::Result<()> {
 }
 
 /// `rows` events in transactions of 1,000: outbox rows, or table-less
-/// events through `outbox_emit`.
-async fn fill(env: &Env, topic: &str, rows: i64, table_less: bool) -> anyhow::Result<()> {
-    let sql = if table_less {
+/// events through `outbox_emit`; for `debezium-delete`, each transaction
+/// deletes its rows after inserting them.
+async fn fill(env: &Env, topic: &str, rows: i64, system: System) -> anyhow::Result<()> {
+    let sql = if system.table_less() {
         "SELECT count(outbox_emit('bench', 'k' || (g % $4), 'bench.row', \
                 jsonb_build_object('seq', g, 'pad', repeat('x', 170)), $1, \
                 correlation_id => 'corr-' || g)) \
@@ -345,13 +368,19 @@ async fn fill(env: &Env, topic: &str, rows: i64, table_less: bool) -> anyhow::Re
     let mut from = 1;
     while from <= rows {
         let to = (from + 999).min(rows);
+        let mut tx = env.pool.begin().await?;
         sqlx::query(sql)
             .bind(topic)
             .bind(from)
             .bind(to)
             .bind(KEYS)
-            .execute(&env.pool)
+            .execute(&mut *tx)
             .await?;
+        if system.producers_delete() {
+            // The table held nothing else (`clean`).
+            sqlx::query("DELETE FROM outbox").execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         from = to + 1;
     }
     Ok(())
@@ -428,8 +457,10 @@ fn spawn_system(
     let dir = work_dir(installed);
     std::fs::create_dir_all(&dir)?;
     match system {
-        System::Debezium => start_connect(env, installed, &dir),
-        _ => start_relay(env, installed, system, batch_size, &dir),
+        System::Debezium | System::DebeziumDelete => start_connect(env, installed, &dir),
+        System::Poll | System::WalRows | System::WalTableLess => {
+            start_relay(env, installed, system, batch_size, &dir)
+        }
     }
 }
 
@@ -691,6 +722,14 @@ async fn latency(
             .json_payload(&payload)?;
         if system.table_less() {
             emit(&pool, &e).await?;
+        } else if system.producers_delete() {
+            let mut tx = pool.begin().await?;
+            let appended = append(&mut *tx, &e).await?;
+            sqlx::query("DELETE FROM outbox WHERE id = $1")
+                .bind(appended.id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
         } else {
             append(&pool, &e).await?;
         }

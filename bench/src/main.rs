@@ -137,8 +137,9 @@ enum Which {
     /// commit-to-ack with rows and with table-less events, side by side.
     Wal(SideBySide),
     /// The relay (polling; reading the WAL with rows and with table-less
-    /// events) and Debezium's outbox event router on Kafka Connect, each as
-    /// its own process, side by side: drain, commit-to-consume, peak RSS.
+    /// events) and Debezium's outbox event router on Kafka Connect (its
+    /// rows kept, and deleted by their producers), each as its own
+    /// process, side by side: drain, commit-to-consume, peak RSS.
     Debezium {
         /// Backlog size per drain.
         #[arg(long, default_value_t = 1_000_000)]
@@ -167,8 +168,9 @@ enum Which {
         /// The Java binary for Kafka Connect (17 or newer).
         #[arg(long, env = "JAVA_BIN", default_value = "java")]
         java: std::path::PathBuf,
-        /// Which systems to measure, in this order (default: all four;
-        /// ratios are printed when `debezium` is among them).
+        /// Which systems to measure, in this order (default: all five;
+        /// ratios are printed to each of `debezium` and `debezium-delete`
+        /// among them).
         #[arg(long, value_delimiter = ',', value_enum)]
         systems: Vec<debezium::System>,
         /// One more argument for every `outbox-relay run`, repeatable
