@@ -237,10 +237,15 @@ fn report(systems: &[System], all: &[Vec<Figures>], rates: &[u64]) {
             let ratio = |f: &dyn Fn(&Figures, &Figures) -> f64| {
                 median(all[i].iter().zip(&all[dbz]).map(|(a, b)| f(a, b)).collect())
             };
+            // No drain with --rows 0: no drain ratio either.
+            let drain = if all[dbz].iter().all(|f| f.drain > 0.0) {
+                format!("x{:.2}", ratio(&|a, b| a.drain / b.drain))
+            } else {
+                "-".to_owned()
+            };
             print!(
-                "  {:<21} drain x{:.2}  RSS x{:.2}",
+                "  {:<21} drain {drain:<6} RSS x{:.2}",
                 system.name(),
-                ratio(&|a, b| a.drain / b.drain),
                 ratio(&|a, b| a.rss_mib / b.rss_mib)
             );
             for (r, rate) in rates.iter().enumerate() {
@@ -339,7 +344,10 @@ async fn measure_system(
 }
 
 /// An empty outbox (Debezium leaves its rows; the relay leaves remembered
-/// ids), vacuumed.
+/// ids), vacuumed, and a checkpoint: a drain's backlog of 1,000,000
+/// events writes more WAL than `max_wal_size` (1 GB by default), and the
+/// checkpoints it starts otherwise run through the next measurement (set
+/// W in BENCHMARKS.md). Needs superuser or `pg_checkpoint`; without, a note.
 async fn clean(env: &Env) -> anyhow::Result<()> {
     env.pool
         .execute("TRUNCATE outbox, outbox_published_ids")
@@ -347,6 +355,11 @@ async fn clean(env: &Env) -> anyhow::Result<()> {
     env.pool
         .execute("VACUUM ANALYZE outbox, outbox_published_ids")
         .await?;
+    if let Err(e) = env.pool.execute("CHECKPOINT").await {
+        eprintln!(
+            "note: CHECKPOINT refused ({e}): a checkpoint may run through the next measurement"
+        );
+    }
     Ok(())
 }
 
