@@ -535,7 +535,10 @@ fn start_relay(
         .args(["--http-addr", RELAY_HTTP])
         .env("DATABASE_URL", &env.url)
         .env("KAFKA_BROKERS", &env.brokers)
-        .env("RUST_LOG", "warn");
+        .env(
+            "RUST_LOG",
+            std::env::var("OUTBOX_BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
+        );
     if system.reads_slot() {
         cmd.args(["--source", "wal", "--slot", SLOT, "--publication", SLOT]);
     }

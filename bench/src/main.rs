@@ -179,7 +179,11 @@ enum Which {
         relay_args: Vec<String>,
         /// Keep every process's log (and Kafka Connect's GC log) in this
         /// folder, and print when each run's slowest event was committed,
-        /// to find it there (default: logs are removed at the end).
+        /// to find it there (default: logs are removed at the end). The
+        /// relay logs at `warn` unless `OUTBOX_BENCH_RELAY_LOG` gives its
+        /// `RUST_LOG`: `warn,outbox_relay::wal::timing=debug` adds each WAL
+        /// batch's size, age and publish time, and each commit received
+        /// more than 20 ms after it was made.
         #[arg(long)]
         keep_logs: Option<std::path::PathBuf>,
     },

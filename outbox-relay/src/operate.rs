@@ -321,6 +321,15 @@ pub(crate) async fn slot(
                 said(made.slot),
                 target.user()
             );
+            if !made.extra_actions.is_empty() {
+                out!(
+                    "publication {p} also publishes {}: the relay reads only inserts, and the \
+                     server would send it a delete for every row it publishes; \
+                     ALTER PUBLICATION \"{p}\" SET (publish = 'insert') stops that",
+                    made.extra_actions.join(", "),
+                    p = names.publication
+                );
+            }
             let (pending, last): (i64, Option<i64>) =
                 sqlx::query_as("SELECT count(*), max(id) FROM outbox WHERE status = 'pending'")
                     .fetch_one(pool)

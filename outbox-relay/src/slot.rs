@@ -8,6 +8,7 @@
 //!                            ─► a replication connection: IDENTIFY_SYSTEM
 //!                               (pg_hba, poolers, TLS, the password)
 //!                            ─► CREATE PUBLICATION <p> FOR TABLE outbox
+//!                               WITH (publish = 'insert')
 //!                            ─► pg_create_logical_replication_slot(<s>, 'pgoutput')
 //!  outbox-relay slot status ─► pg_replication_slots: retained WAL, lag, holder
 //!  outbox-relay slot drop   ─► refused while a reader holds the slot
@@ -313,6 +314,38 @@ pub struct Created {
     pub slot: bool,
     /// The publication was created now (false: it existed).
     pub publication: bool,
+    /// What the publication sends besides inserts (`update`, `delete`,
+    /// `truncate`): nothing when the relay created it. The relay reads
+    /// only inserts, but the server encodes and sends the rest, the
+    /// relay's own deletes among them ([`extra_actions`]).
+    pub extra_actions: Vec<&'static str>,
+}
+
+/// What `publication` sends besides inserts: the relay ignores those, and
+/// the server spends its walsender's time on them (one delete for each
+/// published row). `ALTER PUBLICATION <p> SET (publish = 'insert')` stops
+/// that. Empty if the publication does not exist.
+pub async fn extra_actions(
+    pool: &PgPool,
+    publication: &str,
+) -> Result<Vec<&'static str>, sqlx::Error> {
+    let row: Option<(bool, bool, bool)> = sqlx::query_as(
+        "SELECT pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1",
+    )
+    .bind(publication)
+    .fetch_optional(pool)
+    .await?;
+    let Some((update, delete, truncate)) = row else {
+        return Ok(Vec::new());
+    };
+    Ok([
+        (update, "update"),
+        (delete, "delete"),
+        (truncate, "truncate"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect())
 }
 
 /// Creates the publication (on the `outbox` table) and the slot, each only
@@ -328,7 +361,7 @@ pub async fn create(pool: &PgPool, slot: &str, publication: &str) -> Result<Crea
             .await?;
     if !have_publication {
         sqlx::query(&format!(
-            "CREATE PUBLICATION \"{publication}\" FOR TABLE outbox"
+            "CREATE PUBLICATION \"{publication}\" FOR TABLE outbox WITH (publish = 'insert')"
         ))
         .execute(pool)
         .await?;
@@ -368,6 +401,7 @@ pub async fn create(pool: &PgPool, slot: &str, publication: &str) -> Result<Crea
     Ok(Created {
         slot: created,
         publication: !have_publication,
+        extra_actions: extra_actions(pool, publication).await?,
     })
 }
 

@@ -18,7 +18,8 @@
 //!     │  rows (remembering their ids; table-less events' ids are not, see
 //!     │  docs/schema.md), fail the failed rows, insert failed table-less
 //!     │  events as failed rows (so `failed list|retry|discard` see them);
-//!     │  a failure-free batch is recorded while the next one is published
+//!     │  a failure-free batch is recorded while the next ones are
+//!     │  published, theirs merged into the following record
 //!     ▼
 //!  confirm the batch's last commit position to the slot, in order, once
 //!  its outcome is recorded
@@ -30,8 +31,9 @@
 //! that lost its connection cannot confirm anything any more.
 //!
 //! After a crash the slot resends everything after its confirmed position:
-//! the batch in flight, the one being recorded, and the events acknowledged
-//! in the last [`crate::WalSource::status_interval`]. Those are the only
+//! the batch in flight, the outcomes being recorded (one write, and up to a
+//! batch size of events queued behind it), and the events acknowledged in
+//! the last [`crate::WalSource::status_interval`]. Those are the only
 //! duplicates.
 //!
 //! One file because it is one loop and its bookkeeping: the session reads,
@@ -62,7 +64,7 @@ use crate::{
     retry::{back_off, sleep_or_cancel},
     slot::{self, SlotError},
     slot_lease::{Acquired, SlotLease},
-    wal_outcome::{Outcome, Pending, Writer},
+    wal_outcome::{Outcome, Recorder, Settled, Writer},
 };
 
 /// Where an event came from: what recording its fate means.
@@ -149,14 +151,19 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
     // PostgreSQL crash may lose the last few hundred milliseconds of these
     // writes, and the slot's position with them, so those events come
     // again: duplicates, never loss).
+    //
+    // They also ask, for every batch, which keys have a failed event
+    // (block-key). These statements meet the outbox table both nearly empty
+    // and, in a burst before autovacuum, full of dead rows: a plan cached
+    // for the first reads every dead row for each batch, so each is
+    // planned for the table as it is (`plan_cache_mode`).
     let writes = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(3)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(
-            (*relay.pool.connect_options())
-                .clone()
-                .options([("synchronous_commit", sync)]),
-        );
+        .connect_lazy_with((*relay.pool.connect_options()).clone().options([
+            ("synchronous_commit", sync),
+            ("plan_cache_mode", "force_custom_plan"),
+        ]));
     let lease = SlotLease::new(
         relay.pool.clone(),
         &wal.slot,
@@ -164,6 +171,18 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
         relay.cfg.lease_ttl,
         relay.cfg.heartbeat_interval,
     );
+    match slot::extra_actions(&relay.pool, &wal.publication).await {
+        Ok(extra) if !extra.is_empty() => warn!(
+            publication = %wal.publication,
+            "the publication also publishes {}: the relay reads only inserts, and the server \
+             sends it a delete for every row it publishes; ALTER PUBLICATION \"{}\" SET \
+             (publish = 'insert') stops that",
+            extra.join(", "),
+            wal.publication
+        ),
+        Ok(_) => {}
+        Err(e) => debug!(error = %e, "cannot read the publication's actions"),
+    }
     let stand_by = |why: String| {
         health.set(State::Standby, why.clone());
         if !said_standby.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -339,6 +358,7 @@ struct Session<'a> {
     ready_end: Option<Lsn>,
     /// The first ready transaction's commit end.
     ready_from: Option<Lsn>,
+    ready_since: Option<DateTime<Utc>>,
     /// The server's WAL insert position when this session began: no
     /// earlier reader of the slot, and no polling relay stopped before a
     /// switch to WAL, can have published an event committed after it, so
@@ -350,13 +370,11 @@ struct Session<'a> {
     /// an earlier reader: their events are not sent again, only their
     /// rows deleted ([`Event::in_kafka`]).
     in_kafka_until: Option<Lsn>,
-    /// Writes batches' outcomes.
-    writer: Writer,
+    /// Writes batches' outcomes, and says when their positions may be
+    /// confirmed.
+    recorder: Recorder,
     /// The crash hook fired: the relay stops as if killed.
     halted: bool,
-    /// The last published batch's outcome, being written; nothing after
-    /// it is confirmed before it is done.
-    pending: Option<Pending>,
 }
 
 impl<'a> Session<'a> {
@@ -386,11 +404,11 @@ impl<'a> Session<'a> {
             ready: Vec::new(),
             ready_end: None,
             ready_from: None,
+            ready_since: None,
             frontier,
             in_kafka_until: None,
-            writer,
+            recorder: Recorder::new(writer),
             halted: false,
-            pending: None,
         }
     }
 
@@ -402,7 +420,7 @@ impl<'a> Session<'a> {
         shutdown: &CancellationToken,
     ) -> Result<(), String> {
         let read = self.read_until_done(client, shutdown).await;
-        let finished = self.finish_pending(client).await;
+        let finished = self.finish_all(client).await.map(|_| ());
         read.and(finished)
     }
 
@@ -413,7 +431,7 @@ impl<'a> Session<'a> {
     ) -> Result<(), String> {
         let batch_size = self.relay.cfg.batch_size;
         loop {
-            if self.pending.as_ref().is_some_and(Pending::is_finished) {
+            if self.recorder.write_done() {
                 self.finish_pending(client).await?;
             }
             let next = if self.ready.len() >= batch_size {
@@ -424,7 +442,7 @@ impl<'a> Session<'a> {
                 // otherwise report an exhausted budget as a pause, and cut
                 // batches at one transaction.
                 tokio::task::unconstrained(client.recv()).now_or_never()
-            } else if self.pending.is_some() {
+            } else if !self.recorder.is_idle() {
                 // Idle while the last outcome is written: confirm it as
                 // soon as it is (a short sleep, not a busy loop).
                 tokio::select! {
@@ -496,7 +514,17 @@ impl<'a> Session<'a> {
                                  written with outbox_emit(), inside the producer's transaction");
                 }
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                let commit_time = pg_time(commit_time_micros);
+                let lag = (Utc::now() - commit_time).num_microseconds().unwrap_or(0);
+                if lag > 20_000 {
+                    debug!(target: "outbox_relay::wal::timing", lag_ms = lag as f64 / 1000.0,
+                           ready = self.ready.len(), pending = !self.recorder.is_idle(), "late commit");
+                }
                 if let Some((_, mut events)) = self.open.take() {
                     if self.in_kafka_until.is_some_and(|until| end_lsn <= until) {
                         for e in &mut events {
@@ -505,10 +533,11 @@ impl<'a> Session<'a> {
                     }
                     if self.ready.is_empty() && !events.is_empty() {
                         self.ready_from = Some(end_lsn);
+                        self.ready_since = Some(commit_time);
                     }
                     self.ready.extend(events);
                 }
-                if self.ready.is_empty() && self.pending.is_none() {
+                if self.ready.is_empty() && self.recorder.is_idle() {
                     // Nothing of ours before it: confirm at once.
                     client.update_applied_lsn(end_lsn);
                 } else {
@@ -528,7 +557,7 @@ impl<'a> Session<'a> {
     /// Nothing received or published is waiting for its outcome: a
     /// position past everything seen can be confirmed.
     fn idle(&self) -> bool {
-        self.open.is_none() && self.ready.is_empty() && self.pending.is_none()
+        self.open.is_none() && self.ready.is_empty() && self.recorder.is_idle()
     }
 
     fn push(&mut self, mut event: Event) {
@@ -561,6 +590,8 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         let mut events = std::mem::take(&mut self.ready);
+        let t0 = std::time::Instant::now();
+        let oldest = self.ready_since.take();
         // Rows are looked up only if the batch begins with a transaction
         // committed before this session (see `Session::frontier`).
         let look_up = self
@@ -574,7 +605,7 @@ impl<'a> Session<'a> {
                 Ok((again, outcome)) => {
                     // What settled is written before the next try, which
                     // must see its failures (block-key).
-                    if !self.writer.write(&outcome).await {
+                    if !self.recorder.writer.write(&outcome).await {
                         return Ok(());
                     }
                     warn!(
@@ -598,35 +629,56 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
         };
-        // Positions are confirmed in order: the previous batch first.
-        self.finish_pending(client).await?;
+        let t1 = std::time::Instant::now();
         if outcome.failed.is_empty() {
-            self.pending = Some(self.writer.spawn(outcome, end));
+            // Written once the write in flight is done, with the outcomes
+            // of the batches published meanwhile (`wal_outcome::Recorder`).
+            self.recorder.add(outcome, end);
+            if self.recorder.queued() >= self.relay.cfg.batch_size {
+                self.finish_pending(client).await?;
+            }
+            debug!(target: "outbox_relay::wal::timing", events = events.len(),
+                   age_ms = oldest.map(|t| (Utc::now() - t).num_microseconds().unwrap_or(0) as f64 / 1000.0),
+                   publish_ms = (t1 - t0).as_secs_f64() * 1000.0,
+                   wait_ms = t1.elapsed().as_secs_f64() * 1000.0, "batch");
             return Ok(());
         }
-        if self.writer.write(&outcome).await {
+        // Positions are confirmed in order: everything before it first.
+        if !self.finish_all(client).await? {
+            return Ok(());
+        }
+        if self.recorder.writer.write(&outcome).await {
             self.confirm(client, end)?;
         }
         Ok(())
     }
 
-    /// Waits for the previous batch's outcome to be written, and confirms
-    /// its position.
-    async fn finish_pending(&mut self, client: &ReplicationClient) -> Result<(), String> {
-        let Some(pending) = self.pending.take() else {
-            return Ok(());
-        };
-        let Some(end) = pending.written().await else {
-            return Ok(());
-        };
-        self.confirm(client, end)?;
-        if self.ready.is_empty() {
+    /// Waits for the write in flight, confirms its position, and starts
+    /// the write of the outcomes queued behind it.
+    async fn finish_pending(&mut self, client: &ReplicationClient) -> Result<Settled, String> {
+        let settled = self.recorder.settle().await;
+        if let Settled::Written(end) = settled {
+            self.confirm(client, end)?;
+        }
+        if settled != Settled::GaveUp && self.recorder.is_idle() && self.ready.is_empty() {
             // Commits with nothing of ours that came meanwhile.
             if let Some(later) = self.ready_end.take() {
                 self.confirm(client, later)?;
             }
         }
-        Ok(())
+        Ok(settled)
+    }
+
+    /// Waits until every outcome is written, confirming as it goes:
+    /// `false` if a write gave up (the relay stops; nothing more may be
+    /// confirmed).
+    async fn finish_all(&mut self, client: &ReplicationClient) -> Result<bool, String> {
+        while !self.recorder.is_idle() {
+            if self.finish_pending(client).await? == Settled::GaveUp {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Confirms `end` to the slot, if the lease still holds.
@@ -669,7 +721,12 @@ impl<'a> Session<'a> {
                 Ok(HashSet::new())
             }
         };
-        let (gone, blocked) = tokio::try_join!(look_up, blocked_keys(relay, events))?;
+        let blocked = blocked_keys(
+            &self.recorder.writer.writes,
+            relay.cfg.poison_policy,
+            events,
+        );
+        let (gone, blocked) = tokio::try_join!(look_up, blocked)?;
         if !gone.is_empty() {
             let kept: Vec<Event> = events
                 .iter()
@@ -831,7 +888,7 @@ impl<'a> Session<'a> {
                 ..Outcome::default()
             };
             // Only false when the relay stops: then abort.
-            commit = self.writer.write(&failures).await;
+            commit = self.recorder.writer.write(&failures).await;
         }
         let relay = self.relay;
         let ended = {
@@ -918,10 +975,11 @@ async fn look_up_gone(relay: &Relay, events: &[Event]) -> Result<HashSet<i64>, s
 /// The keys among `events` that have a failed event in the store, under
 /// block-key (their later events wait behind it).
 async fn blocked_keys(
-    relay: &Relay,
+    pool: &sqlx::PgPool,
+    policy: PoisonPolicy,
     events: &[Event],
 ) -> Result<HashSet<(String, String)>, sqlx::Error> {
-    if relay.cfg.poison_policy != PoisonPolicy::BlockKey {
+    if policy != PoisonPolicy::BlockKey {
         return Ok(HashSet::new());
     }
     let (types, ids): (Vec<&str>, Vec<&str>) = events
@@ -936,7 +994,7 @@ async fn blocked_keys(
     )
     .bind(&types)
     .bind(&ids)
-    .fetch_all(&relay.pool)
+    .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().collect())
 }

@@ -1,22 +1,30 @@
 //! What the WAL source writes to the table once a batch is settled on
-//! Kafka ([`Outcome`]), and how that write overlaps the next batch
-//! ([`Pending`]).
+//! Kafka ([`Outcome`]), and how that write overlaps the next batches
+//! ([`Recorder`]).
 //!
 //! ```text
-//!  batch N:   publish ─► Outcome ─► write (spawned) ────────► confirm N
-//!  batch N+1:                      read ─► look up ─► publish ─► wait for N's write ─► …
+//!  batch N:    publish ─► Outcome ─► write (spawned) ─────────────► confirm N+2
+//!  batch N+1:                       read ─► publish ─► queued ─┐
+//!  batch N+2:                                 read ─► publish ─► queued (merged)
+//!                                         N's write done ─► confirm N, write N+1..N+2
 //! ```
 //!
 //! A batch's position is confirmed to the slot only once its outcome is in
-//! the table, and positions are confirmed in order: batch N+1 waits for
-//! N's write before its own is spawned. The write is retried (with
-//! back-off) until it succeeds, the relay stops, or the lease is lost; a
-//! write that never happened confirms nothing, and the slot sends the
-//! batch again to the next reader (duplicates, never loss).
+//! the table, and positions are confirmed in order. One write is in flight
+//! at a time; the outcomes of the batches published meanwhile wait, merged
+//! into one, and are written together when it is done (up to a batch size
+//! of events: then the reader waits). Under a steady stream of small
+//! batches this makes one transaction of several batches' deletes, which
+//! spares the database (and the walsender, which decodes every write) a
+//! transaction per batch. The write is retried (with back-off) until it
+//! succeeds, the relay stops, or the lease is lost; a write that never
+//! happened confirms nothing, and the slot sends those batches again to the
+//! next reader (duplicates, never loss).
 //!
-//! A batch with a failed event is written before the next batch is looked
-//! at (never overlapped): under block-key the next batch must see the
-//! failure in the table to hold that key's later events.
+//! A batch with a failed event is written after everything before it, and
+//! before the next batch is looked at (never overlapped): under block-key
+//! the next batch must see the failure in the table to hold that key's
+//! later events.
 
 use std::time::Duration;
 
@@ -51,6 +59,15 @@ pub(crate) struct Outcome {
 impl Outcome {
     fn is_empty(&self) -> bool {
         self.delivered.is_empty() && self.failed.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.delivered.len() + self.failed.len()
+    }
+
+    fn merge(&mut self, later: Outcome) {
+        self.delivered.extend(later.delivered);
+        self.failed.extend(later.failed);
     }
 }
 
@@ -98,7 +115,7 @@ impl Writer {
     }
 
     /// Spawns [`Writer::write`]: `end` is confirmed once it is done.
-    pub(crate) fn spawn(&self, outcome: Outcome, end: Lsn) -> Pending {
+    fn spawn(&self, outcome: Outcome, end: Lsn) -> Pending {
         let writer = self.clone();
         Pending {
             end,
@@ -164,17 +181,104 @@ impl Writer {
     }
 }
 
+/// Failure-free outcomes being written, one write in flight at a time,
+/// and the position each write lets the reader confirm.
+pub(crate) struct Recorder {
+    pub(crate) writer: Writer,
+    in_flight: Option<Pending>,
+    /// Outcomes of batches published while a write was in flight, merged,
+    /// and the last one's end.
+    queued: Option<(Outcome, Lsn)>,
+}
+
+/// What [`Recorder::settle`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Nothing was in flight.
+    Nothing,
+    /// A write is done: its position may be confirmed.
+    Written(Lsn),
+    /// A write gave up (the relay stops): nothing more may be confirmed,
+    /// and what was queued is dropped.
+    GaveUp,
+}
+
+impl Recorder {
+    pub(crate) fn new(writer: Writer) -> Self {
+        Self {
+            writer,
+            in_flight: None,
+            queued: None,
+        }
+    }
+
+    /// Nothing is being written or waiting to be.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.in_flight.is_none() && self.queued.is_none()
+    }
+
+    /// The write in flight is done: [`Recorder::settle`] returns at once.
+    pub(crate) fn write_done(&self) -> bool {
+        self.in_flight.as_ref().is_some_and(Pending::is_finished)
+    }
+
+    /// Events whose outcome waits behind the write in flight.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.as_ref().map_or(0, |(o, _)| o.len())
+    }
+
+    /// Adds a batch's outcome, whose last commit ends at `end`: written at
+    /// once if no write is in flight, else merged into the queued one.
+    pub(crate) fn add(&mut self, outcome: Outcome, end: Lsn) {
+        match &mut self.queued {
+            Some((queued, last)) => {
+                queued.merge(outcome);
+                *last = end;
+            }
+            None => self.queued = Some((outcome, end)),
+        }
+        if self.in_flight.is_none() {
+            self.start_queued();
+        }
+    }
+
+    fn start_queued(&mut self) {
+        if let Some((outcome, end)) = self.queued.take() {
+            self.in_flight = Some(self.writer.spawn(outcome, end));
+        }
+    }
+
+    /// Waits for the write in flight, then starts the queued one (without
+    /// waiting for it).
+    pub(crate) async fn settle(&mut self) -> Settled {
+        let Some(pending) = self.in_flight.take() else {
+            self.start_queued();
+            return Settled::Nothing;
+        };
+        match pending.written().await {
+            Some(end) => {
+                self.start_queued();
+                Settled::Written(end)
+            }
+            None => {
+                self.queued = None;
+                Settled::GaveUp
+            }
+        }
+    }
+}
+
 /// A batch's outcome being written by its own task, and the position to
 /// confirm once it is written.
-pub(crate) struct Pending {
-    pub(crate) end: Lsn,
+struct Pending {
+    end: Lsn,
     task: JoinHandle<bool>,
 }
 
 impl Pending {
     /// Waits for the write: `Some(end)` once it is written, `None` if it
     /// gave up (the relay stops) and nothing may be confirmed.
-    pub(crate) async fn written(self) -> Option<Lsn> {
+    async fn written(self) -> Option<Lsn> {
         match self.task.await {
             Ok(true) => Some(self.end),
             Ok(false) => None,
@@ -187,7 +291,7 @@ impl Pending {
 
     /// Whether the write is done (then [`Pending::written`] returns at
     /// once).
-    pub(crate) fn is_finished(&self) -> bool {
+    fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
 }

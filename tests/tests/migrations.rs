@@ -38,10 +38,11 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
             "V7__emit_table_less_events",
             "V8__slot_reader_lease",
             "V9__published_id_check_per_row",
-            "V10__delayed_events"
+            "V10__delayed_events",
+            "V11__published_id_check_plans_each_time"
         ]
     );
-    assert_eq!(first.current_version, Some(10));
+    assert_eq!(first.current_version, Some(11));
     assert_eq!(
         columns(&pool, "outbox_relays").await,
         [
@@ -150,7 +151,7 @@ async fn outbox_set_applies_the_documented_schema_and_reapplies_as_a_noop(pool: 
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(history, 10);
+    assert_eq!(history, 11);
     // The consumer set is separate: nothing of it exists yet.
     assert!(columns(&pool, "processed_events").await.is_empty());
 }
@@ -380,5 +381,44 @@ async fn concurrent_runs_apply_each_migration_once(pool: PgPool) {
     for r in futures::future::join_all(runs).await {
         applied += r.unwrap().unwrap().applied.len();
     }
-    assert_eq!(applied, 10, "V1 to V10, once each");
+    assert_eq!(applied, 11, "V1 to V11, once each");
+}
+
+/// V11: a producer connection that first inserted while the remembered ids'
+/// table was empty and vacuumed keeps looking ids up through the index once
+/// the table is full (V9's lookup kept a generic plan that read the whole
+/// table for every insert, until the next analyze).
+#[sqlx::test(migrations = false)]
+async fn the_published_id_check_uses_the_index_after_the_table_was_empty(pool: PgPool) {
+    migrate::OUTBOX.apply(&pool).await.unwrap();
+    sqlx::query("VACUUM ANALYZE outbox_published_ids")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let insert = "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type) \
+                  VALUES (gen_random_uuid(), 'order', 'o-1', 'order.placed')";
+    let mut producer = pool.acquire().await.unwrap();
+    // PL/pgSQL settles on a generic plan after five executions.
+    for _ in 0..8 {
+        sqlx::query(insert).execute(&mut *producer).await.unwrap();
+    }
+    sqlx::query("INSERT INTO outbox_published_ids (event_id) SELECT gen_random_uuid() FROM generate_series(1, 50000)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // This connection's count of sequential reads, not yet sent to the
+    // statistics collector: compared before and after, in one transaction.
+    let count =
+        "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'outbox_published_ids'";
+    let mut tx = sqlx::Connection::begin(&mut *producer).await.unwrap();
+    let before: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
+    for _ in 0..3 {
+        sqlx::query(insert).execute(&mut *tx).await.unwrap();
+    }
+    let after: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
+    let seq_scans = after - before;
+    assert_eq!(
+        seq_scans, 0,
+        "each insert's published-id check read the whole table instead of its index"
+    );
 }

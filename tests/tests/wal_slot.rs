@@ -182,6 +182,31 @@ async fn slot_create_is_idempotent_status_shows_the_kept_wal_and_drop_frees_it(p
     assert!(slot::create(&pool, &s, &p).await.unwrap().slot);
     let again = slot::create(&pool, &s, &p).await.unwrap();
     assert!(!again.slot && !again.publication, "{again:?}");
+    // Inserts only: the relay's own deletes are not sent back to it.
+    assert!(again.extra_actions.is_empty(), "{again:?}");
+    let actions: (bool, bool, bool, bool) = sqlx::query_as(
+        "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1",
+    )
+    .bind(&p)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(actions, (true, false, false, false));
+    // A publication made otherwise is named for what it sends besides.
+    sqlx::query(&format!(
+        "ALTER PUBLICATION \"{p}\" SET (publish = 'insert, delete')"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let extra = slot::create(&pool, &s, &p).await.unwrap().extra_actions;
+    assert_eq!(extra, ["delete"]);
+    sqlx::query(&format!(
+        "ALTER PUBLICATION \"{p}\" SET (publish = 'insert')"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
 
     let before = slot::status(&pool, &s).await.unwrap().unwrap();
     assert_eq!(before.plugin, "pgoutput");
