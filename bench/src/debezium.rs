@@ -31,7 +31,8 @@
 //! - **peak RSS** of the system's process (`VmHWM`), over its drain and
 //!   its latency runs (`--rows 0` skips the drain).
 //!
-//! The relay in WAL row mode deletes what it published itself, in batches;
+//! The relay deletes what it publishes itself (polling, in the claiming
+//! statement; in WAL row mode, in batches after Kafka acknowledged them);
 //! with `debezium` nothing does, and the table is truncated between
 //! systems. Ratios are printed to each Debezium system measured.
 

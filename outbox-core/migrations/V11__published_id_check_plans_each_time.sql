@@ -13,24 +13,4 @@
 -- (BENCHMARKS.md, set X; tests/tests/migrations.rs). Planning the one-row
 -- lookup costs microseconds and finds the hash index once the table has rows.
 
-CREATE OR REPLACE FUNCTION outbox_refuse_published_ids() RETURNS trigger
-LANGUAGE plpgsql
-SET plan_cache_mode = force_custom_plan
-AS $$
-DECLARE
-    id uuid;
-    at timestamptz;
-BEGIN
-    FOR id IN SELECT event_id FROM inserted LOOP
-        SELECT p.published_at INTO at
-        FROM outbox_published_ids p WHERE p.event_id = id LIMIT 1;
-        IF FOUND THEN
-            RAISE EXCEPTION 'outbox: event_id % was already published (at %)', id, at
-                USING ERRCODE = 'unique_violation',
-                      CONSTRAINT = 'outbox_published_ids',
-                      HINT = 'Every event needs a new event_id; consumers drop a repeated id as a duplicate.';
-        END IF;
-    END LOOP;
-    RETURN NULL;
-END
-$$;
+ALTER FUNCTION outbox_refuse_published_ids() SET plan_cache_mode = force_custom_plan;
