@@ -265,3 +265,66 @@ async fn leases_share_partitions_and_take_over_from_a_dead_relay(
     assert_eq!(owned(&b), 32);
     Ok(())
 }
+
+/// The outbox table's reads so far in this transaction: sequential scans,
+/// and rows fetched through an index.
+async fn outbox_reads(conn: &mut sqlx::PgConnection) -> anyhow::Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT seq_scan, idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relname = 'outbox'",
+    )
+    .fetch_one(conn)
+    .await?)
+}
+
+/// A relay that idled over an empty outbox and then meets a burst plans
+/// its claim for the table as it is ([`crate::claim::pool`]): it neither
+/// reads the whole table (a generic plan cached while the table was empty)
+/// nor every pending row (a fresh plan that believes the statistics of the
+/// empty table) to take the oldest.
+#[sqlx::test(migrations = false)]
+async fn the_claim_is_planned_for_the_table_as_it_is(pool: PgPool) -> anyhow::Result<()> {
+    use crate::claim::{claim, claim_sql};
+    outbox_core::migrate(&pool).await?;
+    // No analyze behind the test's back: the table's statistics stay those
+    // of the empty table, as between two autovacuum runs.
+    sqlx::query("ALTER TABLE outbox SET (autovacuum_enabled = false)")
+        .execute(&pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO outbox_relays (relay_id, lease_until) VALUES ('A', now() + interval '1 hour')",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query("UPDATE outbox_relay_partitions SET owner = 'A'")
+        .execute(&pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE outbox").execute(&pool).await?;
+    let claims = crate::claim::pool((*pool.connect_options()).clone(), true);
+    let mut conn = claims.acquire().await?;
+    let sql = claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey);
+    // The idle relay: more empty claims than the five after which
+    // PostgreSQL may cache a generic plan.
+    for _ in 0..8 {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        assert!(claim(&mut tx, &sql, 100, &claimant("A")).await?.is_empty());
+        tx.rollback().await?;
+    }
+    insert_rows(&pool, "plan", 2000, 200).await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let (scans, fetched) = outbox_reads(&mut tx).await?;
+    let rows = claim(&mut tx, &sql, 100, &claimant("A")).await?;
+    let (scans_after, fetched_after) = outbox_reads(&mut tx).await?;
+    tx.rollback().await?;
+    assert_eq!(rows.len(), 100);
+    assert_eq!(
+        scans_after - scans,
+        0,
+        "the claim read the whole outbox table: a plan made for the empty table"
+    );
+    let read = fetched_after - fetched;
+    assert!(
+        read <= 300,
+        "the claim read {read} of 2,000 pending rows to take the oldest 100"
+    );
+    Ok(())
+}

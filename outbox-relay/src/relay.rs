@@ -136,11 +136,7 @@ impl Relay {
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(connect.clone());
-        // Two claim connections: one batch in flight, the next one claimed.
-        let claim_pool = PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(connect);
+        let claim_pool = claim::pool(connect, !cfg.transaction_pooler);
         let exactly_once = cfg.exactly_once.then(|| ExactlyOnce::new(&cfg, &relay_id));
         let leases = Leases::new(
             pool.clone(),
