@@ -27,6 +27,21 @@ async fn insert_rows(pool: &PgPool, topic: &str, n: i64, keys: i64) -> anyhow::R
     Ok(())
 }
 
+/// Relay `relay_id`, live for an hour, owning every partition.
+async fn own_every_partition(pool: &PgPool, relay_id: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox_relays (relay_id, lease_until) VALUES ($1, now() + interval '1 hour')",
+    )
+    .bind(relay_id)
+    .execute(pool)
+    .await?;
+    sqlx::query("UPDATE outbox_relay_partitions SET owner = $1")
+        .bind(relay_id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 fn claimant(relay_id: &str) -> Claimant<'_> {
     Claimant {
         relay_id,
@@ -144,14 +159,7 @@ async fn an_overlapping_claim_skips_the_batch_in_flight_and_no_late_row(
 ) -> anyhow::Result<()> {
     use crate::claim::{claim, claim_sql, InFlight};
     outbox_core::migrate(&pool).await?;
-    sqlx::query(
-        "INSERT INTO outbox_relays (relay_id, lease_until) VALUES ('A', now() + interval '1 hour')",
-    )
-    .execute(&pool)
-    .await?;
-    sqlx::query("UPDATE outbox_relay_partitions SET owner = 'A'")
-        .execute(&pool)
-        .await?;
+    own_every_partition(&pool, "A").await?;
     let modes = [
         claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey),
         claim_sql(
@@ -290,14 +298,7 @@ async fn the_claim_is_planned_for_the_table_as_it_is(pool: PgPool) -> anyhow::Re
     sqlx::query("ALTER TABLE outbox SET (autovacuum_enabled = false)")
         .execute(&pool)
         .await?;
-    sqlx::query(
-        "INSERT INTO outbox_relays (relay_id, lease_until) VALUES ('A', now() + interval '1 hour')",
-    )
-    .execute(&pool)
-    .await?;
-    sqlx::query("UPDATE outbox_relay_partitions SET owner = 'A'")
-        .execute(&pool)
-        .await?;
+    own_every_partition(&pool, "A").await?;
     sqlx::query("VACUUM ANALYZE outbox").execute(&pool).await?;
     let claims = crate::claim::pool((*pool.connect_options()).clone(), true);
     let mut conn = claims.acquire().await?;
