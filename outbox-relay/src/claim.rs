@@ -14,15 +14,10 @@
 //!
 //! Only the claim uses a prepared, cached statement (and not through a
 //! transaction-mode pooler, see [`Claimant::prepared`]), planned afresh for
-//! every execution on the claim connections ([`pool`]).
-
-use std::time::Duration;
+//! every execution in a transaction begun with [`BEGIN`].
 
 use chrono::{DateTime, Utc};
-use sqlx::{
-    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
-    Executor as _, PgConnection, PgPool, Row,
-};
+use sqlx::{postgres::PgRow, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::config::{AfterPublish, PoisonPolicy};
@@ -185,46 +180,30 @@ impl InFlight {
     }
 }
 
-/// The claim connections: two, one batch in flight and the next one claimed.
+/// How a claim's transaction begins: planned for the outbox as it is.
 ///
-/// Each claim is planned for the outbox as it is, not as it was when its
-/// statistics were last gathered. A relay that idles over an empty outbox
-/// and then meets a burst (a bulk insert, a relay back from an outage) sees
-/// the table between two autovacuum runs: statistics that say "empty".
-/// Measured with the release relay, 200,000 rows inserted in one
-/// transaction after 10 s idle (`BENCHMARKS.md`, set Y):
+/// An outbox swings between empty and a backlog faster than autovacuum
+/// analyzes it: a relay that idles over an empty outbox and then meets a
+/// burst (a bulk insert, a relay back from an outage) sees statistics that
+/// say "empty". Measured with the release relay, 200,000 rows inserted in
+/// one transaction after 10 s idle (`BENCHMARKS.md`, set Y):
 ///
 /// - PostgreSQL switches a cached statement to a generic plan after five
 ///   executions. The idle relay's was made for the empty table and found
 ///   each claim's rows by reading the whole table (700–800 ms per claim of
-///   1,000 rows; drains of up to 50 s, against 2.4–3.7 s now). With a
-///   cached statement (`prepared`, that is, not through a transaction-mode
-///   pooler) the connections plan every claim afresh (`plan_cache_mode =
-///   force_custom_plan`, about 0.17 ms per claim).
+///   1,000 rows; drains of up to 57 s, against 2.4–4.6 s now). So each
+///   claim is planned afresh (`plan_cache_mode = force_custom_plan`, about
+///   0.17 ms per claim).
 /// - Even a fresh plan, believing few rows pending, read and sorted every
 ///   pending row to take the oldest (80–200 ms per claim, 16 s). The claim
-///   wants the pending rows in id order, which the partial index gives,
+///   wants the pending rows in id order, which the partial index gives
 ///   whatever their number: `enable_sort = off` keeps the planner on it
 ///   (2 ms per claim in `psql`).
 ///
-/// Through a transaction-mode pooler neither can be set for the session;
-/// statements are unprepared there, so only the second case applies, until
-/// autovacuum analyzes the table.
-pub(crate) fn pool(connect: PgConnectOptions, prepared: bool) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(5))
-        .after_connect(move |conn, _meta| {
-            Box::pin(async move {
-                if prepared {
-                    conn.execute("SET plan_cache_mode = force_custom_plan; SET enable_sort = off")
-                        .await?;
-                }
-                Ok(())
-            })
-        })
-        .connect_lazy_with(connect)
-}
+/// Both are `SET LOCAL`, sent with the `BEGIN` in one round trip: they end
+/// with the transaction, and hold through a transaction-mode pooler.
+pub(crate) const BEGIN: &str =
+    "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL enable_sort = off";
 
 /// The claim statement for a mode and policy (built once per relay).
 ///

@@ -285,13 +285,13 @@ async fn outbox_reads(conn: &mut sqlx::PgConnection) -> anyhow::Result<(i64, i64
 }
 
 /// A relay that idled over an empty outbox and then meets a burst plans
-/// its claim for the table as it is ([`crate::claim::pool`]): it neither
+/// its claim for the table as it is ([`crate::claim::BEGIN`]): it neither
 /// reads the whole table (a generic plan cached while the table was empty)
 /// nor every pending row (a fresh plan that believes the statistics of the
 /// empty table) to take the oldest.
 #[sqlx::test(migrations = false)]
 async fn the_claim_is_planned_for_the_table_as_it_is(pool: PgPool) -> anyhow::Result<()> {
-    use crate::claim::{claim, claim_sql};
+    use crate::claim::{claim, claim_sql, BEGIN};
     outbox_core::migrate(&pool).await?;
     // No analyze behind the test's back: the table's statistics stay those
     // of the empty table, as between two autovacuum runs.
@@ -300,18 +300,17 @@ async fn the_claim_is_planned_for_the_table_as_it_is(pool: PgPool) -> anyhow::Re
         .await?;
     own_every_partition(&pool, "A").await?;
     sqlx::query("VACUUM ANALYZE outbox").execute(&pool).await?;
-    let claims = crate::claim::pool((*pool.connect_options()).clone(), true);
-    let mut conn = claims.acquire().await?;
+    let mut conn = pool.acquire().await?;
     let sql = claim_sql(AfterPublish::Delete, PoisonPolicy::BlockKey);
     // The idle relay: more empty claims than the five after which
     // PostgreSQL may cache a generic plan.
     for _ in 0..8 {
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
         assert!(claim(&mut tx, &sql, 100, &claimant("A")).await?.is_empty());
         tx.rollback().await?;
     }
     insert_rows(&pool, "plan", 2000, 200).await?;
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
     let (scans, fetched) = outbox_reads(&mut tx).await?;
     let rows = claim(&mut tx, &sql, 100, &claimant("A")).await?;
     let (scans_after, fetched_after) = outbox_reads(&mut tx).await?;

@@ -136,7 +136,11 @@ impl Relay {
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(connect.clone());
-        let claim_pool = claim::pool(connect, !cfg.transaction_pooler);
+        // Two claim connections: one batch in flight, the next one claimed.
+        let claim_pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(connect);
         let exactly_once = cfg.exactly_once.then(|| ExactlyOnce::new(&cfg, &relay_id));
         let leases = Leases::new(
             pool.clone(),
@@ -579,7 +583,7 @@ impl Relay {
     async fn claim(&self, in_flight: InFlight) -> Result<Claim, BatchError> {
         let ticket = self.leases.gate().ticket();
         let own = self.leases.ownership();
-        let mut tx = self.claim_pool.begin().await?;
+        let mut tx = self.claim_pool.begin_with(claim::BEGIN).await?;
         let who = Claimant {
             relay_id: self.leases.relay_id(),
             partitions: own.partitions,
