@@ -323,11 +323,8 @@ pub(crate) async fn slot(
             );
             if !made.extra_actions.is_empty() {
                 out!(
-                    "publication {p} also publishes {}: the relay reads only inserts, and the \
-                     server would send it a delete for every row it publishes; \
-                     ALTER PUBLICATION \"{p}\" SET (publish = 'insert') stops that",
-                    made.extra_actions.join(", "),
-                    p = names.publication
+                    "{}",
+                    slot::extra_actions_advice(&names.publication, &made.extra_actions)
                 );
             }
             let (pending, last): (i64, Option<i64>) =

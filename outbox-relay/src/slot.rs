@@ -348,6 +348,17 @@ pub async fn extra_actions(
     .collect())
 }
 
+/// What to tell an operator whose publication sends `extra` besides
+/// inserts (see [`extra_actions`]).
+pub fn extra_actions_advice(publication: &str, extra: &[&str]) -> String {
+    format!(
+        "publication {publication} also publishes {}: the relay reads only inserts, and the \
+         server sends it a delete for every row it publishes; \
+         ALTER PUBLICATION \"{publication}\" SET (publish = 'insert') stops that",
+        extra.join(", ")
+    )
+}
+
 /// Creates the publication (on the `outbox` table) and the slot, each only
 /// if missing. Checks [`preflight`] first.
 pub async fn create(pool: &PgPool, slot: &str, publication: &str) -> Result<Created, SlotError> {

@@ -174,11 +174,8 @@ pub(crate) async fn run(relay: &Relay, wal: &WalSource, shutdown: &CancellationT
     match slot::extra_actions(&relay.pool, &wal.publication).await {
         Ok(extra) if !extra.is_empty() => warn!(
             publication = %wal.publication,
-            "the publication also publishes {}: the relay reads only inserts, and the server \
-             sends it a delete for every row it publishes; ALTER PUBLICATION \"{}\" SET \
-             (publish = 'insert') stops that",
-            extra.join(", "),
-            wal.publication
+            "{}",
+            slot::extra_actions_advice(&wal.publication, &extra)
         ),
         Ok(_) => {}
         Err(e) => debug!(error = %e, "cannot read the publication's actions"),
@@ -358,6 +355,7 @@ struct Session<'a> {
     ready_end: Option<Lsn>,
     /// The first ready transaction's commit end.
     ready_from: Option<Lsn>,
+    /// When the first ready transaction was committed (for the timing lines).
     ready_since: Option<DateTime<Utc>>,
     /// The server's WAL insert position when this session began: no
     /// earlier reader of the slot, and no polling relay stopped before a
@@ -520,10 +518,10 @@ impl<'a> Session<'a> {
                 ..
             } => {
                 let commit_time = pg_time(commit_time_micros);
-                let lag = (Utc::now() - commit_time).num_microseconds().unwrap_or(0);
-                if lag > 20_000 {
-                    debug!(target: "outbox_relay::wal::timing", lag_ms = lag as f64 / 1000.0,
-                           ready = self.ready.len(), pending = !self.recorder.is_idle(), "late commit");
+                let lag_ms = ms_since(commit_time);
+                if lag_ms > LATE_COMMIT_MS {
+                    debug!(target: TIMING, lag_ms, ready = self.ready.len(),
+                           pending = !self.recorder.is_idle(), "late commit");
                 }
                 if let Some((_, mut events)) = self.open.take() {
                     if self.in_kafka_until.is_some_and(|until| end_lsn <= until) {
@@ -637,8 +635,7 @@ impl<'a> Session<'a> {
             if self.recorder.queued() >= self.relay.cfg.batch_size {
                 self.finish_pending(client).await?;
             }
-            debug!(target: "outbox_relay::wal::timing", events = events.len(),
-                   age_ms = oldest.map(|t| (Utc::now() - t).num_microseconds().unwrap_or(0) as f64 / 1000.0),
+            debug!(target: TIMING, events = events.len(), age_ms = oldest.map(ms_since),
                    publish_ms = (t1 - t0).as_secs_f64() * 1000.0,
                    wait_ms = t1.elapsed().as_secs_f64() * 1000.0, "batch");
             return Ok(());
@@ -1000,6 +997,19 @@ async fn blocked_keys(
 }
 
 /// PostgreSQL's timestamps count microseconds from 2000-01-01.
+/// The `tracing` target of the per-batch timing lines, at debug: each
+/// batch's size, the age of its first commit, its publish time and the wait
+/// for its outcome's write; and each commit received late.
+const TIMING: &str = "outbox_relay::wal::timing";
+
+/// A commit received this long after it was made is logged at [`TIMING`].
+const LATE_COMMIT_MS: f64 = 20.0;
+
+/// Milliseconds from `t` until now.
+fn ms_since(t: DateTime<Utc>) -> f64 {
+    (Utc::now() - t).num_microseconds().unwrap_or(0) as f64 / 1000.0
+}
+
 fn pg_time(micros: i64) -> DateTime<Utc> {
     const PG_EPOCH: i64 = 946_684_800;
     Utc.timestamp_micros(PG_EPOCH * 1_000_000 + micros)
