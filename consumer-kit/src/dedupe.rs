@@ -149,7 +149,9 @@ mod tests {
         sqlx::query("ALTER TABLE processed_events SET (autovacuum_enabled = false)")
             .execute(&pool)
             .await?;
-        sqlx::query("VACUUM ANALYZE processed_events").execute(&pool).await?;
+        sqlx::query("VACUUM ANALYZE processed_events")
+            .execute(&pool)
+            .await?;
         let ttl = Duration::from_secs(24 * 3600);
         let mut conn = pool.acquire().await?;
         // More empty batches than the five after which PostgreSQL may cache
