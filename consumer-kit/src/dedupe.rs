@@ -1,5 +1,5 @@
 //! Every statement on `processed_events`: the dedupe insert that opens each
-//! handler transaction, and the bounded TTL cleanup ([`CLEANUP_BEGIN`] says
+//! handler transaction, and the bounded TTL cleanup (`CLEANUP_BEGIN` says
 //! how it is kept fast as the table grows).
 //!
 //! The dedupe insert is `INSERT … ON CONFLICT DO NOTHING`: a duplicate costs
