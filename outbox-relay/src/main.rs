@@ -35,6 +35,16 @@ mod serve;
 use operate::{failed, status, topic};
 use serve::run;
 
+/// The binary's allocator: mimalloc rather than glibc's malloc. The relay
+/// allocates and frees thousands of rows, records and headers per batch
+/// across tokio's worker threads; with glibc, `malloc`/`free` took about a
+/// third of its CPU in a drain. With mimalloc the poll relay spends a third
+/// less CPU per event and drains 1.32x as fast (median of 4 alternating
+/// pairs), for about 50 MiB more resident memory (BENCHMARKS set Z). A
+/// service embedding the library keeps its own allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A configuration problem: reported with exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
