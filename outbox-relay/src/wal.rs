@@ -996,7 +996,6 @@ async fn blocked_keys(
     Ok(rows.into_iter().collect())
 }
 
-/// PostgreSQL's timestamps count microseconds from 2000-01-01.
 /// The `tracing` target of the per-batch timing lines, at debug: each
 /// batch's size, the age of its first commit, its publish time and the wait
 /// for its outcome's write; and each commit received late.
@@ -1010,6 +1009,7 @@ fn ms_since(t: DateTime<Utc>) -> f64 {
     (Utc::now() - t).num_microseconds().unwrap_or(0) as f64 / 1000.0
 }
 
+/// PostgreSQL's timestamps count microseconds from 2000-01-01.
 fn pg_time(micros: i64) -> DateTime<Utc> {
     const PG_EPOCH: i64 = 946_684_800;
     Utc.timestamp_micros(PG_EPOCH * 1_000_000 + micros)
